@@ -1,0 +1,54 @@
+"""The build folder's layout: one place that names every artifact a build can write."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_ROOT = Path("engines")
+
+
+@dataclass(frozen=True)
+class BuildLayout:
+    root: Path
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.root / "checkpoint"
+
+    @property
+    def onnx(self) -> Path:
+        return self.root / "model.onnx"
+
+    @property
+    def onnx_optimized(self) -> Path:
+        """ONNX Runtime-optimized copy for the CPU path (fusions baked in)."""
+        return self.root / "model.opt.onnx"
+
+    @property
+    def onnx_fp16(self) -> Path:
+        """FP16 copy with the pinned nodes kept in FP32 (FP16 emulation on CPU)."""
+        return self.root / "model.fp16.onnx"
+
+    @property
+    def engine(self) -> Path:
+        return self.root / "model.fp16.plan"
+
+    @property
+    def timing_cache(self) -> Path:
+        return self.root / "timing.cache"
+
+    @property
+    def recipe(self) -> Path:
+        return self.root / "build_engine.sh"
+
+    @property
+    def parity_dir(self) -> Path:
+        return self.root / "parity"
+
+    @property
+    def triton_dir(self) -> Path:
+        return self.root / "triton"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.json"

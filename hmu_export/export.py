@@ -1,0 +1,238 @@
+"""PyTorch -> ONNX: dynamic batch / source / target lengths, noise as an input, checked graph.
+
+Uses the dynamo exporter: the TorchScript one silently freezes the sequence lengths of
+``nn.MultiheadAttention`` (see docs/facts.md). After export the graph is post-processed so that
+it is stable and readable: node names come from the module path (``hmu/norm_input/LayerNormalization``),
+per-node debug metadata (absolute file paths, FX dumps) is dropped so that the same checkpoint
+gives the same bytes, and the build's metadata is attached.
+"""
+from __future__ import annotations
+
+import ast
+import contextlib
+import io
+import json
+import logging
+import warnings
+from collections import Counter
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from . import __version__
+from .config import BuildConfig
+from .errors import HMUExportError
+from .fileio import atomic_path, sha256_file
+from .io_contract import BATCH, SRC_LEN, TGT_LEN, GraphContract, full_contract, make_feeds
+from .model import DiagnosticsWrapper, HMUTransformer
+
+RANDOM_OPS = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike",
+                        "Multinomial", "Bernoulli", "Dropout"})
+META_PREFIX = "hmu_export."
+
+
+class ExportError(HMUExportError):
+    """The exported graph failed a check (random op, checker, validation against PyTorch)."""
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    sha256: str
+    contract: GraphContract
+    seconds: float
+    validation_max_abs: float  # ORT vs PyTorch at the example shape, logits
+
+
+def versions() -> dict[str, str]:
+    import onnxruntime
+    return {"hmu_export": __version__, "torch": torch.__version__.split("+")[0],
+            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "numpy": np.__version__}
+
+
+def _example_sizes(cfg: BuildConfig) -> tuple[int, int, int]:
+    # A size-1 example makes its axis static without any error: use >= 2 on every dynamic axis.
+    p = cfg.profile
+    return (max(2, min(p.batch[1], 4)), max(2, min(p.src_len[1], 16)),
+            max(2, min(p.tgt_len[1], 8)))
+
+
+def _torch_export(module: torch.nn.Module, args: tuple[torch.Tensor, ...], contract: GraphContract,
+                  cfg: BuildConfig) -> onnx.ModelProto:
+    from torch.export import Dim
+
+    batch = Dim(BATCH, min=1)
+    src = Dim(SRC_LEN, min=1, max=max(2, cfg.model.max_len))
+    tgt = Dim(TGT_LEN, min=1, max=max(2, cfg.model.max_len))
+    axes = {BATCH: batch, SRC_LEN: src, TGT_LEN: tgt}
+    dynamic_shapes = {spec.name: {i: axes[d] for i, d in enumerate(spec.dims) if isinstance(d, str)}
+                      for spec in contract.inputs}
+    sink = io.StringIO()
+    logging.getLogger("torch").setLevel(logging.ERROR)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(sink), \
+            contextlib.redirect_stderr(sink):
+        warnings.simplefilter("ignore")
+        try:
+            program = torch.onnx.export(
+                module, args, dynamo=True, dynamic_shapes=dynamic_shapes,
+                input_names=contract.input_names, output_names=contract.output_names,
+                opset_version=cfg.export.opset, optimize=True, verbose=False)
+        except Exception as exc:  # the exporter raises many types; this is a model/exporter bug
+            raise ExportError(f"torch.onnx.export failed: {str(exc).splitlines()[0]}") from exc
+    if program is None:  # pragma: no cover - dynamo export always returns a program
+        raise ExportError("torch.onnx.export returned no program")
+    return program.model_proto
+
+
+def _scope_of(node: onnx.NodeProto) -> str:
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            try:
+                scopes = ast.literal_eval(prop.value)
+            except (ValueError, SyntaxError):
+                return ""
+            # [..., 'hmu', 'hmu.norm_input', 'layer_norm_4']: the last one names the op itself.
+            modules = [s for s in scopes[:-1] if s]
+            return modules[-1].replace(".", "/") if modules else ""
+    return ""
+
+
+def stabilize_node_names(model: onnx.ModelProto) -> None:
+    """Name every node ``<module path>/<OpType>[_k]`` and drop per-node debug metadata."""
+    seen: Counter[str] = Counter()
+    for node in model.graph.node:
+        scope = _scope_of(node)
+        base = f"{scope}/{node.op_type}" if scope else node.op_type
+        k = seen[base]
+        seen[base] += 1
+        node.name = base if k == 0 else f"{base}_{k}"
+        del node.metadata_props[:]
+    for value in list(model.graph.input) + list(model.graph.output):
+        del value.metadata_props[:]
+    for init in model.graph.initializer:
+        del init.metadata_props[:]
+    for vi in model.graph.value_info:
+        del vi.metadata_props[:]
+    del model.graph.metadata_props[:]
+
+
+def _name_dims(model: onnx.ModelProto, contract: GraphContract) -> None:
+    """Give every graph input/output the contract's dim names (the exporter may use s0, s1...)."""
+    specs = {s.name: s for s in contract.inputs + contract.outputs}
+    for value in list(model.graph.input) + list(model.graph.output):
+        spec = specs[value.name]
+        value.doc_string = spec.doc
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) != len(spec.dims):
+            raise ExportError(f"exported '{value.name}' has rank {len(dims)}, contract says "
+                              f"{len(spec.dims)}")
+        for dim, want in zip(dims, spec.dims):
+            if isinstance(want, str):
+                if dim.HasField("dim_value"):
+                    raise ExportError(f"axis '{want}' of '{value.name}' was frozen to "
+                                      f"{dim.dim_value} by the exporter")
+                dim.dim_param = want
+            elif dim.dim_value != want:
+                raise ExportError(f"'{value.name}' has a dim of {dim.dim_value}, contract says {want}")
+
+
+def graph_metadata(model: onnx.ModelProto) -> dict[str, str]:
+    return {p.key[len(META_PREFIX):]: p.value for p in model.metadata_props
+            if p.key.startswith(META_PREFIX)}
+
+
+def sensitive_nodes(model: onnx.ModelProto) -> list[str]:
+    """HMU nodes whose FP16 error matters most: its LayerNorms, the VAE's exp, the gate sigmoid."""
+    ops = {"LayerNormalization", "Exp", "Sigmoid"}
+    return [n.name for n in model.graph.node if n.name.startswith("hmu/") and n.op_type in ops]
+
+
+def _check_graph(model: onnx.ModelProto, contract: GraphContract) -> onnx.ModelProto:
+    random_ops = sorted({n.op_type for n in model.graph.node if n.op_type in RANDOM_OPS})
+    if random_ops:
+        raise ExportError(f"exported graph contains random op(s) {random_ops}; noise must be an "
+                          "input")
+    if [i.name for i in model.graph.input] != contract.input_names:
+        raise ExportError(f"graph inputs {[i.name for i in model.graph.input]} differ from the "
+                          f"contract {contract.input_names}")
+    if [o.name for o in model.graph.output] != contract.output_names:
+        raise ExportError(f"graph outputs {[o.name for o in model.graph.output]} differ from the "
+                          f"contract {contract.output_names}")
+    try:
+        onnx.checker.check_model(model, full_check=True)
+        return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise ExportError(f"ONNX checker rejected the graph: {str(exc).splitlines()[0]}") from exc
+
+
+def _validate_against_torch(path: Path, module: torch.nn.Module, feeds: dict[str, np.ndarray],
+                            contract: GraphContract, atol: float) -> float:
+    """Run the saved graph once in ONNX Runtime and compare logits with PyTorch (Optimum-style)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    got = sess.run([contract.output_names[0]], feeds)[0]
+    with torch.inference_mode():
+        ref = module(*(torch.from_numpy(feeds[n]) for n in contract.input_names))
+    ref = (ref[0] if isinstance(ref, tuple) else ref).numpy()
+    err = float(np.max(np.abs(got - ref)))
+    if not err <= atol:
+        raise ExportError(f"exported graph disagrees with PyTorch right after export: max abs "
+                          f"error {err:.3g} > {atol:g}")
+    return err
+
+
+def export_onnx(model: HMUTransformer, cfg: BuildConfig, out_path: Path, *,
+                checkpoint_sha256: str = "") -> ExportResult:
+    """Export ``model`` to ``out_path`` (written atomically, after all checks pass)."""
+    import time
+
+    t0 = time.perf_counter()
+    model = model.eval()
+    contract = full_contract(cfg.model, cfg.export.diagnostics)
+    module: torch.nn.Module = DiagnosticsWrapper(model) if cfg.export.diagnostics else model
+    b, ls, lt = _example_sizes(cfg)
+    feeds = make_feeds(cfg.model, b, ls, lt, seed=cfg.parity.seed)
+    args = tuple(torch.from_numpy(feeds[n]) for n in contract.input_names)
+    proto = _torch_export(module, args, contract, cfg)
+    stabilize_node_names(proto)
+    _name_dims(proto, contract)
+    proto.producer_name, proto.producer_version = "hmu_export", __version__
+    proto.doc_string = "encoder -> Hippocampus Memory Unit -> decoder; noise is an input"
+    # The checkpoint is recorded by hash, not path, so the graph bytes do not depend on where it lies.
+    portable = replace(cfg, model=replace(cfg.model, checkpoint=""))
+    meta = {"config": portable.to_json(), "contract": json.dumps(contract.to_dict(), sort_keys=True),
+            "checkpoint_sha256": checkpoint_sha256,
+            "versions": json.dumps(versions(), sort_keys=True)}
+    del proto.metadata_props[:]
+    for key, value in meta.items():
+        proto.metadata_props.add(key=META_PREFIX + key, value=value)
+    checked = _check_graph(proto, contract)
+    del checked.graph.value_info[:]  # keep the file lean; shapes are re-inferred by runtimes
+    out_path = Path(out_path)
+    with atomic_path(out_path) as tmp:
+        onnx.save_model(proto, str(tmp), save_as_external_data=False)
+        err = _validate_against_torch(tmp, module, feeds, contract, cfg.parity.fp32_max_abs)
+    return ExportResult(out_path, sha256_file(out_path), contract, time.perf_counter() - t0, err)
+
+
+def load_graph_contract(path: Path) -> tuple[onnx.ModelProto, BuildConfig, GraphContract]:
+    """Model, build config and contract recorded in an exported graph's metadata."""
+    from .config import config_from_dict
+    from .errors import ArtifactError
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError / OSError for corrupt or missing files
+        raise ArtifactError(f"cannot read ONNX graph {path}: {exc}") from None
+    meta = graph_metadata(proto)
+    if "config" not in meta:
+        raise ArtifactError(f"{path} was not exported by hmu_export (no {META_PREFIX}config)")
+    cfg = config_from_dict(json.loads(meta["config"]))
+    return proto, cfg, full_contract(cfg.model, cfg.export.diagnostics)

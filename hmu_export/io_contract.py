@@ -1,0 +1,164 @@
+"""The one I/O contract: names, dtypes and dynamic axes of every exported graph.
+
+The exporter, runners, parity suite, Triton configs and the C++ program all read it from here
+(the C++ program reads the same facts from the graph itself and checks them the same way).
+A contract describes *a* graph, so split graphs (encoder+HMU / decoder step) can be added later.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from .config import ModelConfig, ProfileConfig
+from .errors import InputError
+
+# Names of the dynamic axes, shared with the ONNX graph's dim_params and the profile's fields.
+BATCH, SRC_LEN, TGT_LEN = "batch", "src_len", "tgt_len"
+AXIS_TO_PROFILE = {BATCH: "batch", SRC_LEN: "src_len", TGT_LEN: "tgt_len"}
+
+SRC_IDS, SRC_MASK, TGT_IDS, NOISE = "src_ids", "src_mask", "tgt_ids", "noise"
+LOGITS, ENCODER_OUT, HMU_GATE, HMU_OUT = "logits", "encoder_out", "hmu_gate", "hmu_out"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name: "int64" | "float32"
+    dims: tuple[str | int, ...]  # a str is a dynamic axis name, an int a fixed size
+    doc: str = ""
+    # Outputs whose values at padded source positions are meaningless (compare real ones only).
+    src_positional: bool = False
+
+    @property
+    def np_dtype(self) -> np.dtype:
+        return np.dtype(self.dtype)
+
+
+@dataclass(frozen=True)
+class GraphContract:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @property
+    def input_names(self) -> list[str]:
+        return [s.name for s in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [s.name for s in self.outputs]
+
+    def output(self, name: str) -> TensorSpec:
+        for spec in self.outputs:
+            if spec.name == name:
+                return spec
+        raise KeyError(name)
+
+    def to_dict(self) -> dict:
+        def one(s: TensorSpec) -> dict:
+            return {"name": s.name, "dtype": s.dtype, "dims": list(s.dims), "doc": s.doc}
+        return {"name": self.name, "inputs": [one(s) for s in self.inputs],
+                "outputs": [one(s) for s in self.outputs]}
+
+
+def full_contract(model: ModelConfig, diagnostics: bool = False) -> GraphContract:
+    """Contract of the full encoder -> HMU -> decoder graph."""
+    d, latent, vocab = model.d_model, model.latent_dim, model.vocab_size
+    inputs = (
+        TensorSpec(SRC_IDS, "int64", (BATCH, SRC_LEN), "source token ids"),
+        TensorSpec(SRC_MASK, "int64", (BATCH, SRC_LEN), "1 = real token, 0 = padding"),
+        TensorSpec(TGT_IDS, "int64", (BATCH, TGT_LEN), "decoder input ids (causal)"),
+        TensorSpec(NOISE, "float32", (BATCH, SRC_LEN, latent),
+                   "VAE noise eps: zeros = mean path, N(0, t^2) = temperature t"),
+    )
+    outputs = [TensorSpec(LOGITS, "float32", (BATCH, TGT_LEN, vocab), "next-token logits")]
+    if diagnostics:
+        outputs += [
+            TensorSpec(ENCODER_OUT, "float32", (BATCH, SRC_LEN, d), "encoder output v",
+                       src_positional=True),
+            TensorSpec(HMU_GATE, "float32", (BATCH, SRC_LEN, d), "HMU gate g",
+                       src_positional=True),
+            TensorSpec(HMU_OUT, "float32", (BATCH, SRC_LEN, d), "HMU output (decoder memory)",
+                       src_positional=True),
+        ]
+    return GraphContract("hmu_full", inputs, tuple(outputs))
+
+
+def feed_shape(feeds: Mapping[str, np.ndarray]) -> tuple[int, int, int]:
+    """(B, Ls, Lt) of a full-graph feed."""
+    b, ls = feeds[SRC_IDS].shape
+    return int(b), int(ls), int(feeds[TGT_IDS].shape[1])
+
+
+def validate_feeds(contract: GraphContract, feeds: Mapping[str, np.ndarray],
+                   profiles: Sequence[ProfileConfig] | ProfileConfig | None = None,
+                   vocab_size: int | None = None) -> None:
+    """Raise InputError naming the first violation of the contract or the shape profile(s)."""
+    missing = [n for n in contract.input_names if n not in feeds]
+    if missing:
+        raise InputError(f"missing input(s): {', '.join(missing)}")
+    extra = sorted(set(feeds) - set(contract.input_names))
+    if extra:
+        raise InputError(f"unknown input(s): {', '.join(extra)} "
+                         f"(expected {', '.join(contract.input_names)})")
+    bound: dict[str, int] = {}
+    for spec in contract.inputs:
+        arr = feeds[spec.name]
+        if not isinstance(arr, np.ndarray):
+            raise InputError(f"input '{spec.name}' must be a numpy array, got {type(arr).__name__}")
+        if arr.dtype != spec.np_dtype:
+            raise InputError(f"input '{spec.name}' has dtype {arr.dtype}, expected {spec.dtype}")
+        if arr.ndim != len(spec.dims):
+            raise InputError(f"input '{spec.name}' has rank {arr.ndim} (shape {list(arr.shape)}), "
+                             f"expected rank {len(spec.dims)} {list(spec.dims)}")
+        for axis, (dim, size) in enumerate(zip(spec.dims, arr.shape)):
+            if isinstance(dim, int):
+                if size != dim:
+                    raise InputError(f"input '{spec.name}' dim {axis} is {size}, expected {dim}")
+            elif bound.setdefault(dim, size) != size:
+                raise InputError(f"input '{spec.name}' dim {axis} ({dim}) is {size}, but another "
+                                 f"input has {dim} = {bound[dim]}")
+            if size < 1:
+                raise InputError(f"input '{spec.name}' dim {axis} ({dim}) is empty")
+    if profiles is not None:
+        plist = [profiles] if isinstance(profiles, ProfileConfig) else list(profiles)
+        sizes = {AXIS_TO_PROFILE[k]: v for k, v in bound.items() if k in AXIS_TO_PROFILE}
+        if plist and not any(all(p.axis(a).contains(v) for a, v in sizes.items()) for p in plist):
+            desc = ", ".join(f"{a}={v}" for a, v in sizes.items())
+            ranges = " | ".join(", ".join(f"{a} {p.axis(a).min}..{p.axis(a).max}" for a in sizes)
+                                for p in plist)
+            raise InputError(f"shape outside the profile: {desc} (allowed: {ranges})")
+    if SRC_MASK in feeds:
+        mask = feeds[SRC_MASK]
+        if not np.isin(mask, (0, 1)).all():
+            raise InputError(f"input '{SRC_MASK}' must hold only 0 (pad) and 1 (token)")
+        if mask.size and (mask.sum(axis=1) == 0).any():
+            raise InputError(f"input '{SRC_MASK}' has a row with no real token")
+    if vocab_size is not None:
+        for name in (SRC_IDS, TGT_IDS):
+            if name in feeds and feeds[name].size:
+                lo, hi = int(feeds[name].min()), int(feeds[name].max())
+                if lo < 0 or hi >= vocab_size:
+                    raise InputError(f"input '{name}' has token ids outside [0, {vocab_size}): "
+                                     f"min {lo}, max {hi}")
+    if NOISE in feeds and not np.isfinite(feeds[NOISE]).all():
+        raise InputError(f"input '{NOISE}' has non-finite values")
+
+
+def make_feeds(model: ModelConfig, batch: int, src_len: int, tgt_len: int, *, seed: int = 0,
+               noise_scale: float = 1.0, pad: bool = True) -> dict[str, np.ndarray]:
+    """Deterministic feeds for one shape. With ``pad``, every other row is padded at the end."""
+    rng = np.random.default_rng([seed, batch, src_len, tgt_len])
+    low = 1 if model.vocab_size > 1 else 0
+    src = rng.integers(low, model.vocab_size, size=(batch, src_len), dtype=np.int64)
+    tgt = rng.integers(low, model.vocab_size, size=(batch, tgt_len), dtype=np.int64)
+    mask = np.ones((batch, src_len), dtype=np.int64)
+    if pad and src_len > 1:
+        for row in range(1, batch, 2):
+            real = int(rng.integers(1, src_len))  # 1 .. src_len-1 real tokens
+            mask[row, real:] = 0
+            src[row, real:] = model.pad_id
+    noise = (rng.standard_normal((batch, src_len, model.latent_dim)) * noise_scale)
+    return {SRC_IDS: src, SRC_MASK: mask, TGT_IDS: tgt, NOISE: noise.astype(np.float32)}
