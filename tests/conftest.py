@@ -1,0 +1,66 @@
+"""Shared fixtures. Expensive artifacts (exports, builds) are made once per session."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# onnxruntime >= 1.29 writes a cache under $HOME/.cache: keep tests out of the real home.
+_HOME = tempfile.mkdtemp(prefix="hmu-test-home-")
+os.environ["HOME"] = _HOME
+os.environ["XDG_CACHE_HOME"] = os.path.join(_HOME, ".cache")
+
+from hmu_export.artifacts import BuildLayout  # noqa: E402
+from hmu_export.config import BuildConfig, config_from_dict  # noqa: E402
+
+SMALL = {
+    "model": {"name": "hmu-tiny", "vocab_size": 61, "d_model": 32, "n_heads": 4,
+              "n_encoder_layers": 1, "n_decoder_layers": 1, "d_ff": 64, "latent_dim": 16,
+              "max_len": 32, "seed": 3},
+    "profile": {"batch": [1, 2, 4], "src_len": [1, 8, 16], "tgt_len": [1, 4, 8]},
+}
+
+ISSUE_CONFIG = {  # the example config of issue #2
+    "model": {"name": "hmu-small", "vocab_size": 517, "d_model": 192, "n_heads": 6,
+              "n_encoder_layers": 3, "n_decoder_layers": 1, "d_ff": 384, "latent_dim": 48,
+              "max_len": 128, "seed": 7},
+    "profile": {"batch": [1, 4, 16], "src_len": [1, 48, 96], "tgt_len": [1, 16, 40]},
+}
+
+
+@pytest.fixture(scope="session")
+def small_cfg() -> BuildConfig:
+    """A tiny model (d=32, 1+1 layers) that exports in a few seconds."""
+    return config_from_dict(SMALL)
+
+
+@pytest.fixture(scope="session")
+def small_model(small_cfg):
+    from hmu_export.model import build_model
+    return build_model(small_cfg.model)
+
+
+@pytest.fixture(scope="session")
+def small_export(small_cfg, small_model, tmp_path_factory) -> BuildLayout:
+    """A folder holding checkpoint/ and model.onnx of the tiny model (no other stages)."""
+    from hmu_export.export import export_onnx
+    from hmu_export.fileio import sha256_file
+    from hmu_export.model import save_checkpoint
+
+    layout = BuildLayout(tmp_path_factory.mktemp("small_export"))
+    weights, _ = save_checkpoint(small_model, layout.checkpoint_dir)
+    export_onnx(small_model, small_cfg, layout.onnx, checkpoint_sha256=sha256_file(weights))
+    return layout
+
+
+@pytest.fixture(scope="session")
+def default_build(tmp_path_factory) -> Path:
+    """A full `build` of the embedded default model (all stages), made once per session."""
+    from hmu_export.pipeline import run_build
+
+    out = tmp_path_factory.mktemp("default_build") / "hmu-default"
+    outcome = run_build(BuildConfig().validate(), out)
+    assert outcome.ok, outcome.failure
+    return outcome.out_dir
