@@ -16,7 +16,7 @@ STATUS_STYLE = {"ok": "green", "skipped": "yellow", "failed": "red", "pass": "gr
 def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[object]]) -> Table:
     t = Table(title=title, title_justify="left")
     for col in columns:
-        t.add_column(col)
+        t.add_column(col, overflow="fold")
     for row in rows:
         cells = []
         for cell in row:

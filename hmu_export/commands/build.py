@@ -1,0 +1,59 @@
+"""`build`: config -> checkpoint -> ONNX -> optimized/FP16 graphs -> engine -> parity -> Triton."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .. import ui
+from ..artifacts import DEFAULT_ROOT
+from ..config import load_config
+from ..manifest import StageResult
+from ..pipeline import STAGES, run_build
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("build", help="build every artifact for a model (default: the embedded "
+                                     "default model into engines/<name>/)")
+    p.add_argument("--config", type=Path, help="TOML config (default: the embedded default)")
+    p.add_argument("--out", type=Path, help="output folder (default: engines/<model name>)")
+    p.add_argument("--require-engine", action="store_true",
+                   help="fail when the TensorRT engine cannot be built here")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    out = args.out or DEFAULT_ROOT / cfg.model.name
+    ui.err.print(f"[bold]hmu-export build[/bold] {cfg.model.name} -> {out}")
+    with ui.progress(transient=False) as bar:
+        task = bar.add_task("build", total=len(STAGES))
+
+        def on_stage(name: str, result: StageResult | None) -> None:
+            if result is None:
+                bar.update(task, description=f"{name}")
+            else:
+                bar.advance(task)
+
+        outcome = run_build(cfg, out, require_engine=args.require_engine, on_stage=on_stage)
+    rows = [(name, r.status, f"{r.seconds:.1f}s", r.reason or _detail(name, r))
+            for name, r in outcome.stages.items()]
+    ui.out.print(ui.table(f"build {cfg.model.name}: {'ok' if outcome.ok else 'FAILED'} in "
+                          f"{outcome.seconds:.1f}s -> {outcome.out_dir}",
+                          ("stage", "status", "time", "detail"), rows))
+    if not outcome.ok:
+        ui.err.print(f"error: {outcome.failure} (see {outcome.out_dir})")
+        return 1
+    return 0
+
+
+def _detail(name: str, r: StageResult) -> str:
+    d = r.details
+    if name == "checkpoint" and "parameters" in d:
+        p = d["parameters"]
+        return f"{p['total']:,} params, HMU {100 * p['hmu_share']:.2f}%"
+    if name == "export" and "validation_max_abs" in d:
+        return f"opset {d['opset']}, max abs vs torch {d['validation_max_abs']:.1e}"
+    if name == "parity" and "worst_logits_max_abs" in d:
+        worst = ", ".join(f"{k} {v:.1e}" for k, v in d["worst_logits_max_abs"].items())
+        return f"{d['shapes']} shapes; worst logits max abs: {worst}"
+    return ", ".join(f"{k}={v}" for k, v in d.items() if isinstance(v, (str, int, float)))[:100]

@@ -1,0 +1,29 @@
+"""`info`: what a build folder holds, its stages, and whether its files still match."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .. import ui
+from ..manifest import read_manifest, verify_artifacts
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="show a build's manifest and verify artifact hashes")
+    p.add_argument("--artifacts", type=Path, required=True, help="build folder")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    data = read_manifest(args.artifacts)
+    ui.out.print(ui.table(f"stages of {args.artifacts}", ("stage", "status", "reason"),
+                          [(k, v.get("status"), v.get("reason", ""))
+                           for k, v in data["stages"].items()]))
+    ui.out.print(ui.table("artifacts", ("path", "bytes", "sha256"),
+                          [(a["path"], f"{a['bytes']:,}", a["sha256"][:16])
+                           for a in data["artifacts"]]))
+    bad = verify_artifacts(args.artifacts, data)
+    if bad:
+        ui.err.print(f"error: {len(bad)} artifact(s) changed since the build: {', '.join(bad)}")
+        return 1
+    return 0

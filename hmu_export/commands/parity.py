@@ -1,0 +1,66 @@
+"""`parity`: run the parity grid on an existing build folder."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .. import ui
+from ..artifacts import BuildLayout
+from ..config import parse_shapes
+from ..errors import ArtifactError
+from ..export import load_graph_contract
+from ..manifest import FAILED, OK, StageResult, update_manifest
+from ..model import load_checkpoint
+from ..parity import layout_backends, run_parity, summary, write_reports
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("parity", help="compare a build's artifacts with PyTorch over a grid")
+    p.add_argument("--artifacts", type=Path, required=True, help="build folder")
+    p.add_argument("--shapes", type=parse_shapes, help="BxLSxLT[,BxLSxLT...] instead of the "
+                                                      "profile-derived grid")
+    p.add_argument("--backends", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
+                   help="comma-separated backend labels (default: every available one)")
+    p.add_argument("--json", type=Path, help="also write the JSON report here")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    layout = BuildLayout(args.artifacts)
+    if not layout.onnx.is_file():
+        raise ArtifactError(f"{layout.onnx} not found: not a build folder")
+    _, cfg, contract = load_graph_contract(layout.onnx)
+    model = load_checkpoint(layout.checkpoint_dir)
+    backends = layout_backends(layout.root, cfg, model, contract, args.backends)
+    with ui.progress() as bar:
+        task = bar.add_task("parity", total=None)
+        report = run_parity(model, cfg, backends, contract, shapes=args.shapes,
+                            on_step=lambda s: bar.update(task, description=s, advance=1))
+    write_reports(report, layout.parity_dir)
+    if args.json:
+        from ..fileio import write_json
+        write_json(args.json, report.to_dict())
+    if layout.manifest.is_file():
+        update_manifest(layout.root, "parity", StageResult(
+            OK if report.passed else FAILED, details=summary(report)),
+            extra={"parity": summary(report)})
+    rows = []
+    for backend in dict.fromkeys(r.backend for r in report.results):
+        rs = [r for r in report.results if r.backend == backend and r.output == "logits"]
+        tops = [r.top1_agreement for r in rs if r.top1_agreement is not None]
+        rows.append((backend, rs[0].precision, len(rs), f"{max(r.max_abs for r in rs):.2e}",
+                     f"{min(r.cosine for r in rs):.6f}", f"{min(tops):.4f}" if tops else "-",
+                     "pass" if all(r.passed for r in rs) else "FAIL"))
+    ui.out.print(ui.table(f"parity: {'PASSED' if report.passed else 'FAILED'} "
+                          f"({len(report.grid)} shapes) -> {layout.parity_dir}",
+                          ("backend", "precision", "shapes", "max abs (logits)", "min cosine",
+                           "min top1", "result"), rows))
+    for c in report.checks:
+        if not c.passed:
+            ui.err.print(f"[red]check failed[/red] {c.backend} {c.name}: {c.detail}")
+    for name, reason in report.skipped.items():
+        ui.err.print(f"[yellow]skipped[/yellow] {name}: {reason}")
+    if not report.passed:
+        ui.err.print(f"error: parity failed: {report.failures()[0] if report.failures() else ''}")
+        return 1
+    return 0

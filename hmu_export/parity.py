@@ -1,0 +1,409 @@
+"""Parity suite: do the artifacts compute what PyTorch computes, across the shape profile?
+
+Every available backend runs a grid of shapes (derived from the profile: min, opt, max and odd
+sizes between, 1 included; odd rows padded) with the same noise as the PyTorch FP32 reference.
+Per output it reports max abs error, max error relative to the reference's range, cosine
+similarity and top-1 agreement, judged by the precision's tolerance (tolerance.py). Beyond the
+grid it checks the HMU-specific promises: the noise input is live, zero noise is the VAE's mean
+path, and padding never changes real positions. Element-wise checks go through Polygraphy's
+``CompareFunc.simple`` so they mean what ``polygraphy run --atol`` means.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+import torch
+
+from .artifacts import BuildLayout
+from .config import BuildConfig, ProfileConfig
+from .errors import InputError
+from .fileio import atomic_path, write_json, write_text
+from .io_contract import (LOGITS, NOISE, SRC_IDS, SRC_MASK, TGT_IDS, GraphContract,
+                          make_feeds)
+from .manifest import FAILED, OK, StageResult
+from .model import HMUTransformer
+from .parity_backends import Backend, discover_backends
+from .runners import Runner, TorchRunner
+from .tolerance import Tolerance, tolerance_for
+
+Shape = tuple[int, int, int]
+
+
+# ----------------------------------------------------------------------------- grid
+def axis_values(lo: int, opt: int, hi: int) -> list[int]:
+    """min, opt, max, 1 when inside, and an odd size strictly between min and opt (or max)."""
+    vals = {lo, opt, hi}
+    if lo <= 1 <= hi:
+        vals.add(1)
+    upper = opt if opt - lo >= 2 else hi
+    if upper - lo >= 2:
+        mid = (lo + upper) // 2
+        vals.add(mid if mid % 2 else mid + 1 if mid + 1 < upper else mid - 1)
+    return sorted(v for v in vals if lo <= v <= hi)
+
+
+def derive_grid(profile: ProfileConfig, extra: Iterable[Shape] = ()) -> list[Shape]:
+    """Full product of each axis's values, plus any extra shapes, deduplicated and sorted."""
+    axes = [axis_values(*getattr(profile, a)) for a in ProfileConfig.AXES]
+    grid = set(itertools.product(*axes)) | {tuple(s) for s in extra}  # type: ignore[misc]
+    return sorted(grid)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- metrics
+@dataclass
+class Row:
+    backend: str
+    precision: str
+    shape: list[int]
+    output: str
+    max_abs: float
+    max_rel_range: float
+    cosine: float
+    top1_agreement: float | None
+    passed: bool
+    reasons: list[str] = field(default_factory=list)
+
+
+def _real_positions(spec_positional: bool, mask: np.ndarray, arr: np.ndarray) -> np.ndarray:
+    """Values at real source positions only (padded ones are meaningless for intermediates)."""
+    if not spec_positional:
+        return arr
+    return arr[mask.astype(bool)]
+
+
+def compare_arrays(ref: np.ndarray, got: np.ndarray, tol: Tolerance, *, top1: bool
+                   ) -> tuple[dict[str, float | None], list[str]]:
+    """Metrics and the list of violated bounds (empty = pass)."""
+    reasons: list[str] = []
+    if got.shape != ref.shape:
+        return ({"max_abs": float("inf"), "max_rel_range": float("inf"), "cosine": 0.0,
+                 "top1_agreement": 0.0 if top1 else None},
+                [f"shape {list(got.shape)} != reference {list(ref.shape)}"])
+    r64, g64 = ref.astype(np.float64), got.astype(np.float64)
+    if not np.isfinite(g64).all():
+        reasons.append("non-finite values")
+    diff = np.abs(r64 - g64)
+    max_abs = float(np.nanmax(diff)) if diff.size else 0.0
+    if not np.isfinite(max_abs):
+        max_abs = float("inf")
+    rng = float(r64.max() - r64.min()) if r64.size else 0.0
+    max_rel = max_abs / rng if rng > 0 else (0.0 if max_abs == 0 else float("inf"))
+    denom = float(np.linalg.norm(r64) * np.linalg.norm(g64))
+    cosine = float(np.dot(r64.ravel(), g64.ravel()) / denom) if denom > 0 else float(
+        max_abs == 0)
+    agreement: float | None = None
+    if top1:
+        ref2 = r64.reshape(-1, r64.shape[-1])
+        got2 = g64.reshape(-1, g64.shape[-1])
+        top2 = np.sort(ref2, axis=-1)[:, -2:] if ref2.shape[-1] > 1 else None
+        decisive = (top2[:, 1] - top2[:, 0] > 2 * tol.max_abs) if top2 is not None else \
+            np.ones(len(ref2), bool)
+        if decisive.any():
+            agreement = float(np.mean(ref2[decisive].argmax(-1) == got2[decisive].argmax(-1)))
+        else:
+            agreement = 1.0
+        if agreement < tol.min_top1:
+            reasons.append(f"top1 {agreement:.4f} < {tol.min_top1}")
+    if not max_abs <= tol.max_abs:
+        reasons.append(f"max_abs {max_abs:.3g} > {tol.max_abs:g}")
+    if not max_rel <= tol.max_rel_range:
+        reasons.append(f"max_rel_range {max_rel:.3g} > {tol.max_rel_range:g}")
+    if not cosine >= tol.min_cosine:
+        reasons.append(f"cosine {cosine:.7f} < {tol.min_cosine}")
+    return ({"max_abs": max_abs, "max_rel_range": max_rel, "cosine": cosine,
+             "top1_agreement": agreement}, reasons)
+
+
+def polygraphy_allclose(ref: np.ndarray, got: np.ndarray, atol: float) -> bool:
+    """Polygraphy's element-wise check (max error statistic), as `polygraphy run --atol` does."""
+    from polygraphy.comparator import CompareFunc
+    from polygraphy.comparator.struct import IterationResult
+    from polygraphy.logger import G_LOGGER
+
+    G_LOGGER.module_severity = G_LOGGER.ERROR  # our report carries the figures
+
+    func = CompareFunc.simple(atol=atol, rtol=0.0, check_error_stat="max", check_shapes=True)
+    res = func(IterationResult({"out": got}, runner_name="candidate"),
+               IterationResult({"out": ref}, runner_name="reference"))
+    return bool(res["out"])
+
+
+# ----------------------------------------------------------------------------- checks
+@dataclass
+class Check:
+    backend: str
+    name: str
+    passed: bool
+    value: float
+    detail: str
+
+
+def reference_mean_path(model: HMUTransformer, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+    """PyTorch logits along the VAE's mean path (z = mu), computed without any noise tensor."""
+    t = {k: torch.from_numpy(v) for k, v in feeds.items() if k != NOISE}
+    with torch.inference_mode():
+        out = model.forward_all(t[SRC_IDS], t[SRC_MASK], t[TGT_IDS], None, mean=True)
+    return out[LOGITS].numpy()
+
+
+def hmu_checks(runner: Runner, model: HMUTransformer, cfg: BuildConfig, tol: Tolerance,
+               shape: Shape) -> list[Check]:
+    """Noise live, zero noise = mean path, padding never changes real positions."""
+    b, ls, lt = shape
+    checks: list[Check] = []
+    feeds = make_feeds(cfg.model, b, ls, lt, seed=cfg.parity.seed + 1, noise_scale=1.0)
+    base = runner.infer(feeds)[LOGITS]
+    other = dict(feeds, noise=make_feeds(cfg.model, b, ls, lt, seed=cfg.parity.seed + 2)[NOISE])
+    changed = float(np.abs(runner.infer(other)[LOGITS] - base).max())
+    live = cfg.model.use_hmu
+    floor = 100 * tol.max_abs
+    checks.append(Check(runner.label, "noise_live", (changed > floor) if live else
+                        (changed <= tol.max_abs), changed,
+                        f"max |logits(noise A) - logits(noise B)| = {changed:.3g} "
+                        f"({'must exceed' if live else 'must stay within'} "
+                        f"{floor if live else tol.max_abs:.3g})"))
+    zero = dict(feeds, noise=np.zeros_like(feeds[NOISE]))
+    err = float(np.abs(runner.infer(zero)[LOGITS] - reference_mean_path(model, zero)).max())
+    checks.append(Check(runner.label, "zero_noise_is_mean_path", err <= tol.max_abs, err,
+                        f"max |logits(noise=0) - PyTorch mean path (z=mu)| = {err:.3g}"))
+    if ls >= 2:
+        padded = make_feeds(cfg.model, max(b, 2), ls, lt, seed=cfg.parity.seed + 3)
+        row = 1  # make_feeds pads odd rows
+        real = int(padded[SRC_MASK][row].sum())
+        single = {SRC_IDS: padded[SRC_IDS][row:row + 1, :real],
+                  SRC_MASK: padded[SRC_MASK][row:row + 1, :real],
+                  TGT_IDS: padded[TGT_IDS][row:row + 1],
+                  NOISE: padded[NOISE][row:row + 1, :real]}
+        # Garbage in the padded tail (ids and noise) must not leak into real positions either.
+        rng = np.random.default_rng(cfg.parity.seed)
+        padded[SRC_IDS][row, real:] = rng.integers(0, cfg.model.vocab_size, ls - real)
+        padded[NOISE][row, real:] = rng.standard_normal(
+            (ls - real, cfg.model.latent_dim)).astype(np.float32) * 10
+        try:
+            a = runner.infer(padded)[LOGITS][row]
+            solo = runner.infer(single)[LOGITS][0]
+            perr = float(np.abs(a - solo).max())
+            checks.append(Check(runner.label, "padding_invariance", perr <= tol.max_abs, perr,
+                                f"row with {real}/{ls} real tokens vs the same row unpadded: "
+                                f"max abs {perr:.3g}"))
+        except InputError as exc:  # the unpadded length lies outside the profile
+            checks.append(Check(runner.label, "padding_invariance", True, 0.0,
+                                f"not applicable: {exc}"))
+    return checks
+
+
+# ----------------------------------------------------------------------------- suite
+@dataclass
+class ParityReport:
+    passed: bool
+    results: list[Row]
+    checks: list[Check]
+    skipped: dict[str, str]
+    grid: list[Shape]
+    tolerances: dict[str, dict[str, float]]
+    reference: str = "torch-cpu fp32"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"passed": self.passed, "reference": self.reference,
+                "grid": [list(s) for s in self.grid], "tolerances": self.tolerances,
+                "results": [asdict(r) for r in self.results],
+                "checks": [asdict(c) for c in self.checks], "skipped_backends": self.skipped}
+
+    def failures(self) -> list[str]:
+        out = [f"{r.backend} {r.output} {'x'.join(map(str, r.shape))}: {'; '.join(r.reasons)}"
+               for r in self.results if not r.passed]
+        out += [f"{c.backend} {c.name}: {c.detail}" for c in self.checks if not c.passed]
+        return out
+
+
+def run_parity(model: HMUTransformer, cfg: BuildConfig, backends: list[Backend],
+               contract: GraphContract, *, shapes: list[Shape] | None = None,
+               on_step: Callable[[str], None] | None = None) -> ParityReport:
+    """Run every available backend over the grid against the PyTorch FP32 reference."""
+    grid = shapes if shapes is not None else derive_grid(cfg.profile, cfg.parity.extra_shapes)
+    for shape in grid:
+        if not cfg.profile.contains(*shape):
+            raise InputError(f"parity shape {'x'.join(map(str, shape))} lies outside the profile "
+                             f"(batch {cfg.profile.batch[0]}..{cfg.profile.batch[2]}, src_len "
+                             f"{cfg.profile.src_len[0]}..{cfg.profile.src_len[2]}, tgt_len "
+                             f"{cfg.profile.tgt_len[0]}..{cfg.profile.tgt_len[2]})")
+    reference = TorchRunner(model, contract, [cfg.profile], label="torch-cpu")
+    feeds = {s: make_feeds(cfg.model, *s, seed=cfg.parity.seed,
+                           noise_scale=cfg.parity.noise_scale) for s in grid}
+    refs = {s: reference.infer(feeds[s]) for s in grid}
+    rows: list[Row] = []
+    checks: list[Check] = []
+    skipped: dict[str, str] = {}
+    tolerances: dict[str, dict[str, float]] = {}
+    opt_shape = (cfg.profile.batch[1], cfg.profile.src_len[1], cfg.profile.tgt_len[1])
+    for backend in backends:
+        if not backend.available:
+            skipped[backend.label] = backend.skip_reason
+            continue
+        tol = tolerance_for(backend.precision, cfg.parity.fp32_max_abs)
+        tolerances[backend.precision] = tol.to_dict()
+        assert backend.make is not None
+        with backend.make() as runner:
+            for shape in grid:
+                if on_step:
+                    on_step(f"{backend.label} {'x'.join(map(str, shape))}")
+                got = runner.infer(feeds[shape])
+                mask = feeds[shape][SRC_MASK]
+                for spec in contract.outputs:
+                    ref = _real_positions(spec.src_positional, mask, refs[shape][spec.name])
+                    out = _real_positions(spec.src_positional, mask, got[spec.name])
+                    is_logits = spec.name == LOGITS
+                    if is_logits:  # top-1 needs the vocabulary axis
+                        ref, out = refs[shape][spec.name], got[spec.name]
+                    # Intermediates have no tokens: judge them by closeness only.
+                    otol = tol if is_logits else Tolerance(tol.max_abs, tol.max_rel_range,
+                                                           tol.min_cosine, 0.0)
+                    metrics, reasons = compare_arrays(ref, out, otol, top1=is_logits)
+                    if not reasons and not polygraphy_allclose(ref, out, otol.max_abs):
+                        reasons.append("polygraphy CompareFunc.simple rejected the output")
+                    rows.append(Row(backend.label, backend.precision, list(shape), spec.name,
+                                    passed=not reasons, reasons=reasons,
+                                    **metrics))  # type: ignore[arg-type]
+            if on_step:
+                on_step(f"{backend.label} checks")
+            checks.extend(hmu_checks(runner, model, cfg, tol, opt_shape))
+    passed = bool(rows) and all(r.passed for r in rows) and all(c.passed for c in checks)
+    return ParityReport(passed, rows, checks, skipped, grid, tolerances)
+
+
+# ----------------------------------------------------------------------------- reports
+def _fmt(x: float | None, spec: str = ".2e") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def markdown(report: ParityReport) -> str:
+    lines = [f"# Parity report: {'PASSED' if report.passed else 'FAILED'}", "",
+             f"Reference: {report.reference}. Grid: {len(report.grid)} shapes (B x Ls x Lt), "
+             "odd rows padded, same noise for every backend.", "", "## Tolerances", "",
+             "| precision | max_abs | max_rel_range | min_cosine | min_top1 |",
+             "|---|---|---|---|---|"]
+    for prec, t in sorted(report.tolerances.items()):
+        lines.append(f"| {prec} | {t['max_abs']:g} | {t['max_rel_range']:g} | "
+                     f"{t['min_cosine']} | {t['min_top1']} |")
+    lines += ["", "## Worst case per backend and output", "",
+              "| backend | precision | output | worst shape | max_abs | max_rel_range | "
+              "min cosine | min top1 | rows passed |", "|---|---|---|---|---|---|---|---|---|"]
+    keyed: dict[tuple[str, str, str], list[Row]] = {}
+    for r in report.results:
+        keyed.setdefault((r.backend, r.precision, r.output), []).append(r)
+    for (backend, prec, output), rs in keyed.items():
+        worst = max(rs, key=lambda r: r.max_abs)
+        tops = [r.top1_agreement for r in rs if r.top1_agreement is not None]
+        lines.append(f"| {backend} | {prec} | {output} | {'x'.join(map(str, worst.shape))} | "
+                     f"{worst.max_abs:.2e} | {max(r.max_rel_range for r in rs):.2e} | "
+                     f"{min(r.cosine for r in rs):.7f} | {_fmt(min(tops) if tops else None, '.4f')}"
+                     f" | {sum(r.passed for r in rs)}/{len(rs)} |")
+    lines += ["", "## HMU checks", "", "| backend | check | passed | detail |", "|---|---|---|---|"]
+    for c in report.checks:
+        lines.append(f"| {c.backend} | {c.name} | {'yes' if c.passed else 'NO'} | {c.detail} |")
+    if report.skipped:
+        lines += ["", "## Skipped backends", ""]
+        lines += [f"- {k}: {v}" for k, v in report.skipped.items()]
+    lines += ["", "## All rows (logits)", "",
+              "| backend | shape | max_abs | max_rel_range | cosine | top1 | passed |",
+              "|---|---|---|---|---|---|---|"]
+    for r in report.results:
+        if r.output == LOGITS:
+            lines.append(f"| {r.backend} | {'x'.join(map(str, r.shape))} | {r.max_abs:.2e} | "
+                         f"{r.max_rel_range:.2e} | {r.cosine:.7f} | "
+                         f"{_fmt(r.top1_agreement, '.4f')} | {'yes' if r.passed else 'NO'} |")
+    fails = report.failures()
+    if fails:
+        lines += ["", "## Failures", ""] + [f"- {f}" for f in fails]
+    return "\n".join(lines) + "\n"
+
+
+def heatmap(report: ParityReport, path: Path) -> Path:
+    """PNG: log10(max abs error / tolerance) of logits; one panel per backend, rows (B, Ls),
+    columns Lt, each cell annotated with its max abs error."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    logits = [r for r in report.results if r.output == LOGITS]
+    backends = list(dict.fromkeys(r.backend for r in logits)) or ["(none)"]
+    rows = sorted({(s[0], s[1]) for s in report.grid})
+    cols = sorted({s[2] for s in report.grid})
+    fig, axes = plt.subplots(1, len(backends), squeeze=False,
+                             figsize=(1.2 + (0.75 * len(cols) + 1.0) * len(backends),
+                                      1.6 + 0.3 * len(rows)))
+    im = None
+    for ax, backend in zip(axes[0], backends):
+        data = np.full((len(rows), len(cols)), np.nan)
+        for r in logits:
+            if r.backend == backend:
+                tol = report.tolerances[r.precision]["max_abs"]
+                i, j = rows.index((r.shape[0], r.shape[1])), cols.index(r.shape[2])
+                data[i, j] = np.log10(max(r.max_abs, 1e-12) / tol)
+                ax.text(j, i, f"{r.max_abs:.0e}", ha="center", va="center", fontsize=6)
+        im = ax.imshow(data, aspect="auto", cmap="RdYlGn_r", vmin=-3, vmax=1)
+        ax.set_xticks(range(len(cols)), [str(c) for c in cols], fontsize=7)
+        ax.set_yticks(range(len(rows)), [f"B{b} Ls{ls}" for b, ls in rows], fontsize=7)
+        ax.set_xlabel("Lt")
+        ax.set_title(backend, fontsize=9)
+    fig.suptitle(f"logits max abs error vs PyTorch (color: log10 error/tolerance, > 0 fails); "
+                 f"{'PASSED' if report.passed else 'FAILED'}", fontsize=9)
+    if im is not None:
+        fig.colorbar(im, ax=list(axes[0]), shrink=0.8)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_reports(report: ParityReport, folder: Path, json_path: Path | None = None
+                  ) -> list[Path]:
+    paths = [write_json(json_path or folder / "report.json", report.to_dict()),
+             write_text(folder / "report.md", markdown(report)),
+             heatmap(report, folder / "heatmap.png")]
+    return paths
+
+
+def summary(report: ParityReport) -> dict[str, Any]:
+    """Compact figures for the manifest: worst logits error per backend."""
+    worst: dict[str, float] = {}
+    for r in report.results:
+        if r.output == LOGITS:
+            worst[r.backend] = max(worst.get(r.backend, 0.0), r.max_abs)
+    return {"passed": report.passed, "shapes": len(report.grid),
+            "worst_logits_max_abs": worst, "skipped": report.skipped,
+            "failures": report.failures()[:10]}
+
+
+def parity_stage(ctx: Any) -> StageResult:
+    """Build stage: the grid over every backend the build produced; reports under parity/."""
+    assert ctx.model is not None and ctx.contract is not None
+    backends = discover_backends(ctx.layout, ctx.cfg, ctx.model, ctx.contract)
+    report = run_parity(ctx.model, ctx.cfg, backends, ctx.contract)
+    write_reports(report, ctx.layout.parity_dir)
+    ctx.data["parity"] = summary(report)
+    if not report.passed:
+        first = report.failures()[0] if report.failures() else "no backend ran"
+        return StageResult(FAILED, reason=f"parity failed: {first}", details=ctx.data["parity"])
+    return StageResult(OK, details=ctx.data["parity"])
+
+
+def load_report(path: Path) -> dict[str, Any]:
+    return json.loads(Path(path).read_text())
+
+
+def layout_backends(root: Path, cfg: BuildConfig, model: HMUTransformer, contract: GraphContract,
+                    only: list[str] | None = None) -> list[Backend]:
+    found = discover_backends(BuildLayout(root), cfg, model, contract)
+    if only:
+        unknown = sorted(set(only) - {b.label for b in found})
+        if unknown:
+            raise InputError(f"unknown backend(s) {', '.join(unknown)} (this build has: "
+                             f"{', '.join(b.label for b in found)})")
+        found = [b for b in found if b.label in only]
+    return found
