@@ -1,13 +1,279 @@
-"""TensorRT engine and trtexec recipe (issue #3 fills this in)."""
+"""TensorRT FP16 engine: optimization profiles, FP32 pins, timing cache, and a trtexec recipe.
+
+Every build writes ``build_engine.sh``: the equivalent ``trtexec`` call, so the engine can be
+built on the target GPU box with no Python (engines are tied to the GPU and TensorRT version
+that build them). Where TensorRT and a GPU exist, the stage also builds the engine itself
+through Polygraphy's loaders; elsewhere it is skipped with the reason, and ``--require-engine``
+turns that into a failure (pipeline.py).
+
+Both paths write ``engine.json`` beside the engine (TensorRT version, GPU, compute capability,
+flags, profiles, pins, ONNX sha256); runners/tensorrt_runner.py refuses an engine whose record
+does not match. The same record goes to manifest.json under ``engine``.
+"""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import shlex
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
 
-from .manifest import SKIPPED, StageResult
+from . import __version__
+from .config import BuildConfig, ProfileConfig
+from .errors import BackendUnavailable, HMUExportError
+from .fileio import atomic_path, sha256_file, write_json, write_text
+from .io_contract import AXIS_TO_PROFILE, GraphContract
+from .manifest import FAILED, OK, SKIPPED, StageResult
+from .runners.tensorrt_runner import RECORD_FILE, RuntimeInfo, probe_runtime
 
 if TYPE_CHECKING:
+    import tensorrt as trt
+
+    from .artifacts import BuildLayout
+    from .model import HMUTransformer
+    from .parity_backends import Backend
+    from .pins import Pin
     from .pipeline import BuildContext
+
+Shape = tuple[int, ...]
+# trtexec spells hardware compatibility differently from the config.
+TRTEXEC_HW = {"ampere_plus": "ampere+", "same_compute_capability": "sameComputeCapability"}
+
+
+def engine_profiles(cfg: BuildConfig) -> list[ProfileConfig]:
+    """The optimization profiles: ``[profile]`` first, then ``engine.extra_profiles``."""
+    return [cfg.profile, *cfg.engine.extra_profiles]
+
+
+def input_shapes(contract: GraphContract, profile: ProfileConfig
+                 ) -> dict[str, tuple[Shape, Shape, Shape]]:
+    """min / opt / max shape of every dynamic input of ``contract`` under ``profile``."""
+    out: dict[str, tuple[Shape, Shape, Shape]] = {}
+    for spec in contract.inputs:
+        if not any(isinstance(d, str) for d in spec.dims):
+            continue
+        rows: list[list[int]] = [[], [], []]
+        for dim in spec.dims:
+            triple = ([dim] * 3 if isinstance(dim, int)
+                      else profile.axis(AXIS_TO_PROFILE[dim]).as_list())
+            for row, value in zip(rows, triple):
+                row.append(value)
+        out[spec.name] = (tuple(rows[0]), tuple(rows[1]), tuple(rows[2]))
+    return out
+
+
+def shape_spec(shapes: dict[str, tuple[Shape, Shape, Shape]], which: int) -> str:
+    """trtexec's ``name:AxBxC,name2:...`` for min (0), opt (1) or max (2)."""
+    return ",".join(f"{name}:{'x'.join(str(d) for d in triple[which])}"
+                    for name, triple in shapes.items())
+
+
+def flags(cfg: BuildConfig, pins: Sequence[str]) -> dict[str, Any]:
+    e = cfg.engine
+    return {"fp16": e.fp16, "precision_constraints": "obey" if pins else "none",
+            "builder_optimization_level": e.builder_optimization_level,
+            "workspace_mib": e.workspace_mib, "version_compatible": e.version_compatible,
+            "hardware_compatibility": e.hardware_compatibility}
+
+
+def trtexec_args(cfg: BuildConfig, contract: GraphContract, pins: Sequence[str],
+                 layout: "BuildLayout") -> list[str]:
+    """The trtexec arguments equivalent to the Python build (paths relative to the build folder)."""
+    e = cfg.engine
+    args = [f"--onnx={layout.onnx.name}"]
+    if e.fp16:
+        args.append("--fp16")
+    profiles = engine_profiles(cfg)
+    for i, profile in enumerate(profiles):
+        shapes = input_shapes(contract, profile)
+        if len(profiles) > 1:
+            args.append(f"--profile={i}")  # TensorRT 10: one --profile=N per min/opt/max set
+        args += [f"--minShapes={shape_spec(shapes, 0)}", f"--optShapes={shape_spec(shapes, 1)}",
+                 f"--maxShapes={shape_spec(shapes, 2)}"]
+    if pins:
+        args += ["--precisionConstraints=obey",
+                 "--layerPrecisions=" + ",".join(f"{p}:fp32" for p in pins),
+                 "--layerOutputTypes=" + ",".join(f"{p}:fp32" for p in pins)]
+    args += [f"--timingCacheFile={layout.timing_cache.name}",
+             f"--builderOptimizationLevel={e.builder_optimization_level}",
+             f"--memPoolSize=workspace:{e.workspace_mib}M"]
+    if e.version_compatible:
+        args.append("--versionCompatible")
+    if e.hardware_compatibility != "none":
+        args.append(f"--hardwareCompatibilityLevel={TRTEXEC_HW[e.hardware_compatibility]}")
+    args += [f"--saveEngine={layout.engine.name}", "--skipInference"]
+    return args
+
+
+def render_recipe(cfg: BuildConfig, contract: GraphContract, pins: Sequence[str],
+                  layout: "BuildLayout", onnx_sha256: str) -> str:
+    """``build_engine.sh``: trtexec build + an engine.json record, runnable from any folder."""
+    args = trtexec_args(cfg, contract, pins, layout)
+    lines = " \\\n  ".join(shlex.quote(a) for a in args)
+    profiles = [p.to_dict() for p in engine_profiles(cfg)]
+    import json
+    static = json.dumps({"source": "build_engine.sh", "flags": flags(cfg, pins),
+                         "profiles": profiles, "pins": list(pins),
+                         "engine": layout.engine.name,
+                         "timing_cache": layout.timing_cache.name}, sort_keys=True)
+    return f"""#!/usr/bin/env bash
+# TensorRT engine for '{cfg.model.name}', generated by hmu_export {__version__}.
+# Run it on the GPU machine that will serve: an engine (and timing.cache) only runs on the
+# TensorRT version and GPU that built it. Needs trtexec (set TRTEXEC=/path/to/trtexec) and
+# sha256sum; no Python. Built from model.onnx sha256 {onnx_sha256}.
+# FP32 pins (precision constraints obeyed): {', '.join(pins) or 'none'}
+set -euo pipefail
+cd "$(dirname "$0")"
+TRTEXEC="${{TRTEXEC:-trtexec}}"
+"$TRTEXEC" \\
+  {lines} \\
+  2>&1 | tee build_engine.log
+
+# engine.json: what the engine is tied to; the TensorRT runner refuses a mismatch.
+field() {{ sed -n "s/.*$1: *//p" build_engine.log | head -n 1 | tr -d '\\r"'; }}
+trt_version=$(field "TensorRT version")
+gpu_name=$(field "Selected Device")
+compute_cap=$(field "Compute Capability")
+onnx_sha=$(sha256sum {shlex.quote(layout.onnx.name)} | cut -d ' ' -f 1)
+engine_sha=$(sha256sum {shlex.quote(layout.engine.name)} | cut -d ' ' -f 1)
+static={shlex.quote(static[1:-1])}
+printf '{{"tensorrt": "%s", "gpu": {{"name": "%s", "compute_capability": "%s"}}, "onnx_sha256": "%s", "engine_sha256": "%s", %s}}\\n' \\
+  "$trt_version" "$gpu_name" "$compute_cap" "$onnx_sha" "$engine_sha" "$static" > {RECORD_FILE}.tmp
+mv {RECORD_FILE}.tmp {RECORD_FILE}
+echo "engine: $(pwd)/{layout.engine.name} (TensorRT $trt_version, $gpu_name, sm $compute_cap)"
+"""
+
+
+def apply_pins(network: "trt.INetworkDefinition", pins: Sequence[str]) -> list[str]:
+    """Run the pinned layers in FP32 with FP32 outputs; returns the layer names it found.
+
+    The ONNX parser names each layer after its node, so pins (node names) address layers.
+    """
+    import tensorrt as trt
+
+    wanted = set(pins)
+    found: list[str] = []
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if layer.name not in wanted:
+            continue
+        layer.precision = trt.float32
+        for k in range(layer.num_outputs):
+            if layer.get_output(k).dtype in (trt.float32, trt.float16):
+                layer.set_output_type(k, trt.float32)
+        found.append(layer.name)
+    return found
+
+
+def _hardware_level(name: str) -> "trt.HardwareCompatibilityLevel | None":
+    import tensorrt as trt
+
+    return {"none": None, "ampere_plus": trt.HardwareCompatibilityLevel.AMPERE_PLUS,
+            "same_compute_capability": trt.HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY
+            }[name]
+
+
+def build_engine(layout: "BuildLayout", cfg: BuildConfig, contract: GraphContract,
+                 pins: Sequence[str]) -> dict[str, Any]:
+    """Build ``model.fp16.plan`` with Polygraphy's loaders; reuses and updates timing.cache."""
+    import tensorrt as trt
+    from polygraphy.backend.trt import (CreateConfig, EngineBytesFromNetwork,
+                                        NetworkFromOnnxPath, PostprocessNetwork, Profile)
+
+    profiles = []
+    for p in engine_profiles(cfg):
+        prof = Profile()
+        for name, (lo, opt, hi) in input_shapes(contract, p).items():
+            prof.add(name, min=lo, opt=opt, max=hi)
+        profiles.append(prof)
+    applied: list[str] = []
+
+    def pin_layers(network: trt.INetworkDefinition) -> None:
+        applied.extend(apply_pins(network, pins))
+
+    network = PostprocessNetwork(NetworkFromOnnxPath(str(layout.onnx)), pin_layers,
+                                 name="fp32-pins")
+    config = CreateConfig(
+        fp16=cfg.engine.fp16, profiles=profiles,
+        precision_constraints="obey" if pins else None,
+        load_timing_cache=str(layout.timing_cache) if layout.timing_cache.is_file() else None,
+        memory_pool_limits={trt.MemoryPoolType.WORKSPACE: cfg.engine.workspace_mib << 20},
+        builder_optimization_level=cfg.engine.builder_optimization_level,
+        hardware_compatibility_level=_hardware_level(cfg.engine.hardware_compatibility),
+        version_compatible=cfg.engine.version_compatible or None)
+    t0 = time.perf_counter()
+    data = EngineBytesFromNetwork(network, config=config,
+                                  save_timing_cache=str(layout.timing_cache))()
+    seconds = time.perf_counter() - t0
+    with atomic_path(layout.engine) as tmp:
+        tmp.write_bytes(bytes(data))
+    missing = sorted(set(pins) - set(applied))
+    return {"build_seconds": round(seconds, 3), "pins_applied": applied,
+            "pins_not_found": missing, "engine_sha256": sha256_file(layout.engine)}
+
+
+def engine_record(cfg: BuildConfig, layout: "BuildLayout", pins: Sequence["Pin"],
+                  onnx_sha256: str) -> dict[str, Any]:
+    names = [p.name for p in pins]
+    return {"recipe": layout.recipe.name, "engine": layout.engine.name,
+            "timing_cache": layout.timing_cache.name, "onnx": layout.onnx.name,
+            "onnx_sha256": onnx_sha256, "pins": [p.to_dict() for p in pins],
+            "profiles": [p.to_dict() for p in engine_profiles(cfg)],
+            "flags": flags(cfg, names), "built": False}
 
 
 def engine_stage(ctx: "BuildContext") -> StageResult:
-    return StageResult(SKIPPED, reason="not implemented yet")
+    """Write the recipe always; build the engine where TensorRT and a GPU exist."""
+    import onnx
+
+    from .io_contract import full_contract
+    from .pins import select_pins
+
+    cfg, layout = ctx.cfg, ctx.layout
+    contract = ctx.contract or full_contract(cfg.model, cfg.export.diagnostics)
+    pins = select_pins(onnx.load(str(layout.onnx), load_external_data=False), cfg.engine)
+    names = [p.name for p in pins]
+    onnx_sha = sha256_file(layout.onnx)
+    write_text(layout.recipe, render_recipe(cfg, contract, names, layout, onnx_sha))
+    layout.recipe.chmod(0o755)
+    record = engine_record(cfg, layout, pins, onnx_sha)
+    ctx.data["engine"] = record
+    details = {"recipe": layout.recipe.name, "pins": names,
+               "profiles": record["profiles"]}
+    try:
+        runtime: RuntimeInfo = probe_runtime()
+    except BackendUnavailable as exc:
+        record["skip_reason"] = str(exc)
+        return StageResult(SKIPPED, reason=f"{exc}; {layout.recipe.name} builds it on a GPU "
+                           "machine", details=details)
+    record.update(runtime.to_dict())
+    try:
+        record.update(build_engine(layout, cfg, contract, names))
+    except HMUExportError:
+        raise
+    except Exception as exc:  # TensorRT/Polygraphy raise many types (PolygraphyException...)
+        record["error"] = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+        return StageResult(FAILED, reason=f"TensorRT build failed: {record['error']}",
+                           details=details)
+    record["built"] = True
+    write_json(layout.root / RECORD_FILE, {k: v for k, v in record.items() if k != "built"})
+    details.update({k: record[k] for k in ("tensorrt", "gpu", "build_seconds",
+                                           "pins_not_found")})
+    return StageResult(OK, details=details)
+
+
+def parity_backends(layout: "BuildLayout", cfg: BuildConfig, model: "HMUTransformer",
+                    contract: GraphContract) -> list["Backend"]:
+    """The TensorRT engine as a parity row, or the reason it cannot run here."""
+    from .parity_backends import Backend
+    from .runners.tensorrt_runner import TrtRunner
+
+    precision = "fp16" if cfg.engine.fp16 else "fp32"
+    if not layout.engine.is_file():
+        return [Backend("tensorrt", precision, None, f"no engine ({layout.engine.name} not built)")]
+    try:
+        runtime = probe_runtime()
+    except BackendUnavailable as exc:
+        return [Backend("tensorrt", precision, None, str(exc))]
+    root: Path = layout.root
+    return [Backend("tensorrt", precision, lambda: TrtRunner(
+        root, contract, vocab_size=cfg.model.vocab_size, runtime=runtime))]

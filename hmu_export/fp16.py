@@ -1,13 +1,110 @@
-"""FP16-emulation graph (issue #3 fills this in)."""
+"""FP16-emulation graph and backends: measure the FP16 budget on a machine without a GPU.
+
+``model.fp16.onnx`` is ``model.onnx`` converted by onnxconverter-common with FP32 graph I/O
+(``keep_io_types``) and the policy's pins (pins.py) kept in FP32 (``node_block_list``), so it
+carries the same precision decisions as the TensorRT build. ONNX Runtime CPU runs it by
+casting FP16 tensors to FP32 around most kernels: it emulates FP16 *storage* (every
+intermediate rounded to FP16, overflow above 65504), not FP16 accumulation. PyTorch ``.half()``
+on CPU is the second, independent FP16 stand-in (no pins: every op in half).
+See docs/fp16.md for what each one measures and the figures.
+"""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
 
-from .manifest import SKIPPED, StageResult
+import onnx
+
+from .errors import ArtifactError
+from .fileio import atomic_path
+from .manifest import OK, SKIPPED, StageResult
 
 if TYPE_CHECKING:
+    from .artifacts import BuildLayout
+    from .config import BuildConfig
+    from .io_contract import GraphContract
+    from .model import HMUTransformer
+    from .parity_backends import Backend
     from .pipeline import BuildContext
+
+# Clamp like TensorRT does (weights outside FP16's range are clamped to +-65504), not to the
+# converter's default 1e4, so the emulation fails where the engine would.
+FP16_MAX = 65504.0
+FP16_MIN_POSITIVE = 5.960464477539063e-08  # smallest FP16 subnormal
+
+
+def convert_to_fp16(model: onnx.ModelProto, keep_fp32: Sequence[str] = ()) -> onnx.ModelProto:
+    """An FP16 copy of ``model`` with FP32 inputs/outputs and the named nodes kept in FP32."""
+    import warnings
+
+    from onnxconverter_common import float16
+
+    missing = sorted(set(keep_fp32) - {n.name for n in model.graph.node})
+    if missing:
+        raise ArtifactError(f"cannot keep '{missing[0]}' in FP32: no such node in the graph")
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the converter warns on every clamped value
+        # op_block_list is left at None: passing a list REPLACES the converter's default list.
+        return float16.convert_float_to_float16(
+            copy, min_positive_val=FP16_MIN_POSITIVE, max_finite_val=FP16_MAX,
+            keep_io_types=True, node_block_list=list(keep_fp32))
+
+
+def write_fp16_model(src: Path, dst: Path, keep_fp32: Sequence[str]) -> Path:
+    """Convert the graph at ``src`` and write it atomically to ``dst`` (one file, no external data)."""
+    model = onnx.load(str(src))
+    fp16 = convert_to_fp16(model, keep_fp32)
+    with atomic_path(Path(dst)) as tmp:
+        onnx.save_model(fp16, str(tmp), save_as_external_data=False)
+    return Path(dst)
 
 
 def fp16_stage(ctx: "BuildContext") -> StageResult:
-    return StageResult(SKIPPED, reason="not implemented yet")
+    """Write ``model.fp16.onnx`` with the FP32 pins; skipped when parity.fp16 is off."""
+    from .pins import pin_names, select_pins
+
+    if not ctx.cfg.parity.fp16:
+        return StageResult(SKIPPED, reason="parity.fp16 is false")
+    t0 = time.perf_counter()
+    model = onnx.load(str(ctx.layout.onnx))
+    pins = select_pins(model, ctx.cfg.engine)
+    names = pin_names(pins)
+    fp16 = convert_to_fp16(model, names)
+    with atomic_path(ctx.layout.onnx_fp16) as tmp:
+        onnx.save_model(fp16, str(tmp), save_as_external_data=False)
+    ctx.data.setdefault("pins", [p.to_dict() for p in pins])
+    return StageResult(OK, details={
+        "path": ctx.layout.onnx_fp16.name, "fp32_nodes": names,
+        "casts": sum(1 for n in fp16.graph.node if n.op_type == "Cast"),
+        "seconds": round(time.perf_counter() - t0, 3)})
+
+
+def parity_backends(layout: "BuildLayout", cfg: "BuildConfig", model: "HMUTransformer",
+                    contract: "GraphContract") -> list["Backend"]:
+    """FP16 stand-ins for the parity grid: ORT on the FP16 graph, PyTorch half (CPU, CUDA)."""
+    import torch
+
+    from .parity_backends import Backend
+    from .runners import OnnxRuntimeRunner, TorchRunner
+
+    if not cfg.parity.fp16:
+        return []
+    out: list[Backend] = []
+    if layout.onnx_fp16.is_file():
+        path = layout.onnx_fp16
+        out.append(Backend("onnxruntime-fp16emu", "fp16", lambda: OnnxRuntimeRunner(
+            path, contract, [cfg.profile], precision="fp16", vocab_size=cfg.model.vocab_size,
+            label="onnxruntime-fp16emu")))
+    else:
+        out.append(Backend("onnxruntime-fp16emu", "fp16", None,
+                           f"{layout.onnx_fp16.name} not found (fp16 stage skipped?)"))
+    out.append(Backend("torch-fp16", "fp16", lambda: TorchRunner(
+        model, contract, [cfg.profile], precision="fp16", device="cpu", label="torch-fp16")))
+    if torch.cuda.is_available():
+        out.append(Backend("torch-cuda-fp16", "fp16", lambda: TorchRunner(
+            model, contract, [cfg.profile], precision="fp16", device="cuda",
+            label="torch-cuda-fp16")))
+    return out

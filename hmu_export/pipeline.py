@@ -41,7 +41,7 @@ StageFn = Callable[[BuildContext], StageResult]
 def stage_checkpoint(ctx: BuildContext) -> StageResult:
     from .model import build_model, save_checkpoint
 
-    model = build_model(ctx.cfg.model)
+    model = ctx.model if ctx.model is not None else build_model(ctx.cfg.model)
     weights, _ = save_checkpoint(model, ctx.layout.checkpoint_dir)
     ctx.model = model
     ctx.checkpoint_sha256 = sha256_file(weights)
@@ -121,15 +121,20 @@ def run_build(cfg: BuildConfig, out_dir: Path, *, require_engine: bool = False,
               on_stage: Callable[[str, StageResult | None], None] | None = None,
               only: list[str] | None = None) -> BuildOutcome:
     """Run the stages into a staging folder, then move it to ``out_dir`` if it succeeded."""
+    from .model import build_model
+
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     ensure_writable_dir(out_dir.parent if out_dir.parent != Path("") else Path("."))
+    # Pre-flight: a missing, corrupt or mismatched checkpoint is a user error, reported before
+    # anything is written.
+    model = build_model(cfg.model)
     staging = out_dir.with_name(f".{out_dir.name}.staging")
     if staging.exists():
         shutil.rmtree(staging)
     ensure_writable_dir(staging)
     ctx = BuildContext(cfg, BuildLayout(staging), require_engine=require_engine or
-                       cfg.engine.require)
+                       cfg.engine.require, model=model)
     failure = ""
     for name, fn, required in STAGES:
         if only is not None and name not in only:

@@ -1,9 +1,88 @@
-"""`bench` command (placeholder until its issue lands)."""
+"""`bench`: latency / throughput of every backend of a build (JSON, Markdown table, PNG plot)."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from .. import ui
+from ..bench import DEFAULT_BACKENDS, BenchSettings, run_bench, speedups, write_outputs
+from ..config import parse_shapes
+from ..errors import ConfigError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="(not implemented yet)")
-    p.set_defaults(func=lambda args: 1)
+    p = sub.add_parser(
+        "bench", help="measure latency and throughput of a build's backends",
+        description="Warm-up, then timed runs (p50/p90/p95/p99, mean, std, seq/s, tokens/s) for "
+                    "each backend at each shape; same feeds for every backend. Writes "
+                    "bench.json, bench.md and bench.png.")
+    p.add_argument("--artifacts", required=True, type=Path, help="a build folder")
+    p.add_argument("--shapes", default="", help="BxLSxLT[,BxLSxLT...] inside the build's profile "
+                   "(default: a sweep over source length at batch min and max)")
+    p.add_argument("--backends", default=",".join(DEFAULT_BACKENDS),
+                   help=f"comma-separated (default: {','.join(DEFAULT_BACKENDS)}); absent ones "
+                        "are reported as skipped with the reason")
+    p.add_argument("--quick", action="store_true", help="a few iterations (CI smoke test)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads = ORT intra-op threads (default: usable cores)")
+    p.add_argument("--min-seconds", type=float, default=None,
+                   help="minimum timed seconds per backend and shape (default 2, quick 0)")
+    p.add_argument("--no-hmu-overhead", action="store_true",
+                   help="skip the with/without-HMU comparison (it exports an identity model)")
+    p.add_argument("--json", type=Path, default=None, help="JSON report path "
+                   "(default OUT/bench.json)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="folder for bench.json/.md/.png (default ARTIFACTS/bench)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    shapes = parse_shapes(args.shapes) if args.shapes else None
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    if not backends:
+        raise ConfigError("--backends is empty")
+    if args.threads < 0:
+        raise ConfigError(f"--threads must be >= 0, got {args.threads}")
+    settings = BenchSettings.quick() if args.quick else BenchSettings()
+    if args.min_seconds is not None:
+        settings = BenchSettings(**{**settings.__dict__, "min_seconds": args.min_seconds})
+    settings = BenchSettings(**{**settings.__dict__, "threads": args.threads})
+    out_dir = args.out or (args.artifacts / "bench")
+
+    with ui.progress() as bar:
+        task = bar.add_task("bench", total=None)
+
+        def tick(desc: str, total: int) -> None:
+            if desc == "start":
+                bar.update(task, total=total)
+            else:
+                bar.update(task, advance=1, description=desc)
+
+        report = run_bench(args.artifacts, shapes, backends, settings=settings, quick=args.quick,
+                           hmu_overhead=not args.no_hmu_overhead, progress=tick)
+    paths = write_outputs(report, out_dir, args.json)
+
+    rows = [(r["backend"], r["precision"], "x".join(map(str, r["shape"])), r["copies"],
+             f"{r['p50_ms']:.3f}", f"{r['p99_ms']:.3f}", f"{r['seq_per_s']:.1f}",
+             f"{r['tokens_per_s']:.0f}",
+             "" if r["peak_fraction"] is None else f"{100 * r['peak_fraction']:.1f}")
+            for r in report.results]
+    ui.out.print(ui.table(f"bench: {report.model['name']} ({report.machine['threads']} threads, "
+                          f"sgemm peak {report.machine['sgemm_peak']['gflops']:.1f} GFLOP/s)",
+                          ["backend", "prec", "BxLsxLt", "copies", "p50 ms", "p99 ms", "seq/s",
+                           "tok/s", "% peak"], rows))
+    sp = speedups(report)
+    if sp:
+        ui.out.print(ui.table("speedup over torch eager FP32 (p50)", ["backend", "BxLsxLt", "x"],
+                              [(x["backend"], "x".join(map(str, x["shape"])),
+                                f"{x['speedup']:.2f}") for x in sp]))
+    if report.hmu_overhead:
+        ui.out.print(ui.table("HMU overhead", ["backend", "BxLsxLt", "latency %", "params %"],
+                              [(h["backend"], "x".join(map(str, h["shape"])),
+                                f"{h['latency_overhead_pct']:+.1f}",
+                                f"{h['parameter_overhead_pct']:.2f}")
+                               for h in report.hmu_overhead]))
+    for s in report.skipped:
+        ui.out.print(f"[yellow]skipped[/yellow] {s['backend']}: {s['reason']}")
+    ui.out.print(f"wrote {paths['json']}, {paths['markdown']}, {paths['png']}")
+    return 0

@@ -1,9 +1,99 @@
-"""`triton` command (placeholder until its issue lands)."""
+"""`triton`: write (and optionally smoke-test) a Triton model repository from a build folder."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from .. import ui
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("triton", help="(not implemented yet)")
-    p.set_defaults(func=lambda args: 1)
+    p = sub.add_parser(
+        "triton", help="write a Triton model repository (tensorrt_plan, onnxruntime_onnx, python)",
+        description="Write a Triton model repository from a build folder. Every config.pbtxt is "
+                    "validated against Triton's ModelConfig schema and the I/O contract first.")
+    p.add_argument("--artifacts", required=True, type=Path, metavar="DIR",
+                   help="build folder holding model.onnx (and model.fp16.plan if built)")
+    p.add_argument("--out", type=Path, metavar="REPO",
+                   help="repository folder to write (default: DIR/triton)")
+    p.add_argument("--onnx-tensorrt", action="store_true",
+                   help="add ONNX Runtime's TensorRT accelerator (FP16) to the onnx model "
+                        "(GPU hosts)")
+    p.add_argument("--max-queue-delay-us", type=int, metavar="US",
+                   help="dynamic batching queue delay (default: the build config's)")
+    p.add_argument("--instances", type=int, metavar="N",
+                   help="instances per model (default: the build config's)")
+    p.add_argument("--smoke", action="store_true",
+                   help="then start the bundled tritonserver, load the python model and check "
+                        "its answers over HTTP and gRPC against ONNX Runtime")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..errors import ConfigError
+    from ..export import load_graph_contract
+    from ..manifest import OK, StageResult, update_manifest
+    from ..triton import TritonOptions, repository_from_artifacts
+
+    artifacts: Path = args.artifacts
+    if (args.instances is not None and args.instances < 1) or \
+            (args.max_queue_delay_us is not None and args.max_queue_delay_us < 0):
+        raise ConfigError("--instances must be >= 1 and --max-queue-delay-us >= 0")
+    opts = None
+    if (artifacts / "model.onnx").is_file():
+        _, cfg, _ = load_graph_contract(artifacts / "model.onnx")
+        opts = TritonOptions(
+            max_queue_delay_us=(cfg.triton.max_queue_delay_us if args.max_queue_delay_us is None
+                                else args.max_queue_delay_us),
+            instance_count=cfg.triton.instance_count if args.instances is None
+            else args.instances,
+            onnx_tensorrt_accelerator=args.onnx_tensorrt)
+    res = repository_from_artifacts(artifacts, args.out, opts)
+    rows = [(kind, name, "yes" if kind != "tensorrt" or res.plan_included else
+             "config only (no plan built here)") for kind, name in res.models.items()]
+    ui.out.print(ui.table(f"Triton repository {res.root}", ["backend", "model", "ready to load"],
+                          rows))
+    inside = res.root.resolve().is_relative_to(artifacts.resolve())
+    if inside and (artifacts / "manifest.json").is_file():
+        update_manifest(artifacts, "triton", StageResult(OK, details={
+            "models": res.models, "plan_included": res.plan_included,
+            "validated": "schema+semantic"}))
+    if args.smoke:
+        return _smoke(artifacts, res.root, res.models["python"])
+    return 0
+
+
+def _smoke(artifacts: Path, repo: Path, model: str) -> int:
+    """Serve the python model for real and compare with ONNX Runtime at a few shapes."""
+    import numpy as np
+
+    from ..errors import ParityFailure
+    from ..export import load_graph_contract
+    from ..io_contract import LOGITS, make_feeds
+    from ..runners import OnnxRuntimeRunner
+    from ..triton_client import HMUTritonClient
+    from ..triton_server import serve
+
+    _, cfg, contract = load_graph_contract(artifacts / "model.onnx")
+    p = cfg.profile
+    shapes = sorted({(1, p.src_len[0], p.tgt_len[0]), (p.batch[1], p.src_len[1], p.tgt_len[1]),
+                     (p.batch[2], p.src_len[2], p.tgt_len[2])})
+    rows, worst = [], 0.0
+    ui.err.print(f"starting tritonserver for {model}...")
+    with serve(repo, [model]) as server, \
+            OnnxRuntimeRunner(artifacts / "model.onnx", contract, [p]) as ref:
+        for protocol, url in (("http", server.http_url), ("grpc", server.grpc_url)):
+            with HMUTritonClient(url, model, protocol, latent_dim=cfg.model.latent_dim) as c:
+                for b, ls, lt in shapes:
+                    feeds = make_feeds(cfg.model, b, ls, lt, seed=cfg.parity.seed)
+                    got = c.infer_feeds(feeds)[LOGITS]
+                    err = float(np.max(np.abs(got - ref.infer(feeds)[LOGITS])))
+                    worst = max(worst, err)
+                    rows.append((protocol, f"{b}x{ls}x{lt}", f"{err:.2e}",
+                                 "pass" if err <= cfg.parity.fp32_max_abs else "FAIL"))
+    ui.out.print(ui.table(f"Triton smoke test ({model} vs ONNX Runtime)",
+                          ["protocol", "BxLsxLt", "max abs", "result"], rows))
+    if worst > cfg.parity.fp32_max_abs:
+        raise ParityFailure(f"served model differs from ONNX Runtime by {worst:.3g} > "
+                            f"{cfg.parity.fp32_max_abs:g}")
+    return 0

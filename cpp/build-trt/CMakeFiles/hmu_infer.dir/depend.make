@@ -1,0 +1,2 @@
+# Empty dependencies file for hmu_infer.
+# This may be replaced when dependencies are built.

@@ -1,0 +1,3 @@
+file(REMOVE_RECURSE
+  "libhmu_ort.a"
+)

@@ -1,0 +1,2 @@
+# Empty dependencies file for hmu_ort.
+# This may be replaced when dependencies are built.

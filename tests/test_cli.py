@@ -1,0 +1,192 @@
+"""End to end through the command line, and every bad input of issue #2."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hmu_export.cli import main
+from hmu_export.fileio import sha256_file
+from hmu_export.model import HMUTransformer, save_checkpoint
+
+from conftest import SMALL
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _toml(tmp_path: Path, extra: str = "", model: dict | None = None) -> Path:
+    m = {**SMALL["model"], **(model or {})}
+    lines = ["[model]"] + [f"{k} = {json.dumps(v)}" for k, v in m.items()]
+    lines += ["[profile]"] + [f"{k} = {json.dumps(v)}" for k, v in SMALL["profile"].items()]
+    path = tmp_path / "cfg.toml"
+    path.write_text("\n".join(lines) + "\n" + extra)
+    return path
+
+
+@pytest.fixture(scope="module")
+def cli_build(tmp_path_factory):
+    """The README command, verbatim, in a fresh folder: `python -m hmu_export build`."""
+    cwd = tmp_path_factory.mktemp("readme")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "hmu_export", "build"], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+    return proc, cwd / "engines" / "hmu-default"
+
+
+def test_default_build_end_to_end(cli_build):
+    proc, out = cli_build
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert "stage" in proc.stdout and "parity" in proc.stdout  # the summary table
+    manifest = json.loads((out / "manifest.json").read_text())
+    paths = {a["path"] for a in manifest["artifacts"]}
+    assert {"model.onnx", "checkpoint/model.safetensors", "checkpoint/config.json",
+            "parity/report.json", "parity/report.md", "parity/heatmap.png"} <= paths
+    for art in manifest["artifacts"]:
+        assert sha256_file(out / art["path"]) == art["sha256"], art["path"]
+        assert (out / art["path"]).stat().st_size == art["bytes"]
+    on_disk = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert on_disk - paths == {"manifest.json"}  # every artifact is listed
+    assert manifest["profile"] == {"batch": [1, 4, 8], "src_len": [1, 64, 128],
+                                   "tgt_len": [1, 32, 64]}
+    for stage in ("checkpoint", "export", "parity"):
+        assert manifest["stages"][stage]["status"] == "ok"
+    assert all(s["status"] in ("ok", "skipped") for s in manifest["stages"].values())
+    assert {"torch", "onnx", "onnxruntime"} <= set(manifest["versions"])
+    report = json.loads((out / "parity" / "report.json").read_text())
+    assert report["passed"] is True
+    ort_rows = [r for r in report["results"] if r["backend"] == "onnxruntime"]
+    assert ort_rows and max(r["max_abs"] for r in ort_rows if r["output"] == "logits") < 1e-4
+
+
+def test_single_stage_commands_on_a_build(cli_build, tmp_path, capsys):
+    _, out = cli_build
+    before = sha256_file(out / "model.onnx")
+    assert main(["export", "--artifacts", str(out)]) == 0
+    assert sha256_file(out / "model.onnx") == before  # reproducible re-export
+    js = tmp_path / "p.json"
+    assert main(["parity", "--artifacts", str(out), "--shapes", "1x1x1,3x7x5,8x128x64",
+                 "--backends", "onnxruntime", "--json", str(js)]) == 0
+    data = json.loads(js.read_text())
+    assert sorted({tuple(r["shape"]) for r in data["results"]}) == [(1, 1, 1), (3, 7, 5),
+                                                                    (8, 128, 64)]
+    assert main(["info", "--artifacts", str(out)]) == 0  # hashes still match after updates
+    (out / "parity" / "report.md").write_text("tampered")
+    assert main(["info", "--artifacts", str(out)]) == 1
+    assert "changed since the build" in capsys.readouterr().err
+
+
+def _run_error(argv, capsys) -> str:
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code != 0
+    assert "Traceback" not in err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+@pytest.mark.parametrize("extra, model, needle", [
+    ("", {"d_modle": 8}, "unknown key 'model.d_modle'"),
+    ("", {"d_model": "big"}, "model.d_model must be an integer"),
+    ("", {"n_heads": 5}, "must divide model.d_model"),
+    ("[engine]\nworkspace_mib = 0\n", None, "engine.workspace_mib"),
+])
+def test_bad_config_fields(tmp_path, capsys, extra, model, needle):
+    cfg = _toml(tmp_path, extra, model)
+    assert needle in _run_error(["build", "--config", str(cfg), "--out",
+                                 str(tmp_path / "o")], capsys)
+    assert not (tmp_path / "o").exists()
+
+
+def test_min_gt_opt_in_profile(tmp_path, capsys):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[profile]\nbatch = [4, 2, 8]\n")
+    assert "profile.batch: min (4) > opt (2)" in _run_error(["build", "--config", str(cfg)],
+                                                            capsys)
+
+
+def test_missing_config(tmp_path, capsys):
+    assert "config file not found" in _run_error(
+        ["build", "--config", str(tmp_path / "nope.toml")], capsys)
+
+
+def test_missing_checkpoint(tmp_path, capsys):
+    cfg = _toml(tmp_path, model={"checkpoint": "missing.safetensors"})
+    assert "checkpoint not found" in _run_error(["build", "--config", str(cfg), "--out",
+                                                 str(tmp_path / "o")], capsys)
+    assert not (tmp_path / "o").exists()
+
+
+def test_corrupt_checkpoint(tmp_path, capsys):
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00garbage" * 10)
+    cfg = _toml(tmp_path, model={"checkpoint": "bad.safetensors"})
+    assert "corrupt safetensors" in _run_error(["build", "--config", str(cfg), "--out",
+                                                str(tmp_path / "o")], capsys)
+    assert not (tmp_path / "o").exists()
+
+
+def test_mismatched_checkpoint(tmp_path, capsys, small_cfg):
+    from dataclasses import replace
+    other = HMUTransformer(replace(small_cfg.model, d_model=64, latent_dim=32))
+    save_checkpoint(other, tmp_path / "ck")
+    cfg = _toml(tmp_path, model={"checkpoint": "ck/model.safetensors"})
+    assert "does not match the config" in _run_error(["build", "--config", str(cfg), "--out",
+                                                      str(tmp_path / "o")], capsys)
+
+
+def test_unsafe_pickle_checkpoint(tmp_path, capsys):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+    torch.save({"x": Evil()}, tmp_path / "evil.pt")
+    cfg = _toml(tmp_path, model={"checkpoint": "evil.pt"})
+    assert "not a weights-only file" in _run_error(["build", "--config", str(cfg), "--out",
+                                                    str(tmp_path / "o")], capsys)
+
+
+def test_unwritable_output_folder(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert "not writable" in _run_error(["build", "--config", str(_toml(tmp_path)), "--out",
+                                         str(blocker / "sub" / "out")], capsys)
+
+
+def test_parity_shapes_outside_profile(small_export, capsys):
+    assert "outside the profile" in _run_error(
+        ["parity", "--artifacts", str(small_export.root), "--shapes", "64x1x1"], capsys)
+
+
+def test_bad_shapes_syntax(small_export, capsys):
+    with pytest.raises(SystemExit) as exc:  # argparse: usage + one error line, exit 2
+        main(["parity", "--artifacts", str(small_export.root), "--shapes", "1x2"])
+    assert exc.value.code == 2
+    assert "bad shape '1x2'" in capsys.readouterr().err
+
+
+def test_parity_on_a_folder_that_is_not_a_build(tmp_path, capsys):
+    assert "not a build folder" in _run_error(["parity", "--artifacts", str(tmp_path)], capsys)
+
+
+def test_failed_build_keeps_the_previous_good_one(tmp_path, capsys, monkeypatch):
+    from hmu_export import pipeline
+    from hmu_export.manifest import FAILED, StageResult
+
+    cfg = _toml(tmp_path)
+    out = tmp_path / "o"
+    first_ok = [s for s in pipeline.STAGES if s[0] in ("checkpoint", "export")]
+    monkeypatch.setattr(pipeline, "STAGES", first_ok)
+    assert main(["build", "--config", str(cfg), "--out", str(out)]) == 0
+    good = sha256_file(out / "model.onnx")
+    monkeypatch.setattr(pipeline, "STAGES", first_ok + [
+        ("parity", lambda ctx: StageResult(FAILED, reason="planted failure"), True)])
+    assert main(["build", "--config", str(cfg), "--out", str(out)]) == 1
+    assert "planted failure" in capsys.readouterr().err
+    assert sha256_file(out / "model.onnx") == good  # untouched
+    failed = json.loads((tmp_path / "o.failed" / "manifest.json").read_text())
+    assert failed["stages"]["parity"] == {"status": "failed", "reason": "planted failure",
+                                          "seconds": failed["stages"]["parity"]["seconds"]}
+    assert failed["ok"] is False

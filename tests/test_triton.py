@@ -1,0 +1,273 @@
+"""Triton repository generation: three configs, schema + semantic validation, bad configs refused.
+
+Expected values are written from the tiny model's config in conftest.SMALL (vocab 61, latent 16,
+batch 1..4, src_len 1..16, tgt_len 1..8), not read back from the code under test.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from hmu_export.artifacts import BuildLayout
+from hmu_export.cli import main
+from hmu_export.config import ProfileConfig
+from hmu_export.io_contract import full_contract
+from hmu_export.manifest import OK, SKIPPED, StageResult, read_manifest, write_manifest
+from hmu_export.triton import (TritonConfigError, TritonOptions, check_config_text,
+                               repository_from_artifacts, triton_stage, write_repository)
+from hmu_export.triton_client import make_noise
+from hmu_export.triton_python_model import RequestError, complete_feeds
+
+TRT, ORT, PY = "hmu-tiny_tensorrt", "hmu-tiny_onnx", "hmu-tiny_python"
+
+
+def _parse(path: Path) -> mc.ModelConfig:
+    return text_format.Parse(path.read_text(), mc.ModelConfig())
+
+
+def _io(conf: mc.ModelConfig) -> dict[str, tuple[str, list[int], bool]]:
+    return {t.name: (mc.DataType.Name(t.data_type), list(t.dims), getattr(t, "optional", False))
+            for t in list(conf.input) + list(conf.output)}
+
+
+@pytest.fixture(scope="module")
+def repo(small_export, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("triton") / "repo"
+    res = repository_from_artifacts(small_export.root, out)
+    assert res.root == out
+    return out
+
+
+@pytest.fixture()
+def build_copy(small_export, tmp_path) -> BuildLayout:
+    """A private copy of the tiny build folder (tests may add a plan or a manifest to it)."""
+    root = tmp_path / "build"
+    root.mkdir()
+    shutil.copy(small_export.onnx, root / "model.onnx")
+    return BuildLayout(root)
+
+
+def test_repository_layout(repo, small_export):
+    assert sorted(p.name for p in repo.iterdir()) == sorted(["README.md", TRT, ORT, PY])
+    assert (repo / ORT / "1" / "model.onnx").read_bytes() == small_export.onnx.read_bytes()
+    assert (repo / PY / "1" / "model.onnx").read_bytes() == small_export.onnx.read_bytes()
+    assert "class TritonPythonModel" in (repo / PY / "1" / "model.py").read_text()
+    assert not (repo / TRT / "1" / "model.plan").exists()  # no engine on this machine
+    assert "model.plan" in (repo / "README.md").read_text()
+
+
+def test_configs_follow_the_contract(repo):
+    want = {"src_ids": ("TYPE_INT64", [-1], False), "src_mask": ("TYPE_INT64", [-1], False),
+            "tgt_ids": ("TYPE_INT64", [-1], False), "noise": ("TYPE_FP32", [-1, 16], False),
+            "logits": ("TYPE_FP32", [-1, 61], False)}
+    for name in (TRT, ORT, PY):
+        conf = _parse(repo / name / "config.pbtxt")
+        assert conf.name == name
+        assert conf.max_batch_size == 4
+        got = _io(conf)
+        if name == PY:  # the python model fills in noise itself when it is not sent
+            assert got.pop("noise") == ("TYPE_FP32", [-1, 16], True)
+            got["noise"] = want["noise"]
+        assert got == want
+        assert list(conf.dynamic_batching.preferred_batch_size) == [2, 4]
+        assert conf.dynamic_batching.max_queue_delay_microseconds == 100
+    trt = _parse(repo / TRT / "config.pbtxt")
+    assert trt.platform == "tensorrt_plan"
+    assert [(g.kind, list(g.profile)) for g in trt.instance_group] == [
+        (mc.ModelInstanceGroup.KIND_GPU, ["0"])]
+    assert _parse(repo / ORT / "config.pbtxt").platform == "onnxruntime_onnx"
+    py = _parse(repo / PY / "config.pbtxt")
+    assert py.backend == "python"
+    assert py.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
+    assert py.parameters["vocab_size"].string_value == "61"
+    assert py.parameters["src_len_max"].string_value == "16"
+
+
+def test_plan_is_included_when_built(build_copy, tmp_path):
+    build_copy.engine.write_bytes(b"not really a plan")
+    res = repository_from_artifacts(build_copy.root, tmp_path / "repo")
+    assert res.plan_included
+    assert (tmp_path / "repo" / TRT / "1" / "model.plan").read_bytes() == b"not really a plan"
+
+
+def test_extra_profiles_are_named_and_cap_the_batch(small_cfg, small_export, tmp_path):
+    extra = ProfileConfig(batch=(1, 1, 2), src_len=(1, 4, 8), tgt_len=(1, 2, 4))
+    cfg = dataclasses.replace(small_cfg, engine=dataclasses.replace(
+        small_cfg.engine, extra_profiles=(extra,))).validate()
+    contract = full_contract(cfg.model)
+    write_repository(small_export, cfg, contract, tmp_path / "repo")
+    trt = _parse(tmp_path / "repo" / TRT / "config.pbtxt")
+    assert list(trt.instance_group[0].profile) == ["0", "1"]
+    assert trt.max_batch_size == 2  # Triton checks max_batch_size against every named profile
+    assert list(trt.dynamic_batching.preferred_batch_size) == [2]
+    assert _parse(tmp_path / "repo" / ORT / "config.pbtxt").max_batch_size == 4
+
+
+def test_onnx_tensorrt_accelerator_option(small_cfg, small_export, tmp_path):
+    write_repository(small_export, small_cfg, full_contract(small_cfg.model), tmp_path / "r",
+                     TritonOptions(onnx_tensorrt_accelerator=True))
+    conf = _parse(tmp_path / "r" / ORT / "config.pbtxt")
+    (acc,) = conf.optimization.execution_accelerators.gpu_execution_accelerator
+    assert acc.name == "tensorrt" and acc.parameters["precision_mode"] == "FP16"
+
+
+# ---------------------------------------------------------------------------- bad configs
+
+BAD_EDITS = {
+    "syntax": ("max_batch_size: 4", "max_batch_size 4 }", 'schema'),
+    "unknown field": ("max_batch_size: 4", "max_batch_size: 4\nmax_batch: 4", 'max_batch'),
+    "bad enum": ("TYPE_FP32", "TYPE_FLOAT", 'TYPE_FLOAT'),
+    "input name": ('name: "src_mask"', 'name: "attention_mask"', 'attention_mask'),
+    "dtype": ('name: "src_ids"\n  data_type: TYPE_INT64', 'name: "src_ids"\n  data_type: TYPE_INT32', 'TYPE_INT32'),
+    "latent dim": ("dims: 16", "dims: 15", 'noise'),
+    "rank": ('name: "tgt_ids"\n  data_type: TYPE_INT64\n  dims: -1',
+             'name: "tgt_ids"\n  data_type: TYPE_INT64\n  dims: -1\n  dims: -1', 'tgt_ids'),
+    "max batch": ("max_batch_size: 4", "max_batch_size: 16", 'max_batch_size 16'),
+    "preferred > max": ("preferred_batch_size: 4", "preferred_batch_size: 8", 'preferred batch size 8'),
+    "missing profile": ('profile: "0"', 'profile: "3"', "profile '3'"),
+    "cpu plan": ("KIND_GPU", "KIND_CPU", 'KIND_GPU'),
+    "optional input": ('name: "src_ids"\n  data_type: TYPE_INT64\n  dims: -1',
+                       'name: "src_ids"\n  data_type: TYPE_INT64\n  dims: -1\n  optional: true', 'optional'),
+    "no batching, dims unchanged": ("max_batch_size: 4", "max_batch_size: 0", 'src_ids'),
+}
+
+
+@pytest.mark.parametrize("what", sorted(BAD_EDITS))
+def test_bad_tensorrt_configs_are_rejected(repo, small_cfg, small_export, what):
+    text = (repo / TRT / "config.pbtxt").read_text()
+    contract, profiles = full_contract(small_cfg.model), [small_cfg.profile]
+    check_config_text(text, contract, profiles, onnx_path=small_export.onnx)  # the good one
+    old, new, match = BAD_EDITS[what]
+    assert old in text
+    with pytest.raises(TritonConfigError, match=re.escape(match)):
+        check_config_text(text.replace(old, new, 1), contract, profiles,
+                          onnx_path=small_export.onnx)
+
+
+def test_python_config_bad_profile_parameter(repo, small_cfg):
+    text = (repo / PY / "config.pbtxt").read_text()
+    contract = full_contract(small_cfg.model)
+    check_config_text(text, contract, [small_cfg.profile])
+    bad = text.replace('key: "src_len_max"\n  value {\n    string_value: "16"',
+                       'key: "src_len_max"\n  value {\n    string_value: "99"')
+    assert bad != text
+    with pytest.raises(TritonConfigError, match="src_len"):
+        check_config_text(bad, contract, [small_cfg.profile])
+
+
+def test_config_checked_against_the_graph(repo, small_cfg, small_export, tmp_path):
+    """A graph whose noise input is not what the contract says makes a valid config fail."""
+    proto = onnx.load(str(small_export.onnx))
+    noise = next(v for v in proto.graph.input if v.name == "noise")
+    noise.type.tensor_type.shape.dim[2].dim_value = 8
+    other = tmp_path / "other.onnx"
+    onnx.save(proto, str(other))
+    text = (repo / ORT / "config.pbtxt").read_text()
+    contract = full_contract(small_cfg.model)
+    with pytest.raises(TritonConfigError, match="noise"):
+        check_config_text(text, contract, [small_cfg.profile], onnx_path=other)
+
+
+def test_bad_options_write_nothing(small_cfg, small_export, tmp_path):
+    out = tmp_path / "repo"
+    with pytest.raises(TritonConfigError, match="count"):
+        write_repository(small_export, small_cfg, full_contract(small_cfg.model), out,
+                         TritonOptions(instance_count=0))
+    assert not out.exists()
+    assert not any(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------------------- stage + command
+
+def test_stage_writes_into_the_build(build_copy, small_cfg, small_model):
+    from hmu_export.pipeline import BuildContext
+
+    ctx = BuildContext(small_cfg, build_copy, model=small_model,
+                       contract=full_contract(small_cfg.model))
+    res = triton_stage(ctx)
+    assert res.status == OK, res.reason
+    assert res.details["models"]["python"] == PY
+    assert (build_copy.triton_dir / PY / "1" / "model.onnx").is_file()
+    off = dataclasses.replace(small_cfg, triton=dataclasses.replace(small_cfg.triton,
+                                                                     enabled=False))
+    assert triton_stage(BuildContext(off, build_copy)).status == SKIPPED
+
+
+def test_command_writes_repo_and_updates_manifest(build_copy, capsys):
+    write_manifest(build_copy.root, stages={"export": StageResult(OK)}, profile={}, versions={})
+    assert main(["triton", "--artifacts", str(build_copy.root), "--instances", "2"]) == 0
+    conf = _parse(build_copy.triton_dir / ORT / "config.pbtxt")
+    assert conf.instance_group[0].count == 2
+    manifest = read_manifest(build_copy.root)
+    assert manifest["stages"]["triton"]["status"] == "ok"
+    paths = {row["path"] for row in manifest["artifacts"]}
+    assert f"triton/{PY}/config.pbtxt" in paths and f"triton/{PY}/1/model.py" in paths
+    assert PY in capsys.readouterr().out
+
+
+def test_command_errors_are_one_line(tmp_path, capsys):
+    assert main(["triton", "--artifacts", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err
+    (tmp_path / "empty").mkdir()
+    assert main(["triton", "--artifacts", str(tmp_path / "empty")]) == 2
+    assert "model.onnx" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- noise + python model
+
+def test_make_noise():
+    assert not make_noise(2, 3, 4).any()
+    a, b = make_noise(2, 3, 4, seed=5, temperature=0.5), make_noise(2, 3, 4, 5, 0.5)
+    assert a.dtype == np.float32 and a.shape == (2, 3, 4)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, make_noise(2, 3, 4, seed=6, temperature=0.5))
+    big = make_noise(64, 64, 64, seed=1, temperature=2.0)
+    assert abs(float(big.std()) - 2.0) < 0.05
+    with pytest.raises(RequestError):
+        make_noise(1, 1, 1, temperature=-1.0)
+
+
+SPEC = {"vocab_size": 61, "latent_dim": 16, "src_len_min": 1, "src_len_max": 16,
+        "tgt_len_min": 1, "tgt_len_max": 8}
+
+
+def _feeds(b=2, ls=5, lt=3) -> dict[str, np.ndarray]:
+    return {"src_ids": np.full((b, ls), 3, np.int64), "src_mask": np.ones((b, ls), np.int64),
+            "tgt_ids": np.full((b, lt), 4, np.int64)}
+
+
+def test_python_model_fills_noise_from_parameters():
+    got = complete_feeds(_feeds(), {"seed": 9, "temperature": "0.25"}, SPEC)["noise"]
+    np.testing.assert_array_equal(got, make_noise(2, 5, 16, 9, 0.25))
+    assert not complete_feeds(_feeds(), {}, SPEC)["noise"].any()
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda f: f.update(src_mask=f["src_mask"][:, :4]), "src_mask"),
+    (lambda f: f.update(tgt_ids=f["tgt_ids"][:1]), "batch"),
+    (lambda f: f.update(src_ids=np.full((2, 17), 3, np.int64),
+                        src_mask=np.ones((2, 17), np.int64)), "src_len 17"),
+    (lambda f: f.update(tgt_ids=np.full((2, 3), 61, np.int64)), "token ids"),
+    (lambda f: f.update(src_mask=np.zeros((2, 5), np.int64)), "no real token"),
+    (lambda f: f.update(noise=np.zeros((2, 5, 8), np.float32)), "noise"),
+    (lambda f: f.update(noise=np.full((2, 5, 16), np.nan, np.float32)), "non-finite"),
+])
+def test_python_model_rejects_contract_violations(edit, match):
+    feeds = _feeds()
+    edit(feeds)
+    with pytest.raises(RequestError, match=match):
+        complete_feeds(feeds, {}, SPEC)
+
+
+def test_python_model_rejects_bad_parameters():
+    with pytest.raises(RequestError, match="temperature"):
+        complete_feeds(_feeds(), {"temperature": "warm"}, SPEC)

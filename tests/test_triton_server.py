@@ -1,0 +1,213 @@
+"""The generated repository served for real by the tritonserver binary of nvidia-pytriton.
+
+Runs on a CPU machine (that binary carries the python backend): the python-backend model of the
+tiny build is loaded from the repository alone and queried over HTTP and gRPC; its logits must
+match PyTorch within the FP32 tolerance for the same noise. The server is started by a context
+manager, so it is stopped also when a test fails.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hmu_export.io_contract import make_feeds
+from hmu_export.triton import repository_from_artifacts
+from hmu_export.triton_client import HMUTritonClient, TritonRequestError, make_noise
+from hmu_export.triton_server import TritonServerError, serve
+
+FP32_ATOL = 1e-4
+PY_MODEL = "hmu-tiny_python"
+LATENCY_JSON = Path(__file__).resolve().parents[1] / "benchmarks" / "triton_latency.json"
+
+
+@pytest.fixture(scope="module")
+def repo(small_export, tmp_path_factory) -> Path:
+    return repository_from_artifacts(small_export.root, tmp_path_factory.mktemp("t") / "repo").root
+
+
+@pytest.fixture(scope="module")
+def server(repo):
+    with serve(repo, [PY_MODEL]) as srv:
+        yield srv
+    assert not srv.alive()
+
+
+@pytest.fixture(scope="module")
+def clients(server, small_cfg):
+    made = {"http": HMUTritonClient(server.http_url, PY_MODEL, "http"),
+            "grpc": HMUTritonClient(server.grpc_url, PY_MODEL, "grpc")}
+    yield made
+    for c in made.values():
+        c.close()
+
+
+def torch_logits(model, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    with torch.inference_mode():
+        out = model(*(torch.from_numpy(feeds[n]) for n in ("src_ids", "src_mask", "tgt_ids",
+                                                           "noise")))
+    return out.numpy()
+
+
+SHAPES = [(1, 1, 1), (1, 16, 8), (2, 8, 4), (3, 5, 7), (4, 16, 8), (4, 1, 8)]
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_served_logits_match_torch(clients, small_cfg, small_model, protocol, shape):
+    feeds = make_feeds(small_cfg.model, *shape, seed=11)
+    got = clients[protocol].infer_feeds(feeds)["logits"]
+    assert got.shape == (shape[0], shape[2], 61)
+    np.testing.assert_allclose(got, torch_logits(small_model, feeds), rtol=0, atol=FP32_ATOL)
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_noise_handled_by_the_server(clients, small_cfg, small_model, protocol):
+    """Omitted noise: zeros (mean path), or the seeded noise make_noise() builds."""
+    feeds = make_feeds(small_cfg.model, 2, 6, 3, seed=2)
+    c = clients[protocol]
+    for seed, temp in ((0, 0.0), (5, 0.7)):
+        got = c.infer(feeds["src_ids"], feeds["src_mask"], feeds["tgt_ids"], seed=seed,
+                      temperature=temp, send_noise=False)["logits"]
+        ref = dict(feeds, noise=make_noise(2, 6, 16, seed, temp))
+        np.testing.assert_allclose(got, torch_logits(small_model, ref), rtol=0, atol=FP32_ATOL)
+    # Client-built noise from the same (seed, temperature) gives the same answer.
+    sent = c.infer(feeds["src_ids"], feeds["src_mask"], feeds["tgt_ids"], seed=5,
+                   temperature=0.7)["logits"]
+    np.testing.assert_allclose(sent, got, rtol=0, atol=1e-6)
+    # and noise really matters: temperature 0.7 differs from the mean path
+    mean = c.infer(feeds["src_ids"], feeds["src_mask"], feeds["tgt_ids"])["logits"]
+    assert np.abs(mean - got).max() > 1e-3
+
+
+def _bad_requests(cfg) -> dict[str, dict[str, np.ndarray]]:
+    good = make_feeds(cfg.model, 2, 4, 3, seed=1)
+    return {
+        "src_ids int32": dict(good, src_ids=good["src_ids"].astype(np.int32)),
+        "noise float64": dict(good, noise=good["noise"].astype(np.float64)),
+        "rank": dict(good, tgt_ids=good["tgt_ids"][0]),
+        "mask length": dict(good, src_mask=good["src_mask"][:, :3]),
+        "latent": dict(good, noise=np.zeros((2, 4, 15), np.float32)),
+        "batch > max": make_feeds(cfg.model, 5, 4, 3, seed=1),
+        "src_len > profile": make_feeds(cfg.model, 1, 17, 3, seed=1),
+        "token id": dict(good, tgt_ids=np.full((2, 3), 61, np.int64)),
+        "unknown input": dict(good, extra=np.zeros((2, 1), np.float32)),
+        "missing input": {k: v for k, v in good.items() if k != "tgt_ids"},
+    }
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_bad_requests_get_clean_errors(clients, server, small_cfg, small_model, protocol):
+    c = clients[protocol]
+    good = make_feeds(small_cfg.model, 2, 4, 3, seed=1)
+    for what, feeds in _bad_requests(small_cfg).items():
+        with pytest.raises(TritonRequestError) as info:
+            c.infer_feeds(feeds)
+        msg = str(info.value)
+        assert "\n" not in msg and msg.startswith(PY_MODEL), (what, msg)
+        # the server keeps serving, correctly, after every rejected request
+        got = c.infer_feeds(good)["logits"]
+        np.testing.assert_allclose(got, torch_logits(small_model, good), rtol=0, atol=FP32_ATOL)
+    assert server.alive()
+
+
+def test_concurrent_requests_with_dynamic_batching(server, clients, small_cfg, small_model):
+    """8 threads (HTTP and gRPC) x 40 requests: zero errors, every answer right, p50/p99 kept."""
+    conf = clients["grpc"].client.get_model_config(PY_MODEL, as_json=True)["config"]
+    assert conf["dynamic_batching"]["preferred_batch_size"] == [2, 4]
+    stats0 = _stats(clients["http"])
+    # Two shape families so batches form among same-shape requests; batch 1 and 2 requests.
+    pool = [make_feeds(small_cfg.model, b, ls, lt, seed=s)
+            for s, (b, ls, lt) in enumerate([(1, 8, 4)] * 6 + [(2, 12, 6)] * 4)]
+    refs = [torch_logits(small_model, f) for f in pool]
+    threads, per_thread = 8, 40
+    lat: dict[str, list[float]] = {"http": [], "grpc": []}
+    errors: list[str] = []
+    lock = threading.Lock()
+    start = threading.Barrier(threads)
+
+    def worker(k: int) -> None:
+        protocol = "http" if k % 2 == 0 else "grpc"
+        url = server.http_url if protocol == "http" else server.grpc_url
+        mine: list[float] = []
+        try:
+            with HMUTritonClient(url, PY_MODEL, protocol, latent_dim=16) as c:
+                start.wait()
+                for i in range(per_thread):
+                    j = (k * 7 + i) % len(pool)
+                    t0 = time.perf_counter()
+                    got = c.infer_feeds(pool[j])["logits"]
+                    mine.append(time.perf_counter() - t0)
+                    err = float(np.abs(got - refs[j]).max())
+                    if not err <= FP32_ATOL:
+                        raise AssertionError(f"request {j}: max abs {err:.3g}")
+        except Exception as exc:  # collected: an assert inside a thread would be lost
+            with lock:
+                errors.append(f"thread {k}: {type(exc).__name__}: {exc}")
+        with lock:
+            lat[protocol].extend(mine)
+
+    t0 = time.perf_counter()
+    pool_threads = [threading.Thread(target=worker, args=(k,)) for k in range(threads)]
+    for t in pool_threads:
+        t.start()
+    for t in pool_threads:
+        t.join(timeout=120)
+    wall = time.perf_counter() - t0
+    assert not any(t.is_alive() for t in pool_threads), "client threads hung"
+    assert errors == []
+    total = threads * per_thread
+    assert len(lat["http"]) + len(lat["grpc"]) == total
+    stats1 = _stats(clients["http"])
+    requests = stats1["inference_count"] - stats0["inference_count"]  # counts batch rows
+    executions = stats1["execution_count"] - stats0["execution_count"]
+    assert 0 < executions <= requests
+    record = {
+        "what": "tritonserver (nvidia-pytriton, python backend + ONNX Runtime CPU), tiny model "
+                "d=32 1+1 layers, 8 client threads (4 HTTP, 4 gRPC), batch 1-2 requests, "
+                "dynamic batching on (preferred [2, 4], queue delay 100 us)",
+        "requests": total, "threads": threads, "errors": len(errors),
+        "wall_s": round(wall, 3), "throughput_rps": round(total / wall, 1),
+        "batch_rows": requests, "executions": executions,
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                    "python": platform.python_version()},
+    }
+    for protocol, values in lat.items():
+        ms = np.array(values) * 1e3
+        record[protocol] = {"n": len(values), "p50_ms": round(float(np.percentile(ms, 50)), 3),
+                            "p99_ms": round(float(np.percentile(ms, 99)), 3),
+                            "max_ms": round(float(ms.max()), 3)}
+    LATENCY_JSON.parent.mkdir(exist_ok=True)
+    LATENCY_JSON.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
+def _stats(client: HMUTritonClient) -> dict[str, int]:
+    (model,) = client.client.get_inference_statistics(PY_MODEL)["model_stats"]
+    return {"inference_count": int(model["inference_count"]),
+            "execution_count": int(model["execution_count"])}
+
+
+def test_server_is_stopped_when_the_body_fails(repo):
+    with pytest.raises(RuntimeError, match="boom"):
+        with serve(repo, [PY_MODEL]) as srv:
+            proc = srv.process
+            assert srv.alive()
+            raise RuntimeError("boom")
+    assert proc.poll() is not None
+    with pytest.raises(OSError):  # nothing listens on its port any more
+        import socket
+        socket.create_connection(("127.0.0.1", srv.http_port), timeout=1).close()
+
+
+def test_unloadable_model_is_a_clean_error(repo):
+    """The pip-wheel server has no onnxruntime backend: loading that model fails cleanly."""
+    with pytest.raises(TritonServerError, match="onnxruntime"):
+        with serve(repo, ["hmu-tiny_onnx"], timeout=30):
+            pass  # pragma: no cover - must not start
