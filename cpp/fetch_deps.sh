@@ -61,7 +61,11 @@ fetch_trt() {
   if [[ -f "$dest_trt/.stamp" && "$(cat "$dest_trt/.stamp")" == "$stamp" && -f "$dest_cuda/.stamp" ]]; then
     log "tensorrt + cuda headers: up to date"; return
   fi
-  "$PYTHON" -m pip --version >/dev/null 2>&1 || die "$PYTHON has no pip (set PYTHON=...)"
+  local py
+  for py in "$PYTHON" python3; do  # a venv made without pip falls back to the system's pip
+    if "$py" -m pip --version >/dev/null 2>&1; then PYTHON="$py"; break; fi
+  done
+  "$PYTHON" -m pip --version >/dev/null 2>&1 || die "no Python with pip found (set PYTHON=...)"
   local work; work="$(mktemp -d "$TP/.trt.XXXXXX")"
   trap 'rm -rf "$work"' RETURN
   echo "$TRT_REQUIREMENTS" > "$work/requirements.txt"

@@ -117,18 +117,25 @@ def _versions() -> dict[str, str]:
     return versions()
 
 
-def run_build(cfg: BuildConfig, out_dir: Path, *, require_engine: bool = False,
-              on_stage: Callable[[str, StageResult | None], None] | None = None,
-              only: list[str] | None = None) -> BuildOutcome:
-    """Run the stages into a staging folder, then move it to ``out_dir`` if it succeeded."""
+def preflight(cfg: BuildConfig, out_dir: Path) -> HMUTransformer:
+    """User errors (unwritable output, missing / corrupt / mismatched checkpoint) are reported
+    here, before anything is written or shown."""
     from .model import build_model
 
-    t0 = time.perf_counter()
     out_dir = Path(out_dir)
     ensure_writable_dir(out_dir.parent if out_dir.parent != Path("") else Path("."))
-    # Pre-flight: a missing, corrupt or mismatched checkpoint is a user error, reported before
-    # anything is written.
-    model = build_model(cfg.model)
+    return build_model(cfg.model)
+
+
+def run_build(cfg: BuildConfig, out_dir: Path, *, require_engine: bool = False,
+              on_stage: Callable[[str, StageResult | None], None] | None = None,
+              only: list[str] | None = None, model: HMUTransformer | None = None
+              ) -> BuildOutcome:
+    """Run the stages into a staging folder, then move it to ``out_dir`` if it succeeded."""
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    if model is None:
+        model = preflight(cfg, out_dir)
     staging = out_dir.with_name(f".{out_dir.name}.staging")
     if staging.exists():
         shutil.rmtree(staging)

@@ -5,8 +5,15 @@ from kernel choice and summation order only. Measured here (docs/parity.md) at a
 on logits of magnitude ~5-10, so 1e-4 (the issue's bound) leaves ~30x headroom while a single
 wrong op (a dropped LayerNorm, a wrong mask) produces errors of 1e-1 and more.
 
-FP16: set from measurements of the FP16-emulation backends on the default model and on a model
-with realistic (scaled-up) activations; see docs/fp16.md for the figures and reasoning.
+FP16: set from measurements of the FP16 stand-ins (ONNX Runtime on the pinned FP16 graph, and
+PyTorch .half() on CPU) over B 1-8 x Ls 1-128 x Lt 1-64 (docs/fp16.md). Default model (logit
+range ~10): worst max abs 0.0078, max abs / range 9e-4, cosine >= 0.999999. Model with 2x
+activations (init_scale 2, range ~16): worst max abs 0.23, rel 0.014, cosine >= 0.99989,
+decisive top-1 100%. Bounds: max abs 0.5 and rel 0.03 (about 2x the worst realistic case),
+cosine 0.999 (10x the worst 1-cos), decisive top-1 0.98. A real FP16 bug (overflow to inf, a
+LayerNorm computed in FP16 on large activations, a wrong pin) gives rel errors of 0.1 and more.
+Scales 3-4 are not a budget: there even FP32 ONNX Runtime drifts 6e-4..0.2 from PyTorch (the
+random network turns chaotic), so those figures measure conditioning, not FP16.
 
 Top-1 agreement is counted only at *decisive* positions: where the reference's top-2 logit
 margin exceeds twice the precision's max-abs budget. A near-tie can flip under any legal
@@ -30,8 +37,8 @@ class Tolerance:
 
 
 FP32 = Tolerance(max_abs=1e-4, max_rel_range=1e-5, min_cosine=0.999999, min_top1=1.0)
-# Placeholder until measured; replaced by the measured FP16 policy (docs/fp16.md).
-FP16 = Tolerance(max_abs=0.25, max_rel_range=0.02, min_cosine=0.999, min_top1=0.98)
+# Measured FP16 policy (docstring above, docs/fp16.md).
+FP16 = Tolerance(max_abs=0.5, max_rel_range=0.03, min_cosine=0.999, min_top1=0.98)
 
 # Intermediate (diagnostic) outputs have no top-1; their bounds scale with the precision's.
 POLICY = {"fp32": FP32, "fp16": FP16}

@@ -19,6 +19,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from hmu_export.artifacts import BuildLayout
 from hmu_export.cli import main
 from hmu_export.config import ProfileConfig
+from hmu_export.errors import ArtifactError
 from hmu_export.io_contract import full_contract
 from hmu_export.manifest import OK, SKIPPED, StageResult, read_manifest, write_manifest
 from hmu_export.triton import (TritonConfigError, TritonOptions, check_config_text,
@@ -271,3 +272,35 @@ def test_python_model_rejects_contract_violations(edit, match):
 def test_python_model_rejects_bad_parameters():
     with pytest.raises(RequestError, match="temperature"):
         complete_feeds(_feeds(), {"temperature": "warm"}, SPEC)
+
+
+def test_foreign_folder_is_not_overwritten(small_export, tmp_path):
+    out = tmp_path / "models"
+    out.mkdir()
+    (out / "someone_elses_model").mkdir()
+    with pytest.raises(ArtifactError, match="not empty"):
+        repository_from_artifacts(small_export.root, out)
+    assert [p.name for p in out.iterdir()] == ["someone_elses_model"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    repository_from_artifacts(small_export.root, empty)
+    (empty / PY / "stale.txt").write_text("left from an older run")
+    repository_from_artifacts(small_export.root, empty)  # our own repository: replaced whole
+    assert not (empty / PY / "stale.txt").exists()
+    assert (empty / PY / "config.pbtxt").is_file()
+
+
+def test_build_writes_a_valid_repository(small_cfg, tmp_path):
+    """The build's triton stage (after export) leaves three configs that pass every check."""
+    from hmu_export.pipeline import run_build
+
+    outcome = run_build(small_cfg, tmp_path / "b", only=["checkpoint", "export", "triton"])
+    assert outcome.ok, outcome.failure
+    assert outcome.stages["triton"].status == OK
+    layout = BuildLayout(outcome.out_dir)
+    contract = full_contract(small_cfg.model)
+    for name in (TRT, ORT, PY):
+        check_config_text((layout.triton_dir / name / "config.pbtxt").read_text(), contract,
+                          [small_cfg.profile], onnx_path=layout.onnx)
+    listed = {row["path"] for row in read_manifest(layout.root)["artifacts"]}
+    assert {f"triton/{n}/config.pbtxt" for n in (TRT, ORT, PY)} <= listed

@@ -211,3 +211,12 @@ def test_unloadable_model_is_a_clean_error(repo):
     with pytest.raises(TritonServerError, match="onnxruntime"):
         with serve(repo, ["hmu-tiny_onnx"], timeout=30):
             pass  # pragma: no cover - must not start
+
+
+def test_command_smoke(small_export, tmp_path, capsys):
+    from hmu_export.cli import main
+
+    assert main(["triton", "--artifacts", str(small_export.root), "--out", str(tmp_path / "r"),
+                 "--smoke"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("pass") == 6 and "FAIL" not in out

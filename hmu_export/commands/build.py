@@ -8,7 +8,7 @@ from .. import ui
 from ..artifacts import DEFAULT_ROOT
 from ..config import load_config
 from ..manifest import StageResult
-from ..pipeline import STAGES, run_build
+from ..pipeline import STAGES, preflight, run_build
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,6 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     out = args.out or DEFAULT_ROOT / cfg.model.name
+    model = preflight(cfg, out)
     ui.err.print(f"[bold]hmu-export build[/bold] {cfg.model.name} -> {out}")
     with ui.progress(transient=False) as bar:
         task = bar.add_task("build", total=len(STAGES))
@@ -34,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
             else:
                 bar.advance(task)
 
-        outcome = run_build(cfg, out, require_engine=args.require_engine, on_stage=on_stage)
+        outcome = run_build(cfg, out, require_engine=args.require_engine, on_stage=on_stage,
+                            model=model)
     rows = [(name, r.status, f"{r.seconds:.1f}s", r.reason or _detail(name, r))
             for name, r in outcome.stages.items()]
     ui.out.print(ui.table(f"build {cfg.model.name}: {'ok' if outcome.ok else 'FAILED'} in "

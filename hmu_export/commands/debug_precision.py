@@ -1,9 +1,75 @@
-"""`debug_precision` command (placeholder until its issue lands)."""
+"""`debug-precision`: find the nodes that must stay FP32 for FP16 parity (emulation backend)."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("debug-precision", help="(not implemented yet)")
-    p.set_defaults(func=lambda args: 1)
+    p = sub.add_parser("debug-precision",
+                       help="bisect a build's graph for the smallest set of FP32 nodes that makes "
+                            "FP16 parity pass (FP16 emulation in ONNX Runtime, no GPU needed)")
+    p.add_argument("--artifacts", required=True, type=Path, help="build folder (has model.onnx)")
+    p.add_argument("--shapes", default="", help="BxLSxLT[,...] feeds to check (default: the "
+                                                "profile's opt and max shapes)")
+    p.add_argument("--include", action="append", default=[], metavar="PREFIX",
+                   help="only bisect nodes whose name starts with PREFIX (repeatable)")
+    p.add_argument("--no-policy-pins", action="store_true",
+                   help="start from nothing pinned instead of the FP32 pin policy")
+    p.add_argument("--max-abs", type=float, help="logits max-abs bound (default: FP16 policy)")
+    p.add_argument("--max-rel-range", type=float, help="max abs / logits range bound")
+    p.add_argument("--min-top1", type=float, help="decisive top-1 agreement bound, 0..1")
+    p.add_argument("--json", type=Path, help="also write the result to this JSON file")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    import onnx
+
+    from .. import ui
+    from ..artifacts import BuildLayout
+    from ..config import parse_shapes
+    from ..errors import ArtifactError, ConfigError
+    from ..export import load_graph_contract
+    from ..fileio import write_json
+    from ..io_contract import LOGITS, make_feeds
+    from ..pins import pin_names, select_pins
+    from ..precision_debug import debug_precision
+    from ..tolerance import tolerance_for
+
+    layout = BuildLayout(args.artifacts)
+    if not layout.onnx.is_file():
+        raise ArtifactError(f"no model.onnx in {args.artifacts} (run `python -m hmu_export build`)")
+    proto, cfg, _ = load_graph_contract(layout.onnx)
+    p = cfg.profile
+    shapes = (parse_shapes(args.shapes) if args.shapes else
+              [(p.batch[1], p.src_len[1], p.tgt_len[1]), (p.batch[2], p.src_len[2], p.tgt_len[2])])
+    feeds = [make_feeds(cfg.model, *s, seed=cfg.parity.seed, noise_scale=cfg.parity.noise_scale)
+             for s in shapes]
+    tol = tolerance_for("fp16")
+    for field, value in (("max_abs", args.max_abs), ("max_rel_range", args.max_rel_range),
+                         ("min_top1", args.min_top1)):
+        if value is not None:
+            if value < 0:
+                raise ConfigError(f"--{field.replace('_', '-')} must be >= 0, got {value}")
+            tol = replace(tol, **{field: value})
+    base = [] if args.no_policy_pins else pin_names(select_pins(proto, cfg.engine))
+    with ui.err.status("bisecting FP32 pins...") as status:
+        res = debug_precision(layout.onnx, feeds, LOGITS, tol, base_pins=base,
+                              include=args.include, progress=lambda m: status.update(m))
+    rows = [(name, "policy") for name in res.base_pins] + [(name, "found") for name in res.pins]
+    ui.out.print(ui.table("FP32 nodes needed for FP16 parity", ["node", "source"], rows))
+    b, f = res.baseline, res.final
+    ui.out.print(f"baseline (policy pins only): max abs {b.max_abs:.4g}, rel {b.rel_range:.3g}, "
+                 f"top-1 {b.top1:.4f} -> {'pass' if b.passed else 'FAIL'}")
+    ui.out.print(f"with {len(res.pins)} more FP32 node(s): max abs {f.max_abs:.4g}, rel "
+                 f"{f.rel_range:.3g}, top-1 {f.top1:.4f}; {res.evaluations} evaluations over "
+                 f"{res.candidates} candidates")
+    if res.pins:
+        ui.out.print("add to --layerPrecisions and --layerOutputTypes in build_engine.sh: "
+                     + ",".join(f"{n}:fp32" for n in res.pins))
+    if args.json:
+        write_json(args.json, res.to_dict() | {"tolerance": tol.to_dict(), "shapes": shapes})
+    return 0

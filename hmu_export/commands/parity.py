@@ -7,17 +7,25 @@ from pathlib import Path
 from .. import ui
 from ..artifacts import BuildLayout
 from ..config import parse_shapes
-from ..errors import ArtifactError
+from ..errors import ArtifactError, ConfigError
 from ..export import load_graph_contract
 from ..manifest import FAILED, OK, StageResult, update_manifest
 from ..model import load_checkpoint
 from ..parity import layout_backends, run_parity, summary, write_reports
 
 
+def shapes_arg(text: str) -> list[tuple[int, int, int]]:
+    """argparse type for BxLSxLT lists (argparse only turns ArgumentTypeError into usage errors)."""
+    try:
+        return parse_shapes(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("parity", help="compare a build's artifacts with PyTorch over a grid")
     p.add_argument("--artifacts", type=Path, required=True, help="build folder")
-    p.add_argument("--shapes", type=parse_shapes, help="BxLSxLT[,BxLSxLT...] instead of the "
+    p.add_argument("--shapes", type=shapes_arg, help="BxLSxLT[,BxLSxLT...] instead of the "
                                                       "profile-derived grid")
     p.add_argument("--backends", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
                    help="comma-separated backend labels (default: every available one)")

@@ -1,2 +1,0 @@
-# Empty dependencies file for hmu_ort.
-# This may be replaced when dependencies are built.

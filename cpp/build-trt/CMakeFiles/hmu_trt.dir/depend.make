@@ -1,2 +1,0 @@
-# Empty dependencies file for hmu_trt.
-# This may be replaced when dependencies are built.

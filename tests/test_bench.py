@@ -1,0 +1,119 @@
+"""`bench --quick` through the CLI on a small build; FLOP count vs an independent count."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import pytest
+
+from hmu_export.artifacts import BuildLayout
+from hmu_export.cli import main
+from hmu_export.flops import model_flops, onnx_matmul_flops
+from hmu_export.io_contract import make_feeds
+
+ROW_KEYS = {"backend", "precision", "shape", "p50_ms", "p90_ms", "p95_ms", "p99_ms", "mean_ms",
+            "std_ms", "seq_per_s", "tokens_per_s"}
+
+
+@pytest.fixture(scope="module")
+def small_build(small_export, small_cfg, small_model, tmp_path_factory) -> BuildLayout:
+    from hmu_export.optimize import optimize_graph
+
+    layout = BuildLayout(tmp_path_factory.mktemp("bench_build"))
+    shutil.copytree(small_export.checkpoint_dir, layout.checkpoint_dir)
+    shutil.copy(small_export.onnx, layout.onnx)
+    optimize_graph(layout.onnx, layout.onnx_optimized, small_cfg, small_model)
+    return layout
+
+
+@pytest.fixture(scope="module")
+def quick_report(small_build, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench_out")
+    rc = main(["bench", "--artifacts", str(small_build.root), "--quick", "--shapes",
+               "1x8x4,4x16x8", "--json", str(out / "r.json"), "--out", str(out)])
+    assert rc == 0
+    return out, json.loads((out / "r.json").read_text())
+
+
+def test_report_structure(quick_report):
+    out, data = quick_report
+    m = data["machine"]
+    for key in ("cpu", "logical_cores", "threads", "torch_threads", "ort_intra_op_threads",
+                "versions", "sgemm_peak"):
+        assert key in m, key
+    assert m["torch_threads"] == m["ort_intra_op_threads"] == m["threads"]
+    assert m["sgemm_peak"]["gflops"] > 0
+    rows = data["results"]
+    assert {r["backend"] for r in rows} >= {"torch", "onnxruntime", "onnxruntime-opt"}
+    assert {tuple(r["shape"]) for r in rows} == {(1, 8, 4), (4, 16, 8)}
+    for r in rows:
+        assert ROW_KEYS <= set(r), ROW_KEYS - set(r)
+        assert 0 < r["p50_ms"] <= r["p90_ms"] <= r["p95_ms"] <= r["p99_ms"]
+        b, ls, lt = r["shape"]
+        assert r["seq_per_s"] == pytest.approx(b * 1e3 / r["p50_ms"])
+        assert r["tokens_per_s"] == pytest.approx(r["seq_per_s"] * (ls + lt))
+        assert r["peak_fraction"] > 0
+
+
+def test_unavailable_backends_are_skipped_with_reason(quick_report):
+    _, data = quick_report
+    import torch
+    skipped = {s["backend"]: s["reason"] for s in data["skipped"]}
+    assert "tensorrt" in skipped and skipped["tensorrt"]
+    if not torch.cuda.is_available():
+        assert "torch-cuda-fp16" in skipped
+
+
+def test_hmu_overhead_reported(quick_report, small_model):
+    _, data = quick_report
+    rows = data["hmu_overhead"]
+    assert {r["backend"] for r in rows} == {"torch", "onnxruntime-opt"}
+    hmu, total = small_model.hmu_parameter_share()
+    for r in rows:
+        assert r["parameter_overhead_pct"] == pytest.approx(100 * hmu / total)
+        assert r["with_hmu_p50_ms"] > 0 and r["without_hmu_p50_ms"] > 0
+
+
+def test_markdown_and_png(quick_report):
+    out, _ = quick_report
+    md = (out / "bench.md").read_text()
+    assert "| backend |" in md and "onnxruntime-opt" in md and "Skipped" in md
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_shape_outside_profile_is_a_clear_error(small_build, capsys):
+    rc = main(["bench", "--artifacts", str(small_build.root), "--quick", "--shapes", "1x99x4"])
+    assert rc == 2
+    assert "outside the build's profile" in capsys.readouterr().err
+
+
+def test_unknown_backend_and_missing_folder(small_build, tmp_path, capsys):
+    assert main(["bench", "--artifacts", str(small_build.root), "--quick", "--backends",
+                 "nonsense", "--no-hmu-overhead", "--out", str(tmp_path)]) == 2
+    assert "unknown backend" in capsys.readouterr().err
+    assert main(["bench", "--artifacts", str(tmp_path / "none"), "--quick"]) == 2
+
+
+@pytest.fixture(scope="module")
+def nohmu_export(small_cfg, tmp_path_factory):
+    from hmu_export.export import export_onnx
+    from hmu_export.model import build_model
+
+    cfg = dataclasses.replace(small_cfg, model=dataclasses.replace(small_cfg.model, use_hmu=False))
+    path = tmp_path_factory.mktemp("nohmu") / "nohmu.onnx"
+    export_onnx(build_model(cfg.model), cfg, path)
+    return cfg, path
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (2, 16, 8), (3, 5, 7)])
+def test_flops_match_graph_count(small_cfg, small_export, nohmu_export, shape):
+    """Analytic count == MatMul/Gemm FLOPs summed over the exported graph's real operand shapes,
+    with the HMU and with an identity in its place."""
+    feeds = make_feeds(small_cfg.model, *shape)
+    with_hmu = model_flops(small_cfg.model, *shape)
+    assert with_hmu.total == onnx_matmul_flops(str(small_export.onnx), feeds)
+    cfg, path = nohmu_export
+    without = model_flops(cfg.model, *shape)
+    assert without.hmu == 0 and with_hmu.hmu > 0
+    assert without.total == onnx_matmul_flops(str(path), feeds)

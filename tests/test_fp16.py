@@ -1,0 +1,112 @@
+"""FP16-emulation graph and FP16 parity backends (CPU)."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto
+
+from hmu_export.errors import ArtifactError
+from hmu_export.fp16 import convert_to_fp16, parity_backends, write_fp16_model
+from hmu_export.io_contract import full_contract, make_feeds
+from hmu_export.pins import pin_names, select_pins
+from hmu_export.runners import OnnxRuntimeRunner, TorchRunner
+from hmu_export.tolerance import tolerance_for
+
+
+@pytest.fixture(scope="module")
+def fp16_path(small_export, tmp_path_factory):
+    model = onnx.load(str(small_export.onnx))
+    out = tmp_path_factory.mktemp("fp16") / "model.fp16.onnx"
+    return write_fp16_model(small_export.onnx, out, pin_names(select_pins(model)))
+
+
+def test_pinned_nodes_stay_fp32_and_io_stays_fp32(fp16_path, small_export):
+    m = onnx.load(str(fp16_path))
+    assert [i.type.tensor_type.elem_type for i in m.graph.input] == [
+        TensorProto.INT64, TensorProto.INT64, TensorProto.INT64, TensorProto.FLOAT]
+    assert m.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    producers = {o: n for n in m.graph.node for o in n.output}
+    for name in pin_names(select_pins(onnx.load(str(small_export.onnx)))):
+        node = next(n for n in m.graph.node if n.name == name)
+        src = producers[node.input[0]]  # fed through a Cast to FLOAT
+        assert src.op_type == "Cast" and src.attribute[0].i == TensorProto.FLOAT, name
+    # unpinned weights are FP16 now
+    fp16_inits = [i for i in m.graph.initializer if i.data_type == TensorProto.FLOAT16]
+    assert len(fp16_inits) > 5
+
+
+def test_emulation_is_fp16_and_within_budget(fp16_path, small_cfg, small_model, small_export):
+    contract = full_contract(small_cfg.model)
+    ref = TorchRunner(small_model, contract)
+    emu = OnnxRuntimeRunner(fp16_path, contract, precision="fp16")
+    fp32 = OnnxRuntimeRunner(small_export.onnx, contract)
+    tol = tolerance_for("fp16")
+    for shape in [(1, 1, 1), (4, 16, 8)]:
+        feeds = make_feeds(small_cfg.model, *shape, seed=1)
+        r = ref.infer(feeds)["logits"]
+        e = emu.infer(feeds)["logits"]
+        f = fp32.infer(feeds)["logits"]
+        err16, err32 = np.abs(e - r).max(), np.abs(f - r).max()
+        assert err16 <= tol.max_abs
+        assert err16 > 20 * max(err32, 1e-7)  # really rounded to FP16, not an FP32 copy
+
+
+def test_converter_refuses_unknown_pin(small_export):
+    with pytest.raises(ArtifactError, match="no such node"):
+        convert_to_fp16(onnx.load(str(small_export.onnx)), ["hmu/nope"])
+
+
+def test_fp16_overflow_is_emulated():
+    # x * 1000 with x ~ 100 overflows FP16 (65504) unless the node is kept in FP32.
+    from onnx import helper, numpy_helper
+    g = helper.make_graph(
+        [helper.make_node("Mul", ["x", "k"], ["y"], name="big/Mul"),
+         helper.make_node("ReduceMax", ["y"], ["z"], name="red/ReduceMax", keepdims=0)],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [])],
+        [numpy_helper.from_array(np.array(1000.0, np.float32), "k")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    import onnxruntime as ort
+    x = {"x": np.full(4, 100.0, np.float32)}
+    run = lambda model: ort.InferenceSession(model.SerializeToString(),  # noqa: E731
+                                             providers=["CPUExecutionProvider"]).run(None, x)[0]
+    assert np.isinf(run(convert_to_fp16(m)))
+    assert run(convert_to_fp16(m, ["big/Mul", "red/ReduceMax"])) == pytest.approx(1e5)
+
+
+def test_parity_backends(small_export, small_cfg, small_model, fp16_path, tmp_path):
+    contract = full_contract(small_cfg.model)
+    from hmu_export.artifacts import BuildLayout
+    missing = parity_backends(BuildLayout(tmp_path), small_cfg, small_model, contract)
+    emu = next(b for b in missing if b.label == "onnxruntime-fp16emu")
+    assert not emu.available and "not found" in emu.skip_reason
+    layout = BuildLayout(fp16_path.parent)
+    found = {b.label: b for b in parity_backends(layout, small_cfg, small_model, contract)}
+    assert found["onnxruntime-fp16emu"].available and found["torch-fp16"].available
+    assert {b.precision for b in found.values()} == {"fp16"}
+    with found["torch-fp16"].make() as runner:
+        assert runner.precision == "fp16"
+    off = dataclasses.replace(small_cfg, parity=dataclasses.replace(small_cfg.parity, fp16=False))
+    assert parity_backends(layout, off, small_model, contract) == []
+
+
+def test_build_on_cpu_has_recipe_skipped_engine_and_fp16_rows(small_cfg, tmp_path):
+    """The issue's "done when" on a CPU machine, on the tiny model."""
+    import json
+
+    from hmu_export.pipeline import run_build
+    out = run_build(small_cfg, tmp_path / "b")
+    assert out.ok, out.failure
+    man = json.loads((out.out_dir / "manifest.json").read_text())
+    assert man["stages"]["fp16"]["status"] == "ok"
+    assert man["stages"]["engine"]["status"] == "skipped"
+    assert "TensorRT" in man["stages"]["engine"]["reason"]
+    assert (out.out_dir / "build_engine.sh").is_file() and (out.out_dir / "model.fp16.onnx").is_file()
+    report = json.loads(next((out.out_dir / "parity").glob("*.json")).read_text())
+    labels = {r["backend"]: r["precision"] for r in report["results"]}
+    assert labels.get("onnxruntime") == "fp32"
+    assert labels.get("onnxruntime-fp16emu") == "fp16" and labels.get("torch-fp16") == "fp16"
+    assert "tensorrt" in report["skipped_backends"]
