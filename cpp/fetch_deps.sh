@@ -35,7 +35,7 @@ fetch_ort() {
 on $(uname -m) configure with -DORT_ROOT=<an onnxruntime release folder>"
   command -v npm >/dev/null || die "npm not found (needed to fetch ONNX Runtime)"
   local work; work="$(mktemp -d "$TP/.ort.XXXXXX")"
-  trap 'rm -rf "$work"' RETURN
+  trap 'rm -rf "$work"; trap - RETURN' RETURN
   log "onnxruntime: npm pack $ORT_NPM_PACKAGE@$ORT_NPM_VERSION (~150 MB)"
   (cd "$work" && npm pack --silent "$ORT_NPM_PACKAGE@$ORT_NPM_VERSION" >/dev/null) \
     || die "npm pack $ORT_NPM_PACKAGE@$ORT_NPM_VERSION failed"
@@ -67,7 +67,7 @@ fetch_trt() {
   done
   "$PYTHON" -m pip --version >/dev/null 2>&1 || die "no Python with pip found (set PYTHON=...)"
   local work; work="$(mktemp -d "$TP/.trt.XXXXXX")"
-  trap 'rm -rf "$work"' RETURN
+  trap 'rm -rf "$work"; trap - RETURN' RETURN
   echo "$TRT_REQUIREMENTS" > "$work/requirements.txt"
   log "tensorrt: pip download kernel-lens, nvidia-cuda-runtime-cu12, nvidia-cuda-nvcc-cu12 (~45 MB)"
   "$PYTHON" -m pip download --quiet --no-deps --require-hashes --only-binary=:all: \

@@ -253,6 +253,7 @@ def _garbage(path: Path, data: bytes) -> None:
     ("not_npy", "not a .npy file"),
     ("truncated_npy", "truncated .npy data"),
     ("fortran_npy", "Fortran-order"),
+    ("huge_shape_npy", "truncated .npy data (shape [1000000000000000, 1000000000000000]"),
     ("corrupt_model", "ONNX Runtime cannot load"),
     ("unknown_flag", "unknown argument '--fast'"),
     ("bad_backend", "--backend must be ort or trt"),
@@ -278,6 +279,11 @@ def test_usage_errors_print_one_line(hmu_infer, small_export, small_cfg, case, e
         _garbage(inputs / "noise.npy", data[: len(data) - 40])
     elif case == "fortran_npy":
         np.save(inputs / "noise.npy", np.asfortranarray(feeds["noise"]))
+    elif case == "huge_shape_npy":  # a corrupt header must not make the program allocate
+        with open(inputs / "noise.npy", "wb") as fh:
+            np.lib.format.write_array_header_1_0(
+                fh, {"descr": "<f4", "fortran_order": False, "shape": (10**15, 10**15)})
+            fh.write(b"\0" * 64)
     elif case == "corrupt_model":
         model = str(tmp_path / "model.onnx")
         _garbage(Path(model), b"\x08\x07garbage" * 10)

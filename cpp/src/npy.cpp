@@ -138,7 +138,21 @@ Array read_npy(const std::string& path) {
       throw Error(path + ": bad shape in .npy header: " + shape);
     arr.shape.push_back(d);
   }
-  const auto nbytes = static_cast<size_t>(arr.numel()) * arr.itemsize();
+  // Check the size against the file before allocating, so a corrupt header is an error, not
+  // an out-of-memory crash.
+  const std::streampos data_start = in.tellg();
+  in.seekg(0, std::ios::end);
+  const auto available = static_cast<uint64_t>(in.tellg() - data_start);
+  in.seekg(data_start);
+  uint64_t need = arr.itemsize();  // bytes; saturates instead of overflowing
+  for (int64_t d : arr.shape) {
+    const auto n = static_cast<uint64_t>(d);
+    need = n == 0 ? 0 : (need > UINT64_MAX / n ? UINT64_MAX : need * n);
+  }
+  if (need > available)
+    throw Error(path + ": truncated .npy data (shape " + shape_str(arr.shape) +
+                " needs more than the " + std::to_string(available) + " bytes the file holds)");
+  const auto nbytes = static_cast<size_t>(need);
   arr.data.resize(nbytes);
   if (nbytes && !in.read(reinterpret_cast<char*>(arr.data.data()),
                          static_cast<std::streamsize>(nbytes)))

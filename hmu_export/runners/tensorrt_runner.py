@@ -77,6 +77,8 @@ def probe_runtime() -> RuntimeInfo:
     except Exception as exc:  # ImportError, or OSError from missing libnvinfer/libnvonnxparser
         raise BackendUnavailable(f"TensorRT is not installed or cannot load "
                                  f"({_first_line(exc)})") from None
+    if not hasattr(trt, "Builder"):  # tensorrt-stubs alone makes `tensorrt` a namespace package
+        raise BackendUnavailable("TensorRT is not installed (only its type stubs are)")
     name, cc = gpu_info()
     return RuntimeInfo(str(trt.__version__), name, cc)
 
