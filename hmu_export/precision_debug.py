@@ -2,7 +2,7 @@
 
 In the spirit of ``polygraphy debug precision``, on the FP16-emulation backend (ONNX Runtime on
 an onnxconverter-common FP16 graph) so it runs without a GPU. Candidates are the graph's
-float-computing nodes in topological order. Each round binary-searches the shortest prefix of
+nodes that carry float data, in topological order. Each round binary-searches the shortest prefix of
 candidates that, pinned to FP32 together with what is already pinned, makes the graph pass;
 the last node of that prefix is needed, so it is pinned and the search repeats on the nodes
 before it. The result is irreducible (dropping any one pin fails again) assuming that pinning
@@ -23,12 +23,12 @@ from .errors import ParityFailure
 from .fp16 import convert_to_fp16
 from .tolerance import Tolerance
 
-# Ops that move or index data (or compute shapes): their FP16 error is FP16 storage of their
-# inputs, which the producing node accounts for, so they are not candidates.
+# Ops that only compute shapes, indices or masks. Data-movement ops (Reshape, Transpose...) stay
+# candidates: their outputs are FP16 tensors too, so two FP32 nodes joined by a Transpose are
+# still rounded between them unless the Transpose is FP32 as well.
 NON_COMPUTE_OPS = frozenset({
-    "Reshape", "Transpose", "Shape", "Gather", "Slice", "Concat", "Squeeze", "Unsqueeze",
-    "Expand", "Split", "Cast", "Constant", "ConstantOfShape", "Identity", "Range", "Equal",
-    "Where", "Trilu", "Flatten", "Size", "Not", "And", "Or", "Less", "Greater"})
+    "Shape", "Size", "Constant", "ConstantOfShape", "Range", "Equal", "Not", "And", "Or",
+    "Less", "Greater", "Trilu"})
 
 Feeds = Mapping[str, np.ndarray]
 
