@@ -73,7 +73,8 @@ def test_transformer_shapes_and_identity_variant():
     tgt = torch.randint(1, 37, (3, 4))
     noise = torch.zeros(3, 7, 8)
     assert m(src, mask, tgt, noise).shape == (3, 4, 37)
-    out = m.forward_all(src, mask, tgt, noise)
+    with torch.no_grad():
+        out = m.forward_all(src, mask, tgt, noise)
     assert out["hmu_gate"].shape == (3, 7, 16)
     assert float(out["hmu_gate"].min()) >= 0 and float(out["hmu_gate"].max()) <= 1
     base = HMUTransformer(ModelConfig(**{**CFG.__dict__, "use_hmu": False})).eval()
