@@ -211,17 +211,10 @@ class Loaded:
 
 def load_build(artifacts: Path) -> Loaded:
     """Config, contract and PyTorch model of a build folder (checkpoint/ + model.onnx)."""
-    from .export import load_graph_contract
-    from .model import load_checkpoint
+    from .build_folder import open_build
 
-    layout = BuildLayout(Path(artifacts))
-    if not layout.root.is_dir():
-        raise ArtifactError(f"artifacts folder not found: {layout.root}")
-    if not layout.onnx.is_file():
-        raise ArtifactError(f"{layout.onnx} not found: run `python -m hmu_export build` first")
-    _, cfg, contract = load_graph_contract(layout.onnx)
-    model = load_checkpoint(layout.checkpoint_dir)
-    return Loaded(cfg, layout, contract, model)
+    build = open_build(artifacts)
+    return Loaded(build.cfg, build.layout, build.contract, build.load_model())
 
 
 def _torch_backend(model: Any, precision: str, device: str, threads: int) -> Timed:

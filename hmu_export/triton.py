@@ -502,15 +502,10 @@ def write_repository(layout: BuildLayout, cfg: BuildConfig, contract: GraphContr
 def repository_from_artifacts(artifacts: Path, out_dir: Path | None = None,
                               opts: TritonOptions | None = None) -> RepositoryResult:
     """The command's entry: config and contract are read from the graph's own metadata."""
-    from .export import load_graph_contract
+    from .build_folder import open_build
 
-    layout = BuildLayout(Path(artifacts))
-    if not layout.root.is_dir():
-        raise ArtifactError(f"artifacts folder not found: {layout.root}")
-    if not layout.onnx.is_file():
-        raise ArtifactError(f"no {layout.onnx.name} in {layout.root}: run "
-                            "`python -m hmu_export build` (or export) first")
-    _, cfg, contract = load_graph_contract(layout.onnx)
+    build = open_build(artifacts)
+    layout, cfg, contract = build.layout, build.cfg, build.contract
     if opts is None:
         opts = TritonOptions(max_queue_delay_us=cfg.triton.max_queue_delay_us,
                              instance_count=cfg.triton.instance_count)

@@ -26,23 +26,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    import onnx
-
     from .. import ui
-    from ..artifacts import BuildLayout
+    from ..build_folder import open_build
     from ..config import parse_shapes
-    from ..errors import ArtifactError, ConfigError
-    from ..export import load_graph_contract
+    from ..errors import ConfigError
     from ..fileio import write_json
     from ..io_contract import LOGITS, make_feeds
     from ..pins import pin_names, select_pins
     from ..precision_debug import debug_precision
     from ..tolerance import tolerance_for
 
-    layout = BuildLayout(args.artifacts)
-    if not layout.onnx.is_file():
-        raise ArtifactError(f"no model.onnx in {args.artifacts} (run `python -m hmu_export build`)")
-    proto, cfg, _ = load_graph_contract(layout.onnx)
+    build = open_build(args.artifacts)
+    layout, proto, cfg = build.layout, build.proto, build.cfg
     p = cfg.profile
     shapes = (parse_shapes(args.shapes) if args.shapes else
               [(p.batch[1], p.src_len[1], p.tgt_len[1]), (p.batch[2], p.src_len[2], p.tgt_len[2])])

@@ -8,11 +8,11 @@ from pathlib import Path
 from .. import ui
 from ..artifacts import DEFAULT_ROOT, BuildLayout
 from ..config import load_config
-from ..errors import ArtifactError
-from ..export import export_onnx, load_graph_contract, sensitive_nodes
+from ..build_folder import open_build
+from ..export import export_onnx, sensitive_nodes
 from ..fileio import sha256_file
 from ..manifest import OK, StageResult, update_manifest
-from ..model import build_model, load_checkpoint, save_checkpoint
+from ..model import build_model, save_checkpoint
 from ..model.checkpoint import WEIGHTS_FILE
 
 
@@ -33,11 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.artifacts:
-        layout = BuildLayout(args.artifacts)
-        if not layout.onnx.is_file():
-            raise ArtifactError(f"{layout.onnx} not found: not a build folder")
-        _, cfg, _ = load_graph_contract(layout.onnx)
-        model = load_checkpoint(layout.checkpoint_dir)
+        build = open_build(args.artifacts)
+        layout, model = build.layout, build.load_model()
+        cfg = build.cfg
         cfg = dataclasses.replace(cfg, model=model.cfg)
     else:
         cfg = load_config(args.config)

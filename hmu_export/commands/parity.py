@@ -5,12 +5,10 @@ import argparse
 from pathlib import Path
 
 from .. import ui
-from ..artifacts import BuildLayout
+from ..build_folder import open_build
 from ..config import parse_shapes
-from ..errors import ArtifactError, ConfigError
-from ..export import load_graph_contract
+from ..errors import ConfigError
 from ..manifest import FAILED, OK, StageResult, update_manifest
-from ..model import load_checkpoint
 from ..parity import layout_backends, run_parity, summary, write_reports
 
 
@@ -34,11 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    layout = BuildLayout(args.artifacts)
-    if not layout.onnx.is_file():
-        raise ArtifactError(f"{layout.onnx} not found: not a build folder")
-    _, cfg, contract = load_graph_contract(layout.onnx)
-    model = load_checkpoint(layout.checkpoint_dir)
+    build = open_build(args.artifacts)
+    layout, cfg, contract = build.layout, build.cfg, build.contract
+    model = build.load_model()
     backends = layout_backends(layout.root, cfg, model, contract, args.backends)
     with ui.progress() as bar:
         task = bar.add_task("parity", total=None)

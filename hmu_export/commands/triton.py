@@ -30,8 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..build_folder import open_build
     from ..errors import ConfigError
-    from ..export import load_graph_contract
     from ..manifest import OK, StageResult, update_manifest
     from ..triton import TritonOptions, repository_from_artifacts
 
@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--instances must be >= 1 and --max-queue-delay-us >= 0")
     opts = None
     if (artifacts / "model.onnx").is_file():
-        _, cfg, _ = load_graph_contract(artifacts / "model.onnx")
+        cfg = open_build(artifacts).cfg
         opts = TritonOptions(
             max_queue_delay_us=(cfg.triton.max_queue_delay_us if args.max_queue_delay_us is None
                                 else args.max_queue_delay_us),
@@ -67,14 +67,15 @@ def _smoke(artifacts: Path, repo: Path, model: str) -> int:
     """Serve the python model for real and compare with ONNX Runtime at a few shapes."""
     import numpy as np
 
+    from ..build_folder import open_build
     from ..errors import ParityFailure
-    from ..export import load_graph_contract
     from ..io_contract import LOGITS, make_feeds
     from ..runners import OnnxRuntimeRunner
     from ..triton_client import HMUTritonClient
     from ..triton_server import serve
 
-    _, cfg, contract = load_graph_contract(artifacts / "model.onnx")
+    build = open_build(artifacts)
+    cfg, contract = build.cfg, build.contract
     p = cfg.profile
     shapes = sorted({(1, p.src_len[0], p.tgt_len[0]), (p.batch[1], p.src_len[1], p.tgt_len[1]),
                      (p.batch[2], p.src_len[2], p.tgt_len[2])})
