@@ -190,3 +190,38 @@ def test_failed_build_keeps_the_previous_good_one(tmp_path, capsys, monkeypatch)
     assert failed["stages"]["parity"] == {"status": "failed", "reason": "planted failure",
                                           "seconds": failed["stages"]["parity"]["seconds"]}
     assert failed["ok"] is False
+
+
+def test_build_exports_the_configured_checkpoint(tmp_path, small_cfg, monkeypatch):
+    """A trained checkpoint named in the config is what the graph computes, not the seeded model."""
+    import numpy as np
+    import onnxruntime as ort
+    from dataclasses import replace
+
+    from hmu_export import pipeline
+    from hmu_export.export import graph_metadata
+    from hmu_export.io_contract import make_feeds
+    from hmu_export.model import build_model, load_checkpoint
+
+    trained = HMUTransformer(replace(small_cfg.model, seed=1234)).eval()  # other weights
+    save_checkpoint(trained, tmp_path / "ck")
+    cfg = _toml(tmp_path, model={"checkpoint": "ck/model.safetensors"})
+    monkeypatch.setattr(pipeline, "STAGES", [s for s in pipeline.STAGES
+                                             if s[0] in ("checkpoint", "export", "parity")])
+    out = tmp_path / "o"
+    assert main(["build", "--config", str(cfg), "--out", str(out)]) == 0
+    copied = load_checkpoint(out / "checkpoint")
+    for k, v in trained.state_dict().items():
+        assert torch.equal(v, copied.state_dict()[k]), k
+    import onnx
+    meta = graph_metadata(onnx.load(str(out / "model.onnx")))
+    assert meta["checkpoint_sha256"] == sha256_file(out / "checkpoint" / "model.safetensors")
+    assert "ck/model.safetensors" not in meta["config"]  # recorded by hash, not by path
+    feeds = make_feeds(small_cfg.model, 2, 8, 4)
+    got = ort.InferenceSession(str(out / "model.onnx")).run(["logits"], feeds)[0]
+    with torch.inference_mode():
+        args = [torch.from_numpy(feeds[k]) for k in ("src_ids", "src_mask", "tgt_ids", "noise")]
+        want = trained(*args).numpy()
+        seeded = build_model(small_cfg.model)(*args).numpy()
+    assert np.abs(got - want).max() < 1e-4
+    assert np.abs(got - seeded).max() > 1e-2
