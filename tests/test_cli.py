@@ -225,3 +225,35 @@ def test_build_exports_the_configured_checkpoint(tmp_path, small_cfg, monkeypatc
         seeded = build_model(small_cfg.model)(*args).numpy()
     assert np.abs(got - want).max() < 1e-4
     assert np.abs(got - seeded).max() > 1e-2
+
+
+def _engine_buildable() -> bool:
+    from hmu_export.errors import BackendUnavailable
+    from hmu_export.runners.tensorrt_runner import probe_runtime
+    try:
+        probe_runtime()
+        return True
+    except BackendUnavailable:
+        return False
+
+
+@pytest.mark.skipif(_engine_buildable(), reason="TensorRT and a GPU are here: the engine builds")
+def test_require_engine_turns_the_skip_into_a_failure(tmp_path, capsys, monkeypatch):
+    from hmu_export import pipeline
+
+    cfg = _toml(tmp_path)
+    monkeypatch.setattr(pipeline, "STAGES", [s for s in pipeline.STAGES
+                                             if s[0] in ("checkpoint", "export", "engine")])
+    assert main(["build", "--config", str(cfg), "--out", str(tmp_path / "a")]) == 0
+    ok = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    reason = ok["stages"]["engine"]["reason"]
+    assert ok["stages"]["engine"]["status"] == "skipped" and reason
+    assert (tmp_path / "a" / "build_engine.sh").is_file()  # the recipe is written either way
+    capsys.readouterr()
+    assert main(["build", "--config", str(cfg), "--out", str(tmp_path / "b"),
+                 "--require-engine"]) == 1
+    err = capsys.readouterr().err
+    assert "stage 'engine' failed: engine required: " + reason in err
+    assert not (tmp_path / "b").exists()
+    failed = json.loads((tmp_path / "b.failed" / "manifest.json").read_text())
+    assert failed["stages"]["engine"]["status"] == "failed"
