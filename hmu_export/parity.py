@@ -352,8 +352,9 @@ def heatmap(report: ParityReport, path: Path) -> Path:
     backends = list(dict.fromkeys(r.backend for r in logits)) or ["(none)"]
     rows = sorted({(s[0], s[1]) for s in report.grid})
     cols = sorted({s[2] for s in report.grid})
-    fig, axes = plt.subplots(1, len(backends), squeeze=False,
-                             figsize=(1.2 + (0.75 * len(cols) + 1.0) * len(backends),
+    fig, axes = plt.subplots(1, len(backends), squeeze=False, sharey=True,
+                             layout="constrained",
+                             figsize=(2.4 + (0.75 * len(cols) + 0.4) * len(backends),
                                       1.6 + 0.3 * len(rows)))
     im = None
     for ax, backend in zip(axes[0], backends):
@@ -366,7 +367,8 @@ def heatmap(report: ParityReport, path: Path) -> Path:
                 ax.text(j, i, f"{r.max_abs:.0e}", ha="center", va="center", fontsize=6)
         im = ax.imshow(data, aspect="auto", cmap="RdYlGn_r", vmin=-3, vmax=1)
         ax.set_xticks(range(len(cols)), [str(c) for c in cols], fontsize=7)
-        ax.set_yticks(range(len(rows)), [f"B{b} Ls{ls}" for b, ls in rows], fontsize=7)
+        if ax is axes[0][0]:
+            ax.set_yticks(range(len(rows)), [f"B{b} Ls{ls}" for b, ls in rows], fontsize=7)
         ax.set_xlabel("Lt")
         ax.set_title(backend, fontsize=9)
     fig.suptitle(f"logits max abs error vs PyTorch (color: log10 error/tolerance, > 0 fails); "
