@@ -88,7 +88,8 @@ def _torch_export(module: torch.nn.Module, args: tuple[torch.Tensor, ...], contr
     return program.model_proto
 
 
-def _scope_of(node: onnx.NodeProto) -> str:
+def _scope_of(node: onnx.NodeProto, root: str = "") -> str:
+    """Module path of ``node`` relative to the submodule ``root`` (a wrapper's attribute name)."""
     for prop in node.metadata_props:
         if prop.key == "pkg.torch.onnx.name_scopes":
             try:
@@ -97,15 +98,20 @@ def _scope_of(node: onnx.NodeProto) -> str:
                 return ""
             # [..., 'hmu', 'hmu.norm_input', 'layer_norm_4']: the last one names the op itself.
             modules = [s for s in scopes[:-1] if s]
-            return modules[-1].replace(".", "/") if modules else ""
+            path = modules[-1] if modules else ""
+            if root and (path == root or path.startswith(root + ".")):
+                path = path[len(root) + 1:]
+            return path.replace(".", "/")
     return ""
 
 
-def stabilize_node_names(model: onnx.ModelProto) -> None:
-    """Name every node ``<module path>/<OpType>[_k]`` and drop per-node debug metadata."""
+def stabilize_node_names(model: onnx.ModelProto, root: str = "") -> None:
+    """Name every node ``<module path>/<OpType>[_k]`` and drop per-node debug metadata.
+    Paths are relative to the HMUTransformer, also when a wrapper (attribute ``root``) was
+    exported, so pins and fusions find the same names in every graph variant."""
     seen: Counter[str] = Counter()
     for node in model.graph.node:
-        scope = _scope_of(node)
+        scope = _scope_of(node, root)
         base = f"{scope}/{node.op_type}" if scope else node.op_type
         k = seen[base]
         seen[base] += 1
@@ -201,7 +207,7 @@ def export_onnx(model: HMUTransformer, cfg: BuildConfig, out_path: Path, *,
     feeds = make_feeds(cfg.model, b, ls, lt, seed=cfg.parity.seed)
     args = tuple(torch.from_numpy(feeds[n]) for n in contract.input_names)
     proto = _torch_export(module, args, contract, cfg)
-    stabilize_node_names(proto)
+    stabilize_node_names(proto, root="model" if cfg.export.diagnostics else "")
     _name_dims(proto, contract)
     proto.producer_name, proto.producer_version = "hmu_export", __version__
     proto.doc_string = "encoder -> Hippocampus Memory Unit -> decoder; noise is an input"

@@ -34,6 +34,21 @@ FP16_MAX = 65504.0
 FP16_MIN_POSITIVE = 5.960464477539063e-08  # smallest FP16 subnormal
 
 
+def _detach_consumed_outputs(model: onnx.ModelProto) -> None:
+    """Give graph outputs that other nodes also read (the diagnostic ``encoder_out``) their own
+    Identity. The converter keeps such a tensor FP32 for the output *and* its internal readers,
+    which then mix FP32 and FP16 inputs (ORT: "Type parameter (T) ... bound to different types")."""
+    outputs = {o.name for o in model.graph.output}
+    read = {i for n in model.graph.node for i in n.input}
+    for name in sorted(outputs & read):
+        inner = f"{name}__internal"
+        for node in model.graph.node:
+            node.output[:] = [inner if o == name else o for o in node.output]
+            node.input[:] = [inner if i == name else i for i in node.input]
+        model.graph.node.append(onnx.helper.make_node("Identity", [inner], [name],
+                                                      name=f"output/{name}/Identity"))
+
+
 def convert_to_fp16(model: onnx.ModelProto, keep_fp32: Sequence[str] = ()) -> onnx.ModelProto:
     """An FP16 copy of ``model`` with FP32 inputs/outputs and the named nodes kept in FP32."""
     import warnings
@@ -45,6 +60,7 @@ def convert_to_fp16(model: onnx.ModelProto, keep_fp32: Sequence[str] = ()) -> on
         raise ArtifactError(f"cannot keep '{missing[0]}' in FP32: no such node in the graph")
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
+    _detach_consumed_outputs(copy)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the converter warns on every clamped value
         # op_block_list is left at None: passing a list REPLACES the converter's default list.
@@ -59,7 +75,21 @@ def write_fp16_model(src: Path, dst: Path, keep_fp32: Sequence[str]) -> Path:
     fp16 = convert_to_fp16(model, keep_fp32)
     with atomic_path(Path(dst)) as tmp:
         onnx.save_model(fp16, str(tmp), save_as_external_data=False)
+        _check_loads(tmp)
     return Path(dst)
+
+
+def _check_loads(path: Path) -> None:
+    """Verify before the rename: a converted graph that ONNX Runtime rejects is never written."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    try:
+        ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises Fail / InvalidGraph / RuntimeException
+        raise ArtifactError(f"the FP16 graph does not load in ONNX Runtime: "
+                            f"{str(exc).splitlines()[0]}") from None
 
 
 def fp16_stage(ctx: "BuildContext") -> StageResult:

@@ -257,3 +257,26 @@ def test_require_engine_turns_the_skip_into_a_failure(tmp_path, capsys, monkeypa
     assert not (tmp_path / "b").exists()
     failed = json.loads((tmp_path / "b.failed" / "manifest.json").read_text())
     assert failed["stages"]["engine"]["status"] == "failed"
+
+
+def test_diagnostic_build_end_to_end(tmp_path):
+    """A graph with encoder_out / hmu_gate / hmu_out outputs goes through every stage: same
+    node names (pins, fusions), FP16 copy that loads, per-output parity rows."""
+    import onnx
+
+    from hmu_export.export import sensitive_nodes
+
+    cfg = _toml(tmp_path, "[export]\ndiagnostics = true\n")
+    out = tmp_path / "o"
+    assert main(["build", "--config", str(cfg), "--out", str(out)]) == 0
+    assert sensitive_nodes(onnx.load(str(out / "model.onnx"))) == [
+        "hmu/vae/Exp", "hmu/norm_input/LayerNormalization", "hmu/norm_latent/LayerNormalization",
+        "hmu/gate_mlp/1/Sigmoid", "hmu/fusion_proj/2/LayerNormalization"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert set(manifest["stages"]["optimize"]["details"]["attention"].values()) == {"fused"}
+    report = json.loads((out / "parity" / "report.json").read_text())
+    seen = {(r["backend"], r["output"]) for r in report["results"]}
+    for backend in ("onnxruntime", "onnxruntime-opt", "onnxruntime-fp16emu"):
+        for output in ("logits", "encoder_out", "hmu_gate", "hmu_out"):
+            assert (backend, output) in seen
+    assert report["passed"] is True
