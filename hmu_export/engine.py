@@ -243,8 +243,10 @@ def engine_stage(ctx: "BuildContext") -> StageResult:
         runtime: RuntimeInfo = probe_runtime()
     except BackendUnavailable as exc:
         record["skip_reason"] = str(exc)
-        return StageResult(SKIPPED, reason=f"{exc}; {layout.recipe.name} builds it on a GPU "
-                           "machine", details=details)
+        reason = f"{exc}; {layout.recipe.name} builds it on a GPU machine"
+        if ctx.require_engine:  # --require-engine / engine.require: a missing engine fails
+            return StageResult(FAILED, reason=f"engine required: {reason}", details=details)
+        return StageResult(SKIPPED, reason=reason, details=details)
     record.update(runtime.to_dict())
     try:
         record.update(build_engine(layout, cfg, contract, names))

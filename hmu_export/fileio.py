@@ -49,6 +49,17 @@ def write_json(target: Path, data: Any) -> Path:
     return write_text(target, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def read_json_object(path: Path, error: type[Exception], what: str) -> dict[str, Any]:
+    """A JSON object from ``path``, or ``error`` naming ``what`` is corrupt (one line)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise error(f"corrupt {what} {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise error(f"corrupt {what} {path}: not a JSON object")
+    return data
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

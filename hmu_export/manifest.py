@@ -5,13 +5,12 @@ Other tools read it (keep the documented fields): ``artifacts[{path, sha256, byt
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import ArtifactError
-from .fileio import sha256_file, write_json
+from .fileio import read_json_object, sha256_file, write_json
 
 MANIFEST_VERSION = 1
 OK, SKIPPED, FAILED = "ok", "skipped", "failed"
@@ -64,11 +63,8 @@ def read_manifest(root: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ArtifactError(f"no manifest.json in {root}: not a build folder "
                             "(run `python -m hmu_export build` first)")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ArtifactError(f"corrupt manifest {path}: {exc}") from None
-    if not isinstance(data, dict) or "artifacts" not in data or "stages" not in data:
+    data = read_json_object(path, ArtifactError, "manifest")
+    if "artifacts" not in data or "stages" not in data:
         raise ArtifactError(f"corrupt manifest {path}: missing 'artifacts' or 'stages'")
     return data
 

@@ -18,7 +18,7 @@ from .config import BuildConfig
 from .errors import ArtifactError, HMUExportError
 from .fileio import ensure_writable_dir, sha256_file
 from .io_contract import GraphContract, full_contract
-from .manifest import FAILED, OK, SKIPPED, StageResult, write_manifest
+from .manifest import FAILED, OK, StageResult, write_manifest
 from .model import HMUTransformer
 
 
@@ -154,9 +154,6 @@ def run_build(cfg: BuildConfig, out_dir: Path, *, require_engine: bool = False,
         except HMUExportError as exc:
             result = StageResult(FAILED, reason=str(exc))
         result.seconds = time.perf_counter() - s0
-        if result.status == SKIPPED and name == "engine" and ctx.require_engine:
-            result = StageResult(FAILED, reason=f"engine required: {result.reason}",
-                                 seconds=result.seconds, details=result.details)
         ctx.stages[name] = result
         if on_stage:
             on_stage(name, result)

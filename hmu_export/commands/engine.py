@@ -21,8 +21,7 @@ def rebuild_engine(root: Path, require_engine: bool = False):  # type: ignore[no
     from ..artifacts import BuildLayout
     from ..engine import engine_stage
     from ..export import load_graph_contract
-    from ..manifest import FAILED, SKIPPED, StageResult, read_manifest, update_manifest, \
-        verify_artifacts
+    from ..manifest import read_manifest, update_manifest, verify_artifacts
     from ..pipeline import BuildContext
 
     layout = BuildLayout(Path(root))
@@ -34,9 +33,6 @@ def rebuild_engine(root: Path, require_engine: bool = False):  # type: ignore[no
     _, cfg, contract = load_graph_contract(layout.onnx)
     ctx = BuildContext(cfg, layout, require_engine=require_engine, contract=contract)
     result = engine_stage(ctx)
-    if result.status == SKIPPED and require_engine:
-        result = StageResult(FAILED, reason=f"engine required: {result.reason}",
-                             details=result.details)
     update_manifest(layout.root, "engine", result, extra={"engine": ctx.data.get("engine", {})})
     return result
 

@@ -1,7 +1,6 @@
 """Checkpoints: safetensors weights + a JSON model config. Pickles are never unpickled freely."""
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -9,7 +8,7 @@ import torch
 
 from ..config import ModelConfig, _build
 from ..errors import CheckpointError, ConfigError
-from ..fileio import atomic_path
+from ..fileio import atomic_path, read_json_object, write_json
 from .transformer import HMUTransformer
 
 WEIGHTS_FILE = "model.safetensors"
@@ -26,8 +25,7 @@ def save_checkpoint(model: HMUTransformer, folder: Path) -> tuple[Path, Path]:
     with atomic_path(weights) as tmp:
         save_file(state, str(tmp), metadata={"format": "pt", "producer": "hmu_export"})
     cfg = replace(model.cfg, checkpoint="")
-    with atomic_path(config) as tmp:
-        tmp.write_text(json.dumps(asdict(cfg), indent=2, sort_keys=True) + "\n")
+    write_json(config, asdict(cfg))
     return weights, config
 
 
@@ -92,12 +90,7 @@ def load_checkpoint(folder: Path) -> HMUTransformer:
     config = folder / CONFIG_FILE
     if not config.is_file():
         raise CheckpointError(f"checkpoint config not found: {config}")
-    try:
-        data = json.loads(config.read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"corrupt checkpoint config {config}: {exc}") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"corrupt checkpoint config {config}: not a JSON object")
+    data = read_json_object(config, CheckpointError, "checkpoint config")
     try:
         cfg = _build(ModelConfig, data, "model")
         cfg.validate()

@@ -10,7 +10,6 @@ Nothing here needs TensorRT to import; ``probe_runtime`` says why TensorRT canno
 """
 from __future__ import annotations
 
-import json
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ import numpy as np
 from ..artifacts import BuildLayout
 from ..config import ProfileConfig
 from ..errors import ArtifactError, BackendUnavailable, InputError
-from ..fileio import sha256_file
+from ..fileio import read_json_object, sha256_file
 from ..io_contract import GraphContract, feed_shape
 from .base import Runner
 
@@ -141,13 +140,7 @@ def read_engine_record(root: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ArtifactError(f"no {RECORD_FILE} beside the engine in {root}; "
                             + REBUILD.format(root=root))
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ArtifactError(f"corrupt engine record {path}: {exc}") from None
-    if not isinstance(data, dict):
-        raise ArtifactError(f"corrupt engine record {path}: not a JSON object")
-    return data
+    return read_json_object(path, ArtifactError, "engine record")
 
 
 def record_profiles(record: Mapping[str, Any]) -> list[ProfileConfig]:
