@@ -17,14 +17,20 @@ from typing import Any
 from .errors import ConfigError
 
 
+SOURCES = ("native", "reference", "hf")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Architecture of the encoder -> HMU -> decoder Transformer."""
 
     name: str = "hmu-default"
+    # Where the weights and architecture come from (hmu_export/model/sources.py):
+    # "native" (this project's model), "reference" (the paper author's code), "hf" (Transformers).
+    source: str = "native"
     vocab_size: int = 512
     d_model: int = 128
-    n_heads: int = 4
+    n_heads: int = 0  # 0 = d_model // 32, the rule of the paper's reference runs
     n_encoder_layers: int = 2
     n_decoder_layers: int = 2
     d_ff: int = 256
@@ -38,18 +44,44 @@ class ModelConfig:
     # also measured on a model with realistic (large) activations.
     init_scale: float = 1.0
     checkpoint: str = ""  # safetensors (or weights-only .pt) to export instead of a seeded model
+    path: str = ""  # source "hf": a local save_pretrained folder
+    hmu_checkpoint: str = ""  # source "hf": trained HMU weights (safetensors); empty = seeded
+    hmu_position: str = "after_encoder"  # source "reference": after_encoder | after_decoder
+    num_classes: int = 0  # > 0: a classifier (class_logits) instead of a seq2seq model
+    pool: str = "mean"  # classifier pooling: "mean" (all positions, as the reference) | "masked_mean"
+
+    @property
+    def heads(self) -> int:
+        """Attention heads, with 0 resolved to the reference runs' rule d_model // 32."""
+        return self.n_heads or max(1, self.d_model // 32)
+
+    @property
+    def is_classifier(self) -> bool:
+        return self.num_classes > 0
 
     def validate(self) -> None:
-        positive = ("vocab_size", "d_model", "n_heads", "n_encoder_layers", "d_ff", "latent_dim",
+        positive = ("vocab_size", "d_model", "n_encoder_layers", "d_ff", "latent_dim",
                     "max_len")
         for key in positive:
             if getattr(self, key) < 1:
                 raise ConfigError(f"model.{key} must be >= 1, got {getattr(self, key)}")
         if self.n_decoder_layers < 1:
             raise ConfigError(f"model.n_decoder_layers must be >= 1, got {self.n_decoder_layers}")
-        if self.d_model % self.n_heads:
+        if self.n_heads < 0:
+            raise ConfigError(f"model.n_heads must be >= 0 (0 = d_model // 32), got {self.n_heads}")
+        if self.d_model % self.heads:
             raise ConfigError(
-                f"model.n_heads ({self.n_heads}) must divide model.d_model ({self.d_model})")
+                f"model.n_heads ({self.heads}) must divide model.d_model ({self.d_model})")
+        if self.source not in SOURCES:
+            raise ConfigError(f"model.source must be one of {', '.join(SOURCES)}, got "
+                              f"{self.source!r}")
+        if self.hmu_position not in ("after_encoder", "after_decoder"):
+            raise ConfigError("model.hmu_position must be after_encoder or after_decoder, got "
+                              f"{self.hmu_position!r}")
+        if self.pool not in ("mean", "masked_mean"):
+            raise ConfigError(f"model.pool must be mean or masked_mean, got {self.pool!r}")
+        if self.num_classes < 0:
+            raise ConfigError(f"model.num_classes must be >= 0, got {self.num_classes}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
         if not 0 <= self.pad_id < self.vocab_size:
@@ -77,38 +109,63 @@ class ShapeRange:
 
 @dataclass(frozen=True)
 class ProfileConfig:
-    """The shape envelope the artifacts promise to serve: batch, source length, target length."""
+    """The shape envelope the artifacts promise to serve.
+
+    ``batch``, ``src_len``, ``tgt_len`` bound the full graph; ``past_len`` (cached tokens, min 0)
+    and ``new_len`` (tokens fed in one decoder step) bound the decoder-step graph. Left out,
+    the two generation axes follow ``tgt_len``: past 0..max-1, new 1..max with opt 1 (one token
+    per step).
+    """
 
     batch: tuple[int, int, int] = (1, 4, 8)
     src_len: tuple[int, int, int] = (1, 64, 128)
     tgt_len: tuple[int, int, int] = (1, 32, 64)
+    past_len: tuple[int, int, int] | None = None
+    new_len: tuple[int, int, int] | None = None
 
     AXES: typing.ClassVar[tuple[str, ...]] = ("batch", "src_len", "tgt_len")
+    ALL_AXES: typing.ClassVar[tuple[str, ...]] = ("batch", "src_len", "tgt_len", "past_len",
+                                                  "new_len")
+
+    def __post_init__(self) -> None:
+        lo, opt, hi = self.tgt_len
+        if self.past_len is None:
+            object.__setattr__(self, "past_len", (0, min(max(opt - 1, 0), hi - 1), hi - 1))
+        if self.new_len is None:
+            object.__setattr__(self, "new_len", (1, 1, hi))
 
     def axis(self, name: str) -> ShapeRange:
         return ShapeRange(*getattr(self, name))
 
     def validate(self, section: str = "profile", max_len: int | None = None) -> None:
-        for name in self.AXES:
+        for name in self.ALL_AXES:
             lo, opt, hi = getattr(self, name)
-            if lo < 1:
-                raise ConfigError(f"{section}.{name}: min must be >= 1, got {lo}")
+            floor = 0 if name == "past_len" else 1
+            if lo < floor:
+                raise ConfigError(f"{section}.{name}: min must be >= {floor}, got {lo}")
             if lo > opt:
                 raise ConfigError(f"{section}.{name}: min ({lo}) > opt ({opt})")
             if opt > hi:
                 raise ConfigError(f"{section}.{name}: opt ({opt}) > max ({hi})")
         if max_len is not None:
-            for name in ("src_len", "tgt_len"):
+            for name in ("src_len", "tgt_len", "new_len"):
                 if getattr(self, name)[2] > max_len:
                     raise ConfigError(
                         f"{section}.{name}: max ({getattr(self, name)[2]}) exceeds "
                         f"model.max_len ({max_len})")
+            if self.past_len[2] + self.new_len[0] > max_len:  # type: ignore[index]
+                raise ConfigError(f"{section}.past_len: max ({self.past_len[2]}) + new_len min "  # type: ignore[index]
+                                  f"({self.new_len[0]}) exceeds model.max_len ({max_len})")  # type: ignore[index]
 
     def to_dict(self) -> dict[str, list[int]]:
-        return {name: list(getattr(self, name)) for name in self.AXES}
+        return {name: list(getattr(self, name)) for name in self.ALL_AXES}
 
     def contains(self, batch: int, src_len: int, tgt_len: int) -> bool:
         return all(self.axis(n).contains(v) for n, v in zip(self.AXES, (batch, src_len, tgt_len)))
+
+    def contains_sizes(self, sizes: typing.Mapping[str, int]) -> bool:
+        """Whether every named axis size (any of ALL_AXES) lies in its range."""
+        return all(self.axis(n).contains(v) for n, v in sizes.items())
 
 
 @dataclass(frozen=True)
@@ -168,7 +225,7 @@ class EngineConfig:
                               f"same_compute_capability, got {self.hardware_compatibility!r}")
         for i, p in enumerate(self.extra_profiles):
             p.validate(f"engine.extra_profiles[{i}]")
-            for name in ProfileConfig.AXES:
+            for name in ProfileConfig.ALL_AXES:
                 lo, _, hi = getattr(p, name)
                 plo, _, phi = getattr(profile, name)
                 if lo < plo or hi > phi:
@@ -190,6 +247,34 @@ class TritonConfig:
 
 
 @dataclass(frozen=True)
+class GenerationConfig:
+    """Defaults of the generation loop (hmu_export/generate.py); CLI flags override them."""
+
+    bos_id: int = 1
+    eos_id: int = 2
+    max_new_tokens: int = 0  # 0 = 32, capped by the profile's tgt_len max
+    # HMU noise temperature for generation: 0 = the VAE's mean path (deterministic).
+    noise_scale: float = 0.0
+    split_graphs: bool = True  # export encoder.onnx + decoder.onnx (KV cache) beside model.onnx
+
+    def new_tokens(self, profile: ProfileConfig) -> int:
+        """Tokens a generation may add: BOS plus the generated ones fill the decoder positions."""
+        return self.max_new_tokens or min(32, profile.tgt_len[2])
+
+    def validate(self, model: ModelConfig, profile: ProfileConfig) -> None:
+        for key in ("bos_id", "eos_id"):
+            v = getattr(self, key)
+            if not 0 <= v < model.vocab_size:
+                raise ConfigError(f"generation.{key} must be in [0, vocab_size "
+                                  f"{model.vocab_size}), got {v}")
+        if self.max_new_tokens and not 1 <= self.max_new_tokens <= profile.tgt_len[2]:
+            raise ConfigError(f"generation.max_new_tokens must be in [1, profile.tgt_len max = "
+                              f"{profile.tgt_len[2]}], got {self.max_new_tokens}")
+        if not self.noise_scale >= 0:
+            raise ConfigError(f"generation.noise_scale must be >= 0, got {self.noise_scale}")
+
+
+@dataclass(frozen=True)
 class BuildConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
@@ -197,6 +282,7 @@ class BuildConfig:
     parity: ParityConfig = field(default_factory=ParityConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     triton: TritonConfig = field(default_factory=TritonConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
 
     def validate(self) -> "BuildConfig":
         self.model.validate()
@@ -205,6 +291,7 @@ class BuildConfig:
         self.parity.validate()
         self.engine.validate(self.profile)
         self.triton.validate()
+        self.generation.validate(self.model, self.profile)
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -16,7 +16,40 @@ from .errors import InputError
 
 # Names of the dynamic axes, shared with the ONNX graph's dim_params and the profile's fields.
 BATCH, SRC_LEN, TGT_LEN = "batch", "src_len", "tgt_len"
-AXIS_TO_PROFILE = {BATCH: "batch", SRC_LEN: "src_len", TGT_LEN: "tgt_len"}
+PAST_LEN, NEW_LEN, TOTAL_LEN = "past_len", "new_len", "total_len"  # decoder-step graph
+AXIS_TO_PROFILE = {BATCH: "batch", SRC_LEN: "src_len", TGT_LEN: "tgt_len", PAST_LEN: "past_len",
+                   NEW_LEN: "new_len"}
+EMPTY_OK = frozenset({PAST_LEN})  # a zero-length past is the first decoder call
+
+# Graph names (one spec each) and the files they are exported to.
+FULL, ENCODER, DECODER, CLASSIFIER = "full", "encoder", "decoder", "classifier"
+GRAPH_FILES = {FULL: "model.onnx", CLASSIFIER: "model.onnx", ENCODER: "encoder.onnx",
+               DECODER: "decoder.onnx"}
+MEMORY, CLASS_LOGITS = "memory", "class_logits"
+
+
+def cross_key(i: int) -> str:
+    return f"cross_key.{i}"
+
+
+def cross_value(i: int) -> str:
+    return f"cross_value.{i}"
+
+
+def past_key(i: int) -> str:
+    return f"past_key.{i}"
+
+
+def past_value(i: int) -> str:
+    return f"past_value.{i}"
+
+
+def present_key(i: int) -> str:
+    return f"present_key.{i}"
+
+
+def present_value(i: int) -> str:
+    return f"present_value.{i}"
 
 SRC_IDS, SRC_MASK, TGT_IDS, NOISE = "src_ids", "src_mask", "tgt_ids", "noise"
 LOGITS, ENCODER_OUT, HMU_GATE, HMU_OUT = "logits", "encoder_out", "hmu_gate", "hmu_out"
@@ -70,7 +103,8 @@ def full_contract(model: ModelConfig, diagnostics: bool = False) -> GraphContrac
         TensorSpec(SRC_IDS, "int64", (BATCH, SRC_LEN), "source token ids"),
         TensorSpec(SRC_MASK, "int64", (BATCH, SRC_LEN), "1 = real token, 0 = padding"),
         TensorSpec(TGT_IDS, "int64", (BATCH, TGT_LEN), "decoder input ids (causal)"),
-        TensorSpec(NOISE, "float32", (BATCH, SRC_LEN, latent),
+        TensorSpec(NOISE, "float32",
+                   (BATCH, TGT_LEN if model.hmu_position == "after_decoder" else SRC_LEN, latent),
                    "VAE noise eps: zeros = mean path, N(0, t^2) = temperature t"),
     )
     outputs = [TensorSpec(LOGITS, "float32", (BATCH, TGT_LEN, vocab), "next-token logits")]
@@ -84,6 +118,60 @@ def full_contract(model: ModelConfig, diagnostics: bool = False) -> GraphContrac
                        src_positional=True),
         ]
     return GraphContract("hmu_full", inputs, tuple(outputs))
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """Per-decoder-layer attention cache geometry, as the model source states it (T5's d_kv
+    need not be d_model / heads). Runtimes read it back from the graphs' declared inputs."""
+
+    layers: int
+    heads: int
+    head_dim: int
+
+
+def encoder_contract(model: ModelConfig, cache: CacheLayout) -> GraphContract:
+    """Encoder + HMU, run once per request: the decoder memory and every layer's cross K/V."""
+    inputs = full_contract(model).inputs
+    inputs = tuple(s for s in inputs if s.name != TGT_IDS)
+    kv = (BATCH, cache.heads, SRC_LEN, cache.head_dim)
+    outputs = [TensorSpec(MEMORY, "float32", (BATCH, SRC_LEN, model.d_model),
+                          "HMU output, the decoder's memory", src_positional=True)]
+    for i in range(cache.layers):
+        outputs += [TensorSpec(cross_key(i), "float32", kv, f"layer {i} cross-attention keys",
+                               src_positional=True),
+                    TensorSpec(cross_value(i), "float32", kv,
+                               f"layer {i} cross-attention values", src_positional=True)]
+    return GraphContract("hmu_encoder", inputs, tuple(outputs))
+
+
+def decoder_contract(model: ModelConfig, cache: CacheLayout) -> GraphContract:
+    """One decoder step over ``new_len`` tokens after ``past_len`` cached ones (0 on the first
+    call): one graph for every step, no If node. Positions start at past_len."""
+    inputs = [TensorSpec(TGT_IDS, "int64", (BATCH, NEW_LEN), "decoder input ids of this step"),
+              TensorSpec(SRC_MASK, "int64", (BATCH, SRC_LEN), "1 = real token, 0 = padding")]
+    kv_src = (BATCH, cache.heads, SRC_LEN, cache.head_dim)
+    kv_past = (BATCH, cache.heads, PAST_LEN, cache.head_dim)
+    kv_total = (BATCH, cache.heads, TOTAL_LEN, cache.head_dim)
+    for i in range(cache.layers):
+        inputs += [TensorSpec(cross_key(i), "float32", kv_src, "from the encoder graph"),
+                   TensorSpec(cross_value(i), "float32", kv_src, "from the encoder graph")]
+    for i in range(cache.layers):
+        inputs += [TensorSpec(past_key(i), "float32", kv_past, "self-attention keys so far"),
+                   TensorSpec(past_value(i), "float32", kv_past, "self-attention values so far")]
+    outputs = [TensorSpec(LOGITS, "float32", (BATCH, NEW_LEN, model.vocab_size),
+                          "next-token logits of the new positions")]
+    for i in range(cache.layers):
+        outputs += [TensorSpec(present_key(i), "float32", kv_total, "past + new keys"),
+                    TensorSpec(present_value(i), "float32", kv_total, "past + new values")]
+    return GraphContract("hmu_decoder", tuple(inputs), tuple(outputs))
+
+
+def classifier_contract(model: ModelConfig) -> GraphContract:
+    """Encoder + HMU + pooling + classifier head."""
+    inputs = tuple(s for s in full_contract(model).inputs if s.name != TGT_IDS)
+    outputs = (TensorSpec(CLASS_LOGITS, "float32", (BATCH, model.num_classes), "class logits"),)
+    return GraphContract("hmu_classifier", inputs, outputs)
 
 
 def feed_shape(feeds: Mapping[str, np.ndarray]) -> tuple[int, int, int]:
@@ -120,7 +208,7 @@ def validate_feeds(contract: GraphContract, feeds: Mapping[str, np.ndarray],
             elif bound.setdefault(dim, size) != size:
                 raise InputError(f"input '{spec.name}' dim {axis} ({dim}) is {size}, but another "
                                  f"input has {dim} = {bound[dim]}")
-            if size < 1:
+            if size < 1 and dim not in EMPTY_OK:
                 raise InputError(f"input '{spec.name}' dim {axis} ({dim}) is empty")
     if profiles is not None:
         plist = [profiles] if isinstance(profiles, ProfileConfig) else list(profiles)

@@ -22,13 +22,13 @@ class HMUTransformer(nn.Module):
         self.src_embed = nn.Embedding(cfg.vocab_size, d)
         self.tgt_embed = nn.Embedding(cfg.vocab_size, d)
         self.pos_embed = nn.Embedding(cfg.max_len, d)
-        enc_layer = nn.TransformerEncoderLayer(d, cfg.n_heads, cfg.d_ff, cfg.dropout,
+        enc_layer = nn.TransformerEncoderLayer(d, cfg.heads, cfg.d_ff, cfg.dropout,
                                                batch_first=True)
         # No nested tensors: the fast path zeroes padded positions, which the graph does not.
         self.encoder = nn.TransformerEncoder(enc_layer, cfg.n_encoder_layers,
                                              enable_nested_tensor=False)
         self.hmu: nn.Module = HMU(d, cfg.latent_dim) if cfg.use_hmu else IdentityHMU()
-        dec_layer = nn.TransformerDecoderLayer(d, cfg.n_heads, cfg.d_ff, cfg.dropout,
+        dec_layer = nn.TransformerDecoderLayer(d, cfg.heads, cfg.d_ff, cfg.dropout,
                                                batch_first=True)
         self.decoder = nn.TransformerDecoder(dec_layer, cfg.n_decoder_layers)
         self.lm_head = nn.Linear(d, cfg.vocab_size)
