@@ -1,15 +1,18 @@
 """ONNX Runtime runner: CPU here, CUDA / TensorRT execution providers where installed."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 
 from ..config import ProfileConfig
-from ..errors import ArtifactError, BackendUnavailable
-from ..io_contract import GraphContract
+from ..errors import ArtifactError, BackendUnavailable, InputError
+from ..io_contract import LOGITS, GraphContract
 from .base import Runner
+
+CONFIG_METADATA_KEY = "hmu_export.config"  # export.py's META_PREFIX + "config"
 
 PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
                     "tensorrt": "TensorrtExecutionProvider"}
@@ -74,7 +77,36 @@ class OnnxRuntimeRunner(Runner):
         if names != contract.input_names:
             raise ArtifactError(f"{path} has inputs {names}, contract expects "
                                 f"{contract.input_names}")
+        graph_vocab = graph_vocab_size(self.session)
+        if vocab_size is not None and graph_vocab is not None and vocab_size != graph_vocab:
+            raise ArtifactError(f"{path} has a vocabulary of {graph_vocab} tokens, the caller "
+                                f"says {vocab_size}")
+        if self.vocab_size is None:  # token ids are checked against the graph's own vocabulary
+            self.vocab_size = graph_vocab
 
     def _infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        outs = self.session.run(self.contract.output_names, dict(feeds))
+        try:
+            outs = self.session.run(self.contract.output_names, dict(feeds))
+        except Exception as exc:  # ORT's own error types (unchecked feeds reach it here)
+            text = str(exc).strip()
+            raise InputError(f"ONNX Runtime failed on {self.path.name}: "
+                             f"{text.splitlines()[0] if text else type(exc).__name__}") from None
         return dict(zip(self.contract.output_names, outs))
+
+
+def graph_vocab_size(session) -> int | None:  # type: ignore[no-untyped-def]
+    """The vocabulary a graph was built for: ``model.vocab_size`` of its ``hmu_export.config``
+    metadata, else the fixed last dim of its ``logits`` output; None when it states neither."""
+    try:
+        meta = session.get_modelmeta().custom_metadata_map or {}
+        config = json.loads(meta.get(CONFIG_METADATA_KEY, ""))
+        vocab = config["model"]["vocab_size"]
+        if isinstance(vocab, int) and not isinstance(vocab, bool) and vocab >= 1:
+            return vocab
+    except (ValueError, TypeError, KeyError, AttributeError):  # absent or malformed metadata
+        pass
+    for out in session.get_outputs():
+        if out.name == LOGITS and out.shape and isinstance(out.shape[-1], int) \
+                and out.shape[-1] >= 1:
+            return int(out.shape[-1])
+    return None

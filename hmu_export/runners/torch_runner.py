@@ -7,10 +7,13 @@ import numpy as np
 import torch
 
 from ..config import ProfileConfig
-from ..errors import BackendUnavailable
+from ..errors import BackendUnavailable, InputError
 from ..io_contract import GraphContract
 from ..model import HMUTransformer
 from .base import Runner
+
+
+FP16_OVERFLOW = 65520.0  # float32 values from here up round to inf in float16
 
 
 class TorchRunner(Runner):
@@ -31,6 +34,17 @@ class TorchRunner(Runner):
         self.model = HMUTransformer(model.cfg)
         self.model.load_state_dict(model.state_dict())
         self.model = self.model.to(device=self.device, dtype=self.dtype).eval()
+
+    def validate(self, feeds: Mapping[str, np.ndarray]) -> None:
+        """The contract's checks, then the noise as this runner will hold it (float16 overflows
+        at 65504, where float32 noise is still finite)."""
+        super().validate(feeds)
+        noise = feeds.get("noise")
+        if self.dtype == torch.float16 and noise is not None and noise.size:
+            peak = float(np.abs(noise).max())
+            if peak >= FP16_OVERFLOW:
+                raise InputError(f"input 'noise' overflows float16 (max |noise| {peak:.3g} > "
+                                 f"{float(np.finfo(np.float16).max):g}) on {self.label}")
 
     def _infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         t = {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.device) for k, v in feeds.items()}
