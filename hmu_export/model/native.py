@@ -4,7 +4,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..config import ModelConfig
-from ..io_contract import FULL, CacheLayout
+from ..io_contract import DECODER, ENCODER, FULL, CacheLayout
 from .interface import ModelSource
 from .transformer import DiagnosticsWrapper, HMUTransformer
 
@@ -18,6 +18,52 @@ class _Full(nn.Module):
 
     def forward(self, src_ids, src_mask, tgt_ids, noise):  # type: ignore[no-untyped-def]
         return (self.model(src_ids, src_mask, tgt_ids, noise),)
+
+
+class _Encoder(nn.Module):
+    """Encoder + HMU graph: (src_ids, src_mask, noise) -> (memory, cross_key.0, cross_value.0,
+    cross_key.1, ...), the order of io_contract.encoder_contract."""
+
+    def __init__(self, model: HMUTransformer) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, src_ids, src_mask, noise):  # type: ignore[no-untyped-def]
+        memory, cross = self.model.encode_with_cache(src_ids, src_mask, noise)
+        return (memory, *cross)
+
+
+class _Decoder(nn.Module):
+    """Decoder step graph: (tgt_ids, src_mask, cross_key.0, cross_value.0, ..., past_key.0,
+    past_value.0, ...) -> (logits, present_key.0, present_value.0, ...), the order of
+    io_contract.decoder_contract.
+
+    ``forward`` has one named parameter per contract input (``cross_key_0``, ...), not
+    ``*args``: torch.export then takes a flat ``dynamic_shapes`` tuple in contract order."""
+
+    def __init__(self, model: HMUTransformer) -> None:
+        super().__init__()
+        self.model = model
+        self.layers = model.cfg.n_decoder_layers
+
+    def step(self, tgt_ids, src_mask, *kv):  # type: ignore[no-untyped-def]
+        n = 2 * self.layers
+        if len(kv) != 2 * n:
+            raise TypeError(f"decoder step takes {2 * n} cache tensors, got {len(kv)}")
+        logits, present = self.model.decode_step(tgt_ids, src_mask, list(kv[:n]), list(kv[n:]))
+        return (logits, *present)
+
+
+def _decoder_class(layers: int) -> type[_Decoder]:
+    """A _Decoder subclass whose forward spells out every cache input of ``layers`` layers."""
+    names = [f"{kind}_{part}_{i}" for kind in ("cross", "past") for i in range(layers)
+             for part in ("key", "value")]
+    args = ", ".join(names)
+    src = (f"def forward(self, tgt_ids, src_mask, {args}):\n"
+           f"    return self.step(tgt_ids, src_mask, {args})\n")
+    scope: dict = {}
+    exec(src, scope)  # noqa: S102 - fixed template, names built from integers only
+    return type(f"_Decoder{layers}", (_Decoder,), {"forward": scope["forward"]})
 
 
 class NativeSource(ModelSource):
@@ -37,4 +83,8 @@ class NativeSource(ModelSource):
     def module(self, graph: str, diagnostics: bool = False) -> nn.Module:
         if graph == FULL:
             return DiagnosticsWrapper(self.model) if diagnostics else _Full(self.model)
-        raise KeyError(f"native source has no '{graph}' graph yet")
+        if graph == ENCODER:
+            return _Encoder(self.model)
+        if graph == DECODER:
+            return _decoder_class(self.cfg.n_decoder_layers)(self.model)
+        raise KeyError(f"native source has no '{graph}' graph")

@@ -9,6 +9,7 @@ import math
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ..config import ModelConfig
 from .hmu import HMU, IdentityHMU
@@ -82,6 +83,62 @@ class HMUTransformer(nn.Module):
         memory = self.hmu(self.encode(src_ids, src_mask), noise)
         return self.decode(memory, src_mask, tgt_ids)
 
+    # ------------------------------------------------------------------ cached generation
+    # The same parameters as ``decode`` (state_dict unchanged), computed step by step with an
+    # attention cache. Plain matmul / softmax ops, no data-dependent control flow: one exported
+    # graph serves the first call (past_len 0) and every later step, with no If node.
+
+    def encode_with_cache(self, src_ids: torch.Tensor, src_mask: torch.Tensor,
+                          noise: torch.Tensor | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(memory, [cross_key.0, cross_value.0, cross_key.1, ...]), K/V [B, H, Ls, head_dim]:
+        every decoder layer's cross-attention keys and values, computed once per request."""
+        memory = self.hmu(self.encode(src_ids, src_mask), noise)
+        cross: list[torch.Tensor] = []
+        for layer in self.decoder.layers:
+            mha = layer.multihead_attn
+            d = mha.embed_dim
+            w, b = mha.in_proj_weight, mha.in_proj_bias
+            cross.append(_heads(F.linear(memory, w[d:2 * d], b[d:2 * d]), mha.num_heads))
+            cross.append(_heads(F.linear(memory, w[2 * d:], b[2 * d:]), mha.num_heads))
+        return memory, cross
+
+    def decode_step(self, tgt_ids: torch.Tensor, src_mask: torch.Tensor,
+                    cross_kv: list[torch.Tensor], past_kv: list[torch.Tensor]
+                    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Logits of ``tgt_ids`` [B, new] placed after ``past_len`` cached tokens, and the
+        grown cache [past_key.0, past_value.0, ...] -> [present_key.0, present_value.0, ...].
+
+        ``cross_kv`` / ``past_kv`` alternate key, value per decoder layer. Positions start at
+        past_len = past_key.shape[2]; attention is causal within the new tokens and sees the
+        whole past; padded source positions are masked in cross attention. Post-norm layer
+        order as ``nn.TransformerDecoderLayer``: norm1(x+sa), norm2(x+ca), norm3(x+ff)."""
+        new = tgt_ids.shape[1]
+        past = past_kv[0].shape[2]
+        pos = torch.arange(new, device=tgt_ids.device) + past
+        x = self.tgt_embed(tgt_ids) * math.sqrt(self.cfg.d_model) + self.pos_embed(pos)
+        neg_inf = torch.tensor(float("-inf"), dtype=x.dtype, device=x.device)
+        zero = torch.zeros((), dtype=x.dtype, device=x.device)
+        # [new, past+new]: key j is visible to query i iff j <= past + i
+        keys = torch.arange(new + past, device=tgt_ids.device)
+        causal = torch.where(keys[None, :] > pos[:, None], neg_inf, zero)
+        # [B, 1, 1, Ls]: padded source positions are never attended to
+        pad = torch.where((src_mask == 0)[:, None, None, :], neg_inf, zero)
+        present: list[torch.Tensor] = []
+        for i, layer in enumerate(self.decoder.layers):
+            sa, ca = layer.self_attn, layer.multihead_attn
+            q, k, v = F.linear(x, sa.in_proj_weight, sa.in_proj_bias).chunk(3, dim=-1)
+            k = torch.cat([past_kv[2 * i], _heads(k, sa.num_heads)], dim=2)
+            v = torch.cat([past_kv[2 * i + 1], _heads(v, sa.num_heads)], dim=2)
+            present += [k, v]
+            h = _attend(_heads(q, sa.num_heads), k, v, causal)
+            x = layer.norm1(x + sa.out_proj(h))
+            d = ca.embed_dim
+            q = F.linear(x, ca.in_proj_weight[:d], ca.in_proj_bias[:d])
+            h = _attend(_heads(q, ca.num_heads), cross_kv[2 * i], cross_kv[2 * i + 1], pad)
+            x = layer.norm2(x + ca.out_proj(h))
+            x = layer.norm3(x + layer.linear2(layer.activation(layer.linear1(x))))
+        return self.lm_head(x), present
+
     def hmu_parameter_share(self) -> tuple[int, int]:
         """(HMU parameters, all parameters)."""
         total = sum(p.numel() for p in self.parameters())
@@ -91,6 +148,20 @@ class HMUTransformer(nn.Module):
         """The paper's fine-tuning recipe: only the HMU (and its VAE) learns."""
         for name, p in self.named_parameters():
             p.requires_grad = name.startswith("hmu.")
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, L, H*hd] -> [B, H, L, hd]."""
+    return x.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
+            ) -> torch.Tensor:
+    """Scaled dot-product attention with an additive mask (0 / -inf), as nn.MultiheadAttention
+    computes it; [B, H, Lq, hd] -> [B, Lq, H*hd]."""
+    scores = torch.matmul(q * (1.0 / math.sqrt(q.shape[-1])), k.transpose(-2, -1)) + bias
+    out = torch.matmul(torch.softmax(scores, dim=-1), v)
+    return out.transpose(1, 2).flatten(2)
 
 
 class DiagnosticsWrapper(nn.Module):

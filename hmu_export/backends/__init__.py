@@ -1,0 +1,1 @@
+"""Backends: what runs a graph (PyTorch, ONNX Runtime, TensorRT), behind plain interfaces."""

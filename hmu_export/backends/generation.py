@@ -1,0 +1,213 @@
+"""Step backends for the generation loop (hmu_export/generate.py).
+
+==================  ==========================================================================
+torch               the model's own cached step: NativeSource's encoder / decoder modules
+torch-nocache       the full model re-run over the whole prefix every step (no split at all):
+                    the independent reference
+onnxruntime         encoder.onnx + decoder.onnx, default session options
+onnxruntime-opt     encoder.opt.onnx / decoder.opt.onnx where the build has them (else the plain
+                    graphs), sessions with optimize.tuned_session_options
+onnxruntime-fp16emu encoder.fp16.onnx + decoder.fp16.onnx (FP16 storage emulated on CPU)
+==================  ==========================================================================
+
+Every backend reads the cache geometry from what the graph declares: ONNX inputs' fixed dims,
+or the module source's contract, never d_model // heads.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from ..config import BuildConfig
+from ..errors import ArtifactError, BackendUnavailable, InputError
+from ..generate import CacheSpec, CachedStepper, Stepper
+from ..io_contract import (DECODER, ENCODER, FULL, GRAPH_FILES, LOGITS, NOISE, SRC_IDS, SRC_MASK,
+                           GraphContract, past_key)
+
+BACKENDS = ("torch", "torch-nocache", "onnxruntime", "onnxruntime-opt", "onnxruntime-fp16emu")
+
+
+def spec_from_contracts(encoder: GraphContract, decoder: GraphContract) -> CacheSpec:
+    """Cache geometry from declared input dims (past_key.i: [batch, heads, past, head_dim])."""
+    dec = {s.name: s.dims for s in decoder.inputs}
+    enc = {s.name: s.dims for s in encoder.inputs}
+    return _spec(dec, enc)
+
+
+def _spec(dec: Mapping[str, tuple], enc: Mapping[str, tuple]) -> CacheSpec:
+    layers = 0
+    while past_key(layers) in dec:
+        layers += 1
+    if not layers:
+        raise ArtifactError("decoder graph declares no past_key.0 input")
+    dims = dec[past_key(0)]
+    heads, head_dim = dims[1], dims[3]
+    latent = enc[NOISE][2] if NOISE in enc else None
+    for name, value in (("heads", heads), ("head_dim", head_dim), ("noise latent", latent)):
+        if not isinstance(value, int):
+            raise ArtifactError(f"generation graphs must declare a fixed {name}, got {value!r}")
+    return CacheSpec(layers, heads, head_dim, latent)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- torch
+class TorchStepBackend:
+    """The model source's encoder and decoder-step modules on CPU tensors (zero-copy numpy)."""
+
+    def __init__(self, source, name: str = "torch") -> None:  # type: ignore[no-untyped-def]
+        self.name = name
+        self.source = source
+        self.encoder = source.module(ENCODER).eval()
+        self.decoder = source.module(DECODER).eval()
+        self.enc_contract = source.contract(ENCODER)
+        self.dec_contract = source.contract(DECODER)
+        self._spec = spec_from_contracts(self.enc_contract, self.dec_contract)
+
+    def cache_spec(self) -> CacheSpec:
+        return self._spec
+
+    @staticmethod
+    def _run(module, contract: GraphContract, feeds: Mapping[str, np.ndarray]  # type: ignore[no-untyped-def]
+             ) -> dict[str, np.ndarray]:
+        import torch
+
+        with torch.inference_mode():
+            outs = module(*(torch.from_numpy(np.ascontiguousarray(feeds[n]))
+                            for n in contract.input_names))
+        return {n: o.numpy() for n, o in zip(contract.output_names, outs)}
+
+    def encode(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self._run(self.encoder, self.enc_contract, feeds)
+
+    def decode(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self._run(self.decoder, self.dec_contract, feeds)
+
+
+class TorchNoCacheStepper(Stepper):
+    """The full teacher-forced model over BOS + every token so far, each step."""
+
+    def __init__(self, source, name: str = "torch-nocache") -> None:  # type: ignore[no-untyped-def]
+        self.name = name
+        self.full = source.module(FULL).eval()
+        contract = source.contract(FULL)
+        self.latent_dim = int(next(s.dims[2] for s in contract.inputs if s.name == NOISE))
+        self._state: dict[str, np.ndarray] = {}
+
+    def start(self, src_ids: np.ndarray, src_mask: np.ndarray, noise: np.ndarray) -> None:
+        self._state = {"src_ids": src_ids, "src_mask": src_mask, "noise": noise,
+                       "prefix": np.zeros((src_ids.shape[0], 0), dtype=np.int64)}
+
+    def step(self, new_ids: np.ndarray) -> np.ndarray:
+        import torch
+
+        s = self._state
+        s["prefix"] = np.concatenate([s["prefix"], new_ids.astype(np.int64)], axis=1)
+        with torch.inference_mode():
+            (logits, *_) = self.full(*(torch.from_numpy(np.ascontiguousarray(s[k]))
+                                       for k in ("src_ids", "src_mask", "prefix", "noise")))
+        return logits[:, -1, :].numpy()
+
+    def select(self, rows: np.ndarray) -> None:
+        self._state = {k: np.take(v, rows, axis=0) for k, v in self._state.items()}
+
+
+# --------------------------------------------------------------------------- onnxruntime
+class OrtStepBackend:
+    """encoder / decoder graphs in two ONNX Runtime sessions (CPU provider here).
+
+    Feeds go in as numpy arrays (ORT wraps contiguous arrays without a copy); the cache comes
+    back as the arrays ORT returns and is fed to the next step as is."""
+
+    def __init__(self, encoder: Path, decoder: Path, *, name: str = "onnxruntime",
+                 sess_options=None, providers: tuple[str, ...] = ("CPUExecutionProvider",)  # type: ignore[no-untyped-def]
+                 ) -> None:
+        import onnxruntime as ort
+
+        self.name = name
+        self.paths = (Path(encoder), Path(decoder))
+        sessions = []
+        for path in self.paths:
+            if not path.is_file():
+                raise ArtifactError(f"ONNX graph not found: {path}")
+            try:
+                sessions.append(ort.InferenceSession(str(path), sess_options,
+                                                     providers=list(providers)))
+            except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
+                raise ArtifactError(f"ONNX Runtime cannot load {path}: "
+                                    f"{str(exc).splitlines()[0]}") from None
+        self.enc, self.dec = sessions
+        self._enc_in = [i.name for i in self.enc.get_inputs()]
+        self._dec_in = [i.name for i in self.dec.get_inputs()]
+        self._enc_out = [o.name for o in self.enc.get_outputs()]
+        self._dec_out = [o.name for o in self.dec.get_outputs()]
+        for path, names in ((self.paths[0], (SRC_IDS, SRC_MASK, NOISE)),
+                            (self.paths[1], (SRC_MASK, past_key(0)))):
+            have = self._enc_in if path == self.paths[0] else self._dec_in
+            missing = [n for n in names if n not in have]
+            if missing:
+                raise ArtifactError(f"{path} lacks generation input(s) {', '.join(missing)}")
+        if LOGITS not in self._dec_out:
+            raise ArtifactError(f"{self.paths[1]} has no '{LOGITS}' output")
+        self._spec = _spec({i.name: tuple(i.shape) for i in self.dec.get_inputs()},
+                           {i.name: tuple(i.shape) for i in self.enc.get_inputs()})
+
+    def cache_spec(self) -> CacheSpec:
+        return self._spec
+
+    def encode(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outs = self.enc.run(self._enc_out, {n: feeds[n] for n in self._enc_in})
+        return dict(zip(self._enc_out, outs))
+
+    def decode(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outs = self.dec.run(self._dec_out, {n: feeds[n] for n in self._dec_in})
+        return dict(zip(self._dec_out, outs))
+
+
+# --------------------------------------------------------------------------- from a build
+def _graph(root: Path, graph: str, variant: str = "") -> Path:
+    name = GRAPH_FILES[graph]
+    return root / (name[:-len(".onnx")] + variant + ".onnx") if variant else root / name
+
+
+def stepper_from_build(root: str | Path, backend: str, *, threads: int | None = None
+                       ) -> tuple[Stepper, BuildConfig]:
+    """(stepper, build config) for ``backend`` over a build folder."""
+    from ..build_folder import open_build
+
+    if backend not in BACKENDS:
+        raise InputError(f"unknown generation backend {backend!r} (use {', '.join(BACKENDS)})")
+    folder = open_build(root)
+    cfg, root = folder.cfg, folder.layout.root
+    if cfg.model.is_classifier:
+        raise InputError("this build is a classifier: it has nothing to generate")
+    if backend.startswith("torch"):
+        from ..model.native import NativeSource
+
+        model = folder.load_model()
+        source = NativeSource(model.cfg, model)
+        if backend == "torch":
+            return CachedStepper(TorchStepBackend(source)), cfg
+        return TorchNoCacheStepper(source), cfg
+    from ..optimize import tuned_session_options
+
+    enc, dec = _graph(root, ENCODER), _graph(root, DECODER)
+    if not (enc.is_file() and dec.is_file()):
+        raise ArtifactError(f"{root} has no {enc.name} / {dec.name}: rebuild it with a version "
+                            "that exports the generation graphs")
+    if backend == "onnxruntime":
+        from ..runners.onnxruntime_runner import session_options
+
+        return CachedStepper(OrtStepBackend(enc, dec, name=backend,
+                                            sess_options=session_options(threads))), cfg
+    if backend == "onnxruntime-opt":
+        enc_o, dec_o = _graph(root, ENCODER, ".opt"), _graph(root, DECODER, ".opt")
+        enc, dec = (enc_o if enc_o.is_file() else enc), (dec_o if dec_o.is_file() else dec)
+        return CachedStepper(OrtStepBackend(enc, dec, name=backend,
+                                            sess_options=tuned_session_options(threads))), cfg
+    enc, dec = _graph(root, ENCODER, ".fp16"), _graph(root, DECODER, ".fp16")
+    if not (enc.is_file() and dec.is_file()):
+        raise BackendUnavailable(f"{root} has no {enc.name} / {dec.name} (the build's FP16 stage "
+                                 "did not write them)")
+    return CachedStepper(OrtStepBackend(enc, dec, name=backend,
+                                        sess_options=tuned_session_options(threads))), cfg
