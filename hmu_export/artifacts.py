@@ -19,6 +19,19 @@ class BuildLayout:
     def onnx(self) -> Path:
         return self.root / "model.onnx"
 
+    def graph(self, name: str, variant: str = "") -> Path:
+        """``<stem>[.<variant>].onnx`` of a graph: variant "" (exported), "opt", "fp16"."""
+        from .io_contract import GRAPH_FILES
+
+        stem = GRAPH_FILES[name][:-len(".onnx")]
+        return self.root / (f"{stem}.{variant}.onnx" if variant else f"{stem}.onnx")
+
+    def split_graphs(self) -> list[str]:
+        """Split generation graphs present in the folder (encoder + decoder step)."""
+        from .io_contract import DECODER, ENCODER
+
+        return [g for g in (ENCODER, DECODER) if self.graph(g).is_file()]
+
     @property
     def onnx_optimized(self) -> Path:
         """ONNX Runtime-optimized copy for the CPU path (fusions baked in)."""

@@ -61,6 +61,91 @@ def input_shapes(contract: GraphContract, profile: ProfileConfig
     return out
 
 
+def graph_profiles(cfg: BuildConfig, graph: str) -> list[ProfileConfig]:
+    """Optimization profiles of one graph. The decoder step gets a first-step profile (past 0,
+    an empty cache tensor) and a step profile (past >= 1) for every configured profile, so the
+    step kernels are tuned for a real cache and the first call never needs an If."""
+    from dataclasses import replace
+
+    base = engine_profiles(cfg)
+    if graph != "decoder":
+        return base
+    out: list[ProfileConfig] = []
+    for p in base:
+        lo, opt, hi = p.past_len  # type: ignore[misc]
+        if lo == 0:
+            out.append(replace(p, past_len=(0, 0, 0)))
+        if hi >= 1:
+            out.append(replace(p, past_len=(max(1, lo), max(1, opt), hi)))
+    return out
+
+
+def profile_rows(contract: GraphContract, profiles: Sequence[ProfileConfig]
+                 ) -> list[dict[str, list[int]]]:
+    """Profiles restricted to the axes ``contract`` uses (what the engine record stores)."""
+    axes = [AXIS_TO_PROFILE[a] for a in contract.axes if a in AXIS_TO_PROFILE]
+    return [{a: list(getattr(p, a)) for a in axes} for p in profiles]
+
+
+def split_trtexec_args(cfg: BuildConfig, graph: str, contract: GraphContract,
+                       pins: Sequence[str], layout: "BuildLayout") -> list[str]:
+    """trtexec arguments of an encoder / decoder-step engine (``<graph>.fp16.plan``)."""
+    e = cfg.engine
+    args = [f"--onnx={layout.graph(graph).name}"]
+    if e.fp16:
+        args.append("--fp16")
+    profiles = graph_profiles(cfg, graph)
+    for i, profile in enumerate(profiles):
+        shapes = input_shapes(contract, profile)
+        if len(profiles) > 1:
+            args.append(f"--profile={i}")
+        args += [f"--minShapes={shape_spec(shapes, 0)}", f"--optShapes={shape_spec(shapes, 1)}",
+                 f"--maxShapes={shape_spec(shapes, 2)}"]
+    if pins:
+        args += ["--precisionConstraints=obey",
+                 "--layerPrecisions=" + ",".join(f"{p}:fp32" for p in pins),
+                 "--layerOutputTypes=" + ",".join(f"{p}:fp32" for p in pins)]
+    args += [f"--timingCacheFile={layout.timing_cache.name}",
+             f"--builderOptimizationLevel={e.builder_optimization_level}",
+             f"--memPoolSize=workspace:{e.workspace_mib}M",
+             f"--saveEngine={split_engine_name(graph)}", "--skipInference"]
+    return args
+
+
+def split_engine_name(graph: str) -> str:
+    return f"{graph}.fp16.plan"
+
+
+def render_split_recipe(cfg: BuildConfig, layout: "BuildLayout",
+                        graphs: Sequence[tuple[str, GraphContract, Sequence[str]]]) -> str:
+    """The generation engines' part of build_engine.sh (appended after the full graph's)."""
+    import json
+
+    blocks = []
+    for graph, contract, pins in graphs:
+        args = " \\\n  ".join(shlex.quote(a) for a in split_trtexec_args(cfg, graph, contract,
+                                                                           pins, layout))
+        rec = json.dumps({"graph": graph, "onnx": layout.graph(graph).name,
+                          "engine": split_engine_name(graph), "pins": list(pins),
+                          "profiles": profile_rows(contract, graph_profiles(cfg, graph)),
+                          "flags": flags(cfg, pins)}, sort_keys=True)
+        blocks.append(f"""
+# {graph} graph ({'FP32 pins: ' + ', '.join(pins) if pins else 'no FP32 pins'})
+"$TRTEXEC" \\
+  {args} \\
+  2>&1 | tee build_engine.{graph}.log
+onnx_sha=$(sha256sum {shlex.quote(layout.graph(graph).name)} | cut -d ' ' -f 1)
+engine_sha=$(sha256sum {shlex.quote(split_engine_name(graph))} | cut -d ' ' -f 1)
+static={shlex.quote(rec[1:-1])}
+printf '{{"tensorrt": "%s", "gpu": {{"name": "%s", "compute_capability": "%s"}}, "onnx_sha256": "%s", "engine_sha256": "%s", %s}}\\n' \\
+  "$trt_version" "$gpu_name" "$compute_cap" "$onnx_sha" "$engine_sha" "$static" > {graph}.engine.json.tmp
+mv {graph}.engine.json.tmp {graph}.engine.json
+echo "engine: $(pwd)/{split_engine_name(graph)}"
+""")
+    return "\n# Generation engines: encoder once per request, decoder step with its KV cache.\n" \
+        + "".join(blocks)
+
+
 def shape_spec(shapes: dict[str, tuple[Shape, Shape, Shape]], which: int) -> str:
     """trtexec's ``name:AxBxC,name2:...`` for min (0), opt (1) or max (2)."""
     return ",".join(f"{name}:{'x'.join(str(d) for d in triple[which])}"
@@ -109,7 +194,7 @@ def render_recipe(cfg: BuildConfig, contract: GraphContract, pins: Sequence[str]
     """``build_engine.sh``: trtexec build + an engine.json record, runnable from any folder."""
     args = trtexec_args(cfg, contract, pins, layout)
     lines = " \\\n  ".join(shlex.quote(a) for a in args)
-    profiles = [p.to_dict() for p in engine_profiles(cfg)]
+    profiles = profile_rows(contract, engine_profiles(cfg))
     import json
     static = json.dumps({"source": "build_engine.sh", "flags": flags(cfg, pins),
                          "profiles": profiles, "pins": list(pins),
@@ -143,6 +228,11 @@ echo "engine: $(pwd)/{layout.engine.name} (TensorRT $trt_version, $gpu_name, sm 
 """
 
 
+def load_contract_of(path: Path) -> GraphContract:
+    from .export import load_graph_contract
+    return load_graph_contract(path)[2]
+
+
 def apply_pins(network: "trt.INetworkDefinition", pins: Sequence[str]) -> list[str]:
     """Run the pinned layers in FP32 with FP32 outputs; returns the layer names it found.
 
@@ -173,14 +263,17 @@ def _hardware_level(name: str) -> "trt.HardwareCompatibilityLevel | None":
 
 
 def build_engine(layout: "BuildLayout", cfg: BuildConfig, contract: GraphContract,
-                 pins: Sequence[str]) -> dict[str, Any]:
-    """Build ``model.fp16.plan`` with Polygraphy's loaders; reuses and updates timing.cache."""
+                 pins: Sequence[str], graph: str = "full") -> dict[str, Any]:
+    """Build ``model.fp16.plan`` (or ``<graph>.fp16.plan`` of a split graph) with Polygraphy's
+    loaders; reuses and updates timing.cache."""
     import tensorrt as trt
     from polygraphy.backend.trt import (CreateConfig, EngineBytesFromNetwork,
                                         NetworkFromOnnxPath, PostprocessNetwork, Profile)
 
+    onnx_path = layout.onnx if graph == "full" else layout.graph(graph)
+    engine_path = layout.engine if graph == "full" else layout.root / split_engine_name(graph)
     profiles = []
-    for p in engine_profiles(cfg):
+    for p in graph_profiles(cfg, graph):
         prof = Profile()
         for name, (lo, opt, hi) in input_shapes(contract, p).items():
             prof.add(name, min=lo, opt=opt, max=hi)
@@ -190,7 +283,7 @@ def build_engine(layout: "BuildLayout", cfg: BuildConfig, contract: GraphContrac
     def pin_layers(network: trt.INetworkDefinition) -> None:
         applied.extend(apply_pins(network, pins))
 
-    network = PostprocessNetwork(NetworkFromOnnxPath(str(layout.onnx)), pin_layers,
+    network = PostprocessNetwork(NetworkFromOnnxPath(str(onnx_path)), pin_layers,
                                  name="fp32-pins")
     config = CreateConfig(
         fp16=cfg.engine.fp16, profiles=profiles,
@@ -204,20 +297,20 @@ def build_engine(layout: "BuildLayout", cfg: BuildConfig, contract: GraphContrac
     data = EngineBytesFromNetwork(network, config=config,
                                   save_timing_cache=str(layout.timing_cache))()
     seconds = time.perf_counter() - t0
-    with atomic_path(layout.engine) as tmp:
+    with atomic_path(engine_path) as tmp:
         tmp.write_bytes(bytes(data))
     missing = sorted(set(pins) - set(applied))
     return {"build_seconds": round(seconds, 3), "pins_applied": applied,
-            "pins_not_found": missing, "engine_sha256": sha256_file(layout.engine)}
+            "pins_not_found": missing, "engine_sha256": sha256_file(engine_path)}
 
 
 def engine_record(cfg: BuildConfig, layout: "BuildLayout", pins: Sequence["Pin"],
-                  onnx_sha256: str) -> dict[str, Any]:
+                  onnx_sha256: str, contract: GraphContract) -> dict[str, Any]:
     names = [p.name for p in pins]
     return {"recipe": layout.recipe.name, "engine": layout.engine.name,
             "timing_cache": layout.timing_cache.name, "onnx": layout.onnx.name,
             "onnx_sha256": onnx_sha256, "pins": [p.to_dict() for p in pins],
-            "profiles": [p.to_dict() for p in engine_profiles(cfg)],
+            "profiles": profile_rows(contract, engine_profiles(cfg)),
             "flags": flags(cfg, names), "built": False}
 
 
@@ -233,9 +326,21 @@ def engine_stage(ctx: "BuildContext") -> StageResult:
     pins = select_pins(onnx.load(str(layout.onnx), load_external_data=False), cfg.engine)
     names = [p.name for p in pins]
     onnx_sha = sha256_file(layout.onnx)
-    write_text(layout.recipe, render_recipe(cfg, contract, names, layout, onnx_sha))
+    split = [(g, ctx.contracts[g] if g in getattr(ctx, "contracts", {}) else
+              load_contract_of(layout.graph(g)),
+              [p.name for p in select_pins(onnx.load(str(layout.graph(g)),
+                                                     load_external_data=False), cfg.engine)])
+             for g in layout.split_graphs()]
+    recipe = render_recipe(cfg, contract, names, layout, onnx_sha)
+    if split:
+        recipe += render_split_recipe(cfg, layout, split)
+    write_text(layout.recipe, recipe)
     layout.recipe.chmod(0o755)
-    record = engine_record(cfg, layout, pins, onnx_sha)
+    record = engine_record(cfg, layout, pins, onnx_sha, contract)
+    if split:
+        record["generation_engines"] = {g: {"engine": split_engine_name(g), "pins": list(pn),
+                                            "profiles": profile_rows(c, graph_profiles(cfg, g))}
+                                        for g, c, pn in split}
     ctx.data["engine"] = record
     details = {"recipe": layout.recipe.name, "pins": names,
                "profiles": record["profiles"]}
@@ -250,6 +355,11 @@ def engine_stage(ctx: "BuildContext") -> StageResult:
     record.update(runtime.to_dict())
     try:
         record.update(build_engine(layout, cfg, contract, names))
+        for g, c, pn in split:
+            built = build_engine(layout, cfg, c, pn, graph=g)
+            built.update(runtime.to_dict(), onnx_sha256=sha256_file(layout.graph(g)),
+                         **record["generation_engines"][g], flags=flags(cfg, pn))
+            write_json(layout.root / f"{g}.engine.json", built)
     except HMUExportError:
         raise
     except Exception as exc:  # TensorRT/Polygraphy raise many types (PolygraphyException...)

@@ -26,8 +26,10 @@ from . import __version__
 from .config import BuildConfig
 from .errors import HMUExportError
 from .fileio import atomic_path, sha256_file
-from .io_contract import BATCH, SRC_LEN, TGT_LEN, GraphContract, full_contract, make_feeds
-from .model import DiagnosticsWrapper, HMUTransformer
+from .io_contract import (AXIS_TO_PROFILE, FULL, SRC_MASK, GraphContract, full_contract,
+                          spec_feeds)
+from .model import HMUTransformer
+from .model.interface import ModelSource
 
 RANDOM_OPS = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike",
                         "Multinomial", "Bernoulli", "Dropout"})
@@ -61,16 +63,24 @@ def _example_sizes(cfg: BuildConfig) -> tuple[int, int, int]:
             max(2, min(p.tgt_len[1], 8)))
 
 
+def example_axis_sizes(cfg: BuildConfig) -> dict[str, int]:
+    """Example size of every dynamic axis: >= 2 (a size-1 example freezes its axis silently),
+    and distinct where axes must stay independent (past_len vs new_len)."""
+    b, ls, lt = _example_sizes(cfg)
+    return {"batch": b, "src_len": ls, "tgt_len": lt, "past_len": 3, "new_len": 2}
+
+
 def _torch_export(module: torch.nn.Module, args: tuple[torch.Tensor, ...], contract: GraphContract,
                   cfg: BuildConfig) -> onnx.ModelProto:
     from torch.export import Dim
 
-    batch = Dim(BATCH, min=1)
-    src = Dim(SRC_LEN, min=1, max=max(2, cfg.model.max_len))
-    tgt = Dim(TGT_LEN, min=1, max=max(2, cfg.model.max_len))
-    axes = {BATCH: batch, SRC_LEN: src, TGT_LEN: tgt}
-    dynamic_shapes = {spec.name: {i: axes[d] for i, d in enumerate(spec.dims) if isinstance(d, str)}
-                      for spec in contract.inputs}
+    top = max(2, cfg.model.max_len)
+    axes = {name: Dim(name, min=1) if name == "batch" else Dim(name, min=1, max=top)
+            for name in AXIS_TO_PROFILE}
+    # Positional (a tuple in input order): contract names such as "past_key.0" are no Python
+    # argument names.
+    dynamic_shapes = tuple({i: axes[d] for i, d in enumerate(spec.dims) if isinstance(d, str)}
+                           for spec in contract.inputs)
     sink = io.StringIO()
     logging.getLogger("torch").setLevel(logging.ERROR)
     with warnings.catch_warnings(), contextlib.redirect_stdout(sink), \
@@ -82,10 +92,21 @@ def _torch_export(module: torch.nn.Module, args: tuple[torch.Tensor, ...], contr
                 input_names=contract.input_names, output_names=contract.output_names,
                 opset_version=cfg.export.opset, optimize=True, verbose=False)
         except Exception as exc:  # the exporter raises many types; this is a model/exporter bug
-            raise ExportError(f"torch.onnx.export failed: {str(exc).splitlines()[0]}") from exc
+            raise ExportError(f"torch.onnx.export failed: {_export_failure(exc)}") from exc
     if program is None:  # pragma: no cover - dynamo export always returns a program
         raise ExportError("torch.onnx.export returned no program")
     return program.model_proto
+
+
+def _export_failure(exc: BaseException) -> str:
+    """The one informative line of an exporter failure (its 'Exception summary')."""
+    for e in (exc, exc.__cause__):
+        lines = [ln.strip() for ln in str(e or "").splitlines() if ln.strip()]
+        for i, ln in enumerate(lines):
+            if ln.startswith("## Exception summary") and i + 1 < len(lines):
+                return lines[i + 1][:400]
+    lines = str(exc).strip().splitlines()
+    return lines[0][:400] if lines else type(exc).__name__
 
 
 def _scope_of(node: onnx.NodeProto, root: str = "") -> str:
@@ -151,10 +172,12 @@ def graph_metadata(model: onnx.ModelProto) -> dict[str, str]:
             if p.key.startswith(META_PREFIX)}
 
 
-def sensitive_nodes(model: onnx.ModelProto) -> list[str]:
-    """HMU nodes whose FP16 error matters most: its LayerNorms, the VAE's exp, the gate sigmoid."""
+def sensitive_nodes(model: onnx.ModelProto, scope: str = "hmu") -> list[str]:
+    """HMU nodes whose FP16 error matters most: its LayerNorms, the VAE's exp, the gate sigmoid.
+    ``scope`` is the HMU's module path ("hmu", or "encoder/hmu" inside a wrapper)."""
     ops = {"LayerNormalization", "Exp", "Sigmoid"}
-    return [n.name for n in model.graph.node if n.name.startswith("hmu/") and n.op_type in ops]
+    prefix = scope.replace(".", "/") + "/"
+    return [n.name for n in model.graph.node if n.name.startswith(prefix) and n.op_type in ops]
 
 
 def _check_graph(model: onnx.ModelProto, contract: GraphContract) -> onnx.ModelProto:
@@ -183,37 +206,59 @@ def _validate_against_torch(path: Path, module: torch.nn.Module, feeds: dict[str
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    got = sess.run([contract.output_names[0]], feeds)[0]
+    got = sess.run(contract.output_names, feeds)
     with torch.inference_mode():
         ref = module(*(torch.from_numpy(feeds[n]) for n in contract.input_names))
-    ref = (ref[0] if isinstance(ref, tuple) else ref).numpy()
-    err = float(np.max(np.abs(got - ref)))
+    refs = ref if isinstance(ref, (tuple, list)) else (ref,)
+    err = 0.0
+    for spec, g, r in zip(contract.outputs, got, refs):
+        r = r.numpy()
+        if g.shape != r.shape:
+            raise ExportError(f"exported graph output '{spec.name}' has shape {list(g.shape)}, "
+                              f"PyTorch gives {list(r.shape)}")
+        if spec.src_positional and SRC_MASK in feeds and g.ndim >= 3:
+            real = feeds[SRC_MASK].astype(bool)  # padded positions carry no meaning
+            axis = 2 if g.ndim == 4 else 1
+            keep = real[:, None, :, None] if axis == 2 else real[:, :, None]
+            g, r = np.where(keep, g, 0), np.where(keep, r, 0)
+        if g.size:
+            err = max(err, float(np.max(np.abs(g - r))))
     if not err <= atol:
         raise ExportError(f"exported graph disagrees with PyTorch right after export: max abs "
                           f"error {err:.3g} > {atol:g}")
     return err
 
 
-def export_onnx(model: HMUTransformer, cfg: BuildConfig, out_path: Path, *,
-                checkpoint_sha256: str = "") -> ExportResult:
-    """Export ``model`` to ``out_path`` (written atomically, after all checks pass)."""
+def _root_of(module: torch.nn.Module, inner: torch.nn.Module) -> str:
+    """Attribute path of the source's model inside a graph module (stripped from node names)."""
+    for name, mod in module.named_modules():
+        if mod is inner:
+            return name
+    return ""
+
+
+def export_graph(source: ModelSource, graph: str, cfg: BuildConfig, out_path: Path, *,
+                 checkpoint_sha256: str = "", diagnostics: bool = False) -> ExportResult:
+    """Export one graph of ``source`` to ``out_path`` (written atomically, after all checks)."""
     import time
 
     t0 = time.perf_counter()
-    model = model.eval()
-    contract = full_contract(cfg.model, cfg.export.diagnostics)
-    module: torch.nn.Module = DiagnosticsWrapper(model) if cfg.export.diagnostics else model
-    b, ls, lt = _example_sizes(cfg)
-    feeds = make_feeds(cfg.model, b, ls, lt, seed=cfg.parity.seed)
+    source.eval()
+    contract = source.contract(graph, diagnostics)
+    module = source.module(graph, diagnostics).eval()
+    sizes = example_axis_sizes(cfg)
+    feeds = spec_feeds(contract, cfg.model, sizes, seed=cfg.parity.seed)
     args = tuple(torch.from_numpy(feeds[n]) for n in contract.input_names)
     proto = _torch_export(module, args, contract, cfg)
-    stabilize_node_names(proto, root="model" if cfg.export.diagnostics else "")
+    stabilize_node_names(proto, root=_root_of(module, source.torch_module()))
     _name_dims(proto, contract)
     proto.producer_name, proto.producer_version = "hmu_export", __version__
-    proto.doc_string = "encoder -> Hippocampus Memory Unit -> decoder; noise is an input"
+    proto.doc_string = (f"{graph} graph of encoder -> Hippocampus Memory Unit -> decoder; "
+                        "noise is an input")
     # The checkpoint is recorded by hash, not path, so the graph bytes do not depend on where it lies.
-    portable = replace(cfg, model=replace(cfg.model, checkpoint=""))
-    meta = {"config": portable.to_json(), "contract": json.dumps(contract.to_dict(), sort_keys=True),
+    portable = replace(cfg, model=replace(cfg.model, checkpoint="", path="", hmu_checkpoint=""))
+    meta = {"config": portable.to_json(), "graph": graph,
+            "contract": json.dumps(contract.to_dict(), sort_keys=True),
             "checkpoint_sha256": checkpoint_sha256,
             "versions": json.dumps(versions(), sort_keys=True)}
     del proto.metadata_props[:]
@@ -221,11 +266,22 @@ def export_onnx(model: HMUTransformer, cfg: BuildConfig, out_path: Path, *,
         proto.metadata_props.add(key=META_PREFIX + key, value=value)
     checked = _check_graph(proto, contract)
     del checked.graph.value_info[:]  # keep the file lean; shapes are re-inferred by runtimes
+    if any(n.op_type == "If" for n in proto.graph.node):
+        raise ExportError(f"the {graph} graph contains an If node (TensorRT cannot build it)")
     out_path = Path(out_path)
     with atomic_path(out_path) as tmp:
         onnx.save_model(proto, str(tmp), save_as_external_data=False)
         err = _validate_against_torch(tmp, module, feeds, contract, cfg.parity.fp32_max_abs)
     return ExportResult(out_path, sha256_file(out_path), contract, time.perf_counter() - t0, err)
+
+
+def export_onnx(model: HMUTransformer, cfg: BuildConfig, out_path: Path, *,
+                checkpoint_sha256: str = "") -> ExportResult:
+    """Export the native model's full graph (the diagnostic variant when the config asks)."""
+    from .model.native import NativeSource
+
+    return export_graph(NativeSource(cfg.model, model), FULL, cfg, out_path,
+                        checkpoint_sha256=checkpoint_sha256, diagnostics=cfg.export.diagnostics)
 
 
 def load_graph_contract(path: Path) -> tuple[onnx.ModelProto, BuildConfig, GraphContract]:
@@ -240,5 +296,17 @@ def load_graph_contract(path: Path) -> tuple[onnx.ModelProto, BuildConfig, Graph
     meta = graph_metadata(proto)
     if "config" not in meta:
         raise ArtifactError(f"{path} was not exported by hmu_export (no {META_PREFIX}config)")
-    cfg = config_from_dict(json.loads(meta["config"]))
+    try:
+        data = json.loads(meta["config"])
+        if not isinstance(data, dict):
+            raise ValueError(f"not a JSON object but {type(data).__name__}")
+        cfg = config_from_dict(data)
+    except (ValueError, HMUExportError) as exc:  # JSONDecodeError is a ValueError
+        raise ArtifactError(f"corrupt metadata in {path}: {META_PREFIX}config: {exc}") from None
+    if "contract" in meta:
+        try:
+            return proto, cfg, GraphContract.from_dict(json.loads(meta["contract"]))
+        except (ValueError, TypeError, KeyError, AttributeError, HMUExportError) as exc:
+            raise ArtifactError(f"corrupt metadata in {path}: {META_PREFIX}contract: "
+                                f"{type(exc).__name__}: {exc}") from None
     return proto, cfg, full_contract(cfg.model, cfg.export.diagnostics)

@@ -89,9 +89,30 @@ class GraphContract:
                 return spec
         raise KeyError(name)
 
+    @property
+    def axes(self) -> list[str]:
+        """Dynamic axis names of the inputs, in first-seen order."""
+        seen: dict[str, None] = {}
+        for spec in self.inputs:
+            for d in spec.dims:
+                if isinstance(d, str):
+                    seen.setdefault(d)
+        return list(seen)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "GraphContract":
+        def one(d: dict) -> TensorSpec:
+            return TensorSpec(str(d["name"]), str(d["dtype"]), tuple(d["dims"]), str(d.get("doc", "")),
+                              bool(d.get("src_positional", False)))
+        return cls(str(data["name"]), tuple(one(d) for d in data["inputs"]),
+                   tuple(one(d) for d in data["outputs"]))
+
     def to_dict(self) -> dict:
         def one(s: TensorSpec) -> dict:
-            return {"name": s.name, "dtype": s.dtype, "dims": list(s.dims), "doc": s.doc}
+            out = {"name": s.name, "dtype": s.dtype, "dims": list(s.dims), "doc": s.doc}
+            if s.src_positional:
+                out["src_positional"] = True
+            return out
         return {"name": self.name, "inputs": [one(s) for s in self.inputs],
                 "outputs": [one(s) for s in self.outputs]}
 
@@ -250,3 +271,33 @@ def make_feeds(model: ModelConfig, batch: int, src_len: int, tgt_len: int, *, se
             src[row, real:] = model.pad_id
     noise = (rng.standard_normal((batch, src_len, model.latent_dim)) * noise_scale)
     return {SRC_IDS: src, SRC_MASK: mask, TGT_IDS: tgt, NOISE: noise.astype(np.float32)}
+
+
+def spec_feeds(contract: GraphContract, model: ModelConfig, sizes: Mapping[str, int], *,
+               seed: int = 0, noise_scale: float = 1.0, pad: bool = True
+               ) -> dict[str, np.ndarray]:
+    """Deterministic feeds for any graph at the named axis sizes (a declared feed generator,
+    Optimum's dummy inputs). Odd rows are padded; float inputs other than noise (cross K/V,
+    caches) are N(0, 1) stand-ins, fine for graph-vs-module checks."""
+    key = [seed] + [int(sizes[a]) for a in sorted(sizes)]
+    rng = np.random.default_rng(key)
+    out: dict[str, np.ndarray] = {}
+    low = 1 if model.vocab_size > 1 else 0
+    for spec in contract.inputs:
+        shape = tuple(int(sizes[d]) if isinstance(d, str) else d for d in spec.dims)
+        if spec.name == SRC_MASK:
+            out[spec.name] = np.ones(shape, dtype=np.int64)
+        elif spec.dtype == "int64":
+            out[spec.name] = rng.integers(low, model.vocab_size, size=shape, dtype=np.int64)
+        elif spec.name == NOISE:
+            out[spec.name] = (rng.standard_normal(shape) * noise_scale).astype(np.float32)
+        else:
+            out[spec.name] = rng.standard_normal(shape).astype(np.float32)
+    if pad and SRC_MASK in out and out[SRC_MASK].shape[1] > 1:
+        mask = out[SRC_MASK]
+        for row in range(1, mask.shape[0], 2):
+            real = int(rng.integers(1, mask.shape[1]))
+            mask[row, real:] = 0
+            if SRC_IDS in out:
+                out[SRC_IDS][row, real:] = model.pad_id
+    return out

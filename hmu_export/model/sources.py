@@ -7,17 +7,21 @@ ModelConfig; ``load`` returns the model itself, weights loaded.
 from __future__ import annotations
 
 import importlib
+from dataclasses import replace
+from pathlib import Path
 from typing import Callable
 
 from ..config import ModelConfig
 from .interface import ModelSource
 
 # name -> "module:function" for (resolve, load): sources are imported only when used.
-_REGISTRY: dict[str, tuple[str, str]] = {
+_REGISTRY: dict[str, tuple[str, ...]] = {
     "native": ("hmu_export.model.sources:_native_resolve", "hmu_export.model.sources:_native_load"),
     "reference": ("hmu_export.model.reference:resolve_config",
                   "hmu_export.model.reference:load_source"),
-    "hf": ("hmu_export.model.hf:resolve_config", "hmu_export.model.hf:load_source"),
+    # (resolve, load[, load_saved]): a third entry rebuilds the model from a build's checkpoint/
+    "hf": ("hmu_export.model.hf:resolve_config", "hmu_export.model.hf:load_source",
+           "hmu_export.model.hf:load_saved"),
 }
 
 
@@ -36,6 +40,14 @@ def resolve(cfg: ModelConfig) -> ModelConfig:
 def load(cfg: ModelConfig) -> ModelSource:
     """The model of a resolved config, in eval mode, weights loaded."""
     return _func(_REGISTRY[cfg.source][1])(cfg).eval()
+
+
+def load_saved(cfg: ModelConfig, weights: Path) -> ModelSource:
+    """A source rebuilt from a build's checkpoint/ (its resolved config + saved weights)."""
+    loader = _REGISTRY[cfg.source][2] if len(_REGISTRY[cfg.source]) > 2 else None
+    if loader:
+        return _func(loader)(cfg, weights).eval()
+    return load(replace(cfg, checkpoint=str(weights))).eval()
 
 
 def _native_resolve(cfg: ModelConfig) -> ModelConfig:
