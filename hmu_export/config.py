@@ -88,8 +88,12 @@ class ModelConfig:
             raise ConfigError(f"model.pad_id must be in [0, vocab_size), got {self.pad_id}")
         if self.init_scale <= 0:
             raise ConfigError(f"model.init_scale must be > 0, got {self.init_scale}")
-        if not self.name or any(c in self.name for c in "/\\") or self.name.startswith("."):
-            raise ConfigError(f"model.name must be a plain folder name, got {self.name!r}")
+        if (not self.name or any(c in self.name for c in "/\\") or self.name.startswith(".")
+                or not self.name.isprintable() or len(self.name) > 100
+                or self.name != self.name.strip()):
+            raise ConfigError("model.name must be a plain folder name (printable, no '/' or "
+                              "'\\', no leading '.' or surrounding spaces, at most 100 "
+                              f"characters), got {self.name[:120]!r}")
 
 
 @dataclass(frozen=True)
@@ -348,6 +352,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where} must be a number, got {value!r}")
+        if not -1.7976931348623157e308 <= value <= 1.7976931348623157e308:  # NaN, inf, 1e400
+            raise ConfigError(f"{where} must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

@@ -28,6 +28,8 @@ def atomic_path(target: Path) -> Iterator[Path]:
         # mkstemp creates 0600 files; artifacts get the usual umask-derived mode instead.
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, target)
+    except OSError as exc:  # disk full, quota, I/O error: one line, nothing half-written
+        raise ArtifactError(f"cannot write {target}: {exc.strerror or exc}") from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -66,6 +68,28 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+@contextlib.contextmanager
+def exclusive_lock(lock_path: Path, what: str) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``lock_path`` (created if needed) or raise a one-line
+    ArtifactError at once when another process holds it. The lock dies with its process."""
+    import fcntl
+
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise ArtifactError(f"cannot create the lock file {lock_path}: "
+                            f"{exc.strerror or exc}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise ArtifactError(f"{what} is in use by another process (lock {lock_path}); "
+                                "wait for it to finish") from None
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock; the file stays (removing it would race)
 
 
 def ensure_writable_dir(path: Path) -> Path:

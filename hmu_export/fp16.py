@@ -72,7 +72,11 @@ def convert_to_fp16(model: onnx.ModelProto, keep_fp32: Sequence[str] = ()) -> on
 def write_fp16_model(src: Path, dst: Path, keep_fp32: Sequence[str]) -> Path:
     """Convert the graph at ``src`` and write it atomically to ``dst`` (one file, no external data)."""
     model = onnx.load(str(src))
-    fp16 = convert_to_fp16(model, keep_fp32)
+    return save_fp16_model(convert_to_fp16(model, keep_fp32), Path(dst))
+
+
+def save_fp16_model(fp16: onnx.ModelProto, dst: Path) -> Path:
+    """Write a converted graph atomically, only once ONNX Runtime loads it (build and command)."""
     with atomic_path(Path(dst)) as tmp:
         onnx.save_model(fp16, str(tmp), save_as_external_data=False)
         _check_loads(tmp)
@@ -103,8 +107,7 @@ def fp16_stage(ctx: "BuildContext") -> StageResult:
     pins = select_pins(model, ctx.cfg.engine)
     names = pin_names(pins)
     fp16 = convert_to_fp16(model, names)
-    with atomic_path(ctx.layout.onnx_fp16) as tmp:
-        onnx.save_model(fp16, str(tmp), save_as_external_data=False)
+    save_fp16_model(fp16, ctx.layout.onnx_fp16)
     ctx.data.setdefault("pins", [p.to_dict() for p in pins])
     return StageResult(OK, details={
         "path": ctx.layout.onnx_fp16.name, "fp32_nodes": names,

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from .artifacts import BuildLayout
 from .config import BuildConfig, ProfileConfig
-from .errors import ArtifactError, HMUExportError
+from .errors import ArtifactError, BackendUnavailable, HMUExportError
 from .fileio import atomic_path, write_text
 from .io_contract import BATCH, NOISE, GraphContract, TensorSpec
 from .manifest import OK, SKIPPED, StageResult
@@ -85,6 +85,17 @@ class RepositoryResult:
 
 
 # ----------------------------------------------------------------------------- config building
+
+def require_schema() -> None:
+    """Triton's ModelConfig schema ships in ``tritonclient`` (the ``[triton]`` extra): without it
+    no config can be rendered or validated, so no repository is written (BackendUnavailable)."""
+    try:
+        from tritonclient.grpc import model_config_pb2  # noqa: F401
+    except ImportError:
+        raise BackendUnavailable("Triton's config schema (package tritonclient) is not "
+                                 "installed: install hmu-export[triton] to write and validate "
+                                 "the Triton repository") from None
+
 
 def model_names(cfg: BuildConfig) -> dict[str, str]:
     base = "".join(c if c.isalnum() or c in "-_" else "_" for c in cfg.model.name)
@@ -462,6 +473,7 @@ def write_repository(layout: BuildLayout, cfg: BuildConfig, contract: GraphContr
     opts = opts or TritonOptions(max_queue_delay_us=cfg.triton.max_queue_delay_us,
                                  instance_count=cfg.triton.instance_count)
     opts.validate()
+    require_schema()
     out_dir = Path(out_dir) if out_dir is not None else layout.triton_dir
     _check_replaceable(out_dir)
     models = plan_models(layout, cfg, contract, opts)
@@ -518,6 +530,10 @@ def triton_stage(ctx: "BuildContext") -> StageResult:
 
     if not ctx.cfg.triton.enabled:
         return StageResult(SKIPPED, reason="triton.enabled = false")
+    try:
+        require_schema()
+    except BackendUnavailable as exc:  # a base install builds; the reason goes in the manifest
+        return StageResult(SKIPPED, reason=str(exc))
     contract = ctx.contract or full_contract(ctx.cfg.model, ctx.cfg.export.diagnostics)
     res = write_repository(ctx.layout, ctx.cfg, contract)
     details = {"models": res.models, "plan_included": res.plan_included,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from .. import ui
@@ -41,8 +42,10 @@ def run(args: argparse.Namespace) -> int:
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     if not backends:
         raise ConfigError("--backends is empty")
-    if args.threads < 0:
-        raise ConfigError(f"--threads must be >= 0, got {args.threads}")
+    cores = os.cpu_count() or 1
+    if not 0 <= args.threads <= cores:
+        raise ConfigError(f"--threads must be in 0..{cores} (this machine's cores; 0 = all "
+                          f"usable), got {args.threads}")
     settings = BenchSettings.quick() if args.quick else BenchSettings()
     if args.min_seconds is not None:
         settings = BenchSettings(**{**settings.__dict__, "min_seconds": args.min_seconds})
@@ -61,6 +64,9 @@ def run(args: argparse.Namespace) -> int:
         report = run_bench(args.artifacts, shapes, backends, settings=settings, quick=args.quick,
                            hmu_overhead=not args.no_hmu_overhead, progress=tick)
     paths = write_outputs(report, out_dir, args.json)
+    if (args.artifacts / "manifest.json").is_file():  # list what bench wrote inside the build
+        from ..manifest import update_manifest
+        update_manifest(args.artifacts, None, None, written=list(paths.values()))
 
     rows = [(r["backend"], r["precision"], "x".join(map(str, r["shape"])), r["copies"],
              f"{r['p50_ms']:.3f}", f"{r['p99_ms']:.3f}", f"{r['seq_per_s']:.1f}",

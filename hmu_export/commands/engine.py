@@ -4,8 +4,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..errors import ArtifactError
-
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("engine", help="write build_engine.sh and build the TensorRT engine of a "
@@ -18,22 +16,19 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def rebuild_engine(root: Path, require_engine: bool = False):  # type: ignore[no-untyped-def]
     """Re-run the engine stage on ``root`` and record it in its manifest; returns the result."""
-    from ..artifacts import BuildLayout
-    from ..engine import engine_stage
-    from ..export import load_graph_contract
-    from ..manifest import read_manifest, update_manifest, verify_artifacts
+    from ..build_folder import open_build
+    from ..engine import RECORD_FILE, engine_stage
+    from ..manifest import read_manifest, update_manifest
     from ..pipeline import BuildContext
 
-    layout = BuildLayout(Path(root))
-    manifest = read_manifest(layout.root)
-    changed = [p for p in verify_artifacts(layout.root, manifest) if p == layout.onnx.name]
-    if changed:
-        raise ArtifactError(f"{layout.onnx} changed since the build (sha256 differs from "
-                            "manifest.json): rebuild the folder with `python -m hmu_export build`")
-    _, cfg, contract = load_graph_contract(layout.onnx)
+    read_manifest(Path(root))  # a build folder, not a bare export
+    build = open_build(root)  # every file matches the manifest, model.onnx included
+    layout, cfg, contract = build.layout, build.cfg, build.contract
     ctx = BuildContext(cfg, layout, require_engine=require_engine, contract=contract)
     result = engine_stage(ctx)
-    update_manifest(layout.root, "engine", result, extra={"engine": ctx.data.get("engine", {})})
+    update_manifest(layout.root, "engine", result, extra={"engine": ctx.data.get("engine", {})},
+                    written=[layout.recipe, layout.root / RECORD_FILE, layout.engine,
+                             layout.timing_cache])
     return result
 
 
@@ -45,4 +40,8 @@ def run(args: argparse.Namespace) -> int:
     ui.out.print(ui.table("TensorRT engine", ["stage", "status", "reason"], rows))
     recipe = Path(args.artifacts) / "build_engine.sh"
     ui.out.print(f"recipe: {recipe}")
-    return 1 if result.status == "failed" else 0
+    if result.status == "failed":
+        ui.err.print(f"error: engine stage failed: {result.reason}", markup=False,
+                     highlight=False)
+        return 1
+    return 0

@@ -42,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
         layout = BuildLayout(args.out or DEFAULT_ROOT / cfg.model.name)
         model = build_model(cfg.model)
         save_checkpoint(model, layout.checkpoint_dir)
+    written = [layout.onnx] + ([] if args.artifacts else [layout.checkpoint_dir])
     export_cfg = dataclasses.replace(
         cfg.export, opset=args.opset or cfg.export.opset,
         diagnostics=args.diagnostics or cfg.export.diagnostics)
@@ -55,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
                "sensitive_nodes": sensitive_nodes(onnx.load(str(res.path)))}
     if layout.manifest.is_file():
         update_manifest(layout.root, "export", StageResult(OK, seconds=res.seconds,
-                                                           details=details))
+                                                           details=details), written=written)
     ui.out.print(ui.table("export", ("file", "sha256", "seconds", "max abs vs torch"),
                           [(str(res.path), res.sha256[:16], f"{res.seconds:.1f}",
                             f"{res.validation_max_abs:.1e}")]))

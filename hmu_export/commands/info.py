@@ -24,6 +24,7 @@ def run(args: argparse.Namespace) -> int:
                            for a in data["artifacts"]]))
     bad = verify_artifacts(args.artifacts, data)
     if bad:
-        ui.err.print(f"error: {len(bad)} artifact(s) changed since the build: {', '.join(bad)}")
+        ui.err.print(f"error: {len(bad)} artifact(s) changed since the build: {', '.join(bad)}",
+                     markup=False, highlight=False)
         return 1
     return 0

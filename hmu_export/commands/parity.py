@@ -47,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
     if layout.manifest.is_file():
         update_manifest(layout.root, "parity", StageResult(
             OK if report.passed else FAILED, details=summary(report)),
-            extra={"parity": summary(report)})
+            extra={"parity": summary(report)},
+            written=[layout.parity_dir] + ([args.json] if args.json else []))
     rows = []
     for backend in dict.fromkeys(r.backend for r in report.results):
         rs = [r for r in report.results if r.backend == backend and r.output == "logits"]

@@ -29,10 +29,29 @@ def save_checkpoint(model: HMUTransformer, folder: Path) -> tuple[Path, Path]:
     return weights, config
 
 
+def check_regular_file(path: Path, what: str = "checkpoint") -> None:
+    """``path`` is a regular file, or a CheckpointError that says what it is instead."""
+    import stat
+
+    try:
+        mode = Path(path).stat().st_mode
+    except FileNotFoundError:
+        raise CheckpointError(f"{what} not found: {path}") from None
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(mode):
+        raise CheckpointError(f"{what} {path} is a directory: name the weights file in it "
+                              f"(e.g. {Path(path) / WEIGHTS_FILE})")
+    if not stat.S_ISREG(mode):
+        kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a character device" if stat.S_ISCHR(mode)
+                else "a block device" if stat.S_ISBLK(mode) else "a socket"
+                if stat.S_ISSOCK(mode) else "special")
+        raise CheckpointError(f"{what} {path} is not a regular file (it is {kind})")
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Tensors from a safetensors file, or from a weights-only torch file (no code executed)."""
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+    check_regular_file(path)
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -41,8 +60,11 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"corrupt safetensors checkpoint {path}: {exc}") from None
     if path.suffix in (".pt", ".pth", ".bin"):
+        import warnings
         try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # the refusal below says it in one line
+                warnings.simplefilter("ignore")
+                obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError...
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CheckpointError(f"refusing checkpoint {path}: not a weights-only file "
@@ -74,15 +96,53 @@ def load_weights(model: HMUTransformer, path: Path) -> None:
                                   f"shape {list(tensor.shape)}, expected {list(own[key].shape)}")
         if not tensor.is_floating_point():
             raise CheckpointError(f"checkpoint {path}: '{key}' has dtype {tensor.dtype}")
+        finite = torch.isfinite(tensor)
+        if not bool(finite.all()):
+            raise CheckpointError(f"checkpoint {path}: '{key}' holds "
+                                  f"{int((~finite).sum())} non-finite value(s) (NaN or Inf)")
     model.load_state_dict({k: v.float() for k, v in state.items()})
 
 
 def build_model(cfg: ModelConfig) -> HMUTransformer:
     """The seeded model for ``cfg``, with the checkpoint's weights when one is named."""
+    if cfg.checkpoint:
+        check_saved_config(cfg, Path(cfg.checkpoint))
     model = HMUTransformer(cfg)
     if cfg.checkpoint:
         load_weights(model, Path(cfg.checkpoint))
     return model.eval()
+
+
+# Fields that change what a checkpoint computes although every tensor keeps its shape
+# (n_heads above all), or that its shapes follow.
+ARCHITECTURE = ("vocab_size", "d_model", "n_heads", "n_encoder_layers", "n_decoder_layers",
+                "d_ff", "latent_dim", "max_len", "use_hmu", "pad_id", "num_classes", "pool",
+                "hmu_position")
+
+
+def check_saved_config(cfg: ModelConfig, weights: Path) -> None:
+    """When the weights' folder carries our config.json (``save_checkpoint`` writes one), the
+    architecture it records must be the config's: same shapes can still be another model."""
+    saved = Path(weights).parent / CONFIG_FILE
+    if not saved.is_file():
+        return
+    data = read_json_object(saved, CheckpointError, "checkpoint config")
+    fields = {f for f in ModelConfig.__dataclass_fields__}
+    if not {"d_model", "n_heads"} <= set(data) or not set(data) <= fields:
+        return  # another tool's config.json (e.g. Transformers'): not ours to compare
+    try:
+        ck = _build(ModelConfig, data, "model")
+    except ConfigError as exc:
+        raise CheckpointError(f"checkpoint config {saved}: {exc}") from None
+    for key in ARCHITECTURE:
+        if not hasattr(cfg, key):
+            continue
+        want, got = getattr(cfg, key), getattr(ck, key)
+        if key == "n_heads":  # 0 means d_model // 32: compare what each resolves to
+            want, got = getattr(cfg, "heads", want), getattr(ck, "heads", got)
+        if want != got:
+            raise CheckpointError(f"checkpoint {weights} was saved with model.{key} = {got!r} "
+                                  f"({saved}), but the config says {want!r}")
 
 
 def load_checkpoint(folder: Path) -> HMUTransformer:
