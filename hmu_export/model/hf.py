@@ -1,0 +1,598 @@
+"""Hugging Face seq2seq models (T5, BART, Marian) with an HMU between encoder and decoder.
+
+``[model] source = "hf"`` with ``path`` = a local ``save_pretrained`` folder. The Transformers
+model supplies the weights (and the test oracle); the computation of every graph is written
+here, per family, from the Transformers layers' own submodules, because the graphs need what
+Transformers' forward does not give: the cross-attention K/V as encoder outputs, a decoder step
+that takes them plus a self-attention past as plain tensors (the onnxruntime-genai Whisper
+layout), positions from ``past_len``, and no data-dependent Python branches (no ``If`` node).
+
+Per family:
+- T5: RMS layer norms, no attention scaling, a relative position bias computed in the first
+  block and shared by all blocks (bidirectional in the encoder; in the decoder for query
+  positions past_len .. past_len+new-1 against every key), ``d_kv`` heads that need not be
+  d_model / heads, tied LM head scaled by d_model**-0.5 when the config says so.
+- BART: word embeddings scaled inside ``embed_tokens``, learned positions with offset 2, a
+  layernorm after the embeddings, post-norm layers, ``final_logits_bias``.
+- Marian: like BART, but sinusoidal positions (no offset), embeddings scaled by sqrt(d_model)
+  when ``scale_embedding``, no embedding layernorm.
+
+The HMU takes the encoder's ``last_hidden_state``; its output is the memory the decoder
+cross-attends to. Without ``hmu_checkpoint`` it is seeded with ``model.seed`` (untrained).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from ..errors import CheckpointError, ConfigError
+from ..io_contract import DECODER, ENCODER, FULL, CacheLayout
+from .hmu import HMU, IdentityHMU
+from .interface import ModelSource
+
+T5, BART, MARIAN = "T5ForConditionalGeneration", "BartForConditionalGeneration", "MarianMTModel"
+SUPPORTED = (T5, BART, MARIAN)
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+#: T5 has no position table; relative positions have no hard bound. Profiles need one.
+T5_MAX_LEN = 512
+#: ModelConfig's latent_dim default: a resolved hf config replaces it with d_model // 2 (a TOML
+#: that sets latent_dim to any other value keeps its value; set 64 explicitly is not detectable).
+_DEFAULT_LATENT = next(f.default for f in dataclasses.fields(ModelConfig) if f.name == "latent_dim")
+#: generation_config.json options that change tokens, with the value that leaves tokens alone.
+TOKEN_OPTIONS: dict[str, Any] = {
+    "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None,
+    "forced_bos_token_id": None, "forced_eos_token_id": None, "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0, "length_penalty": 1.0, "num_beams": 1,
+    "min_length": 0, "min_new_tokens": None, "suppress_tokens": None,
+    "begin_suppress_tokens": None, "sequence_bias": None, "do_sample": False,
+    "diversity_penalty": 0.0, "exponential_decay_length_penalty": None,
+}
+
+
+# ----------------------------------------------------------------------------- config
+def _folder(cfg: ModelConfig) -> Path:
+    if not cfg.path:
+        raise ConfigError('model.path must name a local save_pretrained folder for source "hf"')
+    path = Path(cfg.path)
+    if not path.is_dir():
+        raise ConfigError(f"model.path {path} is not a folder (expected a save_pretrained folder "
+                          "with config.json and weights)")
+    return path
+
+
+def _config_json(path: Path) -> dict:
+    file = path / "config.json"
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path} has no config.json (expected a save_pretrained folder)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"cannot read {file}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file} does not hold a JSON object")
+    return data
+
+
+def architecture(path: Path) -> str:
+    """The folder's supported architecture, or a one-line ConfigError naming what it has."""
+    archs = _config_json(path).get("architectures") or []
+    arch = archs[0] if isinstance(archs, list) and archs else "none given"
+    if arch not in SUPPORTED:
+        raise ConfigError(f"{path}: architecture {arch} is not supported by source \"hf\" "
+                          f"(supported: {', '.join(SUPPORTED)})")
+    return arch
+
+
+def _check_weights(path: Path) -> None:
+    if not any((path / name).is_file() for name in WEIGHT_FILES):
+        raise CheckpointError(f"{path} has config.json but no weights (expected one of "
+                              f"{', '.join(WEIGHT_FILES)})")
+
+
+def _hf_config(path: Path) -> Any:
+    from transformers import AutoConfig
+    try:
+        return AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except Exception as exc:  # transformers raises many types for a bad config
+        raise ConfigError(f"cannot read {path / 'config.json'}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What the graphs need from the Transformers config, family by family."""
+
+    family: str
+    vocab_size: int
+    d_model: int
+    heads: int  # decoder attention heads (the cache's)
+    head_dim: int
+    encoder_layers: int
+    decoder_layers: int
+    d_ff: int
+    max_len: int
+    pad_id: int
+
+
+def geometry(arch: str, hc: Any) -> Geometry:
+    pad = hc.pad_token_id if hc.pad_token_id is not None else 0
+    if arch == T5:
+        return Geometry(arch, hc.vocab_size, hc.d_model, hc.num_heads, hc.d_kv, hc.num_layers,
+                        hc.num_decoder_layers, hc.d_ff, T5_MAX_LEN, pad)
+    if arch == MARIAN and hc.decoder_vocab_size != hc.vocab_size:
+        raise ConfigError(f"Marian with decoder_vocab_size {hc.decoder_vocab_size} != vocab_size "
+                          f"{hc.vocab_size} is not supported (one vocabulary for src and tgt ids)")
+    if hc.d_model % hc.decoder_attention_heads:
+        raise ConfigError(f"d_model {hc.d_model} is not divisible by decoder_attention_heads "
+                          f"{hc.decoder_attention_heads}")
+    return Geometry(arch, hc.vocab_size, hc.d_model, hc.decoder_attention_heads,
+                    hc.d_model // hc.decoder_attention_heads, hc.encoder_layers,
+                    hc.decoder_layers, hc.encoder_ffn_dim, hc.max_position_embeddings, pad)
+
+
+def _hmu_state(path: Path) -> dict[str, torch.Tensor]:
+    from .checkpoint import read_state_dict
+    if not path.is_file():
+        raise CheckpointError(f"HMU checkpoint not found: {path}")
+    state = read_state_dict(path)
+    if state and all(k.startswith("hmu.") for k in state):  # a "hmu."-prefixed export
+        state = {k[4:]: v for k, v in state.items()}
+    return state
+
+
+def _checkpoint_latent(path: Path, d_model: int) -> int:
+    w = _hmu_state(path).get("vae.mu.weight")
+    if w is None or w.ndim != 2:
+        raise CheckpointError(f"HMU checkpoint {path} has no 2-D vae.mu.weight "
+                              "(expected the HMU keys vae.*, norm_*, gate_mlp.0.*, fusion_proj.*)")
+    if w.shape[1] != d_model:
+        raise CheckpointError(f"HMU checkpoint {path} is for d_model {w.shape[1]}, the model at "
+                              f"model.path has d_model {d_model}")
+    return int(w.shape[0])
+
+
+def resolve_config(cfg: ModelConfig) -> ModelConfig:
+    """``cfg`` with the architecture fields read from the folder's config.json.
+
+    latent_dim: the HMU checkpoint's when one is given (a different explicit value is an
+    error); else d_model // 2 unless the TOML set a value other than ModelConfig's default.
+    """
+    path = _folder(cfg)
+    arch = architecture(path)
+    _check_weights(path)
+    g = geometry(arch, _hf_config(path))
+    latent = cfg.latent_dim if cfg.latent_dim != _DEFAULT_LATENT else max(1, g.d_model // 2)
+    if cfg.hmu_checkpoint and cfg.use_hmu:
+        found = _checkpoint_latent(Path(cfg.hmu_checkpoint), g.d_model)
+        if cfg.latent_dim != _DEFAULT_LATENT and cfg.latent_dim != found:
+            raise CheckpointError(f"HMU checkpoint {cfg.hmu_checkpoint} has latent_dim {found}, "
+                                  f"the config sets model.latent_dim = {cfg.latent_dim}")
+        latent = found
+    return replace(cfg, vocab_size=g.vocab_size, d_model=g.d_model, n_heads=g.heads,
+                   n_encoder_layers=g.encoder_layers, n_decoder_layers=g.decoder_layers,
+                   d_ff=g.d_ff, max_len=g.max_len, pad_id=g.pad_id, latent_dim=latent,
+                   dropout=0.0)
+
+
+@dataclass(frozen=True)
+class HFGeneration:
+    """Token ids and token-changing options of the folder's generation config."""
+
+    bos_id: int  # decoder_start_token_id: the first decoder input, never part of the output
+    eos_id: int  # the first one when the config lists several
+    eos_ids: tuple[int, ...]
+    pad_id: int
+    #: options set to a value that changes tokens (name -> value): honour them or refuse
+    token_options: dict[str, Any] = field(default_factory=dict)
+
+
+def generation_settings(cfg: ModelConfig) -> HFGeneration:
+    """Generation ids for ``[generation]`` (bos_id = decoder_start_token_id, eos_id), read from
+    generation_config.json when the folder has one, else from config.json."""
+    from transformers import GenerationConfig
+    path = _folder(cfg)
+    hc = _hf_config(path)
+    try:
+        gc = (GenerationConfig.from_pretrained(str(path), local_files_only=True)
+              if (path / "generation_config.json").is_file()
+              else GenerationConfig.from_model_config(hc))
+    except Exception as exc:
+        raise ConfigError(f"cannot read {path / 'generation_config.json'}: {exc}") from None
+
+    def pick(name: str) -> Any:
+        v = getattr(gc, name, None)
+        return v if v is not None else getattr(hc, name, None)
+
+    start = pick("decoder_start_token_id")
+    if start is None:
+        start = pick("bos_token_id")
+    eos = pick("eos_token_id")
+    eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
+    pad = pick("pad_token_id")
+    if start is None or not eos_ids:
+        raise ConfigError(f"{path}: the config names no decoder_start_token_id or eos_token_id")
+    options = {k: getattr(gc, k, d) for k, d in TOKEN_OPTIONS.items()
+               if getattr(gc, k, d) not in (d, None) and not (k == "min_length" and
+                                                               getattr(gc, k) == 0)}
+    return HFGeneration(int(start), int(eos_ids[0]), tuple(int(e) for e in eos_ids),
+                        int(pad if pad is not None else 0), options)
+
+
+# ----------------------------------------------------------------------------- attention
+def _split(x: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
+    """[B, L, H*D] -> [B, H, L, D]."""
+    return x.unflatten(-1, (heads, head_dim)).transpose(1, 2)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+            scaling: float) -> torch.Tensor:
+    """softmax(q k^T * scaling + bias) v, merged back to [B, Lq, H*D]."""
+    scores = torch.matmul(q, k.transpose(-1, -2))
+    if scaling != 1.0:
+        scores = scores * scaling
+    probs = torch.softmax(scores + bias, dim=-1)
+    return torch.matmul(probs, v).transpose(1, 2).flatten(2)
+
+
+def _padding_bias(src_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, 1, 1, Ls]: 0 for tokens, the dtype's minimum for padding (as Transformers does)."""
+    pad = (src_mask[:, None, None, :] == 0).to(dtype)
+    return pad * torch.finfo(dtype).min
+
+
+def _causal_bias(positions: torch.Tensor, total: int, dtype: torch.dtype) -> torch.Tensor:
+    """[1, 1, new, total]: query at absolute position p sees keys 0..p."""
+    keys = torch.arange(total, device=positions.device)
+    future = (keys[None, :] > positions[:, None]).to(dtype)
+    return (future * torch.finfo(dtype).min)[None, None]
+
+
+def _positions(new_len: int, past_len: int | torch.SymInt, device: torch.device) -> torch.Tensor:
+    return torch.arange(new_len, device=device) + past_len
+
+
+# ----------------------------------------------------------------------------- model
+class HFHMUModel(nn.Module):
+    """A Transformers seq2seq model with an HMU on its encoder output. ``hf`` holds the
+    Transformers model (its weights are the only parameters besides ``hmu``)."""
+
+    def __init__(self, hf: nn.Module, hmu: nn.Module, geom: Geometry) -> None:
+        super().__init__()
+        self.hf = hf
+        self.hmu = hmu
+        self.geom = geom
+
+    # The three pieces every graph is made of ------------------------------------
+    def encode(self, src_ids: torch.Tensor, src_mask: torch.Tensor) -> torch.Tensor:
+        """The encoder's last_hidden_state [B, Ls, d_model]."""
+        raise NotImplementedError
+
+    def cross_kv(self, memory: torch.Tensor) -> list[torch.Tensor]:
+        """[cross_key.0, cross_value.0, cross_key.1, ...], each [B, H, Ls, head_dim]."""
+        raise NotImplementedError
+
+    def decode(self, tgt_ids: torch.Tensor, src_mask: torch.Tensor, cross: list[torch.Tensor],
+               past: list[torch.Tensor] | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Logits [B, new, V] of ``tgt_ids`` after ``past`` ([past_key.0, past_value.0, ...] or
+        None for an empty past), and the presents (past + new keys/values per layer)."""
+        raise NotImplementedError
+
+    # Compositions -------------------------------------------------------------------
+    def memory(self, src_ids: torch.Tensor, src_mask: torch.Tensor,
+               noise: torch.Tensor) -> torch.Tensor:
+        return self.hmu(self.encode(src_ids, src_mask), noise)
+
+    def forward(self, src_ids: torch.Tensor, src_mask: torch.Tensor, tgt_ids: torch.Tensor,
+                noise: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits [B, Lt, V] of tgt_ids (decoder input ids)."""
+        memory = self.memory(src_ids, src_mask, noise)
+        return self.decode(tgt_ids, src_mask, self.cross_kv(memory), None)[0]
+
+
+class _T5(HFHMUModel):
+    def __init__(self, hf: nn.Module, hmu: nn.Module, geom: Geometry) -> None:
+        super().__init__(hf, hmu, geom)
+        # bucket[rel + md] for rel in [-md, md] (md = max_distance): every |rel| >= md lands in
+        # the last bucket, so clamping rel to that range is exact. Built here, with
+        # Transformers' own bucket function, so the graphs hold a lookup table, not its logs.
+        from transformers.models.t5.modeling_t5 import T5Attention
+        for name, stack in (("enc_buckets", hf.encoder), ("dec_buckets", hf.decoder)):
+            att = stack.block[0].layer[0].SelfAttention
+            md = att.relative_attention_max_distance
+            table = T5Attention._relative_position_bucket(
+                torch.arange(-md, md + 1, dtype=torch.long), bidirectional=not stack.is_decoder,
+                num_buckets=att.relative_attention_num_buckets, max_distance=md)
+            self.register_buffer(name, table, persistent=False)
+
+    def _embed(self, stack: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        return stack.embed_tokens(ids)
+
+    def _position_bias(self, stack: nn.Module, queries: torch.Tensor, total: int) -> torch.Tensor:
+        """[1, H, len(queries), total]: the first block's relative position bias."""
+        att = stack.block[0].layer[0].SelfAttention
+        md = att.relative_attention_max_distance
+        table = self.dec_buckets if stack.is_decoder else self.enc_buckets
+        keys = torch.arange(total, device=queries.device)
+        rel = (keys[None, :] - queries[:, None]).clamp(-md, md) + md
+        return att.relative_attention_bias(table[rel]).permute(2, 0, 1)[None]
+
+    def _self_attention(self, layer: nn.Module, h: torch.Tensor, bias: torch.Tensor,
+                        past_k: torch.Tensor | None = None, past_v: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        att = layer.SelfAttention
+        x = layer.layer_norm(h)
+        hd, nh = att.key_value_proj_dim, att.n_heads
+        q, k, v = _split(att.q(x), nh, hd), _split(att.k(x), nh, hd), _split(att.v(x), nh, hd)
+        if past_k is not None:
+            k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+        return h + att.o(_attend(q, k, v, bias, 1.0)), k, v
+
+    def encode(self, src_ids, src_mask):  # type: ignore[no-untyped-def]
+        enc = self.hf.encoder
+        h = self._embed(enc, src_ids)
+        queries = torch.arange(src_ids.shape[1], device=src_ids.device)
+        bias = self._position_bias(enc, queries, src_ids.shape[1]) + _padding_bias(src_mask,
+                                                                                   h.dtype)
+        for block in enc.block:
+            h = self._self_attention(block.layer[0], h, bias)[0]
+            h = block.layer[-1](h)
+        return enc.final_layer_norm(h)
+
+    def cross_kv(self, memory):  # type: ignore[no-untyped-def]
+        out = []
+        for block in self.hf.decoder.block:
+            att = block.layer[1].EncDecAttention
+            hd, nh = att.key_value_proj_dim, att.n_heads
+            out += [_split(att.k(memory), nh, hd), _split(att.v(memory), nh, hd)]
+        return out
+
+    def decode(self, tgt_ids, src_mask, cross, past):  # type: ignore[no-untyped-def]
+        dec = self.hf.decoder
+        h = self._embed(dec, tgt_ids)
+        new = tgt_ids.shape[1]
+        past_len = past[0].shape[2] if past is not None else 0
+        queries = _positions(new, past_len, tgt_ids.device)
+        total = past_len + new
+        self_bias = self._position_bias(dec, queries, total) + _causal_bias(queries, total,
+                                                                            h.dtype)
+        cross_bias = _padding_bias(src_mask, h.dtype)
+        presents = []
+        for i, block in enumerate(dec.block):
+            pk, pv = (past[2 * i], past[2 * i + 1]) if past is not None else (None, None)
+            h, k, v = self._self_attention(block.layer[0], h, self_bias, pk, pv)
+            presents += [k, v]
+            ca = block.layer[1]
+            att = ca.EncDecAttention
+            q = _split(att.q(ca.layer_norm(h)), att.n_heads, att.key_value_proj_dim)
+            h = h + att.o(_attend(q, cross[2 * i], cross[2 * i + 1], cross_bias, 1.0))
+            h = block.layer[-1](h)
+        h = dec.final_layer_norm(h)
+        if getattr(self.hf.config, "scale_decoder_outputs", False):
+            h = h * (self.hf.model_dim ** -0.5)
+        return self.hf.lm_head(h), presents
+
+
+class _Bart(HFHMUModel):
+    """BART and Marian (post-norm layers; they differ in embeddings and positions)."""
+
+    @property
+    def _marian(self) -> bool:
+        return self.geom.family == MARIAN
+
+    def _embed(self, stack: nn.Module, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if self._marian:
+            h = stack.embed_tokens(ids) * stack.embed_scale
+            return h + nn.functional.embedding(positions, stack.embed_positions.weight)
+        h = stack.embed_tokens(ids)  # BartScaledWordEmbedding applies embed_scale itself
+        h = h + nn.functional.embedding(positions + stack.embed_positions.offset,
+                                        stack.embed_positions.weight)
+        return stack.layernorm_embedding(h)
+
+    @staticmethod
+    def _qkv(att: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        nh, hd = att.num_heads, att.head_dim
+        return (_split(att.q_proj(x), nh, hd), _split(att.k_proj(x), nh, hd),
+                _split(att.v_proj(x), nh, hd))
+
+    @staticmethod
+    def _ffn(layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        return layer.final_layer_norm(h + layer.fc2(layer.activation_fn(layer.fc1(h))))
+
+    def encode(self, src_ids, src_mask):  # type: ignore[no-untyped-def]
+        enc = self.hf.model.encoder
+        h = self._embed(enc, src_ids, _positions(src_ids.shape[1], 0, src_ids.device))
+        bias = _padding_bias(src_mask, h.dtype)
+        for layer in enc.layers:
+            att = layer.self_attn
+            q, k, v = self._qkv(att, h)
+            h = layer.self_attn_layer_norm(h + att.out_proj(_attend(q, k, v, bias, att.scaling)))
+            h = self._ffn(layer, h)
+        return h
+
+    def cross_kv(self, memory):  # type: ignore[no-untyped-def]
+        out = []
+        for layer in self.hf.model.decoder.layers:
+            att = layer.encoder_attn
+            out += [_split(att.k_proj(memory), att.num_heads, att.head_dim),
+                    _split(att.v_proj(memory), att.num_heads, att.head_dim)]
+        return out
+
+    def decode(self, tgt_ids, src_mask, cross, past):  # type: ignore[no-untyped-def]
+        dec = self.hf.model.decoder
+        new = tgt_ids.shape[1]
+        past_len = past[0].shape[2] if past is not None else 0
+        positions = _positions(new, past_len, tgt_ids.device)
+        h = self._embed(dec, tgt_ids, positions)
+        self_bias = _causal_bias(positions, past_len + new, h.dtype)
+        cross_bias = _padding_bias(src_mask, h.dtype)
+        presents = []
+        for i, layer in enumerate(dec.layers):
+            att = layer.self_attn
+            q, k, v = self._qkv(att, h)
+            if past is not None:
+                k, v = torch.cat([past[2 * i], k], dim=2), torch.cat([past[2 * i + 1], v], dim=2)
+            presents += [k, v]
+            h = layer.self_attn_layer_norm(h + att.out_proj(_attend(q, k, v, self_bias,
+                                                                    att.scaling)))
+            ca = layer.encoder_attn
+            q = _split(ca.q_proj(h), ca.num_heads, ca.head_dim)
+            a = _attend(q, cross[2 * i], cross[2 * i + 1], cross_bias, ca.scaling)
+            h = layer.encoder_attn_layer_norm(h + ca.out_proj(a))
+            h = self._ffn(layer, h)
+        return self.hf.lm_head(h) + self.hf.final_logits_bias, presents
+
+
+# ----------------------------------------------------------------------------- graphs
+class _Full(nn.Module):
+    """(src_ids, src_mask, tgt_ids, noise) -> (logits,) [+ encoder_out, hmu_gate, hmu_out]."""
+
+    def __init__(self, model: HFHMUModel, diagnostics: bool = False) -> None:
+        super().__init__()
+        self.model = model
+        self.diagnostics = diagnostics
+
+    def forward(self, src_ids, src_mask, tgt_ids, noise):  # type: ignore[no-untyped-def]
+        m = self.model
+        if not self.diagnostics:
+            return (m(src_ids, src_mask, tgt_ids, noise),)
+        v = m.encode(src_ids, src_mask)
+        if isinstance(m.hmu, HMU):
+            trace = m.hmu.trace(v, noise)
+            out, gate = trace.out, trace.gate
+        else:
+            out, gate = m.hmu(v, noise), torch.ones_like(v)
+        logits = m.decode(tgt_ids, src_mask, m.cross_kv(out), None)[0]
+        return logits, v, gate, out
+
+
+class _Encoder(nn.Module):
+    """(src_ids, src_mask, noise) -> (memory, cross_key.0, cross_value.0, ...)."""
+
+    def __init__(self, model: HFHMUModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, src_ids, src_mask, noise):  # type: ignore[no-untyped-def]
+        memory = self.model.memory(src_ids, src_mask, noise)
+        return (memory, *self.model.cross_kv(memory))
+
+
+class _Decoder(nn.Module):
+    """(tgt_ids, src_mask, cross_key.0, cross_value.0, ..., past_key.0, past_value.0, ...) ->
+    (logits, present_key.0, present_value.0, ...): one graph for past_len 0 and every step."""
+
+    def __init__(self, model: HFHMUModel) -> None:
+        super().__init__()
+        self.model = model
+        self.layers = model.geom.decoder_layers
+
+    def forward(self, tgt_ids, src_mask, *kv):  # type: ignore[no-untyped-def]
+        n = 2 * self.layers
+        if len(kv) != 2 * n:
+            raise TypeError(f"decoder step takes {2 * n} cache tensors, got {len(kv)}")
+        logits, presents = self.model.decode(tgt_ids, src_mask, list(kv[:n]), list(kv[n:]))
+        return (logits, *presents)
+
+
+# ----------------------------------------------------------------------------- source
+def _load_hf(path: Path, arch: str) -> nn.Module:
+    import transformers
+    cls = getattr(transformers, arch)
+    try:
+        model = cls.from_pretrained(str(path), dtype=torch.float32, attn_implementation="eager",
+                                    local_files_only=True)
+    except Exception as exc:  # transformers raises many types for bad weights
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"cannot load {arch} from {path}: {first}") from None
+    return model.eval()
+
+
+def build_hmu(cfg: ModelConfig) -> tuple[nn.Module, bool]:
+    """(HMU, trained): loaded from ``hmu_checkpoint`` with exact key and shape checks, or
+    seeded with ``cfg.seed`` (untrained); an identity when ``use_hmu`` is false."""
+    if not cfg.use_hmu:
+        return IdentityHMU(), False
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        hmu = HMU(cfg.d_model, cfg.latent_dim)
+    if not cfg.hmu_checkpoint:
+        return hmu, False
+    path = Path(cfg.hmu_checkpoint)
+    state = _hmu_state(path)
+    want = hmu.state_dict()
+    missing, extra = sorted(set(want) - set(state)), sorted(set(state) - set(want))
+    if missing or extra:
+        parts = ([f"missing {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}"]
+                 if missing else []) + ([f"unexpected {', '.join(extra[:4])}"
+                                         f"{' ...' if len(extra) > 4 else ''}"] if extra else [])
+        raise CheckpointError(f"HMU checkpoint {path} does not hold the HMU's keys: "
+                              f"{'; '.join(parts)}")
+    for key, ref in want.items():
+        if tuple(state[key].shape) != tuple(ref.shape):
+            raise CheckpointError(
+                f"HMU checkpoint {path}: {key} has shape {list(state[key].shape)}, the model "
+                f"(d_model {cfg.d_model}, latent_dim {cfg.latent_dim}) needs {list(ref.shape)}")
+    hmu.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
+    return hmu, True
+
+
+class HFSource(ModelSource):
+    source = "hf"
+
+    def __init__(self, cfg: ModelConfig, model: HFHMUModel, hmu_trained: bool) -> None:
+        super().__init__(cfg)
+        self.model = model
+        #: False when the HMU was seeded (no hmu_checkpoint): manifests say "untrained"
+        self.hmu_trained = hmu_trained
+
+    @property
+    def hmu_status(self) -> str:
+        if not self.cfg.use_hmu:
+            return "off"
+        return "trained" if self.hmu_trained else f"untrained (seeded with model.seed {self.cfg.seed})"
+
+    @property
+    def hf_model(self) -> nn.Module:
+        """The Transformers model itself (the parity oracle's model)."""
+        return self.model.hf
+
+    def torch_module(self) -> nn.Module:
+        return self.model
+
+    def cache_layout(self) -> CacheLayout:
+        g = self.model.geom
+        return CacheLayout(g.decoder_layers, g.heads, g.head_dim)
+
+    def module(self, graph: str, diagnostics: bool = False) -> nn.Module:
+        if graph == FULL:
+            return _Full(self.model, diagnostics)
+        if graph == ENCODER:
+            return _Encoder(self.model)
+        if graph == DECODER:
+            return _Decoder(self.model)
+        raise KeyError(f"hf source has no '{graph}' graph")
+
+
+def load_source(cfg: ModelConfig) -> HFSource:
+    """The resolved config's model: Transformers weights from ``path``, the HMU inserted."""
+    path = _folder(cfg)
+    arch = architecture(path)
+    _check_weights(path)
+    hf = _load_hf(path, arch)
+    geom = geometry(arch, hf.config)
+    if (geom.d_model, geom.vocab_size) != (cfg.d_model, cfg.vocab_size):
+        raise ConfigError(f"model config (d_model {cfg.d_model}, vocab {cfg.vocab_size}) does not "
+                          f"match {path} (d_model {geom.d_model}, vocab {geom.vocab_size}): "
+                          "resolve the config first")
+    hmu, trained = build_hmu(cfg)
+    core = (_T5 if arch == T5 else _Bart)(hf, hmu, geom)
+    return HFSource(cfg, core.eval(), trained)
