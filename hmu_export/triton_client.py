@@ -14,7 +14,7 @@ import numpy as np
 
 from .errors import BackendUnavailable, HMUExportError
 from .io_contract import NOISE, SRC_IDS, SRC_MASK, TGT_IDS
-from .triton_python_model import noise_from_seed
+from .triton_python_model import RequestError, check_seed, check_temperature, noise_from_seed
 
 PROTOCOLS = ("http", "grpc")
 NP_TO_TRITON = {np.dtype("int64"): "INT64", np.dtype("float32"): "FP32",
@@ -105,14 +105,18 @@ class HMUTritonClient:
         feeds = {SRC_IDS: np.asarray(src_ids), SRC_MASK: np.asarray(src_mask),
                  TGT_IDS: np.asarray(tgt_ids)}
         params: dict[str, Any] | None = None
-        if noise is not None:
-            feeds[NOISE] = np.asarray(noise)
-        elif send_noise:
-            b, ls = feeds[SRC_IDS].shape[:2]
-            assert self.latent_dim is not None
-            feeds[NOISE] = make_noise(b, ls, self.latent_dim, seed, temperature)
-        else:
-            params = {"seed": int(seed), "temperature": str(float(temperature))}
+        try:
+            if noise is not None:
+                feeds[NOISE] = np.asarray(noise)
+            elif send_noise:
+                b, ls = feeds[SRC_IDS].shape[:2]
+                assert self.latent_dim is not None
+                feeds[NOISE] = make_noise(b, ls, self.latent_dim, seed, temperature)
+            else:  # the server checks them too (check_seed / check_temperature)
+                params = {"seed": check_seed(seed),
+                          "temperature": str(check_temperature(temperature))}
+        except RequestError as exc:
+            raise TritonRequestError(str(exc)) from None
         return self.infer_feeds(feeds, outputs=outputs, parameters=params)
 
     def infer_feeds(self, feeds: Mapping[str, np.ndarray], *, outputs: Sequence[str] = ("logits",),

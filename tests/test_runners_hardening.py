@@ -113,3 +113,77 @@ def test_caller_vocabulary_must_match_the_graph(small_export, small_cfg):
     with pytest.raises(ArtifactError, match="vocabulary of 61 tokens, the caller says 60"):
         OnnxRuntimeRunner(small_export.onnx, full_contract(small_cfg.model), [small_cfg.profile],
                           vocab_size=60)
+
+
+# ---- the Triton python model's request checks (items 7 and 10; served in test_triton_server) --
+
+from hmu_export.triton_python_model import (  # noqa: E402
+    MAX_TEMPERATURE, RequestError, check_finite_outputs, complete_feeds, parse_noise_parameters)
+
+SPEC = {"vocab_size": 61, "latent_dim": 16, "src_len_min": 1, "src_len_max": 16,
+        "tgt_len_min": 1, "tgt_len_max": 8}
+
+
+def _ids(b: int = 2, ls: int = 5, lt: int = 3) -> dict[str, np.ndarray]:
+    return {"src_ids": np.full((b, ls), 3, np.int64), "src_mask": np.ones((b, ls), np.int64),
+            "tgt_ids": np.full((b, lt), 4, np.int64)}
+
+
+@pytest.mark.parametrize("params,words", [
+    ({"seed": -1, "temperature": 0.5}, "'seed' must be in [0, 9223372036854775807], got -1"),
+    ({"seed": "-1", "temperature": 0.5}, "'seed' must be in"),
+    ({"seed": 2**63}, "'seed' must be in"),
+    ({"seed": 1.5}, "'seed' must be an integer"),
+    ({"seed": True}, "'seed' must be an integer"),
+    ({"seed": "seven"}, "'seed' must be an integer"),
+    ({"temperature": "1e39"}, "'temperature' must be a finite number"),  # inf in float32
+    ({"temperature": 3e38}, "'temperature' must be a finite number"),
+    ({"temperature": MAX_TEMPERATURE * 2}, "'temperature' must be a finite number"),
+    ({"temperature": "nan"}, "'temperature' must be a finite number"),
+    ({"temperature": -0.5}, "'temperature' must be a finite number"),
+    ({"temperature": "warm"}, "'temperature' must be a number"),
+    ({"temperature": [1]}, "'temperature' must be a number"),
+])
+def test_request_parameters_are_validated(params, words):
+    """seed -1 raised an uncaught ValueError from numpy; temperature 1e39 made inf noise."""
+    with pytest.raises(RequestError) as info:
+        complete_feeds(_ids(), params, SPEC)
+    assert words in _one_line(info.value)
+
+
+def test_valid_parameters_still_work():
+    assert parse_noise_parameters({"seed": "12", "temperature": "0.25"}) == (12, 0.25)
+    assert parse_noise_parameters({"seed": 2**63 - 1, "temperature": MAX_TEMPERATURE}) == (
+        2**63 - 1, MAX_TEMPERATURE)
+    noise = complete_feeds(_ids(), {"seed": 3, "temperature": MAX_TEMPERATURE}, SPEC)["noise"]
+    assert noise.dtype == np.float32 and np.isfinite(noise).all()
+
+
+@pytest.mark.parametrize("drop", ["tgt_ids", "src_ids", "src_mask"])
+def test_missing_input_is_named_not_a_key_error(drop):
+    feeds = _ids()
+    feeds["noise"] = np.zeros((2, 5, 16), np.float32)
+    del feeds[drop]
+    with pytest.raises(RequestError, match=f"^missing input\\(s\\): {drop}$"):
+        complete_feeds(feeds, {}, SPEC)
+
+
+def test_non_finite_outputs_are_an_error():
+    check_finite_outputs({"logits": np.zeros((1, 2, 3), np.float32)})
+    bad = np.zeros((1, 2, 3), np.float32)
+    bad[0, 1, 2] = np.nan
+    with pytest.raises(RequestError, match="output 'logits' has 1 non-finite value"):
+        check_finite_outputs({"logits": bad})
+
+
+def test_client_refuses_bad_parameters_before_sending():
+    from hmu_export.triton_client import HMUTritonClient, TritonRequestError
+
+    client = HMUTritonClient("127.0.0.1:9", "m", "http", latent_dim=16)  # nothing listens there
+    ids = _ids()
+    for kwargs in ({"seed": -1, "temperature": 0.5, "send_noise": False},
+                   {"seed": 1, "temperature": 1e39},
+                   {"seed": -1, "temperature": 0.5}):
+        with pytest.raises(TritonRequestError, match="must be"):
+            client.infer(ids["src_ids"], ids["src_mask"], ids["tgt_ids"], **kwargs)
+    client.close()

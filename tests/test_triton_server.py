@@ -225,3 +225,92 @@ def test_command_smoke(small_export, tmp_path, capsys):
                  "--smoke"]) == 0
     out = capsys.readouterr().out
     assert out.count("pass") == 6 and "FAIL" not in out
+
+
+# ---- issue 11, items 7 and 10: bad parameters and non-finite outputs, inside dynamic batches ---
+
+def _queued_model(repo: Path, server, delay_us: int = 1_000_000) -> str:
+    """A copy of the python model whose batcher has no preferred size and waits up to
+    ``delay_us`` for a full batch (4), so concurrent requests reach one execute() together."""
+    import re
+    import shutil
+
+    name = PY_MODEL + "_queued"
+    target = repo / name
+    if not target.exists():
+        shutil.copytree(repo / PY_MODEL, target)
+        conf = (target / "config.pbtxt").read_text()
+        conf = conf.replace(f'name: "{PY_MODEL}"', f'name: "{name}"')
+        conf = re.sub(r"max_queue_delay_microseconds: \d+",
+                      f"max_queue_delay_microseconds: {delay_us}", conf)
+        conf = re.sub(r"\n *preferred_batch_size: \d+", "", conf)
+        (target / "config.pbtxt").write_text(conf)
+    import tritonclient.http as http
+
+    with http.InferenceServerClient(server.http_url) as admin:
+        admin.load_model(name)
+    return name
+
+
+def _together(server, model: str, calls: list[dict]) -> list[object]:
+    """Send every call at once (one thread each); each result is logits or the exception."""
+    results: list[object] = [None] * len(calls)
+    start = threading.Barrier(len(calls))
+
+    def one(k: int) -> None:
+        with HMUTritonClient(server.http_url, model, "http", latent_dim=16) as c:
+            start.wait()
+            try:
+                results[k] = c.infer_feeds(calls[k]["feeds"], parameters=calls[k].get("params"))[
+                    "logits"]
+            except Exception as exc:  # collected, checked by the test
+                results[k] = exc
+
+    threads = [threading.Thread(target=one, args=(k,)) for k in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    return results
+
+
+def _executions(server, model: str) -> int:
+    import tritonclient.http as http
+
+    with http.InferenceServerClient(server.http_url) as c:
+        (stats,) = c.get_inference_statistics(model)["model_stats"]
+    return int(stats["execution_count"])
+
+
+def test_bad_request_fails_alone_in_a_dynamic_batch(repo, server, small_cfg, small_model):
+    """seed -1 used to raise an uncaught ValueError that failed every request of its batch;
+    temperature 1e39 (inf in float32) and noise 3e38 used to answer all-NaN logits."""
+    model = _queued_model(repo, server)
+    feeds = make_feeds(small_cfg.model, 1, 6, 3, seed=8)
+    ids = {k: v for k, v in feeds.items() if k != "noise"}
+    server_noise = [  # noise built by the server from parameters: one batch of 4
+        {"feeds": ids, "params": {"seed": 5, "temperature": "0.5"}},
+        {"feeds": ids, "params": {"seed": -1, "temperature": "0.5"}},
+        {"feeds": ids, "params": {"seed": 5, "temperature": "1e39"}},
+        {"feeds": ids, "params": {"seed": 2**63, "temperature": "0.5"}},
+    ]
+    sent_noise = [  # noise sent by the client: one batch of 2
+        {"feeds": feeds},
+        {"feeds": dict(feeds, noise=np.full_like(feeds["noise"], 3e38))},
+    ]
+    for calls, expect_errors in ((server_noise, ["'seed' must be", "'temperature' must be",
+                                                 "'seed' must be"]),
+                                 (sent_noise, ["non-finite value"])):
+        before = _executions(server, model)
+        got = _together(server, model, calls)
+        assert _executions(server, model) - before == 1, "the requests were not batched"
+        ref_feeds = dict(feeds, noise=make_noise(1, 6, 16, 5, 0.5)) if calls is server_noise \
+            else feeds
+        assert isinstance(got[0], np.ndarray), got[0]
+        np.testing.assert_allclose(got[0], torch_logits(small_model, ref_feeds), rtol=0,
+                                   atol=FP32_ATOL)
+        for result, words in zip(got[1:], expect_errors):
+            assert isinstance(result, TritonRequestError), result
+            msg = str(result)
+            assert words in msg and "\n" not in msg and "internal error" not in msg, msg
+    assert server.alive()
