@@ -1,0 +1,84 @@
+// Greedy generation over the split graphs of an hmu_export build: encoder.onnx (run once per
+// request: src_ids, src_mask, noise -> cross_key.{i}, cross_value.{i}) and decoder.onnx (one
+// step: tgt_ids, src_mask, cross K/V, past_key.{i}, past_value.{i} -> logits, present_*).
+//
+// A StepRunner owns the runtime and keeps the KV cache in runtime-owned buffers (ONNX Runtime:
+// IoBinding with ORT-allocated outputs fed back as the next step's inputs; TensorRT: device
+// buffers bound with setTensorAddress, ping-pong past/present). The greedy loop itself
+// (generate_greedy) is shared by every runner.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "hmu/contract.hpp"
+
+namespace hmu {
+
+class Json;
+
+// Cache shapes, read from the decoder graph's declared past_key.{i} inputs (never computed
+// from d_model / heads).
+struct CacheLayout {
+  int64_t layers = 0;
+  int64_t heads = 0;
+  int64_t head_dim = 0;
+};
+
+// What a runner knows about its graphs.
+struct GeneratorInfo {
+  ModelInfo encoder;          // the encoder's inputs, the profile (batch, src_len) and vocab
+  int64_t tgt_len_max = -1;   // profile tgt_len max: BOS + the generated tokens fill it
+  int64_t bos_id = 1;         // [generation] defaults from the graph's build config
+  int64_t eos_id = 2;
+  int64_t max_new_tokens = 0;  // 0 = min(32, tgt_len_max)
+  CacheLayout cache;
+};
+
+class StepRunner {
+ public:
+  virtual ~StepRunner() = default;
+  virtual const GeneratorInfo& info() const = 0;
+  virtual std::string name() const = 0;
+  // Runs the encoder on validated feeds; the cache restarts empty (past_len 0).
+  virtual void start(const Feeds& encoder_feeds) = 0;
+  // One decoder step, one token per row: returns the logits of the new position,
+  // [batch, vocab] row-major float32, owned by the runner and valid until the next call.
+  virtual const float* step(const std::vector<int64_t>& tokens) = 0;
+};
+
+struct GenerateOptions {
+  int64_t max_new_tokens = -1;  // -1 = from the graph's [generation] config
+  int64_t bos_id = -1;
+  int64_t eos_id = -1;
+};
+
+struct GenerateResult {
+  // Generated tokens per row: no BOS; EOS kept when produced, nothing after it.
+  std::vector<std::vector<int64_t>> sequences;
+  int64_t steps = 0;          // decoder calls
+  double seconds = 0.0;       // encoder + every step
+  double first_token_seconds = 0.0;
+};
+
+// Fills the profile, vocabulary and [generation] defaults of `info` from a build config JSON
+// (the "hmu_export.config" metadata, or manifest.json's "config").
+void read_build_config(const Json& config, const std::string& where, GeneratorInfo* info);
+
+// Defaults filled in from info, then checked (one-line hmu::Error on a bad value).
+GenerateOptions resolve_options(const GeneratorInfo& info, const GenerateOptions& requested);
+
+// Validates the encoder feeds (contract, profile, mask, vocabulary) and runs greedy decoding.
+GenerateResult generate_greedy(StepRunner& runner, const Feeds& encoder_feeds,
+                               const GenerateOptions& options);
+
+std::unique_ptr<StepRunner> make_ort_step_runner(const std::string& encoder_path,
+                                                 const std::string& decoder_path, int threads);
+// TensorRT plans (encoder.fp16.plan / decoder.fp16.plan) with manifest.json next to them.
+// Throws hmu::Error when the program was built without TensorRT.
+std::unique_ptr<StepRunner> make_trt_step_runner(const std::string& encoder_path,
+                                                 const std::string& decoder_path);
+bool have_trt_step_runner();
+
+}  // namespace hmu
