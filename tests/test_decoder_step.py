@@ -24,6 +24,14 @@ from hmu_export.model.native import NativeSource
 TWO_LAYER = {**SMALL, "model": {**SMALL["model"], "n_decoder_layers": 2, "n_heads": 2,
                                 "name": "hmu-tiny-2"}}
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from threads, and spinning threads crawl on a loaded machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 def _inputs(cfg, batch: int, src_len: int, tgt_len: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
