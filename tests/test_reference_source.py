@@ -328,6 +328,12 @@ def test_native_and_baseline_checkpoints_are_named(made, tmp_path):
     with pytest.raises(CheckpointError) as info:
         resolve_config(_cfg(path, CASES[0]))
     assert "StandardTransformer" in _one_line(info.value)
+    state = {k: v for k, v in made[CASES[0]][0].state_dict().items()
+             if not k.startswith("hmu.norm_output.")}
+    torch.save(state, path)
+    with pytest.raises(CheckpointError) as info:
+        resolve_config(_cfg(path, CASES[0]))
+    assert "7e88a89" in _one_line(info.value)
 
 
 def test_wrong_shape_is_named(made, tmp_path):

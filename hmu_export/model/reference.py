@@ -386,12 +386,54 @@ def _read_dims(state: dict, layout: Layout) -> Dims | None:
 
 
 def _expected_shapes(layout: Layout, dims: Dims) -> dict[str, tuple[int, ...]]:
-    """Every key and shape of the reference model with these dims (built on the meta device;
-    heads do not change any shape)."""
-    cfg = replace(ModelConfig(), n_heads=1, **{f.name: getattr(dims, f.name) for f in fields(Dims)})
-    with torch.device("meta"):
-        module = build_module(cfg, layout)
-    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    """Every key and shape of the reference model with these dims (what build_module's
+    state_dict holds; heads change no shape)."""
+    d, f, z, v = dims.d_model, dims.d_ff, dims.latent_dim, dims.vocab_size
+    out: dict[str, tuple[int, ...]] = {}
+
+    def linear(name: str, n_in: int, n_out: int) -> None:
+        out[name + ".weight"], out[name + ".bias"] = (n_out, n_in), (n_out,)
+
+    def norm(name: str, n: int = d) -> None:
+        out[name + ".weight"], out[name + ".bias"] = (n,), (n,)
+
+    def block(name: str, attns: tuple[str, ...], norms: int) -> None:
+        for attn in attns:
+            for proj in ("q_linear", "k_linear", "v_linear", "out_proj"):
+                linear(f"{name}.{attn}.{proj}", d, d)
+        linear(f"{name}.ff.linear1", d, f)
+        linear(f"{name}.ff.linear2", f, d)
+        for k in range(1, norms + 1):
+            norm(f"{name}.norm{k}")
+
+    out["embedding.weight"] = (v, d)
+    out["pos_encoder.pe"] = out["pos_decoder.pe"] = (1, dims.max_len, d)
+    for i in range(dims.n_encoder_layers):
+        block(f"encoder_layer.layers.{i}", ("self_attn",), 2)
+    norm("encoder_layer.norm")
+    for i in range(dims.n_decoder_layers):
+        block(f"decoder.layers.{i}", ("self_attn", "cross_attn"), 3)
+    norm("decoder.norm")
+    linear("hmu.vae.fc_mu", d, z)
+    linear("hmu.vae.fc_logvar", d, z)
+    linear("hmu.vae.fc_dec", z, d)
+    if layout.variant == HMU_GATED:
+        norm("hmu.norm_input")
+        norm("hmu.norm_latent")
+        linear("hmu.gate_mlp.0", 2 * d, d)
+        linear("hmu.fusion_proj.0", d, d)
+        norm("hmu.fusion_proj.2")
+    else:
+        norm("hmu.norm", 2 * d)
+        norm("hmu.norm_output")
+        linear("hmu.mlp.0", 2 * d, 2 * d)
+        linear("hmu.mlp.2", 2 * d, d)
+    linear("output_proj", d, v)
+    if not layout.classifier:
+        return out
+    out = {"encoder." + k: s for k, s in out.items()}
+    linear("classifier", d, dims.num_classes)
+    return out
 
 
 def _sample(keys: list[str], n: int = 3) -> str:
