@@ -132,6 +132,7 @@ class GenerationOptions:
     noise_seed: int = 0  # the HMU noise has its own seed
     bos_id: int | None = None
     eos_id: int | None = None
+    ignore_eos: bool = False  # benchmarks: always max_new_tokens tokens, EOS or not
 
     def validate(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -346,6 +347,7 @@ class Generator:
                     opts: GenerationOptions, clock: "_Clock") -> list[list[int]]:
         """Greedy (also beam with one beam) and sampling; finished rows leave the batch."""
         assert opts.max_new_tokens is not None and opts.eos_id is not None
+        eos = -1 if opts.ignore_eos else opts.eos_id
         rng = np.random.default_rng(opts.seed)
         sample = opts.strategy == "sample"
         seqs: list[list[int]] = [[] for _ in range(ids.shape[0])]
@@ -364,7 +366,7 @@ class Generator:
             clock.tick()
             if t == opts.max_new_tokens - 1:
                 break
-            going = nxt != opts.eos_id
+            going = nxt != eos
             if not going.all():
                 if not going.any():
                     break
@@ -378,7 +380,8 @@ class Generator:
               opts: GenerationOptions, clock: "_Clock") -> list[list[int]]:
         """Beam search; beams reorder the cache, finished rows leave the batch."""
         assert opts.max_new_tokens is not None and opts.eos_id is not None
-        k, eos, max_new = opts.num_beams, opts.eos_id, opts.max_new_tokens
+        k, max_new = opts.num_beams, opts.max_new_tokens
+        eos = -1 if opts.ignore_eos else opts.eos_id
         n_rows = ids.shape[0]
         hyps = [_Hypotheses(k, opts.length_penalty) for _ in range(n_rows)]
         self.stepper.start(ids, mask, noise)
@@ -413,7 +416,7 @@ class Generator:
                 if last or hyps[row].done(best, t + 1, max_new, opts.early_stopping):
                     continue
                 while len(beams) < k:  # fewer candidates than beams: dead fillers
-                    beams.append((beams[0][0], eos, -np.inf))
+                    beams.append((beams[0][0], opts.eos_id, -np.inf))
                 rows_next.append(row)
                 for src, tok, total in beams:
                     src_next.append(src)

@@ -341,3 +341,16 @@ def test_from_build_errors(tiny_build, tmp_path):
     (bare / "decoder.onnx").unlink()
     with pytest.raises(HMUExportError, match="decoder.onnx"):
         Generator.from_build(bare, backend="onnxruntime")
+
+
+def test_ignore_eos_always_fills_max_new_tokens():
+    cfg = _table_cfg(5)
+    gen = Generator(TableBackend(5, seed=7), cfg)
+    first = gen.generate([[3]], max_new_tokens=4, ignore_eos=True).sequences[0]
+    stopped = gen.generate([[3]], max_new_tokens=4, eos_id=first[0])
+    assert stopped.sequences == [first[:1]] and stopped.steps == 1
+    full = gen.generate([[3]], max_new_tokens=4, eos_id=first[0], ignore_eos=True)
+    assert full.sequences == [first] and full.steps == 4
+    beam = gen.generate([[3]], strategy="beam", num_beams=2, max_new_tokens=4,
+                        eos_id=first[0], ignore_eos=True)
+    assert len(beam.sequences[0]) == 4
