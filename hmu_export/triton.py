@@ -19,7 +19,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from .artifacts import BuildLayout
 from .config import BuildConfig, ProfileConfig
@@ -74,6 +74,9 @@ class TritonModel:
     config: "model_config_pb2.ModelConfig"
     files: dict[str, Path] = field(default_factory=dict)  # path inside the model dir -> source
     note: str = ""
+    header: str = ""  # config.pbtxt comment; empty = HEADER[kind]
+    # Validation of the parsed config when it is not the full graph's (generation models).
+    check: "Callable[[model_config_pb2.ModelConfig], None] | None" = None
 
 
 @dataclass
@@ -411,7 +414,9 @@ def plan_models(layout: BuildLayout, cfg: BuildConfig, contract: GraphContract,
     if external.is_file():  # weights saved as external data travel with the graph
         ort.files["1/" + external.name] = external
         py.files["1/" + external.name] = external
-    return [trt, ort, py]
+    from .triton_generate import generation_models  # encoder/decoder graphs: generation models
+
+    return [trt, ort, py, *generation_models(layout, cfg, opts)]
 
 
 def _readme(models: list[TritonModel], cfg: BuildConfig) -> str:
@@ -481,9 +486,12 @@ def write_repository(layout: BuildLayout, cfg: BuildConfig, contract: GraphContr
     graph_io = _graph_io(layout.onnx)
     texts = {}
     for m in models:  # validate everything before the first byte is written
-        text = render_config(m.config, HEADER[m.kind])
+        text = render_config(m.config, m.header or HEADER[m.kind])
         conf = parse_config(text, f"{m.name}/config.pbtxt")
-        validate_config(conf, contract, profiles, graph_io=graph_io)
+        if m.check is not None:
+            m.check(conf)
+        else:
+            validate_config(conf, contract, profiles, graph_io=graph_io)
         texts[m.name] = text
     staging = out_dir.with_name(f".{out_dir.name}.staging")
     try:

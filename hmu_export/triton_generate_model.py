@@ -1,0 +1,603 @@
+"""Triton python-backend generation model: encoder once, then the decoder step with a KV cache.
+
+Copied verbatim to ``<repository>/<name>_generate/1/model.py`` and to
+``<name>_generate_stream/1/model.py`` (the decoupled variant: its config says
+``model_transaction_policy { decoupled: true }``). Like triton_python_model.py it must work from
+the repository alone: it imports only numpy, onnxruntime (in-process mode) and Triton's
+``triton_python_backend_utils``; the pure functions are importable outside Triton and tested.
+
+The loop is the one of ``hmu_export.generate.Generator`` (greedy, sampling, beam search), ported
+here because the server has no hmu_export package; tests/test_triton_generate.py serves it and
+checks that every strategy gives exactly the Generator's tokens. One request is one source
+sequence (``src_ids`` [1, L]); its result equals ``Generator.generate([row], ...)`` with the same
+options: its own sampling RNG (``seed``) and its own HMU noise (``noise_scale``, ``noise_seed``),
+so the tokens a request gets never depend on what else was in its batch.
+
+Batching: the requests of one ``execute`` (dynamic batching, ``allow_ragged_batch``) are checked
+one by one (a bad one gets its own error), then generated together: greedy and sampling requests
+in one padded batch (per-row max_new_tokens, temperature, top-k/p and RNG), beam requests grouped
+by (num_beams, length_penalty, early_stopping, max_new_tokens); a group never exceeds the
+profile's batch max (rows x beams).
+
+Steps run in-process with ONNX Runtime over encoder.onnx / decoder.onnx in the version folder
+(``parameters { key: "step_backend" value { string_value: "onnxruntime" } }``), or, with
+``step_backend: "bls"``, as BLS requests to the models named by ``encoder_model`` /
+``decoder_model`` (onnxruntime_onnx / tensorrt_plan models on a GPU host).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+try:  # present only inside Triton's python backend stub
+    import triton_python_backend_utils as pb_utils
+except ImportError:  # pragma: no cover - outside Triton (unit tests)
+    pb_utils = None
+
+SRC_IDS, MAX_NEW_TOKENS, TOKENS = "src_ids", "max_new_tokens", "tokens"
+STRATEGIES = ("greedy", "sample", "beam")
+MAX_SEED = 2**63 - 1
+# Request parameters and their types (numbers may arrive as strings: the python backend's stub
+# passes bool / int / str only, so clients send floats as strings).
+PARAMETERS = {"strategy": str, "num_beams": int, "temperature": float, "top_k": int,
+              "top_p": float, "seed": int, "noise_scale": float, "noise_seed": int,
+              "length_penalty": float, "early_stopping": bool}
+SPEC_KEYS = ("vocab_size", "latent_dim", "pad_id", "bos_id", "eos_id", "batch_max",
+             "src_len_min", "src_len_max", "max_new_tokens_max", "max_new_tokens_default",
+             "layers", "heads", "head_dim")
+
+
+class RequestError(ValueError):
+    """A request the model cannot serve; becomes that request's own error response."""
+
+
+# --------------------------------------------------------------------------- request checks
+@dataclass(frozen=True)
+class Options:
+    """One request's settings (GenerationOptions of hmu_export.generate, resolved)."""
+
+    strategy: str = "greedy"
+    max_new_tokens: int = 1
+    num_beams: int = 4
+    length_penalty: float = 1.0
+    early_stopping: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    noise_scale: float = 0.0
+    noise_seed: int = 0
+
+    @property
+    def beam(self) -> bool:
+        return self.strategy == "beam" and self.num_beams > 1
+
+
+def _as(key: str, value: Any, kind: type) -> Any:
+    what = "an integer" if kind is int else "a " + kind.__name__
+    bad = RequestError(f"request parameter '{key}' must be {what}, got {value!r}")
+    if kind is str:
+        if not isinstance(value, str):
+            raise bad
+        return value.strip()
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
+            return value.strip().lower() in ("true", "1")
+        raise bad
+    if isinstance(value, bool):
+        raise bad
+    if kind is int:
+        if isinstance(value, (int, np.integer)):
+            return int(value)
+        if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+            return int(value.strip())
+        raise bad
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise bad from None
+    if not math.isfinite(out):
+        raise RequestError(f"request parameter '{key}' must be finite, got {value!r}")
+    return out
+
+
+def parse_options(params: Mapping[str, Any], max_new_tokens: int | None,
+                  spec: Mapping[str, int], *, streaming: bool = False) -> Options:
+    """Validated Options from request parameters (and the optional max_new_tokens input)."""
+    if not isinstance(params, Mapping):
+        raise RequestError(f"request parameters must be a JSON object, got {params!r}")
+    unknown = sorted(k for k in params if k not in PARAMETERS)
+    if unknown:
+        raise RequestError(f"unknown request parameter(s) {', '.join(map(repr, unknown))} "
+                           f"(known: {', '.join(PARAMETERS)})")
+    values = {k: _as(k, v, PARAMETERS[k]) for k, v in params.items()}
+    hi = spec["max_new_tokens_max"]
+    n = spec["max_new_tokens_default"] if max_new_tokens is None else max_new_tokens
+    values["max_new_tokens"] = n
+    opts = Options(**values)
+    if opts.strategy not in STRATEGIES:
+        raise RequestError(f"unknown strategy {opts.strategy!r} (use {', '.join(STRATEGIES)})")
+    if not 1 <= n <= hi:
+        raise RequestError(f"max_new_tokens must be in [1, {hi}] (the profile's tgt_len max), "
+                           f"got {n}")
+    if opts.num_beams < 1:
+        raise RequestError(f"num_beams must be >= 1, got {opts.num_beams}")
+    if opts.beam and opts.num_beams > spec["batch_max"]:
+        raise RequestError(f"num_beams {opts.num_beams} exceeds the profile's batch max "
+                           f"({spec['batch_max']})")
+    if not opts.temperature > 0:
+        raise RequestError(f"temperature must be > 0, got {opts.temperature}")
+    if opts.top_k < 0:
+        raise RequestError(f"top_k must be >= 0 (0 = off), got {opts.top_k}")
+    if not 0 < opts.top_p <= 1:
+        raise RequestError(f"top_p must be in (0, 1], got {opts.top_p}")
+    if not opts.noise_scale >= 0:
+        raise RequestError(f"noise_scale must be >= 0, got {opts.noise_scale}")
+    for key in ("seed", "noise_seed"):
+        if not 0 <= getattr(opts, key) <= MAX_SEED:
+            raise RequestError(f"{key} must be in [0, {MAX_SEED}], got {getattr(opts, key)}")
+    if streaming and opts.beam:
+        raise RequestError("strategy 'beam' cannot stream (a beam's tokens are only final when "
+                           "the search ends): use the non-streaming generate model, or greedy "
+                           "/ sample here")
+    return opts
+
+
+def check_source(src: np.ndarray | None, spec: Mapping[str, int]) -> list[int]:
+    """One request's source row: int64 [1, L], L inside the profile, ids inside the vocabulary."""
+    if src is None:
+        raise RequestError(f"missing input '{SRC_IDS}'")
+    if src.dtype != np.int64 or src.ndim != 2:
+        raise RequestError(f"input '{SRC_IDS}' must be int64 [1, src_len], got {src.dtype} "
+                           f"{list(src.shape)}")
+    if src.shape[0] != 1:
+        raise RequestError(f"one request is one source sequence: '{SRC_IDS}' must have shape "
+                           f"[1, src_len], got {list(src.shape)} (send one request per row)")
+    length = src.shape[1]
+    lo, hi = spec["src_len_min"], spec["src_len_max"]
+    if length == 0:
+        raise RequestError(f"input '{SRC_IDS}' is empty")
+    if not lo <= length <= hi:
+        raise RequestError(f"source length {length} is outside the profile [{lo}, {hi}]")
+    row = src[0]
+    vocab = spec["vocab_size"]
+    bad = row[(row < 0) | (row >= vocab)]
+    if bad.size:
+        raise RequestError(f"input '{SRC_IDS}' has token id {int(bad[0])} outside [0, {vocab})")
+    return [int(t) for t in row]
+
+
+def check_max_new_tokens(arr: np.ndarray | None) -> int | None:
+    if arr is None:
+        return None
+    if arr.dtype != np.int64 or arr.size != 1:
+        raise RequestError(f"input '{MAX_NEW_TOKENS}' must be one int64, got {arr.dtype} "
+                           f"{list(arr.shape)}")
+    return int(arr.reshape(-1)[0])
+
+
+# --------------------------------------------------------------------------- token choice
+# These three are hmu_export.generate's own (log_softmax, sample_tokens, _Hypotheses); the
+# served tests compare tokens with the Generator, so a change there shows up here.
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def sample_tokens(logits: np.ndarray, rng: np.random.Generator, *, temperature: float = 1.0,
+                  top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
+    x = logits.astype(np.float64) / temperature
+    order = np.argsort(-x, axis=-1, kind="stable")
+    ranked = np.take_along_axis(x, order, axis=-1)
+    if 0 < top_k < ranked.shape[-1]:
+        ranked[:, top_k:] = -np.inf
+    probs = np.exp(ranked - ranked[:, :1])
+    probs /= probs.sum(axis=-1, keepdims=True)
+    if top_p < 1.0:
+        before = np.cumsum(probs, axis=-1) - probs
+        probs = np.where(before < top_p, probs, 0.0)
+        probs /= probs.sum(axis=-1, keepdims=True)
+    cum = np.cumsum(probs, axis=-1)
+    u = rng.random((x.shape[0], 1)) * cum[:, -1:]
+    pick = np.minimum((cum <= u).sum(axis=-1), np.count_nonzero(probs, axis=-1) - 1)
+    return order[np.arange(x.shape[0]), pick]
+
+
+class Hypotheses:
+    """The best ``k`` finished hypotheses of one row, by sum log-prob / length ** penalty."""
+
+    def __init__(self, k: int, length_penalty: float) -> None:
+        self.k, self.lp = k, length_penalty
+        self.items: list[tuple[float, list[int]]] = []
+
+    def score(self, total: float, length: int) -> float:
+        return total / (length ** self.lp)
+
+    def add(self, tokens: list[int], total: float) -> None:
+        s = self.score(total, len(tokens))
+        if len(self.items) < self.k or s > self.items[-1][0]:
+            self.items.append((s, tokens))
+            self.items.sort(key=lambda it: -it[0])
+            del self.items[self.k:]
+
+    def done(self, best_running: float, cur_len: int, max_len: int, early: bool) -> bool:
+        if best_running == -np.inf:
+            return True
+        if len(self.items) < self.k:
+            return False
+        if early or cur_len >= max_len:
+            return True
+        length = max_len if self.lp > 0 else cur_len + 1
+        return self.items[-1][0] >= self.score(best_running, length)
+
+
+def make_noise(length: int, latent: int, scale: float, seed: int) -> np.ndarray:
+    """One request's HMU noise [length, latent], exactly Generator.noise for a batch of one."""
+    if not scale:
+        return np.zeros((length, latent), dtype=np.float32)
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((1, length, latent)) * scale).astype(np.float32)[0]
+
+
+# --------------------------------------------------------------------------- the step state
+Run = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+class Steps:
+    """Encoder once, then decoder steps with the KV cache (CachedStepper of hmu_export.generate).
+
+    ``encode`` / ``decode`` run the graphs (in-process ONNX Runtime, or BLS)."""
+
+    def __init__(self, encode: Run, decode: Run, spec: Mapping[str, int]) -> None:
+        self.encode, self.decode = encode, decode
+        n = spec["layers"]
+        self.heads, self.head_dim = spec["heads"], spec["head_dim"]
+        self.cross = [f"{k}.{i}" for i in range(n) for k in ("cross_key", "cross_value")]
+        self.past = [f"{k}.{i}" for i in range(n) for k in ("past_key", "past_value")]
+        self.present = [f"{k}.{i}" for i in range(n) for k in ("present_key", "present_value")]
+        self.state: dict[str, np.ndarray] = {}
+
+    def start(self, ids: np.ndarray, mask: np.ndarray, noise: np.ndarray) -> None:
+        out = self.encode({"src_ids": ids, "src_mask": mask, "noise": noise})
+        empty = np.zeros((ids.shape[0], self.heads, 0, self.head_dim), dtype=np.float32)
+        self.state = {"src_mask": mask}
+        self.state.update({n: out[n] for n in self.cross})
+        self.state.update({n: empty for n in self.past})
+
+    def step(self, new_ids: np.ndarray) -> np.ndarray:
+        feeds = dict(self.state)
+        feeds["tgt_ids"] = new_ids
+        out = self.decode(feeds)
+        for past, present in zip(self.past, self.present):
+            self.state[past] = out[present]
+        return out["logits"][:, -1, :]
+
+    def select(self, rows: np.ndarray) -> None:
+        self.state = {k: np.take(v, rows, axis=0) for k, v in self.state.items()}
+
+
+@dataclass
+class Job:
+    """One request inside a batched generation."""
+
+    row: list[int]
+    opts: Options
+    tokens: list[int] = field(default_factory=list)
+    rng: np.random.Generator | None = None
+
+
+def pad_jobs(jobs: Sequence[Job], spec: Mapping[str, int]
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(src_ids, src_mask, noise) of ragged jobs, padded to the longest; noise per job."""
+    longest = max(len(j.row) for j in jobs)
+    ids = np.full((len(jobs), longest), spec["pad_id"], dtype=np.int64)
+    mask = np.zeros((len(jobs), longest), dtype=np.int64)
+    noise = np.zeros((len(jobs), longest, spec["latent_dim"]), dtype=np.float32)
+    for r, job in enumerate(jobs):
+        n = len(job.row)
+        ids[r, :n], mask[r, :n] = job.row, 1
+        noise[r, :n] = make_noise(n, spec["latent_dim"], job.opts.noise_scale,
+                                  job.opts.noise_seed)
+    return ids, mask, noise
+
+
+OnToken = Callable[[int, int, bool], None]  # (job index, token, last of this job)
+
+
+def generate_sequential(steps: Steps, jobs: Sequence[Job], spec: Mapping[str, int],
+                        on_token: OnToken | None = None) -> None:
+    """Greedy and sampling jobs in one batch; finished rows leave it. ``on_token`` sees every
+    token as it is chosen (streaming)."""
+    eos, bos = spec["eos_id"], spec["bos_id"]
+    for job in jobs:
+        job.rng = np.random.default_rng(job.opts.seed)
+    ids, mask, noise = pad_jobs(jobs, spec)
+    steps.start(ids, mask, noise)
+    live = np.arange(len(jobs))
+    cur = np.full((len(jobs), 1), bos, dtype=np.int64)
+    t = 0
+    while True:
+        logits = steps.step(cur)
+        nxt = logits.argmax(axis=-1)
+        for r, j in enumerate(live.tolist()):
+            o = jobs[j].opts
+            if o.strategy == "sample":
+                nxt[r] = sample_tokens(logits[r:r + 1], jobs[j].rng, temperature=o.temperature,
+                                       top_k=o.top_k, top_p=o.top_p)[0]
+        going = np.ones(len(live), dtype=bool)
+        for r, j in enumerate(live.tolist()):
+            tok = int(nxt[r])
+            jobs[j].tokens.append(tok)
+            last = tok == eos or t == jobs[j].opts.max_new_tokens - 1
+            going[r] = not last
+            if on_token is not None:
+                on_token(j, tok, last)
+        t += 1
+        if not going.any():
+            return
+        if not going.all():
+            keep = np.flatnonzero(going)
+            steps.select(keep)
+            live, nxt = live[keep], nxt[keep]
+        cur = nxt.astype(np.int64).reshape(-1, 1)
+
+
+def generate_beam(steps: Steps, jobs: Sequence[Job], spec: Mapping[str, int]) -> None:
+    """Beam search over jobs that share (num_beams, length_penalty, early_stopping,
+    max_new_tokens): Generator._beam, with the hypotheses of each job kept apart."""
+    o = jobs[0].opts
+    k, eos, max_new = o.num_beams, spec["eos_id"], o.max_new_tokens
+    n_rows = len(jobs)
+    hyps = [Hypotheses(k, o.length_penalty) for _ in range(n_rows)]
+    ids, mask, noise = pad_jobs(jobs, spec)
+    steps.start(ids, mask, noise)
+    steps.select(np.repeat(np.arange(n_rows), k))
+    live = list(range(n_rows))
+    scores = np.full((n_rows, k), -np.inf)
+    scores[:, 0] = 0.0
+    history: list[list[int]] = [[] for _ in range(n_rows * k)]
+    cur = np.full((n_rows * k, 1), spec["bos_id"], dtype=np.int64)
+    for t in range(max_new):
+        logp = log_softmax(steps.step(cur))
+        vocab = logp.shape[-1]
+        cand = (scores.reshape(-1, 1) + logp).reshape(len(live), k * vocab)
+        top = np.argsort(-cand, axis=-1, kind="stable")[:, :2 * k]
+        last = t == max_new - 1
+        rows_next, src_next, tok_next, score_next = [], [], [], []
+        for j, row in enumerate(live):
+            beams: list[tuple[int, int, float]] = []
+            for c in top[j].tolist():
+                total = float(cand[j, c])
+                if total == -np.inf:
+                    break
+                beam, tok = divmod(c, vocab)
+                seq = history[j * k + beam] + [tok]
+                if tok == eos or last:
+                    hyps[row].add(seq, total)
+                else:
+                    beams.append((j * k + beam, tok, total))
+                if len(beams) == k:
+                    break
+            best = beams[0][2] if beams else -np.inf
+            if last or hyps[row].done(best, t + 1, max_new, o.early_stopping):
+                continue
+            while len(beams) < k:
+                beams.append((beams[0][0], eos, -np.inf))
+            rows_next.append(row)
+            for src, tok, total in beams:
+                src_next.append(src)
+                tok_next.append(tok)
+                score_next.append(total)
+        if not rows_next:
+            break
+        steps.select(np.asarray(src_next))
+        history = [history[i] + [tok] for i, tok in zip(src_next, tok_next)]
+        live = rows_next
+        scores = np.asarray(score_next).reshape(len(live), k)
+        cur = np.asarray(tok_next, dtype=np.int64).reshape(-1, 1)
+    for job, h in zip(jobs, hyps):
+        job.tokens = h.items[0][1] if h.items else []
+
+
+def plan_groups(jobs: Sequence[Job], batch_max: int) -> list[list[int]]:
+    """Indices of jobs generated together: sequential jobs in chunks of batch_max rows, beam
+    jobs by their search settings in chunks of batch_max // num_beams."""
+    seq = [i for i, j in enumerate(jobs) if not j.opts.beam]
+    groups = [seq[s:s + batch_max] for s in range(0, len(seq), batch_max)]
+    beams: dict[tuple, list[int]] = {}
+    for i, j in enumerate(jobs):
+        if j.opts.beam:
+            o = j.opts
+            beams.setdefault((o.num_beams, o.length_penalty, o.early_stopping,
+                              o.max_new_tokens), []).append(i)
+    for (k, *_), idx in beams.items():
+        per = max(1, batch_max // k)
+        groups += [idx[s:s + per] for s in range(0, len(idx), per)]
+    return groups
+
+
+# --------------------------------------------------------------------------- step backends
+def ort_steps(version_dir: str, params: Mapping[str, str], spec: Mapping[str, int]) -> Steps:
+    """encoder.onnx / decoder.onnx of the version folder in two ONNX Runtime sessions."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    threads = int(params.get("intra_op_threads", "0"))
+    if threads > 0:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    sessions = [ort.InferenceSession(os.path.join(version_dir, params.get(key, default)), opts,
+                                     providers=["CPUExecutionProvider"])
+                for key, default in (("encoder_file", "encoder.onnx"),
+                                     ("decoder_file", "decoder.onnx"))]
+    # The cache geometry the config states must be the graph's own (declared input dims).
+    dims = {i.name: i.shape for i in sessions[1].get_inputs()}
+    got = dims.get("past_key.0")
+    if got is None or got[1] != spec["heads"] or got[3] != spec["head_dim"] or \
+            f"past_key.{spec['layers'] - 1}" not in dims or f"past_key.{spec['layers']}" in dims:
+        raise RuntimeError(f"decoder graph's cache {got} does not match the config's layers "
+                           f"{spec['layers']} heads {spec['heads']} head_dim {spec['head_dim']}")
+
+    def runner(sess: Any) -> Run:
+        in_names = [i.name for i in sess.get_inputs()]
+        out_names = [o.name for o in sess.get_outputs()]
+
+        def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            return dict(zip(out_names, sess.run(out_names, {n: feeds[n] for n in in_names})))
+        return run
+
+    return Steps(runner(sessions[0]), runner(sessions[1]), spec)
+
+
+def bls_steps(params: Mapping[str, str], spec: Mapping[str, int]) -> Steps:
+    """BLS requests to the encoder / decoder models (onnxruntime or tensorrt on a GPU host)."""
+    n = spec["layers"]
+    enc_in = ["src_ids", "src_mask", "noise"]
+    enc_out = ["memory"] + [f"{k}.{i}" for i in range(n) for k in ("cross_key", "cross_value")]
+    dec_in = (["tgt_ids", "src_mask"]
+              + [f"{k}.{i}" for i in range(n) for k in ("cross_key", "cross_value")]
+              + [f"{k}.{i}" for i in range(n) for k in ("past_key", "past_value")])
+    dec_out = ["logits"] + [f"{k}.{i}" for i in range(n) for k in ("present_key",
+                                                                    "present_value")]
+
+    def bls(model: str, inputs: list[str], outputs: list[str]) -> Run:
+        def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            request = pb_utils.InferenceRequest(
+                model_name=model, requested_output_names=outputs,
+                inputs=[pb_utils.Tensor(name, np.ascontiguousarray(feeds[name]))
+                        for name in inputs])
+            response = request.exec()
+            if response.has_error():
+                raise RuntimeError(f"BLS call to '{model}' failed: {response.error().message()}")
+            return {name: _to_numpy(pb_utils.get_output_tensor_by_name(response, name))
+                    for name in outputs}
+        return run
+
+    return Steps(bls(params["encoder_model"], enc_in, enc_out),
+                 bls(params["decoder_model"], dec_in, dec_out), spec)
+
+
+def _to_numpy(tensor: Any) -> np.ndarray:
+    if tensor.is_cpu():
+        return tensor.as_numpy()
+    from torch.utils.dlpack import from_dlpack  # GPU outputs of a BLS call (GPU hosts)
+
+    return from_dlpack(tensor.to_dlpack()).cpu().numpy()
+
+
+# --------------------------------------------------------------------------- Triton entry point
+def _error_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    if not isinstance(exc, RequestError):
+        line = f"internal error in the generation model ({type(exc).__name__}): {line}"
+    return line
+
+
+class TritonPythonModel:
+    """Entry point Triton's python backend looks for (both the plain and the decoupled model)."""
+
+    def initialize(self, args: dict[str, str]) -> None:
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        self.spec = {k: int(params[k]) for k in SPEC_KEYS}
+        self.streaming = bool(config.get("model_transaction_policy", {}).get("decoupled"))
+        backend = params.get("step_backend", "onnxruntime")
+        if backend == "bls":
+            self.steps = bls_steps(params, self.spec)
+        elif backend == "onnxruntime":
+            self.steps = ort_steps(os.path.join(args["model_repository"], args["model_version"]),
+                                   params, self.spec)
+        else:
+            raise ValueError(f"parameter step_backend must be onnxruntime or bls, got "
+                             f"{backend!r}")
+
+    def _job(self, request: Any) -> Job:
+        src = pb_utils.get_input_tensor_by_name(request, SRC_IDS)
+        row = check_source(None if src is None else src.as_numpy(), self.spec)
+        mnt = pb_utils.get_input_tensor_by_name(request, MAX_NEW_TOKENS)
+        try:
+            params = json.loads(request.parameters() or "{}")
+        except ValueError:
+            raise RequestError("request parameters are not valid JSON") from None
+        opts = parse_options(params, check_max_new_tokens(None if mnt is None else mnt.as_numpy()),
+                             self.spec, streaming=self.streaming)
+        return Job(row, opts)
+
+    def execute(self, requests: list[Any]) -> list[Any] | None:
+        jobs: dict[int, Job] = {}
+        errors: dict[int, str] = {}
+        for i, request in enumerate(requests):
+            try:
+                jobs[i] = self._job(request)
+            except Exception as exc:  # RequestError, or a bug: this request's error only
+                errors[i] = _error_line(exc)
+        if self.streaming:
+            self._stream(requests, jobs, errors)
+            return None
+        order = list(jobs)
+        for group in plan_groups([jobs[i] for i in order], self.spec["batch_max"]):
+            members = [order[g] for g in group]
+            try:
+                batch = [jobs[i] for i in members]
+                if batch[0].opts.beam:
+                    generate_beam(self.steps, batch, self.spec)
+                else:
+                    generate_sequential(self.steps, batch, self.spec)
+            except Exception as exc:  # the group's failure, not the other groups'
+                for i in members:
+                    errors[i] = _error_line(exc)
+        responses = []
+        for i in range(len(requests)):
+            if i in errors:
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(errors[i])))
+            else:
+                arr = np.asarray([jobs[i].tokens], dtype=np.int64)
+                responses.append(pb_utils.InferenceResponse(
+                    output_tensors=[pb_utils.Tensor(TOKENS, arr)]))
+        return responses
+
+    def _stream(self, requests: list[Any], jobs: dict[int, Job], errors: dict[int, str]) -> None:
+        """Decoupled: one response per token per request, then an empty FINAL response."""
+        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        senders = [r.get_response_sender() for r in requests]
+        for i, msg in errors.items():
+            senders[i].send(pb_utils.InferenceResponse(error=pb_utils.TritonError(msg)),
+                            flags=final)
+        order = list(jobs)
+        for group in plan_groups([jobs[i] for i in order], self.spec["batch_max"]):
+            members = [order[g] for g in group]
+            done: set[int] = set()
+
+            def on_token(j: int, tok: int, last: bool) -> None:
+                i = members[j]
+                sender = senders[i]
+                if i in done:
+                    return
+                sender.send(pb_utils.InferenceResponse(output_tensors=[
+                    pb_utils.Tensor(TOKENS, np.asarray([[tok]], dtype=np.int64))]))
+                if last:
+                    done.add(i)
+                    sender.send(flags=final)
+
+            try:
+                generate_sequential(self.steps, [jobs[i] for i in members], self.spec, on_token)
+            except Exception as exc:
+                for i in members:
+                    if i not in done:
+                        senders[i].send(pb_utils.InferenceResponse(
+                            error=pb_utils.TritonError(_error_line(exc))), flags=final)
+
+    def finalize(self) -> None:
+        self.steps = None  # type: ignore[assignment]

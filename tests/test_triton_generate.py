@@ -1,0 +1,344 @@
+"""Generation models of the Triton repository, served for real by the bundled tritonserver.
+
+One server for the module (the tiny SMALL config): the python-backend generation model and its
+decoupled streaming variant run the encoder / decoder graphs in-process with ONNX Runtime. Every
+answer is compared with Python's Generator over the same build (onnxruntime backend): greedy,
+beam and seeded sampling on ragged rows, batched by Triton's dynamic batcher, from 8 concurrent
+clients, streamed token by token, and next to bad requests that must fail alone.
+"""
+from __future__ import annotations
+
+import queue
+import shutil
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hmu_export.generate import Generator
+from hmu_export.triton import (TritonConfigError, TritonOptions, parse_config,
+                               repository_from_artifacts)
+from hmu_export.triton_generate import check_generate_config, generation_names
+from hmu_export.triton_server import serve
+
+grpcclient = pytest.importorskip("tritonclient.grpc")
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+GEN, STREAM = "hmu-tiny_generate", "hmu-tiny_generate_stream"
+ROWS = [[5, 17, 9], [4, 4], [7, 8, 9, 10, 11, 12, 13, 3], [60], list(range(3, 19))]
+QUEUE_DELAY_US = 20_000  # long enough that concurrent requests meet in one execute
+
+
+@pytest.fixture(scope="module")
+def gen_build(small_export, small_cfg, small_model, tmp_path_factory) -> Path:
+    """The tiny export plus encoder.onnx / decoder.onnx (what `build` writes)."""
+    from hmu_export.export import export_graph
+    from hmu_export.model.native import NativeSource
+
+    root = tmp_path_factory.mktemp("gen") / "hmu-tiny"
+    shutil.copytree(small_export.root, root)
+    source = NativeSource(small_cfg.model, small_model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for graph in ("encoder", "decoder"):
+            export_graph(source, graph, small_cfg, root / f"{graph}.onnx")
+    return root
+
+
+@pytest.fixture(scope="module")
+def repo(gen_build, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("genrepo") / "repo"
+    return repository_from_artifacts(gen_build, out,
+                                     TritonOptions(max_queue_delay_us=QUEUE_DELAY_US)).root
+
+
+@pytest.fixture(scope="module")
+def ref(gen_build) -> Generator:
+    return Generator.from_build(gen_build, backend="onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def server(repo):
+    with serve(repo, [GEN, STREAM]) as srv:
+        yield srv
+    assert not srv.alive()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    c = grpcclient.InferenceServerClient(server.grpc_url)
+    yield c
+    c.close()
+
+
+def _inputs(row, max_new: int | None = None) -> list:
+    arr = np.asarray([row], dtype=np.int64).reshape(1, -1)
+    inp = grpcclient.InferInput("src_ids", list(arr.shape), "INT64")
+    inp.set_data_from_numpy(arr)
+    out = [inp]
+    if max_new is not None:
+        m = grpcclient.InferInput("max_new_tokens", [1, 1], "INT64")
+        m.set_data_from_numpy(np.asarray([[max_new]], dtype=np.int64))
+        out.append(m)
+    return out
+
+
+def _params(kw: dict) -> dict:
+    """Request parameters: floats as strings (the python backend takes bool / int / str)."""
+    return {k: (str(v) if isinstance(v, float) else v) for k, v in kw.items()
+            if k != "max_new_tokens"}
+
+
+def generate(client, row, **kw) -> list[int]:
+    res = client.infer(GEN, _inputs(row, kw.get("max_new_tokens")), parameters=_params(kw))
+    tokens = res.as_numpy("tokens")
+    assert tokens.dtype == np.int64 and tokens.shape[0] == 1
+    return tokens[0].tolist()
+
+
+def together(client, calls: list[tuple[list[int], dict]]) -> list[object]:
+    """All calls in flight at once (async gRPC): token lists, or the exception."""
+    results: list[queue.Queue] = [queue.Queue() for _ in calls]
+    for q, (row, kw) in zip(results, calls):
+        client.async_infer(GEN, _inputs(row, kw.get("max_new_tokens")),
+                           callback=lambda result, error, q=q: q.put(error if error is not None else result),
+                           parameters=_params(kw))
+    out = []
+    for q in results:
+        r = q.get(timeout=60)
+        out.append(r if isinstance(r, Exception) else r.as_numpy("tokens")[0].tolist())
+    return out
+
+
+def _executions(client, model: str = GEN) -> int:
+    (stats,) = client.get_inference_statistics(model, as_json=True)["model_stats"]
+    return int(stats.get("execution_count", 0))
+
+
+# --------------------------------------------------------------------------- not served
+def test_repository_has_the_generation_models(repo, small_cfg):
+    names = generation_names(small_cfg)
+    for kind, name in names.items():
+        files = sorted(p.relative_to(repo / name).as_posix()
+                       for p in (repo / name).rglob("*") if p.is_file())
+        want = (["1/decoder.onnx", "1/encoder.onnx", "1/model.py"]
+                if kind.startswith("generate") else ["1/model.onnx"])
+        assert files == sorted(want + ["config.pbtxt"]), (name, files)
+    gen = parse_config((repo / GEN / "config.pbtxt").read_text())
+    stream = parse_config((repo / STREAM / "config.pbtxt").read_text())
+    assert not gen.model_transaction_policy.decoupled and stream.model_transaction_policy.decoupled
+    ins = {t.name: t for t in gen.input}
+    assert ins["src_ids"].allow_ragged_batch and list(ins["src_ids"].dims) == [-1]
+    assert ins["max_new_tokens"].optional and list(ins["max_new_tokens"].dims) == [1]
+    assert [(t.name, list(t.dims)) for t in gen.output] == [("tokens", [-1])]
+    assert gen.parameters["step_backend"].string_value == "onnxruntime"
+    assert gen.parameters["decoder_model"].string_value == "hmu-tiny_decoder"
+    dec = parse_config((repo / "hmu-tiny_decoder" / "config.pbtxt").read_text())
+    assert dec.platform == "onnxruntime_onnx" and not dec.HasField("dynamic_batching")
+    assert {t.name for t in dec.input} >= {"tgt_ids", "src_mask", "past_key.0", "cross_value.0"}
+    assert "hmu-tiny_generate" in (repo / "README.md").read_text()
+    # the checks refuse what this model cannot be
+    bad = type(stream)()
+    bad.CopyFrom(stream)
+    bad.model_transaction_policy.decoupled = False
+    with pytest.raises(TritonConfigError, match="decoupled"):
+        check_generate_config(bad, small_cfg, streaming=True)
+    bad.CopyFrom(gen)
+    bad.parameters["step_backend"].string_value = "grpc"
+    with pytest.raises(TritonConfigError, match="step_backend"):
+        check_generate_config(bad, small_cfg, streaming=False)
+    bad.CopyFrom(gen)
+    bad.input[0].dims[:] = [-1, -1]
+    with pytest.raises(TritonConfigError, match="src_ids"):
+        check_generate_config(bad, small_cfg, streaming=False)
+
+
+# --------------------------------------------------------------------------- served
+CASES = [
+    {},  # greedy, the build's default max_new_tokens
+    {"max_new_tokens": 5},
+    {"strategy": "beam", "num_beams": 2, "max_new_tokens": 6},
+    {"strategy": "beam", "num_beams": 4, "length_penalty": 0.5, "max_new_tokens": 4},
+    {"strategy": "sample", "seed": 7, "temperature": 1.3, "top_k": 10, "max_new_tokens": 8},
+    {"strategy": "sample", "seed": 3, "top_p": 0.9},
+    {"noise_scale": 1.0, "noise_seed": 4, "max_new_tokens": 6},
+]
+
+
+def test_tokens_equal_the_generator(client, ref):
+    """Every strategy, every ragged row, all requests of a case in flight together (batched)."""
+    for kw in CASES:
+        want = [ref.generate([row], **kw).sequences[0] for row in ROWS]
+        before = _executions(client)
+        got = together(client, [(row, kw) for row in ROWS])
+        assert got == want, kw
+        assert _executions(client) - before < len(ROWS), "requests were not batched"
+    # greedy on the mean path: one request alone equals the Generator's ragged batch too
+    batch = ref.generate(ROWS[:4], max_new_tokens=8).sequences
+    assert [generate(client, row, max_new_tokens=8) for row in ROWS[:4]] == batch
+
+
+def test_mixed_batch_with_bad_requests(client, ref):
+    """Greedy, beam, sample and bad requests in one execute: the bad ones fail alone."""
+    calls = [(ROWS[0], {}), ([3, 61], {}), (ROWS[2], {"strategy": "beam", "num_beams": 2}),
+             (ROWS[1], {"strategy": "sample", "seed": 1, "temperature": 0.8}),
+             (ROWS[3], {"temperature": "hot"}), (ROWS[4], {"max_new_tokens": 99})]
+    got = together(client, calls)
+    for (row, kw), result in zip(calls, got):
+        if row == [3, 61] or kw.get("temperature") == "hot" or kw.get("max_new_tokens") == 99:
+            assert isinstance(result, InferenceServerException), (row, kw, result)
+        else:
+            assert result == ref.generate([row], **kw).sequences[0], (row, kw)
+    msgs = [str(r) for r in got if isinstance(r, Exception)]
+    assert any("token id 61 outside [0, 61)" in m for m in msgs), msgs
+    assert any("'temperature' must be a float" in m for m in msgs), msgs
+    assert any("max_new_tokens must be in [1, 8]" in m for m in msgs), msgs
+
+
+BAD = [
+    ([], {}, "empty"),
+    (list(range(17)), {}, "outside the profile"),
+    ([5, -1], {}, "outside [0, 61)"),
+    ([5], {"strategy": "nucleus"}, "unknown strategy"),
+    ([5], {"temperature": "0"}, "temperature must be > 0"),
+    ([5], {"top_p": "1.5"}, "top_p"),
+    ([5], {"num_beams": 8, "strategy": "beam"}, "batch max"),
+    ([5], {"seed": -3}, "seed must be in"),
+    ([5], {"temprature": "1.0"}, "unknown request parameter"),
+    ([5], {"max_new_tokens": 0}, "max_new_tokens must be in"),
+]
+
+
+def test_bad_requests_get_errors_and_the_server_keeps_serving(client, server, ref):
+    good = ref.generate([ROWS[0]]).sequences[0]
+    for row, kw, words in BAD:
+        with pytest.raises(InferenceServerException) as info:
+            generate(client, row, **kw)
+        msg = str(info.value)
+        assert words in msg and "internal error" not in msg, (row, kw, msg)
+        assert generate(client, ROWS[0]) == good
+    two_rows = np.asarray([ROWS[1], ROWS[1]], dtype=np.int64)
+    inp = grpcclient.InferInput("src_ids", list(two_rows.shape), "INT64")
+    inp.set_data_from_numpy(two_rows)
+    with pytest.raises(InferenceServerException, match="one source sequence"):
+        client.infer(GEN, [inp])
+    assert server.alive()
+
+
+def test_eight_concurrent_clients(server, ref):
+    """8 threads, each its own gRPC client, 6 requests each over ragged rows and strategies."""
+    kinds = [{}, {"strategy": "sample", "seed": 11, "temperature": 0.9},
+             {"strategy": "beam", "num_beams": 2, "max_new_tokens": 6}]
+    want = {(r, k): ref.generate([ROWS[r]], **kinds[k]).sequences[0]
+            for r in range(len(ROWS)) for k in range(len(kinds))}
+    errors: list[str] = []
+    lat: list[float] = []
+    tokens = [0]
+    lock = threading.Lock()
+    barrier = threading.Barrier(8)
+
+    def worker(t: int) -> None:
+        try:
+            c = grpcclient.InferenceServerClient(server.grpc_url)
+            barrier.wait()
+            for i in range(6):
+                r, k = (t + i) % len(ROWS), (t * 5 + i) % len(kinds)
+                t0 = time.perf_counter()
+                got = generate(c, ROWS[r], **kinds[k])
+                with lock:
+                    lat.append(time.perf_counter() - t0)
+                    tokens[0] += len(got)
+                if got != want[(r, k)]:
+                    raise AssertionError(f"row {r} kind {k}: {got} != {want[(r, k)]}")
+            c.close()
+        except Exception as exc:  # collected: an assert in a thread would be lost
+            with lock:
+                errors.append(f"thread {t}: {type(exc).__name__}: {exc}")
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    wall = time.perf_counter() - t0
+    assert not any(t.is_alive() for t in threads) and errors == []
+    assert len(lat) == 48
+    ms = np.array(lat) * 1e3
+    print(f"\n8 clients x 6 requests: wall {wall:.2f} s, {tokens[0] / wall:.0f} tokens/s, "
+          f"request p50 {np.percentile(ms, 50):.1f} ms p99 {np.percentile(ms, 99):.1f} ms")
+
+
+def _stream(server, row, **kw) -> tuple[list[int], list[float], list[bool]]:
+    """Tokens, arrival times and final flags of one streamed request (or raises its error)."""
+    got: queue.Queue = queue.Queue()
+    c = grpcclient.InferenceServerClient(server.grpc_url)
+    c.start_stream(callback=lambda result, error: got.put((time.perf_counter(), result, error)))
+    try:
+        t0 = time.perf_counter()
+        c.async_stream_infer(STREAM, _inputs(row, kw.get("max_new_tokens")),
+                             parameters=_params(kw), enable_empty_final_response=True)
+        tokens, times, finals = [], [], []
+        while True:
+            when, result, error = got.get(timeout=30)
+            if error is not None:
+                raise error
+            final = result.get_response().parameters["triton_final_response"].bool_param
+            out = result.as_numpy("tokens")
+            if out is not None:
+                assert out.shape == (1, 1)
+                tokens.append(int(out[0, 0]))
+                times.append(when - t0)
+            finals.append(final)
+            if final:
+                return tokens, times, finals
+    finally:
+        c.stop_stream()
+        c.close()
+
+
+def test_streaming_sends_each_token(server, ref, client):
+    for row in (ROWS[2], ROWS[4]):
+        want = ref.generate([row], max_new_tokens=8).sequences[0]
+        tokens, times, finals = _stream(server, row, max_new_tokens=8)
+        assert tokens == want
+        # one response per token, then the empty FINAL one
+        assert finals == [False] * len(want) + [True]
+        assert times == sorted(times)
+    kw = {"strategy": "sample", "seed": 5, "temperature": 1.2, "top_k": 20}
+    assert _stream(server, ROWS[0], **kw)[0] == ref.generate([ROWS[0]], **kw).sequences[0]
+    with pytest.raises(InferenceServerException, match="beam.*cannot stream"):
+        _stream(server, ROWS[0], strategy="beam", num_beams=2)
+    with pytest.raises(InferenceServerException, match="outside"):
+        _stream(server, [99])
+    assert _stream(server, ROWS[1])[0] == ref.generate([ROWS[1]]).sequences[0]
+    # per-token latency, served (tiny model, 2 shared cores)
+    _, times, _ = _stream(server, ROWS[4], max_new_tokens=8)
+    gaps = np.diff(times) * 1e3
+    print(f"\nstreaming: first token {times[0] * 1e3:.1f} ms, then p50 "
+          f"{np.percentile(gaps, 50):.2f} ms per token")
+
+
+def test_model_loop_with_eos_equals_the_generator(repo, ref):
+    """The model file's loop outside Triton, with an EOS the tiny model does produce (23): rows
+    finish at different steps and leave the batch, beams finish early."""
+    import hmu_export.triton_generate_model as tgm
+
+    conf = parse_config((repo / GEN / "config.pbtxt").read_text())
+    params = {k: v.string_value for k, v in conf.parameters.items()}
+    spec = {k: int(params[k]) for k in tgm.SPEC_KEYS}
+    spec["eos_id"] = 23
+    steps = tgm.ort_steps(str(repo / GEN / "1"), params, spec)
+    for kw in ({"max_new_tokens": 8}, {"strategy": "sample", "seed": 2, "temperature": 0.7},
+               {"strategy": "beam", "num_beams": 2, "max_new_tokens": 6}):
+        opts = tgm.parse_options(_params(kw), kw.get("max_new_tokens"), spec)
+        jobs = [tgm.Job(row, opts) for row in ROWS]
+        for group in tgm.plan_groups(jobs, spec["batch_max"]):
+            batch = [jobs[i] for i in group]
+            (tgm.generate_beam if opts.beam else tgm.generate_sequential)(steps, batch, spec)
+        want = [ref.generate([row], eos_id=23, **kw).sequences[0] for row in ROWS]
+        assert [j.tokens for j in jobs] == want, kw
+        assert any(t[-1] == 23 and len(t) < opts.max_new_tokens for t in want), want
