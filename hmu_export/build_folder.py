@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import onnx
 
@@ -12,6 +13,10 @@ from .errors import ArtifactError
 from .export import load_graph_contract
 from .io_contract import GraphContract
 from .model import HMUTransformer, load_checkpoint
+
+
+if TYPE_CHECKING:
+    from .model.interface import ModelSource
 
 
 @dataclass(frozen=True)
@@ -24,6 +29,11 @@ class BuildFolder:
     def load_model(self) -> HMUTransformer:
         """The PyTorch reference from the build's checkpoint/."""
         return load_checkpoint(self.layout.checkpoint_dir)
+
+    def load_source(self) -> "ModelSource":
+        """The build's model source (any source) from its checkpoint/."""
+        from .model.checkpoint import load_source_checkpoint
+        return load_source_checkpoint(self.layout.checkpoint_dir)
 
 
 def open_build(root: str | Path, verify: bool = True) -> BuildFolder:

@@ -8,7 +8,8 @@ import sys
 from . import __version__
 from .errors import HMUExportError
 
-COMMANDS = ("build", "export", "parity", "engine", "debug_precision", "triton", "bench", "info")
+COMMANDS = ("build", "export", "parity", "engine", "debug_precision", "triton", "bench", "info",
+            "generate")
 
 
 def make_parser() -> argparse.ArgumentParser:

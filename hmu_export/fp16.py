@@ -109,10 +109,16 @@ def fp16_stage(ctx: "BuildContext") -> StageResult:
     fp16 = convert_to_fp16(model, names)
     save_fp16_model(fp16, ctx.layout.onnx_fp16)
     ctx.data.setdefault("pins", [p.to_dict() for p in pins])
-    return StageResult(OK, details={
-        "path": ctx.layout.onnx_fp16.name, "fp32_nodes": names,
-        "casts": sum(1 for n in fp16.graph.node if n.op_type == "Cast"),
-        "seconds": round(time.perf_counter() - t0, 3)})
+    details: dict = {"path": ctx.layout.onnx_fp16.name, "fp32_nodes": names,
+                     "casts": sum(1 for n in fp16.graph.node if n.op_type == "Cast")}
+    for graph in ctx.layout.split_graphs():
+        # Each graph keeps its own pins: the HMU (and so every pin) lives in the encoder graph.
+        split = onnx.load(str(ctx.layout.graph(graph)))
+        split_pins = pin_names(select_pins(split, ctx.cfg.engine))
+        save_fp16_model(convert_to_fp16(split, split_pins), ctx.layout.graph(graph, "fp16"))
+        details[graph] = {"path": ctx.layout.graph(graph, "fp16").name, "fp32_nodes": split_pins}
+    details["seconds"] = round(time.perf_counter() - t0, 3)
+    return StageResult(OK, details=details)
 
 
 def parity_backends(layout: "BuildLayout", cfg: "BuildConfig", model: "HMUTransformer",

@@ -412,7 +412,14 @@ def parity_stage(ctx: Any) -> StageResult:
     if not report.passed:
         first = report.failures()[0] if report.failures() else "no backend ran"
         return StageResult(FAILED, reason=f"parity failed: {first}", details=ctx.data["parity"])
-    return StageResult(OK, details=ctx.data["parity"])
+    from .parity_generation import generation_parity_stage
+
+    gen = generation_parity_stage(ctx)
+    details = dict(ctx.data["parity"], generation=gen) if gen is not None else ctx.data["parity"]
+    if gen is not None and not gen["passed"]:
+        return StageResult(FAILED, reason=f"generation parity failed: {gen['failures'][0]}",
+                           details=details)
+    return StageResult(OK, details=details)
 
 
 def load_report(path: Path) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import shutil
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -24,6 +24,7 @@ from .fileio import ensure_writable_dir, exclusive_lock, read_json_object, sha25
 from .io_contract import GraphContract, full_contract
 from .manifest import FAILED, OK, StageResult, write_manifest
 from .model import HMUTransformer
+from .model.interface import ModelSource
 
 
 @dataclass
@@ -31,8 +32,10 @@ class BuildContext:
     cfg: BuildConfig
     layout: BuildLayout
     require_engine: bool = False
-    model: HMUTransformer | None = None
-    contract: GraphContract | None = None
+    model: HMUTransformer | None = None  # the native model, when the source is native
+    source: ModelSource | None = None
+    contract: GraphContract | None = None  # the primary graph's (model.onnx)
+    contracts: dict[str, GraphContract] = field(default_factory=dict)  # every exported graph
     checkpoint_sha256: str = ""
     # Data handed from stage to stage (pins, optimized-graph flags...), also put in the manifest.
     data: dict[str, Any] = field(default_factory=dict)
@@ -42,30 +45,67 @@ class BuildContext:
 StageFn = Callable[[BuildContext], StageResult]
 
 
-def stage_checkpoint(ctx: BuildContext) -> StageResult:
-    from .model import build_model, save_checkpoint
+def as_source(cfg: BuildConfig, model: "HMUTransformer | ModelSource | None") -> ModelSource:
+    """The build's model source: given, wrapped (a native HMUTransformer), or loaded."""
+    from .model import sources
+    from .model.native import NativeSource
 
-    model = ctx.model if ctx.model is not None else build_model(ctx.cfg.model)
-    weights, _ = save_checkpoint(model, ctx.layout.checkpoint_dir)
-    ctx.model = model
+    if isinstance(model, ModelSource):
+        return model
+    if model is not None:
+        return NativeSource(cfg.model, model)
+    return sources.load(cfg.model)
+
+
+def stage_checkpoint(ctx: BuildContext) -> StageResult:
+    from .model.checkpoint import save_source_checkpoint
+    from .model.native import NativeSource
+
+    source = ctx.source or as_source(ctx.cfg, ctx.model)
+    ctx.source = source
+    if isinstance(source, NativeSource):
+        ctx.model = source.model
+    weights, _ = save_source_checkpoint(source, ctx.layout.checkpoint_dir)
     ctx.checkpoint_sha256 = sha256_file(weights)
-    hmu, total = model.hmu_parameter_share()
+    hmu, total = source.hmu_parameter_share()
     ctx.data["parameters"] = {"total": total, "hmu": hmu,
                               "hmu_share": round(hmu / total, 6) if total else 0.0}
-    src = ctx.cfg.model.checkpoint or "seeded"
-    return StageResult(OK, details={"source": src, "parameters": ctx.data["parameters"]})
+    m = ctx.cfg.model
+    origin = m.checkpoint or m.path or "seeded"
+    return StageResult(OK, details={"source": m.source, "weights": origin,
+                                    "graphs": list(source.graph_names()),
+                                    "parameters": ctx.data["parameters"]})
 
 
 def stage_export(ctx: BuildContext) -> StageResult:
-    from .export import export_onnx, sensitive_nodes
-
-    assert ctx.model is not None
-    res = export_onnx(ctx.model, ctx.cfg, ctx.layout.onnx, checkpoint_sha256=ctx.checkpoint_sha256)
-    ctx.contract = res.contract
+    """Export every graph of the source once (dynamo tracing dominates the build's time)."""
     import onnx
-    ctx.data["sensitive_nodes"] = sensitive_nodes(onnx.load(str(res.path)))
-    return StageResult(OK, details={"opset": ctx.cfg.export.opset, "sha256": res.sha256,
-                                    "validation_max_abs": res.validation_max_abs,
+
+    from .export import export_graph, sensitive_nodes
+    from .io_contract import GRAPH_FILES
+
+    assert ctx.source is not None
+    graphs: dict[str, Any] = {}
+    pins: dict[str, list[str]] = {}
+    for i, graph in enumerate(ctx.source.graph_names()):
+        path = ctx.layout.root / GRAPH_FILES[graph]
+        res = export_graph(ctx.source, graph, ctx.cfg, path, checkpoint_sha256=ctx.checkpoint_sha256,
+                           diagnostics=ctx.cfg.export.diagnostics and i == 0)
+        ctx.contracts[graph] = res.contract
+        if i == 0:
+            ctx.contract = res.contract
+        pins[graph] = sensitive_nodes(onnx.load(str(res.path)), ctx.source.hmu_scope)
+        graphs[graph] = {"file": GRAPH_FILES[graph], "sha256": res.sha256,
+                         "seconds": round(res.seconds, 2),
+                         "validation_max_abs": res.validation_max_abs,
+                         "contract": res.contract.to_dict()}
+    primary = ctx.source.graph_names()[0]
+    ctx.data["sensitive_nodes"] = pins[primary]
+    ctx.data["graph_pins"] = pins
+    ctx.data["graphs"] = graphs
+    worst = max(g["validation_max_abs"] for g in graphs.values())
+    return StageResult(OK, details={"opset": ctx.cfg.export.opset, "graphs": list(graphs),
+                                    "validation_max_abs": worst,
                                     "sensitive_nodes": ctx.data["sensitive_nodes"]})
 
 
@@ -213,16 +253,18 @@ def check_memory(cfg: BuildConfig) -> None:
                           f"{have / 2**30:.3g} GiB; reduce model sizes or profile maxima")
 
 
-def preflight(cfg: BuildConfig, out_dir: Path, force: bool = False) -> HMUTransformer:
+def preflight(cfg: BuildConfig, out_dir: Path, force: bool = False) -> ModelSource:
     """User errors (output that is not ours or unwritable, a model too large for this machine,
     missing / corrupt / mismatched checkpoint) are reported here, before anything is written."""
-    from .model import build_model
+    from .model import sources
 
     out = resolve_out(out_dir)
     check_target(out, force)
+    resolved = sources.resolve(cfg.model)
+    cfg = replace(cfg, model=resolved).validate()
     check_memory(cfg)
     ensure_writable_dir(out.parent)
-    return build_model(cfg.model)
+    return sources.load(resolved)
 
 
 def recover_swap(dst: Path) -> str | None:
@@ -283,7 +325,8 @@ def _required(required: bool | Callable[[BuildContext], bool], ctx: BuildContext
 
 def run_build(cfg: BuildConfig, out_dir: Path, *, require_engine: bool = False,
               on_stage: Callable[[str, StageResult | None], None] | None = None,
-              only: list[str] | None = None, model: HMUTransformer | None = None,
+              only: list[str] | None = None,
+              model: "HMUTransformer | ModelSource | None" = None,
               force: bool = False) -> BuildOutcome:
     """Run the stages into a staging folder, then move it to ``out_dir`` if it succeeded.
 
@@ -315,11 +358,14 @@ def run_build(cfg: BuildConfig, out_dir: Path, *, require_engine: bool = False,
     return outcome
 
 
-def _run_stages(cfg: BuildConfig, out_dir: Path, staging: Path, model: HMUTransformer,
+def _run_stages(cfg: BuildConfig, out_dir: Path, staging: Path,
+                model: "HMUTransformer | ModelSource",
                 require_engine: bool, on_stage: Callable[[str, StageResult | None], None] | None,
                 only: list[str] | None, t0: float) -> BuildOutcome:
+    source = as_source(cfg, model)
+    cfg = replace(cfg, model=source.cfg)  # resolved: sizes a source reads from its files
     ctx = BuildContext(cfg, BuildLayout(staging), require_engine=require_engine or
-                       cfg.engine.require, model=model)
+                       cfg.engine.require, source=source)
     failure, log = "", None
     for name, fn, required in STAGES:
         if only is not None and name not in only:
@@ -355,7 +401,8 @@ def _run_stages(cfg: BuildConfig, out_dir: Path, staging: Path, model: HMUTransf
              "checkpoint_sha256": ctx.checkpoint_sha256, "ok": ok,
              "build_seconds": round(time.perf_counter() - t0, 3)}
     extra.update({k: v for k, v in ctx.data.items() if k in ("parameters", "sensitive_nodes",
-                                                              "engine", "parity")})
+                                                              "engine", "parity", "graphs",
+                                                              "graph_pins", "generation_parity")})
     write_manifest(staging, stages=ctx.stages, profile=cfg.profile.to_dict(),
                    versions=_versions(), extra=extra)
     final = out_dir if ok else failed_dir(out_dir)

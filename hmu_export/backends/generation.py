@@ -178,17 +178,29 @@ def stepper_from_build(root: str | Path, backend: str, *, threads: int | None = 
     if backend not in BACKENDS:
         raise InputError(f"unknown generation backend {backend!r} (use {', '.join(BACKENDS)})")
     folder = open_build(root)
-    cfg, root = folder.cfg, folder.layout.root
-    if cfg.model.is_classifier:
-        raise InputError("this build is a classifier: it has nothing to generate")
-    if backend.startswith("torch"):
-        from ..model.native import NativeSource
+    return make_stepper(folder.layout.root, folder.cfg, backend, threads=threads,
+                        load_source=folder.load_source), folder.cfg
 
-        model = folder.load_model()
-        source = NativeSource(model.cfg, model)
+
+def make_stepper(root: Path, cfg: BuildConfig, backend: str, *, threads: int | None = None,
+                 load_source=None) -> Stepper:  # type: ignore[no-untyped-def]
+    """A stepper over the graphs in ``root`` (any folder: the build stage uses its staging
+    folder) or, for torch backends, over the source ``load_source()`` returns."""
+    if backend not in BACKENDS:
+        raise InputError(f"unknown generation backend {backend!r} (use {', '.join(BACKENDS)})")
+    from ..model.sources import generation_refusal
+
+    root = Path(root)
+    refusal = generation_refusal(cfg.model)
+    if refusal:
+        raise InputError(f"cannot generate: {refusal}")
+    if backend.startswith("torch"):
+        if load_source is None:
+            raise InputError(f"backend {backend} needs the build's checkpoint")
+        source = load_source()
         if backend == "torch":
-            return CachedStepper(TorchStepBackend(source)), cfg
-        return TorchNoCacheStepper(source), cfg
+            return CachedStepper(TorchStepBackend(source))
+        return TorchNoCacheStepper(source)
     from ..optimize import tuned_session_options
 
     enc, dec = _graph(root, ENCODER), _graph(root, DECODER)
@@ -199,15 +211,15 @@ def stepper_from_build(root: str | Path, backend: str, *, threads: int | None = 
         from ..runners.onnxruntime_runner import session_options
 
         return CachedStepper(OrtStepBackend(enc, dec, name=backend,
-                                            sess_options=session_options(threads))), cfg
+                                            sess_options=session_options(threads)))
     if backend == "onnxruntime-opt":
         enc_o, dec_o = _graph(root, ENCODER, ".opt"), _graph(root, DECODER, ".opt")
         enc, dec = (enc_o if enc_o.is_file() else enc), (dec_o if dec_o.is_file() else dec)
         return CachedStepper(OrtStepBackend(enc, dec, name=backend,
-                                            sess_options=tuned_session_options(threads))), cfg
+                                            sess_options=tuned_session_options(threads)))
     enc, dec = _graph(root, ENCODER, ".fp16"), _graph(root, DECODER, ".fp16")
     if not (enc.is_file() and dec.is_file()):
         raise BackendUnavailable(f"{root} has no {enc.name} / {dec.name} (the build's FP16 stage "
                                  "did not write them)")
     return CachedStepper(OrtStepBackend(enc, dec, name=backend,
-                                        sess_options=tuned_session_options(threads))), cfg
+                                        sess_options=tuned_session_options(threads)))

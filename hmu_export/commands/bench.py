@@ -32,6 +32,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="skip the with/without-HMU comparison (it exports an identity model)")
     p.add_argument("--json", type=Path, default=None, help="JSON report path "
                    "(default OUT/bench.json)")
+    p.add_argument("--generate", action="store_true",
+                   help="benchmark generation instead (TTFT, per-token p50/p99, tokens/s of "
+                        "torch, torch-nocache, onnxruntime, onnxruntime-opt at batch 1 and 8)")
+    p.add_argument("--new-tokens", type=int, default=64, help="--generate: tokens per run")
+    p.add_argument("--src-len", type=int, default=64, help="--generate: source tokens")
+    p.add_argument("--batches", default="1,8", help="--generate: batch sizes")
+    p.add_argument("--runs", type=int, default=5, help="--generate: timed runs")
     p.add_argument("--out", type=Path, default=None,
                    help="folder for bench.json/.md/.png (default ARTIFACTS/bench)")
     p.set_defaults(func=run)
@@ -46,6 +53,9 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.threads <= cores:
         raise ConfigError(f"--threads must be in 0..{cores} (this machine's cores; 0 = all "
                           f"usable), got {args.threads}")
+    if args.generate:
+        return run_generate(args, backends if args.backends != ",".join(DEFAULT_BACKENDS)
+                            else None)
     settings = BenchSettings.quick() if args.quick else BenchSettings()
     if args.min_seconds is not None:
         settings = BenchSettings(**{**settings.__dict__, "min_seconds": args.min_seconds})
@@ -88,6 +98,46 @@ def run(args: argparse.Namespace) -> int:
                                 f"{h['latency_overhead_pct']:+.1f}",
                                 f"{h['parameter_overhead_pct']:.2f}")
                                for h in report.hmu_overhead]))
+    for s in report.skipped:
+        ui.out.print(f"[yellow]skipped[/yellow] {s['backend']}: {s['reason']}")
+    ui.out.print(f"wrote {paths['json']}, {paths['markdown']}, {paths['png']}")
+    return 0
+
+
+def run_generate(args: argparse.Namespace, backends: list[str] | None) -> int:
+    from ..bench_generation import (DEFAULT_GENERATION_BACKENDS, ratios, run_generation_bench,
+                                    write_outputs as write_generation)
+
+    try:
+        batches = [int(b) for b in args.batches.split(",") if b.strip()]
+    except ValueError:
+        raise ConfigError(f"--batches must be comma-separated integers, got {args.batches!r}"
+                          ) from None
+    if args.runs < 1 or args.new_tokens < 1 or args.src_len < 1 or not batches:
+        raise ConfigError("--runs, --new-tokens, --src-len and --batches must be >= 1")
+    runs = 2 if args.quick else args.runs
+    with ui.progress() as bar:
+        task = bar.add_task("bench --generate", total=None)
+        report = run_generation_bench(
+            args.artifacts, backends=backends or DEFAULT_GENERATION_BACKENDS, batches=batches,
+            src_len=args.src_len, new_tokens=args.new_tokens, runs=runs,
+            warmup=0 if args.quick else 1, threads=args.threads or None,
+            progress=lambda d: bar.update(task, description=d, advance=1))
+    out_dir = args.out or (args.artifacts / "bench")
+    paths = write_generation(report, out_dir, args.json)
+    if (args.artifacts / "manifest.json").is_file():
+        from ..manifest import update_manifest
+        update_manifest(args.artifacts, None, None, written=list(paths.values()))
+    rat = {(r["backend"], r["batch"]): r for r in ratios(report.results)}
+    rows = [(r["backend"], str(r["batch"]), f"{r['ttft_ms']:.2f}", f"{r['per_token_p50_ms']:.3f}",
+             f"{r['per_token_p99_ms']:.3f}", f"{r['tokens_per_s']:.1f}",
+             "-" if rat[(r["backend"], r["batch"])]["vs_torch"] is None
+             else f"{rat[(r['backend'], r['batch'])]['vs_torch']:.2f}")
+            for r in report.results]
+    ui.out.print(ui.table(f"generation: {report.model['name']}, {args.src_len} source / "
+                          f"{args.new_tokens} new tokens", ["backend", "batch", "TTFT ms",
+                                                            "p50 ms/token", "p99 ms/token",
+                                                            "tokens/s", "x torch"], rows))
     for s in report.skipped:
         ui.out.print(f"[yellow]skipped[/yellow] {s['backend']}: {s['reason']}")
     ui.out.print(f"wrote {paths['json']}, {paths['markdown']}, {paths['png']}")

@@ -58,3 +58,14 @@ def _native_load(cfg: ModelConfig) -> ModelSource:
     from .checkpoint import build_model
     from .native import NativeSource
     return NativeSource(cfg, build_model(cfg))
+
+
+def generation_refusal(cfg: ModelConfig) -> str:
+    """Why a model of this config cannot generate ("" when it can), without loading it."""
+    if cfg.is_classifier:
+        return "this model is a classifier: it has nothing to generate"
+    if cfg.source == "reference":
+        return ("the reference implementation's decoder is not causal (it was trained seeing "
+                "the whole target), so token-by-token generation would be meaningless; serve "
+                "its full graph (model.onnx) instead")
+    return ""

@@ -1,0 +1,194 @@
+"""`bench --generate`: time to first token, per-token latency and tokens/s of the generation loop.
+
+Every backend runs the same loop (hmu_export/generate.py) on the same sources. Greedy decoding
+with an EOS the model never produced during the warm-up, so every run makes exactly
+``new_tokens`` tokens on every backend and the figures compare like with like.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .errors import HMUExportError, InputError
+
+DEFAULT_GENERATION_BACKENDS = ("torch", "torch-nocache", "onnxruntime", "onnxruntime-opt")
+
+
+@dataclass
+class GenerationBenchReport:
+    model: dict[str, Any]
+    machine: dict[str, Any]
+    settings: dict[str, Any]
+    results: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "machine": self.machine, "settings": self.settings,
+                "results": self.results, "skipped": self.skipped,
+                "ratios": ratios(self.results)}
+
+
+def _sources(batch: int, src_len: int, vocab: int, seed: int) -> list[list[int]]:
+    rng = np.random.default_rng([seed, batch, src_len])
+    low = 3 if vocab > 3 else 0
+    return rng.integers(low, vocab, size=(batch, src_len)).tolist()
+
+
+def unused_token(sequences: Sequence[Sequence[int]], vocab: int) -> int:
+    """A token id absent from ``sequences`` (the EOS that never stops a benchmark run)."""
+    seen = {t for s in sequences for t in s}
+    for tok in range(vocab - 1, -1, -1):
+        if tok not in seen:
+            return tok
+    raise InputError("every vocabulary id was generated: cannot pick an EOS that never fires")
+
+
+def run_generation_bench(root: Path, *, backends: Sequence[str] = DEFAULT_GENERATION_BACKENDS,
+                         batches: Sequence[int] = (1, 8), src_len: int = 64,
+                         new_tokens: int = 64, runs: int = 5, warmup: int = 1,
+                         threads: int | None = None,
+                         progress: Callable[[str], None] | None = None
+                         ) -> GenerationBenchReport:
+    from .bench import machine_info
+    from .build_folder import open_build
+    from .generate import Generator
+    from .optimize import cpu_threads
+
+    build = open_build(root)
+    cfg = build.cfg
+    p = cfg.profile
+    for b in batches:
+        if not p.axis("batch").contains(b):
+            raise InputError(f"batch {b} is outside the build's profile ({p.batch[0]}.."
+                             f"{p.batch[2]})")
+    if not p.axis("src_len").contains(src_len):
+        raise InputError(f"source length {src_len} is outside the profile ({p.src_len[0]}.."
+                         f"{p.src_len[2]})")
+    if not 1 <= new_tokens <= p.tgt_len[2]:
+        raise InputError(f"new tokens must be in [1, {p.tgt_len[2]}] (the profile's tgt_len "
+                         f"max), got {new_tokens}")
+    threads = threads or cpu_threads()
+    import torch
+    torch.set_num_threads(threads)  # the same cores for PyTorch as for ONNX Runtime
+    report = GenerationBenchReport(
+        model={"name": cfg.model.name, "source": cfg.model.source, "d_model": cfg.model.d_model,
+               "layers": [cfg.model.n_encoder_layers, cfg.model.n_decoder_layers],
+               "vocab_size": cfg.model.vocab_size},
+        machine=machine_info(threads),
+        settings={"batches": list(batches), "src_len": src_len, "new_tokens": new_tokens,
+                  "runs": runs, "warmup": warmup, "strategy": "greedy", "threads": threads})
+    gens: dict[str, Generator] = {}
+    for name in backends:
+        try:
+            gens[name] = Generator.from_build(root, name, threads=threads)
+        except HMUExportError as exc:
+            report.skipped.append({"backend": name, "reason": str(exc)})
+    for b in batches:
+        src = _sources(b, src_len, cfg.model.vocab_size, 0)
+        # The EOS: a token no backend produces for these sources in a free run.
+        probe = next(iter(gens.values())).generate(src, max_new_tokens=new_tokens, eos_id=0)
+        eos = unused_token(probe.sequences, cfg.model.vocab_size)
+        for name, gen in gens.items():
+            if progress:
+                progress(f"{name} batch {b}")
+            for _ in range(warmup):
+                gen.generate(src, max_new_tokens=new_tokens, eos_id=eos)
+            ttft, lat, tps = [], [], []
+            for _ in range(runs):
+                res = gen.generate(src, max_new_tokens=new_tokens, eos_id=eos)
+                ttft.append(res.ttft_s)
+                lat.extend(res.token_latencies_s)
+                tps.append(res.tokens_per_s)
+                made = {len(s) for s in res.sequences}
+                if made != {new_tokens}:  # a backend disagreeing here would make figures unfair
+                    raise InputError(f"{name} stopped early ({sorted(made)} tokens): EOS {eos} "
+                                     "fired")
+            lat_ms = np.asarray(lat) * 1e3
+            report.results.append({
+                "backend": name, "batch": b, "src_len": src_len, "new_tokens": new_tokens,
+                "ttft_ms": float(np.median(ttft) * 1e3),
+                "per_token_p50_ms": float(np.percentile(lat_ms, 50)),
+                "per_token_p99_ms": float(np.percentile(lat_ms, 99)),
+                "tokens_per_s": float(np.median(tps)), "runs": runs})
+    return report
+
+
+def ratios(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """tokens/s of each backend over torch (cached) and torch-nocache, per batch."""
+    out = []
+    by = {(r["backend"], r["batch"]): r for r in results}
+    for r in results:
+        row = {"backend": r["backend"], "batch": r["batch"],
+               "p99_over_p50": r["per_token_p99_ms"] / r["per_token_p50_ms"]
+               if r["per_token_p50_ms"] else None}
+        for base in ("torch", "torch-nocache"):
+            ref = by.get((base, r["batch"]))
+            row[f"vs_{base}"] = r["tokens_per_s"] / ref["tokens_per_s"] if ref else None
+        out.append(row)
+    return out
+
+
+def to_markdown(report: GenerationBenchReport) -> str:
+    s, m = report.settings, report.machine
+    lines = [f"# Generation benchmark: {report.model['name']}", "",
+             f"Greedy, {s['src_len']} source tokens, {s['new_tokens']} new tokens, median of "
+             f"{s['runs']} runs after {s['warmup']} warm-up; {s['threads']} threads; "
+             f"{m.get('cpu', '')}.", "",
+             "| backend | batch | TTFT ms | per-token p50 ms | p99 ms | p99/p50 | tokens/s | "
+             "x torch | x torch-nocache |", "|---|---|---|---|---|---|---|---|---|"]
+    rat = {(r["backend"], r["batch"]): r for r in ratios(report.results)}
+
+    def fmt(x: float | None) -> str:
+        return "-" if x is None else f"{x:.2f}"
+
+    for r in report.results:
+        q = rat[(r["backend"], r["batch"])]
+        lines.append(f"| {r['backend']} | {r['batch']} | {r['ttft_ms']:.2f} | "
+                     f"{r['per_token_p50_ms']:.3f} | {r['per_token_p99_ms']:.3f} | "
+                     f"{fmt(q['p99_over_p50'])} | {r['tokens_per_s']:.1f} | "
+                     f"{fmt(q['vs_torch'])} | {fmt(q['vs_torch-nocache'])} |")
+    for sk in report.skipped:
+        lines.append(f"\nSkipped `{sk['backend']}`: {sk['reason']}")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: GenerationBenchReport, path: Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .fileio import atomic_path
+
+    batches = report.settings["batches"]
+    fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 3.6), squeeze=False)
+    for ax, b in zip(axes[0], batches):
+        rows = [r for r in report.results if r["batch"] == b]
+        names = [r["backend"] for r in rows]
+        ax.barh(names, [r["tokens_per_s"] for r in rows], color="#4c72b0")
+        for i, r in enumerate(rows):
+            ax.text(r["tokens_per_s"], i, f" {r['tokens_per_s']:.0f}", va="center", fontsize=8)
+        ax.set_title(f"batch {b}: tokens/s (higher is better)")
+        ax.grid(True, axis="x", alpha=0.3)
+    fig.suptitle(f"{report.model['name']}: generation, {report.settings['src_len']} source / "
+                 f"{report.settings['new_tokens']} new tokens")
+    fig.tight_layout()
+    with atomic_path(Path(path)) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def write_outputs(report: GenerationBenchReport, out_dir: Path, json_path: Path | None = None
+                  ) -> dict[str, Path]:
+    from .fileio import write_json, write_text
+
+    out_dir = Path(out_dir)
+    paths = {"json": Path(json_path) if json_path else out_dir / "generate.json",
+             "markdown": out_dir / "generate.md", "png": out_dir / "generate.png"}
+    write_json(paths["json"], report.to_dict())
+    write_text(paths["markdown"], to_markdown(report))
+    plot(report, paths["png"])
+    return paths

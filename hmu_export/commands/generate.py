@@ -1,0 +1,109 @@
+"""`generate`: encoder once, then the decoder step with its KV cache, on any backend."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from .. import ui
+from ..errors import InputError
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
+    return value
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from ..backends.generation import BACKENDS
+    from ..generate import STRATEGIES
+
+    p = sub.add_parser("generate", help="generate tokens with a build's encoder + decoder-step "
+                                        "graphs (or PyTorch)")
+    p.add_argument("--artifacts", type=Path, required=True, help="build folder")
+    p.add_argument("--input", type=Path, required=True,
+                   help='JSON file: {"src_ids": [[5, 17, 9], [4, 4]]} (ragged rows)')
+    p.add_argument("--backend", default="onnxruntime-opt", choices=BACKENDS,
+                   help="default: onnxruntime-opt")
+    p.add_argument("--max-new-tokens", type=_positive_int,
+                   help="default: [generation].max_new_tokens of the build")
+    p.add_argument("--strategy", choices=STRATEGIES, default="greedy")
+    p.add_argument("--num-beams", type=_positive_int, default=4)
+    p.add_argument("--length-penalty", type=_finite, default=1.0)
+    p.add_argument("--early-stopping", action="store_true")
+    p.add_argument("--temperature", type=_finite, default=1.0, help="sampling temperature")
+    p.add_argument("--top-k", type=_int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=_finite, default=1.0, help="1 = off")
+    p.add_argument("--noise-scale", type=_finite,
+                   help="HMU noise temperature (0 = the VAE's mean path; default: the build's)")
+    p.add_argument("--seed", type=_int, default=0, help="sampling and HMU-noise seed")
+    p.add_argument("--threads", type=_positive_int, help="ONNX Runtime intra-op threads")
+    p.add_argument("--json", type=Path, help="write the result here")
+    p.set_defaults(func=run)
+
+
+def read_input(path: Path) -> list[list[int]]:
+    """``src_ids`` rows from the input JSON (validated further by the generator)."""
+    try:
+        data: Any = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"input file not found: {path}") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise InputError(f"cannot read input {path}: {exc}") from None
+    if not isinstance(data, dict) or "src_ids" not in data:
+        raise InputError(f'input {path} must be a JSON object with "src_ids": [[ids...], ...]')
+    rows = data["src_ids"]
+    if not isinstance(rows, list) or not rows:
+        raise InputError(f'input {path}: "src_ids" must be a non-empty list of id lists')
+    return rows
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..fileio import write_json
+    from ..generate import Generator
+
+    if args.threads is not None:
+        from ..optimize import cpu_threads
+        if args.threads > cpu_threads():
+            raise InputError(f"--threads {args.threads} exceeds this machine's "
+                             f"{cpu_threads()} cores")
+    rows = read_input(args.input)
+    gen = Generator.from_build(args.artifacts, args.backend, threads=args.threads)
+    result = gen.generate(
+        rows, strategy=args.strategy, max_new_tokens=args.max_new_tokens,
+        num_beams=args.num_beams, length_penalty=args.length_penalty,
+        early_stopping=args.early_stopping, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, seed=args.seed, noise_seed=args.seed, noise_scale=args.noise_scale)
+    out = result.to_dict()
+    if args.json:
+        write_json(args.json, out)
+    ui.out.print(ui.table(
+        f"generate: {args.backend}, {args.strategy}, {result.steps} steps, "
+        f"{result.seconds * 1e3:.1f} ms, {result.tokens_per_s:.1f} tokens/s",
+        ("row", "tokens"), [(str(i), " ".join(map(str, s))) for i, s in
+                            enumerate(result.sequences)]))
+    return 0

@@ -1,0 +1,150 @@
+"""`generate` and the generation parity suite on a build of a config no other test uses.
+
+The oracle is a greedy loop written here over the *full* graph (model.onnx) in ONNX Runtime:
+re-run the whole prefix, take the argmax of the last position, stop at EOS. It shares no code
+with the cached loop, the split graphs or hmu_export.generate.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from hmu_export.cli import main
+from hmu_export.config import config_from_dict
+
+UNSEEN = {  # head_dim 16 (not 32), 2 decoder layers, odd vocabulary
+    "model": {"name": "gen-unseen", "vocab_size": 37, "d_model": 48, "n_heads": 3,
+              "n_encoder_layers": 1, "n_decoder_layers": 2, "d_ff": 80, "latent_dim": 8,
+              "max_len": 24, "seed": 11, "init_scale": 2.0},
+    "profile": {"batch": [1, 2, 3], "src_len": [1, 6, 12], "tgt_len": [1, 5, 10]},
+    "generation": {"bos_id": 1, "eos_id": 2, "max_new_tokens": 9},
+}
+FP32_BACKENDS = ["torch-nocache", "torch", "onnxruntime", "onnxruntime-opt"]
+
+
+@pytest.fixture(scope="module")
+def unseen_build(tmp_path_factory):
+    from hmu_export.pipeline import run_build
+
+    out = tmp_path_factory.mktemp("unseen") / "gen-unseen"
+    outcome = run_build(config_from_dict(UNSEEN), out,
+                        only=["checkpoint", "export", "optimize", "fp16"])
+    assert outcome.ok, outcome.failure
+    return outcome.out_dir
+
+
+def full_graph_greedy(model_path, rows, *, bos=1, eos=2, max_new=9):
+    """Independent oracle: the teacher-forced graph re-run over the whole prefix per token."""
+    sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    latent = sess.get_inputs()[3].shape[2]
+    out = []
+    for row in rows:  # one row at a time: no padding question at all for the oracle
+        src = np.asarray([row], dtype=np.int64)
+        feeds = {"src_ids": src, "src_mask": np.ones_like(src),
+                 "noise": np.zeros((1, len(row), latent), dtype=np.float32)}
+        prefix, gen = [bos], []
+        for _ in range(max_new):
+            logits = sess.run(["logits"], dict(feeds, tgt_ids=np.asarray([prefix])))[0]
+            tok = int(logits[0, -1].argmax())
+            gen.append(tok)
+            if tok == eos:
+                break
+            prefix.append(tok)
+        out.append(gen)
+    return out
+
+
+RAGGED = [[5, 17, 9, 30, 4, 8, 21, 6, 11, 3, 33, 12], [4, 4], [7, 36, 12, 25, 3]]
+
+
+@pytest.mark.parametrize("backend", FP32_BACKENDS)
+def test_generate_equals_a_greedy_loop_over_the_full_graph(unseen_build, backend, tmp_path):
+    src = tmp_path / "in.json"
+    src.write_text(json.dumps({"src_ids": RAGGED}))
+    out = tmp_path / "out.json"
+    assert main(["generate", "--artifacts", str(unseen_build), "--input", str(src),
+                 "--backend", backend, "--json", str(out)]) == 0
+    got = json.loads(out.read_text())
+    want = full_graph_greedy(unseen_build / "model.onnx", RAGGED)
+    assert got["backend"] == backend
+    assert got["sequences"] == want
+    assert got["steps"] >= max(len(s) for s in want) and got["tokens_per_s"] > 0
+    assert all(2 not in s[:-1] for s in got["sequences"])  # nothing after EOS
+
+
+def test_eos_rows_stop_and_keep_their_eos(unseen_build):
+    """With EOS set to a token the model does produce, that row ends there; others go on."""
+    from hmu_export.generate import Generator
+
+    gen = Generator.from_build(unseen_build, "onnxruntime")
+    free = gen.generate(RAGGED, eos_id=0)  # 0 = pad: a rare output
+    first = free.sequences[0][2]
+    stop = gen.generate(RAGGED, eos_id=first)
+    for row, seq in zip(free.sequences, stop.sequences):
+        if first in row:
+            assert seq == row[:row.index(first) + 1]
+        else:
+            assert seq == row
+    assert full_graph_greedy(unseen_build / "model.onnx", RAGGED, eos=first) == stop.sequences
+
+
+@pytest.mark.parametrize("payload, args, message", [
+    ({"src_ids": [[5, 99]]}, [], "outside [0, 37)"),
+    ({"src_ids": [[5], []]}, [], "row 1 is empty"),
+    ({"src_ids": [[-3]]}, [], "outside [0, 37)"),
+    ({"src_ids": [list(range(3, 16))]}, [], "source length 13 is outside the profile"),
+    ({"src_ids": [[3]] * 4}, [], "batch of 4 rows is outside the profile"),
+    ({"src_ids": [[3]]}, ["--max-new-tokens", "11"], "max_new_tokens must be in [1, 10]"),
+    ({"src_ids": [[3.5]]}, [], "non-integer"),
+    ({"ids": [[3]]}, [], "src_ids"),
+    ({"src_ids": [[3]]}, ["--strategy", "beam", "--num-beams", "4"], "exceeds the profile"),
+    ({"src_ids": [[3]]}, ["--top-p", "0"], "top_p"),
+])
+def test_bad_input_is_one_error_line(unseen_build, tmp_path, capsys, payload, args, message):
+    src = tmp_path / "in.json"
+    src.write_text(json.dumps(payload))
+    assert main(["generate", "--artifacts", str(unseen_build), "--input", str(src)] + args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def test_generation_parity_passes_and_names_its_reference(unseen_build):
+    from hmu_export.build_folder import open_build
+    from hmu_export.parity_generation import run_generation_parity
+
+    build = open_build(unseen_build)
+    report = run_generation_parity(unseen_build, build.cfg, build.load_source)
+    assert report.passed, report.failures()
+    assert report.reference == "torch-nocache"
+    cases = {(r.variant, tuple(r.chunks)) for r in report.steps}
+    assert ("", (1,)) in cases and ("opt", (1,)) in cases  # past 0, new 1
+    assert any(len(r.chunks) == 10 for r in report.steps)  # past up to the profile's max
+    fp32 = {r.backend for r in report.tokens if r.precision == "fp32"}
+    assert fp32 == {"torch", "onnxruntime", "onnxruntime-opt"}
+    assert all(r.exact for r in report.tokens if r.precision == "fp32")
+    assert {r.batch for r in report.tokens} == {1, 3}
+    fp16 = [r for r in report.tokens if r.precision == "fp16"]
+    assert fp16 and all(0.0 <= r.agreement <= 1.0 for r in fp16)
+
+
+def test_step_parity_catches_a_decoder_from_another_model(unseen_build, tmp_path):
+    """The check can fail: a decoder graph exported from other weights is caught."""
+    import dataclasses
+
+    from hmu_export.artifacts import BuildLayout
+    from hmu_export.export import export_graph
+    from hmu_export.model import sources
+    from hmu_export.parity_generation import run_step_parity
+
+    cfg = config_from_dict(UNSEEN)
+    other = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, seed=12))
+    folder = tmp_path / "mixed"
+    shutil.copytree(unseen_build, folder)
+    export_graph(sources.load(other.model), "decoder", other, folder / "decoder.onnx")
+    rows = run_step_parity(BuildLayout(folder), cfg)
+    assert not any(r.passed for r in rows)
+    assert min(r.max_abs for r in rows) > 1e-2
