@@ -331,3 +331,32 @@ def test_tensorrt_backend_compiles_and_links(hmu_infer, small_export, small_cfg,
     res = _run([str(exe), "--model", str(build / "model.fp16.plan"), "--inputs", str(inputs),
                 "--outputs", str(tmp_path / "out")], env=env)
     assert "TensorRT runtime not found" in _assert_one_line_error(res)
+
+
+# ---- core checks without a runtime: the TensorRT backend's profile choice (issue 11, item 20) --
+
+def test_core_checks_pick_the_tightest_profile(hmu_infer):
+    """hmu_core_test (cpp/tests/core_test.cpp, built with hmu_infer): pick_profile takes the
+    tightest profile that holds a shape, as Python's select_profile does, so extra_profiles are
+    used from C++ too; the TensorRT backend calls this function."""
+    exe = hmu_infer.parent / "hmu_core_test"
+    assert exe.is_file(), "cpp/CMakeLists.txt no longer builds hmu_core_test"
+    res = _run([str(exe)], timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert "checks passed" in res.stdout
+
+
+def test_cpp_profile_rule_matches_python():
+    """The same cases as core_test.cpp's first block, through Python's select_profile."""
+    from hmu_export.config import ProfileConfig
+    from hmu_export.runners.tensorrt_runner import select_profile
+
+    profiles = [ProfileConfig(batch=(1, 4, 8), src_len=(1, 64, 128), tgt_len=(1, 32, 64)),
+                ProfileConfig(batch=(1, 1, 2), src_len=(1, 8, 16), tgt_len=(1, 4, 8)),
+                ProfileConfig(batch=(1, 2, 4), src_len=(1, 16, 32), tgt_len=(1, 8, 16))]
+    cases = {(1, 8, 4): 1, (2, 16, 8): 1, (3, 16, 8): 2, (1, 17, 4): 2, (8, 128, 64): 0,
+             (1, 1, 1): 1}
+    assert {s: select_profile(profiles, *s) for s in cases} == cases
+    source = (CPP / "tests" / "core_test.cpp").read_text()
+    for (b, ls, lt), index in cases.items():
+        assert f"pick(profiles, {b}, {ls}, {lt}) == {index}" in source

@@ -68,6 +68,50 @@ int64_t vocab_from_config(const Json& config, const std::string& where) {
   return vocab->as_int(where + ".model.vocab_size");
 }
 
+int pick_profile(const std::vector<Profile>& profiles, const Contract& contract,
+                 const Feeds& feeds) {
+  std::vector<std::pair<std::string, int64_t>> sizes;  // dynamic axes, in first-seen order
+  for (const auto& spec : contract.inputs) {
+    auto it = feeds.find(spec.name);
+    if (it == feeds.end()) continue;
+    for (size_t k = 0; k < spec.dims.size() && k < it->second.shape.size(); ++k) {
+      if (!spec.dims[k].dynamic()) continue;
+      const std::string& axis = spec.dims[k].name;
+      if (std::none_of(sizes.begin(), sizes.end(), [&](const auto& s) { return s.first == axis; }))
+        sizes.emplace_back(axis, it->second.shape[k]);
+    }
+  }
+  int best = -1;
+  long double best_volume = 0;
+  for (size_t p = 0; p < profiles.size(); ++p) {
+    bool fits = true;
+    for (const auto& [axis, size] : sizes) {
+      auto range = profiles[p].axes.find(axis);
+      if (range != profiles[p].axes.end() &&
+          (size < range->second[0] || size > range->second[2]))
+        fits = false;
+    }
+    if (!fits) continue;
+    long double volume = 1;  // no overflow for any int64 maxima
+    for (const auto& [axis, range] : profiles[p].axes) volume *= static_cast<long double>(range[2]);
+    if (best < 0 || volume < best_volume) {
+      best = static_cast<int>(p);
+      best_volume = volume;
+    }
+  }
+  if (best >= 0) return best;
+  std::vector<std::string> desc, ranges;
+  for (const auto& [axis, size] : sizes) desc.push_back(axis + "=" + std::to_string(size));
+  for (const auto& prof : profiles) {
+    std::vector<std::string> one;
+    for (const auto& [axis, range] : prof.axes)
+      one.push_back(axis + " " + std::to_string(range[0]) + ".." + std::to_string(range[2]));
+    ranges.push_back(join(one, ", "));
+  }
+  throw Error("shape " + join(desc, ", ") + " is outside every engine profile (allowed: " +
+              join(ranges, " | ") + ")");
+}
+
 void validate_feeds(const ModelInfo& info, const Feeds& feeds) {
   const Contract& contract = info.contract;
   std::vector<std::string> missing, names;

@@ -1,5 +1,7 @@
-// TensorRT backend: deserialize a plan, pick the optimization profile that holds the feed's
-// shape, set input shapes, enqueueV3 on a CUDA stream, copy the outputs back.
+// TensorRT backend: deserialize a plan, pick the tightest optimization profile that holds the
+// feed's shape (as Python's select_profile does), set input shapes, enqueueV3 on a CUDA stream,
+// copy the outputs back. Every TensorRT object, the stream and each device buffer has one RAII
+// owner, so a constructor that throws half-way (e.g. load_contract) leaks nothing.
 //
 // libnvinfer is opened at run time (dlopen) rather than linked: one hmu_infer binary then runs
 // the ONNX Runtime backend on hosts without TensorRT, and the program links against headers
@@ -16,6 +18,9 @@
 #include <fstream>
 #include <iterator>
 #include <map>
+#include <memory>
+#include <type_traits>
+#include <utility>
 
 #include "hmu/backend.hpp"
 #include "hmu/error.hpp"
@@ -52,9 +57,23 @@ std::string dtype_name(nv::DataType t) {
   }
 }
 
+// Owns one cudaMalloc'ed block: movable, not copyable (a copy would free the block twice).
 struct DeviceBuffer {
   void* ptr = nullptr;
   size_t bytes = 0;
+  DeviceBuffer() = default;
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  DeviceBuffer(DeviceBuffer&& other) noexcept
+      : ptr(std::exchange(other.ptr, nullptr)), bytes(std::exchange(other.bytes, 0)) {}
+  DeviceBuffer& operator=(DeviceBuffer&& other) noexcept {
+    if (this != &other) {
+      release();
+      ptr = std::exchange(other.ptr, nullptr);
+      bytes = std::exchange(other.bytes, 0);
+    }
+    return *this;
+  }
   void reserve(size_t n) {
     if (n <= bytes) return;
     release();
@@ -68,6 +87,16 @@ struct DeviceBuffer {
   }
   ~DeviceBuffer() { release(); }
 };
+static_assert(!std::is_copy_constructible_v<DeviceBuffer> && !std::is_copy_assignable_v<DeviceBuffer>);
+static_assert(std::is_nothrow_move_constructible_v<DeviceBuffer> &&
+              std::is_nothrow_move_assignable_v<DeviceBuffer>);
+
+struct StreamDeleter {
+  void operator()(cudaStream_t stream) const noexcept {
+    if (stream) cudaStreamDestroy(stream);
+  }
+};
+using StreamPtr = std::unique_ptr<std::remove_pointer_t<cudaStream_t>, StreamDeleter>;
 
 class TrtBackend final : public Backend {
  public:
@@ -88,35 +117,32 @@ class TrtBackend final : public Backend {
     using CreateFn = void* (*)(void*, int32_t);
     auto create = reinterpret_cast<CreateFn>(dlsym(lib_, "createInferRuntime_INTERNAL"));
     if (!create) throw Error(lib + " has no createInferRuntime_INTERNAL: not a TensorRT library");
-    runtime_ = static_cast<nv::IRuntime*>(create(&logger_, NV_TENSORRT_VERSION));
+    runtime_.reset(static_cast<nv::IRuntime*>(create(&logger_, NV_TENSORRT_VERSION)));
     if (!runtime_) throw Error("TensorRT: createInferRuntime failed: " + logger_.last_error);
-    engine_ = runtime_->deserializeCudaEngine(blob.data(), blob.size());
+    engine_.reset(runtime_->deserializeCudaEngine(blob.data(), blob.size()));
     if (!engine_)
       throw Error("TensorRT cannot deserialize " + path + ": " + logger_.last_error +
                   " (plans are tied to the TensorRT version and GPU that built them)");
-    context_ = engine_->createExecutionContext();
+    context_.reset(engine_->createExecutionContext());
     if (!context_) throw Error("TensorRT: cannot create an execution context");
-    cuda_check(cudaStreamCreate(&stream_), "cudaStreamCreate");
-    load_contract(path);
+    cudaStream_t stream = nullptr;
+    cuda_check(cudaStreamCreate(&stream), "cudaStreamCreate");
+    stream_.reset(stream);
+    load_contract(path);  // may throw: the owners above release what was made so far
   }
 
-  ~TrtBackend() override {
-    buffers_.clear();
-    if (stream_) cudaStreamDestroy(stream_);
-    delete context_;
-    delete engine_;
-    delete runtime_;
-    // lib_ stays loaded: TensorRT may still run static destructors at exit.
-  }
+  // Members are destroyed in reverse order: buffers, stream, context, engine, runtime.
+  // lib_ stays loaded: TensorRT may still run static destructors at exit.
+  ~TrtBackend() override = default;
 
   const ModelInfo& info() const override { return info_; }
   std::string name() const override { return "trt"; }
 
  protected:
   Feeds run(const Feeds& feeds) override {
-    const int profile = pick_profile(feeds);
+    const int profile = pick_profile(info_.profiles, info_.contract, feeds);
     if (profile != context_->getOptimizationProfile() &&
-        !context_->setOptimizationProfileAsync(profile, stream_))
+        !context_->setOptimizationProfileAsync(profile, stream_.get()))
       throw Error("TensorRT: cannot select optimization profile " + std::to_string(profile) +
                   ": " + logger_.last_error);
     for (const auto& spec : info_.contract.inputs) {
@@ -130,7 +156,8 @@ class TrtBackend final : public Backend {
       DeviceBuffer& buf = buffers_[spec.name];
       buf.reserve(arr.data.size());
       cuda_check(cudaMemcpyAsync(buf.ptr, arr.data.data(), arr.data.size(),
-                                 cudaMemcpyHostToDevice, stream_), "cudaMemcpyAsync (input)");
+                                 cudaMemcpyHostToDevice, stream_.get()),
+                 "cudaMemcpyAsync (input)");
       context_->setTensorAddress(spec.name.c_str(), buf.ptr);
     }
     Feeds result;
@@ -148,21 +175,25 @@ class TrtBackend final : public Backend {
       context_->setTensorAddress(spec.name.c_str(), buf.ptr);
       result[spec.name] = std::move(arr);
     }
-    if (!context_->enqueueV3(stream_)) throw Error("TensorRT enqueueV3 failed: " + logger_.last_error);
+    if (!context_->enqueueV3(stream_.get()))
+      throw Error("TensorRT enqueueV3 failed: " + logger_.last_error);
     for (auto& [name, arr] : result)
       cuda_check(cudaMemcpyAsync(arr.data.data(), buffers_[name].ptr, arr.data.size(),
-                                 cudaMemcpyDeviceToHost, stream_), "cudaMemcpyAsync (output)");
-    cuda_check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+                                 cudaMemcpyDeviceToHost, stream_.get()),
+                 "cudaMemcpyAsync (output)");
+    cuda_check(cudaStreamSynchronize(stream_.get()), "cudaStreamSynchronize");
     return result;
   }
 
  private:
+  // Declaration order is destruction order reversed: the logger outlives the runtime, the
+  // runtime the engine, the engine its context; device buffers go before the stream.
   Logger logger_;
   void* lib_ = nullptr;
-  nv::IRuntime* runtime_ = nullptr;
-  nv::ICudaEngine* engine_ = nullptr;
-  nv::IExecutionContext* context_ = nullptr;
-  cudaStream_t stream_ = nullptr;
+  std::unique_ptr<nv::IRuntime> runtime_;
+  std::unique_ptr<nv::ICudaEngine> engine_;
+  std::unique_ptr<nv::IExecutionContext> context_;
+  StreamPtr stream_;
   std::map<std::string, DeviceBuffer> buffers_;
   ModelInfo info_;
 
@@ -231,21 +262,6 @@ class TrtBackend final : public Backend {
       }
       info_.profiles.push_back(prof);
     }
-  }
-
-  int pick_profile(const Feeds& feeds) const {
-    for (size_t p = 0; p < info_.profiles.size(); ++p) {
-      bool fits = true;
-      for (const auto& spec : info_.contract.inputs)
-        for (size_t k = 0; k < spec.dims.size(); ++k) {
-          if (!spec.dims[k].dynamic()) continue;
-          const auto& range = info_.profiles[p].axes.at(spec.dims[k].name);
-          const int64_t size = feeds.at(spec.name).shape[k];
-          fits = fits && size >= range[0] && size <= range[2];
-        }
-      if (fits) return static_cast<int>(p);
-    }
-    throw Error("no optimization profile of the engine holds this shape");
   }
 };
 

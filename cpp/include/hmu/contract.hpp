@@ -46,6 +46,14 @@ using Feeds = std::map<std::string, Array>;
 // Throws hmu::Error naming the first violation, in the order Python checks them.
 void validate_feeds(const ModelInfo& info, const Feeds& feeds);
 
+// Index of the tightest profile that holds the feeds' dynamic sizes: the smallest product of
+// max sizes over the profile's axes, the lowest index on a tie (hmu_export's select_profile in
+// runners/tensorrt_runner.py). A profile made for short requests has kernels tuned for them,
+// while the first ([profile]) one covers everything. An axis a profile does not name is
+// unconstrained. Throws hmu::Error when no profile holds the shape.
+int pick_profile(const std::vector<Profile>& profiles, const Contract& contract,
+                 const Feeds& feeds);
+
 // Profile(s) from a build config JSON ({"profile": {...}, "model": {...}}) as written in the
 // graph's "hmu_export.config" metadata or manifest.json's "config".
 std::vector<Profile> profiles_from_config(const class Json& config, const std::string& where);
