@@ -50,12 +50,13 @@ HEADERS = {
                "One request = one source sequence src_ids [1, L]; request parameters: strategy,\n"
                "num_beams, temperature, top_k, top_p, seed, noise_scale, noise_seed,\n"
                "length_penalty, early_stopping."),
-    GENERATE_STREAM: ("Streaming generation (decoupled): one response per generated token, then\n"
-                      "an empty response flagged TRITONSERVER_RESPONSE_COMPLETE_FINAL. Greedy and\n"
-                      "sample only (beam search is refused: its tokens are final only at the end)."),
-    ENCODER_KIND: ("Encoder + HMU graph (encoder.onnx): the BLS target of the generation models on\n"
-                   "hosts with the onnxruntime backend (swap in a tensorrt_plan model of the same\n"
-                   "name and I/O for TensorRT)."),
+    GENERATE_STREAM: ("Streaming generation (decoupled): one response per generated token,\n"
+                      "then an empty response flagged TRITONSERVER_RESPONSE_COMPLETE_FINAL.\n"
+                      "Greedy and sample only (beam search is refused: its tokens are final\n"
+                      "only at the end)."),
+    ENCODER_KIND: ("Encoder + HMU graph (encoder.onnx): the BLS target of the generation models\n"
+                   "on hosts with the onnxruntime backend (swap in a tensorrt_plan model of the\n"
+                   "same name and I/O for TensorRT)."),
     DECODER_KIND: ("Decoder step with KV cache (decoder.onnx; past_len 0 on the first call): the\n"
                    "BLS target of the generation models on hosts with the onnxruntime backend."),
 }

@@ -309,7 +309,8 @@ def pad_jobs(jobs: Sequence[Job], spec: Mapping[str, int]
     return ids, mask, noise
 
 
-OnToken = Callable[[int, int, bool], None]  # (job index, token, last of this job)
+# (job index, token, last of this job) -> True to drop that job now (its client went away)
+OnToken = Callable[[int, int, bool], bool]
 
 
 def generate_sequential(steps: Steps, jobs: Sequence[Job], spec: Mapping[str, int],
@@ -337,9 +338,9 @@ def generate_sequential(steps: Steps, jobs: Sequence[Job], spec: Mapping[str, in
             tok = int(nxt[r])
             jobs[j].tokens.append(tok)
             last = tok == eos or t == jobs[j].opts.max_new_tokens - 1
+            if on_token is not None and on_token(j, tok, last):
+                last = True
             going[r] = not last
-            if on_token is not None:
-                on_token(j, tok, last)
         t += 1
         if not going.any():
             return
@@ -580,16 +581,24 @@ class TritonPythonModel:
             members = [order[g] for g in group]
             done: set[int] = set()
 
-            def on_token(j: int, tok: int, last: bool) -> None:
+            def on_token(j: int, tok: int, last: bool) -> bool:
+                """Send one token; True drops the request (cancelled, or its stream is gone),
+                so one client going away never fails the others of the batch."""
                 i = members[j]
                 sender = senders[i]
-                if i in done:
-                    return
-                sender.send(pb_utils.InferenceResponse(output_tensors=[
-                    pb_utils.Tensor(TOKENS, np.asarray([[tok]], dtype=np.int64))]))
-                if last:
+                try:
+                    if sender.is_cancelled():
+                        last = True
+                    else:
+                        sender.send(pb_utils.InferenceResponse(output_tensors=[
+                            pb_utils.Tensor(TOKENS, np.asarray([[tok]], dtype=np.int64))]))
+                    if last:
+                        done.add(i)
+                        sender.send(flags=final)
+                except Exception:  # the stream is closed: nothing more to send it
                     done.add(i)
-                    sender.send(flags=final)
+                    return True
+                return last
 
             try:
                 generate_sequential(self.steps, [jobs[i] for i in members], self.spec, on_token)

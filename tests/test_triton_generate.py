@@ -104,7 +104,7 @@ def together(client, calls: list[tuple[list[int], dict]]) -> list[object]:
     results: list[queue.Queue] = [queue.Queue() for _ in calls]
     for q, (row, kw) in zip(results, calls):
         client.async_infer(GEN, _inputs(row, kw.get("max_new_tokens")),
-                           callback=lambda result, error, q=q: q.put(error if error is not None else result),
+                           callback=lambda result, error, q=q: q.put(error or result),
                            parameters=_params(kw))
     out = []
     for q in results:
@@ -342,3 +342,23 @@ def test_model_loop_with_eos_equals_the_generator(repo, ref):
         want = [ref.generate([row], eos_id=23, **kw).sequences[0] for row in ROWS]
         assert [j.tokens for j in jobs] == want, kw
         assert any(t[-1] == 23 and len(t) < opts.max_new_tokens for t in want), want
+
+
+def test_cancelled_stream_leaves_the_others_running(server, ref):
+    """A client that closes its stream, cancelling, after its first response (the tiny model may
+    have finished by then): the request beside it still gets every token, the server serves."""
+    got: queue.Queue = queue.Queue()
+    quitter = grpcclient.InferenceServerClient(server.grpc_url)
+    quitter.start_stream(callback=lambda result, error: got.put((result, error)))
+    quitter.async_stream_infer(STREAM, _inputs(ROWS[4], 8), enable_empty_final_response=True)
+    want = ref.generate([ROWS[2]], max_new_tokens=8).sequences[0]
+    other: list = []
+    t = threading.Thread(target=lambda: other.append(_stream(server, ROWS[2], max_new_tokens=8)))
+    t.start()
+    got.get(timeout=30)  # the first token (or error) of the quitter
+    quitter.stop_stream(cancel_requests=True)
+    quitter.close()
+    t.join(timeout=60)
+    assert other and other[0][0] == want
+    assert _stream(server, ROWS[0])[0] == ref.generate([ROWS[0]]).sequences[0]
+    assert server.alive()
