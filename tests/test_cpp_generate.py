@@ -1,0 +1,322 @@
+"""The C++ program cpp/hmu_generate: greedy generation over encoder.onnx + decoder.onnx.
+
+The oracle is written here, independently of hmu_export.generate and of the split graphs: a
+greedy loop over the FULL graph (model.onnx) in onnxruntime, re-running the whole prefix each
+step, taking the argmax of the last position, appending, and stopping each row at its EOS.
+hmu_generate must give the same tokens exactly, at batch 1 and with ragged padded batches.
+The build reuses tests/test_cpp.py's helpers (ONNX Runtime fetched from npm, CMake).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from conftest import SMALL
+from hmu_export.config import config_from_dict
+from hmu_export.errors import InputError
+from hmu_export.io_contract import DECODER, ENCODER, FULL, validate_feeds
+from test_cpp import CPP, _fetch, _need_tools, _run
+
+# Two decoder layers and head_dim 16 (not d_model // 32 = 1 head): the program must read the
+# cache layout from the graph. Its own [generation] defaults test the metadata path.
+MULTI = {
+    "model": {"name": "hmu-gen2", "vocab_size": 53, "d_model": 32, "n_heads": 2,
+              "n_encoder_layers": 1, "n_decoder_layers": 2, "d_ff": 48, "latent_dim": 8,
+              "max_len": 32, "seed": 9},
+    "profile": {"batch": [1, 2, 4], "src_len": [1, 8, 12], "tgt_len": [1, 4, 10]},
+    "generation": {"bos_id": 3, "eos_id": 5, "max_new_tokens": 7},
+}
+CONFIGS = {"small": SMALL, "multi": MULTI}
+
+
+def _build(build_dir: Path, *flags: str) -> Path:
+    configure = _run(["cmake", "-S", str(CPP), "-B", str(build_dir),
+                      "-DCMAKE_BUILD_TYPE=Release", *flags])
+    assert configure.returncode == 0, configure.stdout[-3000:] + configure.stderr[-3000:]
+    build = _run(["cmake", "--build", str(build_dir), "-j2", "--target", "hmu_generate"])
+    assert build.returncode == 0, build.stdout[-5000:] + build.stderr[-3000:]
+    assert "warning" not in build.stdout + build.stderr, build.stdout[-5000:]
+    exe = build_dir / "hmu_generate"
+    assert exe.is_file()
+    return exe
+
+
+@pytest.fixture(scope="session")
+def hmu_generate(tmp_path_factory) -> Path:
+    _need_tools()
+    if shutil.which("npm") is None:
+        pytest.fail("npm is needed to fetch ONNX Runtime for the C++ build (cpp/fetch_deps.sh)")
+    fetched = _fetch("ort")
+    assert fetched.returncode == 0, f"cpp/fetch_deps.sh ort failed: {fetched.stderr[-2000:]}"
+    return _build(tmp_path_factory.mktemp("cpp_generate_build"))
+
+
+@pytest.fixture(scope="session", params=sorted(CONFIGS))
+def graphs(request, tmp_path_factory):
+    """(cfg, folder) with model.onnx, encoder.onnx, decoder.onnx of one tiny config."""
+    from hmu_export.export import export_graph
+    from hmu_export.model import sources
+
+    cfg = config_from_dict(CONFIGS[request.param])
+    folder = tmp_path_factory.mktemp(f"gen_graphs_{request.param}")
+    source = sources.load(cfg.model)
+    for graph, name in ((FULL, "model.onnx"), (ENCODER, "encoder.onnx"),
+                        (DECODER, "decoder.onnx")):
+        export_graph(source, graph, cfg, folder / name)
+    return cfg, folder
+
+
+def _ragged(cfg, lengths: list[int], seed: int, noise_scale: float = 0.7):
+    rng = np.random.default_rng(seed)
+    b, longest = len(lengths), max(lengths)
+    ids = np.full((b, longest), cfg.model.pad_id, np.int64)
+    mask = np.zeros((b, longest), np.int64)
+    for r, n in enumerate(lengths):
+        ids[r, :n] = rng.integers(3, cfg.model.vocab_size, n)
+        mask[r, :n] = 1
+    noise = (rng.standard_normal((b, longest, cfg.model.latent_dim)) * noise_scale)
+    return {"src_ids": ids, "src_mask": mask, "noise": noise.astype(np.float32)}
+
+
+def oracle(model: Path, feeds, bos: int, eos: int, max_new: int) -> list[list[int]]:
+    """Greedy over the full graph: whole prefix every step, argmax of the last position."""
+    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    b = feeds["src_ids"].shape[0]
+    tgt = np.full((b, 1), bos, np.int64)
+    seqs: list[list[int]] = [[] for _ in range(b)]
+    done = [False] * b
+    for _ in range(max_new):
+        logits = sess.run(["logits"], dict(feeds, tgt_ids=tgt))[0]
+        nxt = logits[:, -1].argmax(-1)
+        for r in range(b):
+            if not done[r]:
+                seqs[r].append(int(nxt[r]))
+                done[r] = int(nxt[r]) == eos
+        if all(done):
+            break
+        tgt = np.concatenate([tgt, nxt[:, None].astype(np.int64)], axis=1)
+    return seqs
+
+
+def _generate(exe: Path, folder: Path, feeds, work: Path, *extra: str,
+              env: dict | None = None) -> subprocess.CompletedProcess:
+    inputs = work / "in"
+    inputs.mkdir(parents=True, exist_ok=True)
+    for name, arr in feeds.items():
+        np.save(inputs / f"{name}.npy", arr)
+    return _run([str(exe), "--encoder", str(folder / "encoder.onnx"), "--decoder",
+                 str(folder / "decoder.onnx"), "--inputs", str(inputs), "--outputs",
+                 str(work / "out"), *extra], timeout=120, env=env)
+
+
+def _tokens(res: subprocess.CompletedProcess, work: Path) -> tuple[list[list[int]], dict]:
+    assert res.returncode == 0, res.stderr
+    assert res.stderr == ""
+    summary = json.loads(res.stdout)
+    tokens = np.load(work / "out" / "tokens.npy")
+    lengths = np.load(work / "out" / "lengths.npy")
+    assert tokens.dtype == np.int64 and lengths.dtype == np.int64
+    assert tokens.shape == (len(lengths), int(lengths.max()))
+    seqs = []
+    for r, n in enumerate(lengths.tolist()):
+        assert (tokens[r, n:] == -1).all()  # padding after the row's last token
+        assert (tokens[r, :n] >= 0).all()
+        seqs.append(tokens[r, :n].tolist())
+    assert summary["new_tokens"] == int(lengths.sum())
+    return seqs, summary
+
+
+def _one_line_error(res: subprocess.CompletedProcess, work: Path) -> str:
+    assert res.returncode == 2, (res.returncode, res.stdout, res.stderr)
+    assert res.stdout == ""
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("hmu_generate: error: ")
+    assert not (work / "out").exists()  # nothing written on error
+    return lines[0][len("hmu_generate: error: "):]
+
+
+# ---- tokens: exactly the full-graph greedy loop --------------------------------------------
+
+@pytest.mark.parametrize("lengths", [[5], [16], [4, 11, 1]], ids=["b1", "b1max", "b3ragged"])
+def test_tokens_match_full_graph_greedy(hmu_generate, graphs, lengths, tmp_path):
+    """Graph defaults (bos/eos/max_new_tokens from the metadata config), ragged padded rows."""
+    cfg, folder = graphs
+    lengths = [min(n, cfg.profile.src_len[2]) for n in lengths]
+    feeds = _ragged(cfg, lengths, seed=sum(lengths))
+    gen = cfg.generation
+    max_new = gen.new_tokens(cfg.profile)
+    ref = oracle(folder / "model.onnx", feeds, gen.bos_id, gen.eos_id, max_new)
+    got, summary = _tokens(_generate(hmu_generate, folder, feeds, tmp_path), tmp_path)
+    assert got == ref
+    assert summary["backend"] == "ort" and summary["batch"] == len(lengths)
+    assert summary["steps"] == max(len(s) for s in ref)
+    assert summary["cache"] == {"layers": cfg.model.n_decoder_layers, "heads": cfg.model.heads,
+                                "head_dim": cfg.model.d_model // cfg.model.heads}
+    assert summary["tokens_per_s"] > 0
+
+
+def test_per_row_eos(hmu_generate, graphs, tmp_path):
+    """An EOS that rows reach at different steps: each row stops at its own EOS (kept), the
+    others go on; finished rows are reported without anything after it."""
+    cfg, folder = graphs
+    feeds = _ragged(cfg, [3, 8, 6], seed=21)
+    n = cfg.profile.tgt_len[2]
+    free = oracle(folder / "model.onnx", feeds, 1, -1, n)  # no EOS: full-length rows
+    # The token row 0 makes second: it ends row 0 early; other rows end wherever they meet it.
+    eos = free[0][1]
+    ref = oracle(folder / "model.onnx", feeds, 1, eos, n)
+    assert len(ref[0]) <= 2 and ref[0][-1] == eos
+    got, summary = _tokens(_generate(hmu_generate, folder, feeds, tmp_path / "a", "--eos-id",
+                                     str(eos), "--bos-id", "1", "--max-new-tokens", str(n)),
+                           tmp_path / "a")
+    assert got == ref
+    assert summary["steps"] == max(len(s) for s in ref)
+    for row in got:
+        assert eos not in row[:-1]
+    # Same request, fewer new tokens: a prefix of the same rows.
+    got3, _ = _tokens(_generate(hmu_generate, folder, feeds, tmp_path / "b", "--eos-id",
+                                str(eos), "--bos-id", "1", "--max-new-tokens", "3"),
+                      tmp_path / "b")
+    assert got3 == [row[:3] for row in ref]
+
+
+def test_other_bos_and_missing_noise_is_mean_path(hmu_generate, graphs, tmp_path):
+    cfg, folder = graphs
+    feeds = _ragged(cfg, [7, 2], seed=5)
+    zero = dict(feeds, noise=np.zeros_like(feeds["noise"]))
+    ref = oracle(folder / "model.onnx", zero, 4, cfg.generation.eos_id,
+                 cfg.generation.new_tokens(cfg.profile))
+    no_noise = {k: v for k, v in feeds.items() if k != "noise"}
+    got, _ = _tokens(_generate(hmu_generate, folder, no_noise, tmp_path, "--bos-id", "4"),
+                     tmp_path)
+    assert got == ref
+
+
+# ---- errors: one line, exit 2, nothing written ---------------------------------------------
+
+def _encoder_contract(folder: Path):
+    import onnx
+
+    from hmu_export.io_contract import GraphContract
+    meta = {p.key: p.value for p in onnx.load(str(folder / "encoder.onnx"),
+                                               load_external_data=False).metadata_props}
+    return GraphContract.from_dict(json.loads(meta["hmu_export.contract"]))
+
+
+@pytest.mark.parametrize("case", ["batch_over_profile", "src_len_over_profile", "dtype",
+                                  "noise_dtype", "mask_empty_row", "vocab_high"])
+def test_feed_errors_match_python(hmu_generate, graphs, case, tmp_path):
+    cfg, folder = graphs
+    feeds = _ragged(cfg, [4, 2], seed=1)
+    if case == "batch_over_profile":
+        feeds = _ragged(cfg, [3] * (cfg.profile.batch[2] + 1), seed=1)
+    elif case == "src_len_over_profile":
+        feeds = _ragged(cfg, [cfg.profile.src_len[2] + 1, 2], seed=1)
+    elif case == "dtype":
+        feeds["src_ids"] = feeds["src_ids"].astype(np.int32)
+    elif case == "noise_dtype":
+        feeds["noise"] = feeds["noise"].astype(np.float64)
+    elif case == "mask_empty_row":
+        feeds["src_mask"][1, :] = 0
+    elif case == "vocab_high":
+        feeds["src_ids"][0, 1] = cfg.model.vocab_size
+    msg = _one_line_error(_generate(hmu_generate, folder, feeds, tmp_path), tmp_path)
+    with pytest.raises(InputError) as py_err:  # the words of the Python validator
+        validate_feeds(_encoder_contract(folder), feeds, [cfg.profile], cfg.model.vocab_size)
+    assert msg == str(py_err.value)
+    expect = {"batch_over_profile": f"shape outside the profile: batch={cfg.profile.batch[2] + 1}",
+              "src_len_over_profile": "shape outside the profile: batch=2, src_len=",
+              "dtype": "input 'src_ids' has dtype int32, expected int64",
+              "noise_dtype": "input 'noise' has dtype float64, expected float32",
+              "mask_empty_row": "input 'src_mask' has a row with no real token",
+              "vocab_high": "input 'src_ids' has token ids outside"}[case]
+    assert msg.startswith(expect), msg
+
+
+@pytest.mark.parametrize("case,expect", [
+    ("max_new_over", "max_new_tokens must be in [1, {tgt}] (the profile's tgt_len max), got {over}"),
+    ("max_new_zero", "--max-new-tokens must be an integer >= 1, got '0'"),
+    ("eos_vocab", "eos_id {vocab} is outside [0, {vocab})"),
+    ("bos_negative", "--bos-id must be an integer >= 0, got '-1'"),
+    ("missing_mask", "missing input(s): src_mask"),
+    ("swapped_graphs", "is not an hmu_export encoder graph: no input 'src_ids'"),
+    ("bad_backend", "--backend must be ort or trt, got 'cuda'"),
+    ("trt_not_built", "built without TensorRT"),
+    ("unknown_flag", "unknown argument '--beams'"),
+])
+def test_argument_errors(hmu_generate, graphs, case, expect, tmp_path):
+    cfg, folder = graphs
+    feeds = _ragged(cfg, [3], seed=2)
+    extra: list[str] = []
+    tgt = cfg.profile.tgt_len[2]
+    if case == "max_new_over":
+        extra = ["--max-new-tokens", str(tgt + 1)]
+    elif case == "max_new_zero":
+        extra = ["--max-new-tokens", "0"]
+    elif case == "eos_vocab":
+        extra = ["--eos-id", str(cfg.model.vocab_size)]
+    elif case == "bos_negative":
+        extra = ["--bos-id", "-1"]
+    elif case == "missing_mask":
+        del feeds["src_mask"]
+    elif case == "bad_backend":
+        extra = ["--backend", "cuda"]
+    elif case == "trt_not_built":
+        extra = ["--backend", "trt"]
+    elif case == "unknown_flag":
+        extra = ["--beams", "4"]
+    if case == "swapped_graphs":
+        swapped = tmp_path / "swapped"
+        swapped.mkdir()
+        shutil.copy(folder / "decoder.onnx", swapped / "encoder.onnx")
+        shutil.copy(folder / "encoder.onnx", swapped / "decoder.onnx")
+        folder = swapped
+    msg = _one_line_error(_generate(hmu_generate, folder, feeds, tmp_path, *extra), tmp_path)
+    assert expect.format(tgt=tgt, over=tgt + 1, vocab=cfg.model.vocab_size) in msg, msg
+
+
+def test_help(hmu_generate):
+    res = _run([str(hmu_generate), "--help"])
+    assert res.returncode == 0 and "--max-new-tokens" in res.stdout
+
+
+# ---- TensorRT runner: compiled and linked against the real TensorRT 10 headers -------------
+
+@pytest.mark.parametrize("graphs", ["small"], indirect=True)
+def test_tensorrt_generator_compiles_and_links(hmu_generate, graphs, tmp_path_factory, tmp_path):
+    """No GPU here: the TRT build must compile warning-free, still run ONNX Runtime, and say in
+    one line that libnvinfer is absent when asked for --backend trt."""
+    cfg, folder = graphs
+    fetched = _fetch("trt")
+    if fetched.returncode != 0:
+        pytest.skip("TensorRT/CUDA headers could not be fetched from PyPI: "
+                    + (fetched.stderr.strip().splitlines() or ["?"])[-1])
+    exe = _build(tmp_path_factory.mktemp("cpp_generate_build_trt"), "-DHMU_WITH_TENSORRT=ON")
+    feeds = _ragged(cfg, [6, 3], seed=8)
+    gen = cfg.generation
+    ref = oracle(folder / "model.onnx", feeds, gen.bos_id, gen.eos_id,
+                 gen.new_tokens(cfg.profile))
+    got, _ = _tokens(_generate(exe, folder, feeds, tmp_path / "ort"), tmp_path / "ort")
+    assert got == ref
+
+    plans = tmp_path / "build"
+    plans.mkdir()
+    for name in ("encoder.fp16.plan", "decoder.fp16.plan"):
+        (plans / name).write_bytes(b"not an engine")
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name, arr in feeds.items():
+        np.save(inputs / f"{name}.npy", arr)
+    env = dict(os.environ, HMU_NVINFER_LIB="libnvinfer-absent.so.10")
+    res = _run([str(exe), "--encoder", str(plans / "encoder.fp16.plan"), "--decoder",
+                str(plans / "decoder.fp16.plan"), "--inputs", str(inputs), "--outputs",
+                str(tmp_path / "out")], env=env)
+    assert "TensorRT runtime not found" in _one_line_error(res, tmp_path)
