@@ -148,3 +148,30 @@ def test_step_parity_catches_a_decoder_from_another_model(unseen_build, tmp_path
     rows = run_step_parity(BuildLayout(folder), cfg)
     assert not any(r.passed for r in rows)
     assert min(r.max_abs for r in rows) > 1e-2
+
+
+def test_bench_generate_writes_the_issue_rows(unseen_build, tmp_path):
+    out = tmp_path / "bench"
+    assert main(["bench", "--artifacts", str(unseen_build), "--generate", "--quick",
+                 "--batches", "1,3", "--src-len", "6", "--new-tokens", "5", "--out",
+                 str(out)]) == 0
+    data = json.loads((out / "generate.json").read_text())
+    rows = data["results"]
+    assert {(r["backend"], r["batch"]) for r in rows} == {
+        (b, n) for b in ("torch", "torch-nocache", "onnxruntime", "onnxruntime-opt")
+        for n in (1, 3)}
+    for r in rows:
+        assert set(r) >= {"backend", "batch", "src_len", "new_tokens", "ttft_ms",
+                          "per_token_p50_ms", "per_token_p99_ms", "tokens_per_s"}
+        assert r["new_tokens"] == 5 and r["src_len"] == 6
+        assert 0 < r["per_token_p50_ms"] <= r["per_token_p99_ms"] and r["tokens_per_s"] > 0
+    assert (out / "generate.md").read_text().count("| torch ") == 2
+    assert (out / "generate.png").stat().st_size > 1000
+    # the build's files are untouched and bench's outputs are listed in its manifest
+    assert main(["info", "--artifacts", str(unseen_build)]) == 0
+
+
+def test_bench_generate_refuses_shapes_outside_the_profile(unseen_build, capsys):
+    assert main(["bench", "--artifacts", str(unseen_build), "--generate", "--batches", "9"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "batch 9 is outside" in err[0]
