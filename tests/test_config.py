@@ -90,7 +90,7 @@ def test_parse_shapes():
 
 def test_readme_config_example_is_valid(tmp_path):
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    start = text.index("```toml\n") + len("```toml\n")
+    start = text.index("```toml\n", text.index("## Configuration")) + len("```toml\n")
     cfg = load_config(write(tmp_path, text[start:text.index("```", start)]))
     assert cfg.model.name == "hmu-small" and cfg.engine.extra_profiles[0].batch == (1, 1, 1)
     assert cfg.parity.extra_shapes == ((2, 17, 9),)
