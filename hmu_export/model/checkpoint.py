@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -10,6 +11,9 @@ from ..config import ModelConfig, _build
 from ..errors import CheckpointError, ConfigError
 from ..fileio import atomic_path, read_json_object, write_json
 from .transformer import HMUTransformer
+
+if TYPE_CHECKING:
+    from .interface import ModelSource
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -160,3 +164,40 @@ def load_checkpoint(folder: Path) -> HMUTransformer:
     model = HMUTransformer(cfg)
     load_weights(model, folder / WEIGHTS_FILE)
     return model.eval()
+
+
+def save_source_checkpoint(source: "ModelSource", folder: Path) -> tuple[Path, Path]:
+    """A build's ``checkpoint/``: the source's weights (its own key names) and its resolved
+    config, so later commands rebuild the same model with ``load_source_checkpoint``."""
+    from safetensors.torch import save_file
+
+    from .native import NativeSource
+
+    if isinstance(source, NativeSource):
+        return save_checkpoint(source.model, folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    weights, config = folder / WEIGHTS_FILE, folder / CONFIG_FILE
+    state = {k: v.detach().contiguous() for k, v in source.torch_module().state_dict().items()}
+    with atomic_path(weights) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt", "producer": "hmu_export",
+                                             "source": source.source})
+    write_json(config, asdict(replace(source.cfg, checkpoint="", path="", hmu_checkpoint="")))
+    return weights, config
+
+
+def load_source_checkpoint(folder: Path) -> "ModelSource":
+    """The model source saved in a build's ``checkpoint/`` (any source)."""
+    from . import sources
+    from .native import NativeSource
+
+    config = folder / CONFIG_FILE
+    data = read_json_object(config, CheckpointError, "checkpoint config")
+    if data.get("source", "native") == "native":
+        model = load_checkpoint(folder)
+        return NativeSource(model.cfg, model)
+    try:
+        cfg = _build(ModelConfig, data, "model")
+        cfg.validate()
+    except ConfigError as exc:
+        raise CheckpointError(f"checkpoint config {config}: {exc}") from None
+    return sources.load_saved(cfg, folder / WEIGHTS_FILE)
