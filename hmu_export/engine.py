@@ -373,11 +373,15 @@ def engine_stage(ctx: "BuildContext") -> StageResult:
     return StageResult(OK, details=details)
 
 
-def parity_backends(layout: "BuildLayout", cfg: BuildConfig, model: "HMUTransformer",
+def parity_backends(layout: "BuildLayout", cfg: BuildConfig, model: "HMUTransformer | Any",
                     contract: GraphContract) -> list["Backend"]:
-    """The TensorRT engine as a parity row, or the reason it cannot run here."""
+    """The TensorRT engine as a parity row, or the reason it cannot run here (any graph: a
+    graph without tgt_ids, the classifier, picks its profile by the axes it has)."""
     from .parity_backends import Backend
     from .runners.tensorrt_runner import TrtRunner
+
+    if "tgt_ids" not in contract.input_names:
+        TrtRunner = _contract_trt_runner()  # noqa: N806
 
     precision = "fp16" if cfg.engine.fp16 else "fp32"
     if not layout.engine.is_file():
@@ -389,3 +393,34 @@ def parity_backends(layout: "BuildLayout", cfg: BuildConfig, model: "HMUTransfor
     root: Path = layout.root
     return [Backend("tensorrt", precision, lambda: TrtRunner(
         root, contract, vocab_size=cfg.model.vocab_size, runtime=runtime))]
+
+
+def _contract_trt_runner() -> type:
+    """TrtRunner choosing its optimization profile from the axes the contract's inputs have
+    (the base class reads batch / src_len / tgt_len of a full-graph feed)."""
+    import numpy as np
+
+    from .errors import InputError
+    from .runners.tensorrt_runner import TrtRunner
+
+    class ContractTrtRunner(TrtRunner):  # type: ignore[misc, valid-type]
+        def _infer(self, feeds):  # type: ignore[no-untyped-def]
+            sizes: dict[str, int] = {}
+            for spec in self.contract.inputs:
+                for d, n in zip(spec.dims, feeds[spec.name].shape):
+                    if isinstance(d, str) and d in ("batch", "src_len", "tgt_len"):
+                        sizes[d] = int(n)
+            fits = [i for i, p in enumerate(self.profiles)
+                    if all(p.axis(a).contains(v) for a, v in sizes.items())]
+            if not fits:
+                raise InputError(f"shape {sizes} is outside every engine profile")
+            index = min(fits, key=lambda i: (self.profiles[i].batch[2]
+                                             * self.profiles[i].src_len[2], i))
+            if index != self._profile:
+                self._runner.set_profile(index)
+                self._profile = index
+            out = self._runner.infer(dict(feeds))
+            return {name: np.asarray(out[name], dtype=np.float32)
+                    for name in self.contract.output_names}
+
+    return ContractTrtRunner

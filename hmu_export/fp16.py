@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import onnx
 
@@ -121,9 +121,10 @@ def fp16_stage(ctx: "BuildContext") -> StageResult:
     return StageResult(OK, details=details)
 
 
-def parity_backends(layout: "BuildLayout", cfg: "BuildConfig", model: "HMUTransformer",
+def parity_backends(layout: "BuildLayout", cfg: "BuildConfig", model: "HMUTransformer | Any",
                     contract: "GraphContract") -> list["Backend"]:
-    """FP16 stand-ins for the parity grid: ORT on the FP16 graph, PyTorch half (CPU, CUDA)."""
+    """FP16 stand-ins for the parity grid: ORT on the FP16 graph, PyTorch half (CPU, CUDA) of
+    the source model (the native HMUTransformer or any ModelSource's graph module)."""
     import torch
 
     from .parity_backends import Backend

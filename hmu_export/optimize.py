@@ -33,7 +33,7 @@ import numpy as np
 
 from .errors import ArtifactError, ParityFailure
 from .fileio import atomic_path
-from .io_contract import SRC_MASK, make_feeds
+from .io_contract import SRC_MASK
 from .manifest import FAILED, OK, SKIPPED, StageResult
 
 if TYPE_CHECKING:
@@ -295,23 +295,39 @@ def parity_shapes(cfg: "BuildConfig") -> list[tuple[int, int, int]]:
 
 def compare_graphs(ref_path: Path, opt_path: Path, cfg: "BuildConfig",
                    shapes: Sequence[tuple[int, int, int]], seed: int = 0) -> float:
-    """Max abs difference of all outputs between two graphs over ``shapes`` (plain CPU ORT)."""
+    """Max abs difference of all outputs between two graphs over ``shapes`` (plain CPU ORT).
+
+    Feeds follow the contract recorded in ``ref_path`` (any graph: full with noise over the
+    source or the target, classifier); ``shapes`` are BxLsxLt, cut down to the graph's axes."""
     import onnxruntime as ort
 
+    from .export import load_graph_contract
+    from .parity import contract_feeds, grid_axes, project
+
+    try:
+        _, _, contract = load_graph_contract(Path(ref_path))
+    except ArtifactError:  # a graph without our metadata: the config's full graph
+        from .io_contract import full_contract
+        contract = full_contract(cfg.model, cfg.export.diagnostics)
+    axes = grid_axes(contract)
     plain = ort.SessionOptions()
     plain.log_severity_level = 3
     ref = ort.InferenceSession(str(ref_path), plain, providers=["CPUExecutionProvider"])
     opt = ort.InferenceSession(str(opt_path), tuned_session_options(),
                                providers=["CPUExecutionProvider"])
+    positional = {s.name for s in contract.outputs if s.src_positional}
     worst = 0.0
-    for b, ls, lt in shapes:
-        feeds = make_feeds(cfg.model, b, ls, lt, seed=seed, noise_scale=cfg.parity.noise_scale)
+    for shape in dict.fromkeys(project(s, axes) for s in shapes):
+        sizes = dict(zip(axes, shape))
+        feeds = contract_feeds(contract, cfg, sizes, seed=seed,
+                               noise_scale=cfg.parity.noise_scale)
         names = [o.name for o in ref.get_outputs()]
         for name, x, y in zip(names, ref.run(names, feeds), opt.run(names, feeds)):
             if x.shape != y.shape:
+                where = ", ".join(f"{a}={v}" for a, v in sizes.items())
                 raise ParityFailure(f"optimized graph output '{name}' has shape {y.shape}, "
-                                    f"expected {x.shape} at B={b}, Ls={ls}, Lt={lt}")
-            if name != "logits":  # diagnostic outputs: compare real source positions only
+                                    f"expected {x.shape} at {where}")
+            if name in positional:  # diagnostic outputs: compare real source positions only
                 m = feeds[SRC_MASK].astype(bool)
                 x, y = x[m], y[m]
             worst = max(worst, float(np.max(np.abs(x.astype(np.float64) - y))))

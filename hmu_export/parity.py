@@ -1,7 +1,11 @@
 """Parity suite: do the artifacts compute what PyTorch computes, across the shape profile?
 
-Every available backend runs a grid of shapes (derived from the profile: min, opt, max and odd
-sizes between, 1 included; odd rows padded) with the same noise as the PyTorch FP32 reference.
+The reference is the build's *source* model in PyTorch FP32 (the native HMUTransformer, or the
+graph module of another source, e.g. the paper's reference implementation), and the suite is
+driven by the graph's I/O contract: its feeds, the axes of its grid (a classifier has no
+tgt_len) and its outputs. Every available backend runs a grid of shapes (derived from the
+profile: min, opt, max and odd sizes between, 1 included; odd rows padded) with the same noise
+as the reference.
 Per output it reports max abs error, max error relative to the reference's range, cosine
 similarity and top-1 agreement, judged by the precision's tolerance (tolerance.py). Beyond the
 grid it checks the HMU-specific promises: the noise input is live, zero noise is the VAE's mean
@@ -14,7 +18,7 @@ import itertools
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -23,15 +27,80 @@ from .artifacts import BuildLayout
 from .config import BuildConfig, ProfileConfig
 from .errors import InputError
 from .fileio import atomic_path, write_json, write_text
-from .io_contract import (LOGITS, NOISE, SRC_IDS, SRC_MASK, TGT_IDS, GraphContract,
-                          make_feeds)
+from .io_contract import (BATCH, CLASS_LOGITS, FULL, LOGITS, NOISE, SRC_IDS, SRC_LEN, SRC_MASK,
+                          TGT_IDS, TGT_LEN, GraphContract, make_feeds, spec_feeds)
 from .manifest import FAILED, OK, StageResult
 from .model import HMUTransformer
 from .parity_backends import Backend, discover_backends
 from .runners import Runner, TorchRunner
+from .runners.torch_runner import _native_model, graph_of
 from .tolerance import Tolerance, tolerance_for
 
-Shape = tuple[int, int, int]
+Shape = tuple[int, ...]  # sizes of the contract's grid axes, in GRID_AXES order
+GRID_AXES = (BATCH, SRC_LEN, TGT_LEN)
+AXIS_LABEL = {BATCH: "B", SRC_LEN: "Ls", TGT_LEN: "Lt"}
+TOP1_OUTPUTS = (LOGITS, CLASS_LOGITS)  # outputs with a class / vocabulary axis last
+
+
+# ----------------------------------------------------------------------------- contract
+def grid_axes(contract: GraphContract) -> tuple[str, ...]:
+    """The profile axes a graph's inputs use (batch, src_len, tgt_len; a classifier has no
+    tgt_len), in GRID_AXES order."""
+    used = set(contract.axes)
+    return tuple(a for a in GRID_AXES if a in used)
+
+
+def project(shape: Sequence[int], axes: Sequence[str]) -> Shape:
+    """A shape over ``axes``: a BxLsxLt triple is cut down to them, a shape already over them
+    is kept."""
+    if len(shape) == len(axes):
+        return tuple(int(v) for v in shape)
+    return tuple(int(shape[GRID_AXES.index(a)]) for a in axes)
+
+
+def primary_output(contract: GraphContract) -> str:
+    """The output a report leads with: logits, class_logits, else the first one."""
+    for name in TOP1_OUTPUTS:
+        if name in contract.output_names:
+            return name
+    return contract.output_names[0]
+
+
+def _native_full_feeds(contract: GraphContract) -> bool:
+    """The native full graph's inputs (noise over the source): make_feeds applies as it is."""
+    noise = next((s for s in contract.inputs if s.name == NOISE), None)
+    return (contract.input_names == [SRC_IDS, SRC_MASK, TGT_IDS, NOISE] and noise is not None
+            and tuple(noise.dims[:2]) == (BATCH, SRC_LEN))
+
+
+def contract_feeds(contract: GraphContract, cfg: BuildConfig, sizes: Mapping[str, int], *,
+                   seed: int, noise_scale: float = 1.0) -> dict[str, np.ndarray]:
+    """Feeds of any graph at the named axis sizes: ``make_feeds`` for the full graph with noise
+    over the source (so the native model's figures never change), ``spec_feeds`` otherwise."""
+    if _native_full_feeds(contract):
+        return make_feeds(cfg.model, sizes[BATCH], sizes[SRC_LEN], sizes[TGT_LEN], seed=seed,
+                          noise_scale=noise_scale)
+    return spec_feeds(contract, cfg.model, sizes, seed=seed, noise_scale=noise_scale)
+
+
+def describe_reference(model: Any, cfg: BuildConfig, contract: GraphContract) -> str:
+    """What the parity reference is, for the report: e.g. "torch-cpu fp32 (reference
+    implementation: HMU_mod, after_encoder)"."""
+    if _native_model(model, graph_of(contract)) is not None:
+        return "torch-cpu fp32 (native HMUTransformer)"
+    layout = getattr(model, "layout", None)
+    if getattr(model, "source", "") == "reference" and layout is not None:
+        if layout.classifier:
+            what = f"{layout.variant} classifier, pool {cfg.model.pool}"
+        else:
+            what = f"{layout.variant}, {cfg.model.hmu_position}"
+        return f"torch-cpu fp32 (reference implementation: {what})"
+    return f"torch-cpu fp32 ({getattr(model, 'source', '') or type(model).__name__} source, " \
+           f"{graph_of(contract)} graph)"
+
+
+def _in_profile(profile: ProfileConfig, axes: Sequence[str], shape: Shape) -> bool:
+    return all(profile.axis(a).contains(v) for a, v in zip(axes, shape))
 
 
 # ----------------------------------------------------------------------------- grid
@@ -58,11 +127,13 @@ def axis_values(lo: int, opt: int, hi: int) -> list[int]:
     return sorted(vals)
 
 
-def derive_grid(profile: ProfileConfig, extra: Iterable[Shape] = ()) -> list[Shape]:
-    """Full product of each axis's values, plus any extra shapes, deduplicated and sorted."""
-    axes = [axis_values(*getattr(profile, a)) for a in ProfileConfig.AXES]
-    grid = set(itertools.product(*axes)) | {tuple(s) for s in extra}  # type: ignore[misc]
-    return sorted(grid)  # type: ignore[arg-type]
+def derive_grid(profile: ProfileConfig, extra: Iterable[Sequence[int]] = (),
+                axes: Sequence[str] = GRID_AXES) -> list[Shape]:
+    """Full product of each axis's values, plus any extra shapes (BxLsxLt, cut down to
+    ``axes``), deduplicated and sorted."""
+    values = [axis_values(*getattr(profile, a)) for a in axes]
+    grid = set(itertools.product(*values)) | {project(s, axes) for s in extra}
+    return sorted(grid)
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -170,43 +241,91 @@ def reference_mean_path(model: HMUTransformer, feeds: Mapping[str, np.ndarray]) 
     return out[LOGITS].numpy()
 
 
-def hmu_checks(runner: Runner, model: HMUTransformer, cfg: BuildConfig, tol: Tolerance,
-               shape: Shape) -> list[Check]:
-    """Noise live, zero noise = mean path, padding never changes real positions."""
-    b, ls, lt = shape
+def _row_unpadded(contract: GraphContract, feeds: Mapping[str, np.ndarray], row: int,
+                  real: int) -> dict[str, np.ndarray]:
+    """One row of a padded feed, cut to its ``real`` source positions."""
+    out = {}
+    for spec in contract.inputs:
+        idx = tuple(slice(row, row + 1) if d == BATCH else slice(0, real) if d == SRC_LEN
+                    else slice(None) for d in spec.dims)
+        out[spec.name] = feeds[spec.name][idx]
+    return out
+
+
+def padding_masked(model: Any, cfg: BuildConfig, contract: GraphContract) -> str:
+    """Empty when padded source positions are masked out of the graph's outputs, else why not."""
+    if CLASS_LOGITS in contract.output_names and cfg.model.pool != "masked_mean":
+        return (f"not applicable: pool = \"{cfg.model.pool}\" averages over every source "
+                "position, padding included, by design (as the reference classifier's "
+                "AdaptiveAvgPool1d does), so padding changes the class logits; "
+                "model.pool = \"masked_mean\" makes them independent of it")
+    return ""
+
+
+def hmu_checks(runner: Runner, model: "HMUTransformer | Any", cfg: BuildConfig, tol: Tolerance,
+               shape: Shape, contract: GraphContract | None = None,
+               reference: Runner | None = None) -> list[Check]:
+    """Noise live, zero noise = mean path (where the source has one), padding never changes
+    real positions (where padding is masked). ``shape`` is over the contract's grid axes;
+    ``reference`` is the source's FP32 runner (made here when not given)."""
+    contract = contract or runner.contract
+    axes = grid_axes(contract)
+    sizes = dict(zip(axes, project(shape, axes)))
+    out = primary_output(contract)
+    native = _native_model(model, graph_of(contract))
+    if native is None and reference is None:
+        reference = TorchRunner(model, contract, [cfg.profile], label="torch-cpu")
+
+    def ref_out(f: Mapping[str, np.ndarray]) -> np.ndarray:
+        if native is not None:
+            return reference_logits(native, f)
+        assert reference is not None
+        return reference.infer(f)[out]
+
+    def feeds_at(sz: Mapping[str, int], seed: int, **kw: float) -> dict[str, np.ndarray]:
+        return contract_feeds(contract, cfg, sz, seed=seed, **kw)
+
     checks: list[Check] = []
-    feeds = make_feeds(cfg.model, b, ls, lt, seed=cfg.parity.seed + 1, noise_scale=1.0)
-    other = dict(feeds, noise=make_feeds(cfg.model, b, ls, lt, seed=cfg.parity.seed + 2)[NOISE])
-    # Other noise must move the logits exactly as it moves PyTorch's: a dead noise input
+    feeds = feeds_at(sizes, cfg.parity.seed + 1, noise_scale=1.0)
+    other = dict(feeds, noise=feeds_at(sizes, cfg.parity.seed + 2)[NOISE])
+    # Other noise must move the outputs exactly as it moves PyTorch's: a dead noise input
     # (folded to a constant, disconnected) shows up as a zero change against a large one.
-    got_delta = runner.infer(other)[LOGITS] - runner.infer(feeds)[LOGITS]
-    ref_delta = reference_logits(model, other) - reference_logits(model, feeds)
+    got_delta = runner.infer(other)[out] - runner.infer(feeds)[out]
+    ref_delta = ref_out(other) - ref_out(feeds)
     ref_change = float(np.abs(ref_delta).max())
     err = float(np.abs(got_delta - ref_delta).max())
     live = ref_change > 1e-3 if cfg.model.use_hmu else ref_change == 0.0
     checks.append(Check(runner.label, "noise_live", live and err <= 2 * tol.max_abs, err,
-                        f"noise A -> B moves logits by up to {ref_change:.3g} in PyTorch; the "
+                        f"noise A -> B moves {out} by up to {ref_change:.3g} in PyTorch; the "
                         f"backend's move differs by {err:.3g} (bound {2 * tol.max_abs:.3g})"))
-    zero = dict(feeds, noise=np.zeros_like(feeds[NOISE]))
-    err = float(np.abs(runner.infer(zero)[LOGITS] - reference_mean_path(model, zero)).max())
-    checks.append(Check(runner.label, "zero_noise_is_mean_path", err <= tol.max_abs, err,
-                        f"max |logits(noise=0) - PyTorch mean path (z=mu)| = {err:.3g}"))
-    if ls >= 2:
-        padded = make_feeds(cfg.model, max(b, 2), ls, lt, seed=cfg.parity.seed + 3)
-        row = 1  # make_feeds pads odd rows
+    if native is not None:
+        zero = dict(feeds, noise=np.zeros_like(feeds[NOISE]))
+        err = float(np.abs(runner.infer(zero)[LOGITS] - reference_mean_path(native, zero)).max())
+        checks.append(Check(runner.label, "zero_noise_is_mean_path", err <= tol.max_abs, err,
+                            f"max |logits(noise=0) - PyTorch mean path (z=mu)| = {err:.3g}"))
+    else:
+        checks.append(Check(runner.label, "zero_noise_is_mean_path", True, 0.0,
+                            "not applicable: the source has no separate mean path (z = mu) to "
+                            "compare with; zero noise is an ordinary input of its forward"))
+    ls = sizes.get(SRC_LEN, 0)
+    why_not = padding_masked(model, cfg, contract)
+    if why_not:
+        checks.append(Check(runner.label, "padding_invariance", True, 0.0, why_not))
+    elif ls >= 2:
+        padded = feeds_at(dict(sizes, batch=max(sizes[BATCH], 2)), cfg.parity.seed + 3)
+        row = 1  # the feed generators pad odd rows
         real = int(padded[SRC_MASK][row].sum())
-        single = {SRC_IDS: padded[SRC_IDS][row:row + 1, :real],
-                  SRC_MASK: padded[SRC_MASK][row:row + 1, :real],
-                  TGT_IDS: padded[TGT_IDS][row:row + 1],
-                  NOISE: padded[NOISE][row:row + 1, :real]}
+        single = _row_unpadded(contract, padded, row, real)
         # Garbage in the padded tail (ids and noise) must not leak into real positions either.
         rng = np.random.default_rng(cfg.parity.seed)
         padded[SRC_IDS][row, real:] = rng.integers(0, cfg.model.vocab_size, ls - real)
-        padded[NOISE][row, real:] = rng.standard_normal(
-            (ls - real, cfg.model.latent_dim)).astype(np.float32) * 10
+        noise_spec = next((s for s in contract.inputs if s.name == NOISE), None)
+        if noise_spec is not None and noise_spec.dims[1] == SRC_LEN:
+            padded[NOISE][row, real:] = rng.standard_normal(
+                (ls - real, cfg.model.latent_dim)).astype(np.float32) * 10
         try:
-            a = runner.infer(padded)[LOGITS][row]
-            solo = runner.infer(single)[LOGITS][0]
+            a = runner.infer(padded)[out][row]
+            solo = runner.infer(single)[out][0]
             perr = float(np.abs(a - solo).max())
             checks.append(Check(runner.label, "padding_invariance", perr <= tol.max_abs, perr,
                                 f"row with {real}/{ls} real tokens vs the same row unpadded: "
@@ -227,9 +346,12 @@ class ParityReport:
     grid: list[Shape]
     tolerances: dict[str, dict[str, float]]
     reference: str = "torch-cpu fp32"
+    axes: tuple[str, ...] = GRID_AXES  # what each grid shape's sizes are
+    output: str = LOGITS  # the primary output (top-1, heatmap, summary)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"passed": self.passed, "reference": self.reference,
+        return {"passed": self.passed, "reference": self.reference, "axes": list(self.axes),
+                "output": self.output,
                 "grid": [list(s) for s in self.grid], "tolerances": self.tolerances,
                 "results": [asdict(r) for r in self.results],
                 "checks": [asdict(c) for c in self.checks], "skipped_backends": self.skipped}
@@ -241,26 +363,33 @@ class ParityReport:
         return out
 
 
-def run_parity(model: HMUTransformer, cfg: BuildConfig, backends: list[Backend],
-               contract: GraphContract, *, shapes: list[Shape] | None = None,
+def run_parity(model: "HMUTransformer | Any", cfg: BuildConfig, backends: list[Backend],
+               contract: GraphContract, *, shapes: Sequence[Sequence[int]] | None = None,
                on_step: Callable[[str], None] | None = None) -> ParityReport:
-    """Run every available backend over the grid against the PyTorch FP32 reference."""
-    grid = shapes if shapes is not None else derive_grid(cfg.profile, cfg.parity.extra_shapes)
+    """Run every available backend over the grid against the source model in PyTorch FP32.
+
+    ``model`` is the native HMUTransformer or any ModelSource; ``shapes`` are BxLsxLt (cut down
+    to the contract's axes: a classifier's grid has no tgt_len) or already over those axes."""
+    axes = grid_axes(contract)
+    if shapes is None:
+        grid = derive_grid(cfg.profile, cfg.parity.extra_shapes, axes)
+    else:
+        grid = list(dict.fromkeys(project(s, axes) for s in shapes))
     for shape in grid:
-        if not cfg.profile.contains(*shape):
+        if not _in_profile(cfg.profile, axes, shape):
+            ranges = ", ".join(f"{a} {cfg.profile.axis(a).min}..{cfg.profile.axis(a).max}"
+                               for a in axes)
             raise InputError(f"parity shape {'x'.join(map(str, shape))} lies outside the profile "
-                             f"(batch {cfg.profile.batch[0]}..{cfg.profile.batch[2]}, src_len "
-                             f"{cfg.profile.src_len[0]}..{cfg.profile.src_len[2]}, tgt_len "
-                             f"{cfg.profile.tgt_len[0]}..{cfg.profile.tgt_len[2]})")
+                             f"({ranges})")
     reference = TorchRunner(model, contract, [cfg.profile], label="torch-cpu")
-    feeds = {s: make_feeds(cfg.model, *s, seed=cfg.parity.seed,
-                           noise_scale=cfg.parity.noise_scale) for s in grid}
+    feeds = {s: contract_feeds(contract, cfg, dict(zip(axes, s)), seed=cfg.parity.seed,
+                               noise_scale=cfg.parity.noise_scale) for s in grid}
     refs = {s: reference.infer(feeds[s]) for s in grid}
     rows: list[Row] = []
     checks: list[Check] = []
     skipped: dict[str, str] = {}
     tolerances: dict[str, dict[str, float]] = {}
-    opt_shape = (cfg.profile.batch[1], cfg.profile.src_len[1], cfg.profile.tgt_len[1])
+    opt_shape = tuple(cfg.profile.axis(a).opt for a in axes)
     for backend in backends:
         if not backend.available:
             skipped[backend.label] = backend.skip_reason
@@ -277,8 +406,8 @@ def run_parity(model: HMUTransformer, cfg: BuildConfig, backends: list[Backend],
                 for spec in contract.outputs:
                     ref = _real_positions(spec.src_positional, mask, refs[shape][spec.name])
                     out = _real_positions(spec.src_positional, mask, got[spec.name])
-                    is_logits = spec.name == LOGITS
-                    if is_logits:  # top-1 needs the vocabulary axis
+                    is_logits = spec.name in TOP1_OUTPUTS
+                    if is_logits:  # top-1 needs the vocabulary (class) axis
                         ref, out = refs[shape][spec.name], got[spec.name]
                     # Intermediates have no tokens: judge them by closeness only.
                     otol = tol if is_logits else Tolerance(tol.max_abs, tol.max_rel_range,
@@ -291,9 +420,10 @@ def run_parity(model: HMUTransformer, cfg: BuildConfig, backends: list[Backend],
                                     **metrics))  # type: ignore[arg-type]
             if on_step:
                 on_step(f"{backend.label} checks")
-            checks.extend(hmu_checks(runner, model, cfg, tol, opt_shape))
+            checks.extend(hmu_checks(runner, model, cfg, tol, opt_shape, contract, reference))
     passed = bool(rows) and all(r.passed for r in rows) and all(c.passed for c in checks)
-    return ParityReport(passed, rows, checks, skipped, grid, tolerances)
+    return ParityReport(passed, rows, checks, skipped, grid, tolerances,
+                        describe_reference(model, cfg, contract), axes, primary_output(contract))
 
 
 # ----------------------------------------------------------------------------- reports
@@ -302,8 +432,9 @@ def _fmt(x: float | None, spec: str = ".2e") -> str:
 
 
 def markdown(report: ParityReport) -> str:
+    dims = " x ".join(AXIS_LABEL.get(a, a) for a in report.axes)
     lines = [f"# Parity report: {'PASSED' if report.passed else 'FAILED'}", "",
-             f"Reference: {report.reference}. Grid: {len(report.grid)} shapes (B x Ls x Lt), "
+             f"Reference: {report.reference}. Grid: {len(report.grid)} shapes ({dims}), "
              "odd rows padded, same noise for every backend.", "", "## Tolerances", "",
              "| precision | max_abs | max_rel_range | min_cosine | min_top1 |",
              "|---|---|---|---|---|"]
@@ -329,11 +460,11 @@ def markdown(report: ParityReport) -> str:
     if report.skipped:
         lines += ["", "## Skipped backends", ""]
         lines += [f"- {k}: {v}" for k, v in report.skipped.items()]
-    lines += ["", "## All rows (logits)", "",
+    lines += ["", f"## All rows ({report.output})", "",
               "| backend | shape | max_abs | max_rel_range | cosine | top1 | passed |",
               "|---|---|---|---|---|---|---|"]
     for r in report.results:
-        if r.output == LOGITS:
+        if r.output == report.output:
             lines.append(f"| {r.backend} | {'x'.join(map(str, r.shape))} | {r.max_abs:.2e} | "
                          f"{r.max_rel_range:.2e} | {r.cosine:.7f} | "
                          f"{_fmt(r.top1_agreement, '.4f')} | {'yes' if r.passed else 'NO'} |")
@@ -344,16 +475,24 @@ def markdown(report: ParityReport) -> str:
 
 
 def heatmap(report: ParityReport, path: Path) -> Path:
-    """PNG: log10(max abs error / tolerance) of logits; one panel per backend, rows (B, Ls),
-    columns Lt, each cell annotated with its max abs error."""
+    """PNG: log10(max abs error / tolerance) of the primary output (logits, class_logits); one
+    panel per backend, rows (B, Ls), columns Lt (one column when the grid has no Lt), each cell
+    annotated with its max abs error."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    logits = [r for r in report.results if r.output == LOGITS]
+    logits = [r for r in report.results if r.output == report.output]
     backends = list(dict.fromkeys(r.backend for r in logits)) or ["(none)"]
-    rows = sorted({(s[0], s[1]) for s in report.grid})
-    cols = sorted({s[2] for s in report.grid})
+
+    def row_of(s: Sequence[int]) -> tuple[int, ...]:
+        return tuple(s[:2])
+
+    def col_of(s: Sequence[int]) -> int:
+        return s[2] if len(s) > 2 else 0
+
+    rows = sorted({row_of(s) for s in report.grid})
+    cols = sorted({col_of(s) for s in report.grid})
     fig, axes = plt.subplots(1, len(backends), squeeze=False, sharey=True,
                              layout="constrained",
                              figsize=(2.4 + (0.75 * len(cols) + 0.4) * len(backends),
@@ -364,16 +503,19 @@ def heatmap(report: ParityReport, path: Path) -> Path:
         for r in logits:
             if r.backend == backend:
                 tol = report.tolerances[r.precision]["max_abs"]
-                i, j = rows.index((r.shape[0], r.shape[1])), cols.index(r.shape[2])
+                i, j = rows.index(row_of(r.shape)), cols.index(col_of(r.shape))
                 data[i, j] = np.log10(max(r.max_abs, 1e-12) / tol)
                 ax.text(j, i, f"{r.max_abs:.0e}", ha="center", va="center", fontsize=6)
         im = ax.imshow(data, aspect="auto", cmap="RdYlGn_r", vmin=-3, vmax=1)
-        ax.set_xticks(range(len(cols)), [str(c) for c in cols], fontsize=7)
+        has_lt = len(report.axes) > 2
+        ax.set_xticks(range(len(cols)), [str(c) if has_lt else "-" for c in cols], fontsize=7)
         if ax is axes[0][0]:
-            ax.set_yticks(range(len(rows)), [f"B{b} Ls{ls}" for b, ls in rows], fontsize=7)
-        ax.set_xlabel("Lt")
+            ax.set_yticks(range(len(rows)), [" ".join(f"{AXIS_LABEL.get(a, a)}{v}" for a, v in
+                                                       zip(report.axes, rw)) for rw in rows],
+                          fontsize=7)
+        ax.set_xlabel("Lt" if has_lt else "")
         ax.set_title(backend, fontsize=9)
-    fig.suptitle(f"logits max abs error vs PyTorch (color: log10 error/tolerance, > 0 fails); "
+    fig.suptitle(f"{report.output} max abs error vs PyTorch (color: log10 error/tolerance, > 0 fails); "
                  f"{'PASSED' if report.passed else 'FAILED'}", fontsize=9)
     if im is not None:
         fig.colorbar(im, ax=list(axes[0]), shrink=0.8)
@@ -392,21 +534,25 @@ def write_reports(report: ParityReport, folder: Path, json_path: Path | None = N
 
 
 def summary(report: ParityReport) -> dict[str, Any]:
-    """Compact figures for the manifest: worst logits error per backend."""
+    """Compact figures for the manifest: worst error of the primary output (logits or
+    class_logits) per backend."""
     worst: dict[str, float] = {}
     for r in report.results:
-        if r.output == LOGITS:
+        if r.output == report.output:
             worst[r.backend] = max(worst.get(r.backend, 0.0), r.max_abs)
-    return {"passed": report.passed, "shapes": len(report.grid),
+    return {"passed": report.passed, "reference": report.reference, "shapes": len(report.grid),
             "worst_logits_max_abs": worst, "skipped": report.skipped,
             "failures": report.failures()[:10]}
 
 
 def parity_stage(ctx: Any) -> StageResult:
     """Build stage: the grid over every backend the build produced; reports under parity/."""
-    assert ctx.model is not None and ctx.contract is not None
-    backends = discover_backends(ctx.layout, ctx.cfg, ctx.model, ctx.contract)
-    report = run_parity(ctx.model, ctx.cfg, backends, ctx.contract)
+    assert ctx.contract is not None
+    # The native HMUTransformer keeps its own path; any other source is run through its graphs.
+    model = ctx.model if ctx.model is not None else ctx.source
+    assert model is not None
+    backends = discover_backends(ctx.layout, ctx.cfg, model, ctx.contract)
+    report = run_parity(model, ctx.cfg, backends, ctx.contract)
     write_reports(report, ctx.layout.parity_dir)
     ctx.data["parity"] = summary(report)
     if not report.passed:
@@ -426,7 +572,8 @@ def load_report(path: Path) -> dict[str, Any]:
     return json.loads(Path(path).read_text())
 
 
-def layout_backends(root: Path, cfg: BuildConfig, model: HMUTransformer, contract: GraphContract,
+def layout_backends(root: Path, cfg: BuildConfig, model: "HMUTransformer | Any",
+                    contract: GraphContract,
                     only: list[str] | None = None) -> list[Backend]:
     found = discover_backends(BuildLayout(root), cfg, model, contract)
     if only:

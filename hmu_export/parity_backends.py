@@ -2,18 +2,26 @@
 
 Each stage module that writes a runnable artifact contributes its own entries through a
 ``parity_backends(layout, cfg, model, contract)`` function, so adding a backend never means
-editing the parity suite.
+editing the parity suite. ``model`` is the build's source model (the native HMUTransformer or a
+ModelSource), ``contract`` the primary graph's: every backend runs that graph.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Union
 
 from .artifacts import BuildLayout
 from .config import BuildConfig
 from .io_contract import GraphContract
 from .model import HMUTransformer
 from .runners import OnnxRuntimeRunner, Runner
+
+if TYPE_CHECKING:
+    from .model.interface import ModelSource
+
+#: what the parity reference runs: the native HMUTransformer (its full graph, diagnostics
+#: included) or any model source (the graph module the contract names)
+SourceModel = Union[HMUTransformer, "ModelSource"]
 
 
 @dataclass
@@ -28,7 +36,7 @@ class Backend:
         return self.make is not None
 
 
-def _onnxruntime_fp32(layout: BuildLayout, cfg: BuildConfig, model: HMUTransformer,
+def _onnxruntime_fp32(layout: BuildLayout, cfg: BuildConfig, model: SourceModel,
                       contract: GraphContract) -> list[Backend]:
     if not layout.onnx.is_file():
         return [Backend("onnxruntime", "fp32", None, f"{layout.onnx.name} not found")]
@@ -37,7 +45,7 @@ def _onnxruntime_fp32(layout: BuildLayout, cfg: BuildConfig, model: HMUTransform
         label="onnxruntime"))]
 
 
-def discover_backends(layout: BuildLayout, cfg: BuildConfig, model: HMUTransformer,
+def discover_backends(layout: BuildLayout, cfg: BuildConfig, model: SourceModel,
                       contract: GraphContract) -> list[Backend]:
     from . import engine, fp16, optimize
 

@@ -34,7 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     build = open_build(args.artifacts)
     layout, cfg, contract = build.layout, build.cfg, build.contract
-    model = build.load_model()
+    source = build.load_source()
+    # The native HMUTransformer keeps its own reference path; other sources run their graphs.
+    model = getattr(source, "model", None) if source.source == "native" else source
     backends = layout_backends(layout.root, cfg, model, contract, args.backends)
     with ui.progress() as bar:
         task = bar.add_task("parity", total=None)
@@ -51,14 +53,16 @@ def run(args: argparse.Namespace) -> int:
             written=[layout.parity_dir] + ([args.json] if args.json else []))
     rows = []
     for backend in dict.fromkeys(r.backend for r in report.results):
-        rs = [r for r in report.results if r.backend == backend and r.output == "logits"]
+        rs = [r for r in report.results if r.backend == backend and r.output == report.output]
         tops = [r.top1_agreement for r in rs if r.top1_agreement is not None]
         rows.append((backend, rs[0].precision, len(rs), f"{max(r.max_abs for r in rs):.2e}",
                      f"{min(r.cosine for r in rs):.6f}", f"{min(tops):.4f}" if tops else "-",
                      "pass" if all(r.passed for r in rs) else "FAIL"))
     ui.out.print(ui.table(f"parity: {'PASSED' if report.passed else 'FAILED'} "
-                          f"({len(report.grid)} shapes) -> {layout.parity_dir}",
-                          ("backend", "precision", "shapes", "max abs (logits)", "min cosine",
+                          f"({len(report.grid)} shapes) vs {report.reference} -> "
+                          f"{layout.parity_dir}",
+                          ("backend", "precision", "shapes", f"max abs ({report.output})",
+                           "min cosine",
                            "min top1", "result"), rows))
     for c in report.checks:
         if not c.passed:

@@ -59,6 +59,12 @@ def run(args: argparse.Namespace) -> int:
             "models": res.models, "plan_included": res.plan_included,
             "validated": "schema+semantic"}), written=[res.root])
     if args.smoke:
+        if "python" not in res.models:  # the bundled tritonserver serves python models only
+            from ..errors import BackendUnavailable
+            why = next((n for n in res.notes if n.startswith("no python model")),
+                       "no python model")
+            raise BackendUnavailable(f"--smoke serves the python model, and this repository "
+                                     f"has none ({why})")
         return _smoke(artifacts, res.root, res.models["python"])
     return 0
 

@@ -1,7 +1,13 @@
-"""The PyTorch reference runner (eager), FP32 or FP16, CPU or CUDA."""
+"""The PyTorch reference runner (eager), FP32 or FP16, CPU or CUDA.
+
+It runs the native ``HMUTransformer`` (its full graph, diagnostics included, through
+``forward_all``) or any graph of any model source (``source.module(graph)``, whose forward takes
+the contract's inputs in contract order and returns its outputs in contract order).
+"""
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+import copy
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -12,6 +18,9 @@ from ..io_contract import GraphContract
 from ..model import HMUTransformer
 from .base import Runner
 
+if TYPE_CHECKING:
+    from ..model.interface import ModelSource
+
 
 FP16_OVERFLOW = 65520.0  # float32 values from here up round to inf in float16
 
@@ -19,7 +28,7 @@ FP16_OVERFLOW = 65520.0  # float32 values from here up round to inf in float16
 class TorchRunner(Runner):
     backend = "torch"
 
-    def __init__(self, model: HMUTransformer, contract: GraphContract,
+    def __init__(self, model: "HMUTransformer | ModelSource", contract: GraphContract,
                  profiles: Sequence[ProfileConfig] | None = None, *, precision: str = "fp32",
                  device: str = "cpu", label: str | None = None) -> None:
         super().__init__(contract, profiles, precision=precision,
@@ -30,10 +39,19 @@ class TorchRunner(Runner):
             raise ValueError(f"precision must be fp32 or fp16, got {precision}")
         self.device = torch.device(device)
         self.dtype = torch.float16 if precision == "fp16" else torch.float32
-        # A private copy, so FP16 casting never touches the caller's reference model.
-        self.model = HMUTransformer(model.cfg)
-        self.model.load_state_dict(model.state_dict())
-        self.model = self.model.to(device=self.device, dtype=self.dtype).eval()
+        self.graph = graph_of(contract)
+        native = _native_model(model, self.graph)
+        self.module: torch.nn.Module | None = None
+        if native is not None:
+            # A private copy, so FP16 casting never touches the caller's reference model.
+            self.model = HMUTransformer(native.cfg)
+            self.model.load_state_dict(native.state_dict())
+            self.model = self.model.to(device=self.device, dtype=self.dtype).eval()
+        else:  # any source, any graph: a private copy of the source, moved, then its module
+            source = copy.deepcopy(model)
+            source.to(self.device, self.dtype).eval()
+            self.model = source.torch_module()
+            self.module = source.module(self.graph).eval()
 
     def validate(self, feeds: Mapping[str, np.ndarray]) -> None:
         """The contract's checks, then the noise as this runner will hold it (float16 overflows
@@ -47,12 +65,42 @@ class TorchRunner(Runner):
                                  f"{float(np.finfo(np.float16).max):g}) on {self.label}")
 
     def _infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.module is not None:
+            return self._infer_module(feeds)
         t = {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.device) for k, v in feeds.items()}
         t["noise"] = t["noise"].to(self.dtype)
         with torch.inference_mode():
             out = self.model.forward_all(t["src_ids"], t["src_mask"], t["tgt_ids"], t["noise"])
         return {name: out[name].float().cpu().numpy() for name in self.contract.output_names}
 
+    def _infer_module(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        args = []
+        for spec in self.contract.inputs:
+            x = torch.from_numpy(np.ascontiguousarray(feeds[spec.name])).to(self.device)
+            args.append(x.to(self.dtype) if x.is_floating_point() else x)
+        with torch.inference_mode():
+            out = self.module(*args)  # type: ignore[misc]
+        if isinstance(out, torch.Tensor):
+            out = (out,)
+        return {spec.name: o.float().cpu().numpy() for spec, o in zip(self.contract.outputs, out)}
+
     def sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def graph_of(contract: GraphContract) -> str:
+    """The graph name (full / encoder / decoder / classifier) a contract describes."""
+    return contract.name[len("hmu_"):] if contract.name.startswith("hmu_") else contract.name
+
+
+def _native_model(model: "HMUTransformer | ModelSource", graph: str) -> HMUTransformer | None:
+    """The native HMUTransformer when ``model`` is one (or wraps one) and the graph is the full
+    one: then the runner keeps its original path (``forward_all``, diagnostics included)."""
+    if isinstance(model, HMUTransformer):
+        return model
+    inner = getattr(model, "model", None)
+    if getattr(model, "source", "") == "native" and graph == "full" and \
+            isinstance(inner, HMUTransformer):
+        return inner
+    return None
