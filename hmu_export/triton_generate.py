@@ -72,8 +72,13 @@ def _graph_files(layout: BuildLayout) -> tuple[Path, Path] | None:
     return (enc, dec) if enc.is_file() and dec.is_file() else None
 
 
+class NotServable(ArtifactError):
+    """The graphs are not the encoder / decoder-step pair the generation model drives."""
+
+
 def cache_geometry(enc: Path, dec: Path) -> dict[str, int]:
-    """layers / heads / head_dim / latent_dim as the graphs declare them."""
+    """layers / heads / head_dim / latent_dim as the graphs declare them; NotServable when the
+    graphs' I/O is not exactly what triton_generate_model.py feeds and reads."""
     from .triton import _graph_io
 
     dio, eio = _graph_io(dec), _graph_io(enc)
@@ -81,13 +86,30 @@ def cache_geometry(enc: Path, dec: Path) -> dict[str, int]:
     while past_key(layers) in dio:
         layers += 1
     if not layers:
-        raise ArtifactError(f"{dec} declares no {past_key(0)} input")
+        raise NotServable(f"{dec.name} declares no {past_key(0)} input")
+    kv = [f"{k}.{i}" for i in range(layers) for k in ("cross_key", "cross_value")]
+    past = [f"{k}.{i}" for i in range(layers) for k in ("past_key", "past_value")]
+    present = [f"{k}.{i}" for i in range(layers) for k in ("present_key", "present_value")]
+    want = {enc: ({SRC_IDS, "src_mask", NOISE}, set(kv)),
+            dec: ({"tgt_ids", "src_mask", *kv, *past}, {"logits", *present})}
+    import onnx
+
+    for path, (inputs, outputs) in want.items():
+        proto = onnx.load(str(path), load_external_data=False)
+        have_in = {v.name for v in proto.graph.input}
+        have_out = {v.name for v in proto.graph.output}
+        if have_in != inputs or not outputs <= have_out:
+            raise NotServable(f"{path.name} takes {sorted(have_in)} and gives {sorted(have_out)}; "
+                              f"the generation model feeds {sorted(inputs)} and reads "
+                              f"{sorted(outputs)}")
+    if eio[NOISE][1][:2] != [BATCH, SRC_LEN]:
+        raise NotServable(f"{enc.name} takes noise {eio[NOISE][1]}, not [batch, src_len, latent]")
     dims = dio[past_key(0)][1]
     geo = {"layers": layers, "heads": dims[1], "head_dim": dims[3],
            "latent_dim": eio[NOISE][1][2] if NOISE in eio else None}
     for key, value in geo.items():
         if not isinstance(value, int):
-            raise ArtifactError(f"generation graphs must declare a fixed {key}, got {value!r}")
+            raise NotServable(f"generation graphs must declare a fixed {key}, got {value!r}")
     return geo  # type: ignore[return-value]
 
 
@@ -195,7 +217,10 @@ def generation_models(layout: BuildLayout, cfg: BuildConfig, opts: "TritonOption
     if graphs is None or cfg.model.is_classifier:
         return []
     enc, dec = graphs
-    geo = cache_geometry(enc, dec)
+    try:
+        geo = cache_geometry(enc, dec)
+    except NotServable:  # e.g. a source whose split graphs differ: the other models still serve
+        return []
     names = generation_names(cfg)
     files: dict[str, Path] = {"1/model.py": GENERATE_MODEL_SOURCE, "1/encoder.onnx": enc,
                               "1/decoder.onnx": dec}

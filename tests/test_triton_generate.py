@@ -362,3 +362,21 @@ def test_cancelled_stream_leaves_the_others_running(server, ref):
     assert other and other[0][0] == want
     assert _stream(server, ROWS[0])[0] == ref.generate([ROWS[0]]).sequences[0]
     assert server.alive()
+
+
+def test_graphs_it_cannot_drive_give_no_generation_models(gen_build, small_cfg, tmp_path):
+    """A build whose split graphs are not the encoder / decoder-step pair (here the full graph
+    in decoder.onnx's place) keeps its other Triton models and gets no generation models."""
+    from hmu_export.artifacts import BuildLayout
+    from hmu_export.triton_generate import NotServable, cache_geometry, generation_models
+
+    root = tmp_path / "b"
+    root.mkdir()
+    for name in ("model.onnx", "encoder.onnx"):
+        shutil.copy(gen_build / name, root / name)
+    shutil.copy(gen_build / "model.onnx", root / "decoder.onnx")
+    with pytest.raises(NotServable, match="past_key.0"):
+        cache_geometry(root / "encoder.onnx", root / "decoder.onnx")
+    assert generation_models(BuildLayout(root), small_cfg, TritonOptions()) == []
+    assert cache_geometry(gen_build / "encoder.onnx", gen_build / "decoder.onnx") == {
+        "layers": 1, "heads": 4, "head_dim": 8, "latent_dim": 16}
