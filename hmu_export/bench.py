@@ -214,6 +214,12 @@ def load_build(artifacts: Path) -> Loaded:
     from .build_folder import open_build
 
     build = open_build(artifacts)
+    if build.cfg.model.source != "native":
+        from .errors import InputError
+        raise InputError(f"bench measures native builds only for now; {artifacts} was built from "
+                         f"model.source = \"{build.cfg.model.source}\" ({build.contract.name} "
+                         "graph): use `parity` to check it, or time model.onnx with "
+                         "onnxruntime_perf_test / trtexec")
     return Loaded(build.cfg, build.layout, build.contract, build.load_model())
 
 
