@@ -44,8 +44,8 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
                 "pytorch_model.bin.index.json")
 #: T5 has no position table; relative positions have no hard bound. Profiles need one.
 T5_MAX_LEN = 512
-#: ModelConfig's latent_dim default: a resolved hf config replaces it with d_model // 2 (a TOML
-#: that sets latent_dim to any other value keeps its value; set 64 explicitly is not detectable).
+#: ModelConfig's latent_dim default: a resolved hf config replaces it with d_model // 2. A TOML
+#: that sets any other value keeps it (an explicit 64 cannot be told from the default).
 _DEFAULT_LATENT = next(f.default for f in dataclasses.fields(ModelConfig) if f.name == "latent_dim")
 #: generation_config.json options that change tokens, with the value that leaves tokens alone.
 TOKEN_OPTIONS: dict[str, Any] = {
@@ -169,6 +169,11 @@ def resolve_config(cfg: ModelConfig) -> ModelConfig:
     path = _folder(cfg)
     arch = architecture(path)
     _check_weights(path)
+    if cfg.hmu_position != "after_encoder":
+        raise ConfigError('source "hf" puts the HMU after the encoder: model.hmu_position must '
+                          f"be after_encoder, got {cfg.hmu_position!r}")
+    if cfg.is_classifier:
+        raise ConfigError('source "hf" is a seq2seq model: model.num_classes must be 0')
     g = geometry(arch, _hf_config(path))
     latent = cfg.latent_dim if cfg.latent_dim != _DEFAULT_LATENT else max(1, g.d_model // 2)
     if cfg.hmu_checkpoint and cfg.use_hmu:
@@ -220,9 +225,11 @@ def generation_settings(cfg: ModelConfig) -> HFGeneration:
     pad = pick("pad_token_id")
     if start is None or not eos_ids:
         raise ConfigError(f"{path}: the config names no decoder_start_token_id or eos_token_id")
-    options = {k: getattr(gc, k, d) for k, d in TOKEN_OPTIONS.items()
-               if getattr(gc, k, d) not in (d, None) and not (k == "min_length" and
-                                                               getattr(gc, k) == 0)}
+    options = {}
+    for key, neutral in TOKEN_OPTIONS.items():
+        value = getattr(gc, key, neutral)
+        if value is not None and value != neutral:
+            options[key] = value
     return HFGeneration(int(start), int(eos_ids[0]), tuple(int(e) for e in eos_ids),
                         int(pad if pad is not None else 0), options)
 
@@ -376,7 +383,8 @@ class _T5(HFHMUModel):
             h = h + att.o(_attend(q, cross[2 * i], cross[2 * i + 1], cross_bias, 1.0))
             h = block.layer[-1](h)
         h = dec.final_layer_norm(h)
-        if getattr(self.hf.config, "scale_decoder_outputs", False):
+        config = self.hf.config  # Transformers < 5 scales exactly when the head is tied
+        if getattr(config, "scale_decoder_outputs", config.tie_word_embeddings):
             h = h * (self.hf.model_dim ** -0.5)
         return self.hf.lm_head(h), presents
 
@@ -506,13 +514,19 @@ class _Decoder(nn.Module):
 # ----------------------------------------------------------------------------- source
 def _load_hf(path: Path, arch: str) -> nn.Module:
     import transformers
+    from transformers.utils import logging as hf_logging
     cls = getattr(transformers, arch)
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # the tool shows its own progress
     try:
         model = cls.from_pretrained(str(path), dtype=torch.float32, attn_implementation="eager",
                                     local_files_only=True)
     except Exception as exc:  # transformers raises many types for bad weights
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"cannot load {arch} from {path}: {first}") from None
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
     return model.eval()
 
 
