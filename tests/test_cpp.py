@@ -360,3 +360,64 @@ def test_cpp_profile_rule_matches_python():
     source = (CPP / "tests" / "core_test.cpp").read_text()
     for (b, ls, lt), index in cases.items():
         assert f"pick(profiles, {b}, {ls}, {lt}) == {index}" in source
+
+
+# ---- graphs of the reference source (hmu_infer reads the contract from the graph) ----------
+
+@pytest.fixture(scope="session")
+def reference_graphs(tmp_path_factory):
+    """model.onnx of a reference GLUE classifier and of a reference seq2seq with HMU_mod after
+    the decoder (noise [batch, tgt_len, latent]), from .pt files saved as run_experiments.py
+    saves them."""
+    from dataclasses import replace
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from reference_oracle import make_reference_model, save_reference_pt
+
+    from hmu_export.config import ModelConfig, ProfileConfig
+    from hmu_export.export import export_graph
+    from hmu_export.model import sources
+
+    folder = tmp_path_factory.mktemp("reference_graphs")
+    out = {}
+    for name, flags, position in (("classifier", dict(classifier=True), "after_encoder"),
+                                  ("full", dict(gated=True, after_decoder=True),
+                                   "after_decoder")):
+        model = make_reference_model(vocab_size=40, d_model=32, nhead=1, layers=(1, 1),
+                                     d_ff=64, latent_dim=8, max_len=16, seed=5, **flags)
+        pt = save_reference_pt(model, folder / f"{name}.pt")
+        mcfg = sources.resolve(ModelConfig(source="reference", checkpoint=str(pt),
+                                           hmu_position=position))
+        cfg = replace(BuildConfig(), model=mcfg,
+                      profile=ProfileConfig(batch=(1, 2, 3), src_len=(1, 4, 8),
+                                            tgt_len=(1, 3, 6))).validate()
+        res = export_graph(sources.load(mcfg), name, cfg, folder / f"{name}.onnx")
+        out[name] = (cfg, res.contract, res.path)
+    return out
+
+
+@pytest.mark.parametrize("graph", ["classifier", "full"])
+def test_reference_graphs_match_onnxruntime(hmu_infer, reference_graphs, graph, tmp_path):
+    import onnxruntime as ort
+
+    from hmu_export.io_contract import spec_feeds
+
+    cfg, contract, path = reference_graphs[graph]
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for i, (b, ls, lt) in enumerate([(1, 1, 1), (2, 5, 3), (3, 8, 6)]):
+        feeds = spec_feeds(contract, cfg.model, {"batch": b, "src_len": ls, "tgt_len": lt},
+                           seed=i)
+        work = tmp_path / str(i)
+        inputs = _write_feeds(work / "in", feeds)
+        res = _run([str(hmu_infer), "--model", str(path), "--inputs", str(inputs),
+                    "--outputs", str(work / "out")], timeout=120)
+        assert res.returncode == 0 and res.stderr == "", res.stderr
+        name = contract.output_names[0]
+        assert f"wrote {name} " in res.stdout
+        got = {p.stem: np.load(p) for p in (work / "out").glob("*.npy")}
+        assert set(got) == set(contract.output_names)
+        want = sess.run([name], feeds)[0]
+        assert got[name].shape == want.shape == ((b, cfg.model.num_classes) if graph ==
+                                                 "classifier" else (b, lt,
+                                                                    cfg.model.vocab_size))
+        assert float(np.max(np.abs(got[name] - want))) <= FP32_MAX_ABS
