@@ -264,7 +264,7 @@ def _causal_bias(positions: torch.Tensor, total: int, dtype: torch.dtype) -> tor
 
 
 def _positions(new_len: int, past_len: int | torch.SymInt, device: torch.device) -> torch.Tensor:
-    return torch.arange(new_len, device=device) + past_len
+    return torch.arange(new_len, device=device) + past_len  # type: ignore[return-value]
 
 
 # ----------------------------------------------------------------------------- model
@@ -274,7 +274,7 @@ class HFHMUModel(nn.Module):
 
     def __init__(self, hf: nn.Module, hmu: nn.Module, geom: Geometry) -> None:
         super().__init__()
-        self.hf = hf
+        self.hf: Any = hf  # Transformers' modules: their attributes are not typed
         self.hmu = hmu
         self.geom = geom
 
@@ -306,7 +306,10 @@ class HFHMUModel(nn.Module):
 
 
 class _T5(HFHMUModel):
-    def __init__(self, hf: nn.Module, hmu: nn.Module, geom: Geometry) -> None:
+    enc_buckets: torch.Tensor
+    dec_buckets: torch.Tensor
+
+    def __init__(self, hf: Any, hmu: nn.Module, geom: Geometry) -> None:
         super().__init__(hf, hmu, geom)
         # bucket[rel + md] for rel in [-md, md] (md = max_distance): every |rel| >= md lands in
         # the last bucket, so clamping rel to that range is exact. Built here, with
@@ -320,10 +323,10 @@ class _T5(HFHMUModel):
                 num_buckets=att.relative_attention_num_buckets, max_distance=md)
             self.register_buffer(name, table, persistent=False)
 
-    def _embed(self, stack: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    def _embed(self, stack: Any, ids: torch.Tensor) -> torch.Tensor:
         return stack.embed_tokens(ids)
 
-    def _position_bias(self, stack: nn.Module, queries: torch.Tensor, total: int) -> torch.Tensor:
+    def _position_bias(self, stack: Any, queries: torch.Tensor, total: int) -> torch.Tensor:
         """[1, H, len(queries), total]: the first block's relative position bias."""
         att = stack.block[0].layer[0].SelfAttention
         md = att.relative_attention_max_distance
@@ -332,14 +335,14 @@ class _T5(HFHMUModel):
         rel = (keys[None, :] - queries[:, None]).clamp(-md, md) + md
         return att.relative_attention_bias(table[rel]).permute(2, 0, 1)[None]
 
-    def _self_attention(self, layer: nn.Module, h: torch.Tensor, bias: torch.Tensor,
+    def _self_attention(self, layer: Any, h: torch.Tensor, bias: torch.Tensor,
                         past_k: torch.Tensor | None = None, past_v: torch.Tensor | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         att = layer.SelfAttention
         x = layer.layer_norm(h)
         hd, nh = att.key_value_proj_dim, att.n_heads
         q, k, v = _split(att.q(x), nh, hd), _split(att.k(x), nh, hd), _split(att.v(x), nh, hd)
-        if past_k is not None:
+        if past_k is not None and past_v is not None:
             k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
         return h + att.o(_attend(q, k, v, bias, 1.0)), k, v
 
@@ -396,7 +399,7 @@ class _Bart(HFHMUModel):
     def _marian(self) -> bool:
         return self.geom.family == MARIAN
 
-    def _embed(self, stack: nn.Module, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def _embed(self, stack: Any, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         if self._marian:
             h = stack.embed_tokens(ids) * stack.embed_scale
             return h + nn.functional.embedding(positions, stack.embed_positions.weight)
@@ -406,13 +409,13 @@ class _Bart(HFHMUModel):
         return stack.layernorm_embedding(h)
 
     @staticmethod
-    def _qkv(att: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def _qkv(att: Any, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         nh, hd = att.num_heads, att.head_dim
         return (_split(att.q_proj(x), nh, hd), _split(att.k_proj(x), nh, hd),
                 _split(att.v_proj(x), nh, hd))
 
     @staticmethod
-    def _ffn(layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    def _ffn(layer: Any, h: torch.Tensor) -> torch.Tensor:
         return layer.final_layer_norm(h + layer.fc2(layer.activation_fn(layer.fc1(h))))
 
     def encode(self, src_ids, src_mask):  # type: ignore[no-untyped-def]
