@@ -380,8 +380,7 @@ def parity_backends(layout: "BuildLayout", cfg: BuildConfig, model: "HMUTransfor
     from .parity_backends import Backend
     from .runners.tensorrt_runner import TrtRunner
 
-    if "tgt_ids" not in contract.input_names:
-        TrtRunner = _contract_trt_runner()  # noqa: N806
+    runner_cls: Any = TrtRunner if "tgt_ids" in contract.input_names else _contract_trt_runner()
 
     precision = "fp16" if cfg.engine.fp16 else "fp32"
     if not layout.engine.is_file():
@@ -391,7 +390,7 @@ def parity_backends(layout: "BuildLayout", cfg: BuildConfig, model: "HMUTransfor
     except BackendUnavailable as exc:
         return [Backend("tensorrt", precision, None, str(exc))]
     root: Path = layout.root
-    return [Backend("tensorrt", precision, lambda: TrtRunner(
+    return [Backend("tensorrt", precision, lambda: runner_cls(
         root, contract, vocab_size=cfg.model.vocab_size, runtime=runtime))]
 
 
@@ -403,7 +402,7 @@ def _contract_trt_runner() -> type:
     from .errors import InputError
     from .runners.tensorrt_runner import TrtRunner
 
-    class ContractTrtRunner(TrtRunner):  # type: ignore[misc, valid-type]
+    class ContractTrtRunner(TrtRunner):
         def _infer(self, feeds):  # type: ignore[no-untyped-def]
             sizes: dict[str, int] = {}
             for spec in self.contract.inputs:
