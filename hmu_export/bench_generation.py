@@ -46,7 +46,6 @@ def run_generation_bench(root: Path, *, backends: Sequence[str] = DEFAULT_GENERA
     from .bench import machine_info
     from .build_folder import open_build
     from .generate import Generator
-    from .optimize import cpu_threads
 
     build = open_build(root)
     cfg = build.cfg
@@ -61,7 +60,9 @@ def run_generation_bench(root: Path, *, backends: Sequence[str] = DEFAULT_GENERA
     if not 1 <= new_tokens <= p.tgt_len[2]:
         raise InputError(f"new tokens must be in [1, {p.tgt_len[2]}] (the profile's tgt_len "
                          f"max), got {new_tokens}")
-    threads = threads or cpu_threads()
+    from .backends.generation import generation_threads
+
+    threads = threads or generation_threads()
     import torch
     torch.set_num_threads(threads)  # the same cores for PyTorch as for ONNX Runtime
     report = GenerationBenchReport(

@@ -79,8 +79,16 @@ def _torch_export(module: torch.nn.Module, args: tuple[torch.Tensor, ...], contr
             for name in AXIS_TO_PROFILE}
     # Positional (a tuple in input order): contract names such as "past_key.0" are no Python
     # argument names.
-    dynamic_shapes = tuple({i: axes[d] for i, d in enumerate(spec.dims) if isinstance(d, str)}
-                           for spec in contract.inputs)
+    per_input = [{i: axes[d] for i, d in enumerate(spec.dims) if isinstance(d, str)}
+                 for spec in contract.inputs]
+    dynamic_shapes: tuple = tuple(per_input)
+    import inspect
+
+    params = list(inspect.signature(module.forward).parameters.values())
+    star = [i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_POSITIONAL]
+    if star:  # forward(a, b, *rest): torch.export wants the rest's shapes as one nested tuple
+        k = star[0]
+        dynamic_shapes = tuple(per_input[:k]) + (tuple(per_input[k:]),)
     sink = io.StringIO()
     logging.getLogger("torch").setLevel(logging.ERROR)
     with warnings.catch_warnings(), contextlib.redirect_stdout(sink), \

@@ -72,7 +72,11 @@ def stage_checkpoint(ctx: BuildContext) -> StageResult:
                               "hmu_share": round(hmu / total, 6) if total else 0.0}
     m = ctx.cfg.model
     origin = m.checkpoint or m.path or "seeded"
+    hmu_status = getattr(source, "hmu_status", "")
+    if hmu_status:
+        ctx.data["hmu_status"] = hmu_status
     return StageResult(OK, details={"source": m.source, "weights": origin,
+                                    **({"hmu": hmu_status} if hmu_status else {}),
                                     "graphs": list(source.graph_names()),
                                     "parameters": ctx.data["parameters"]})
 
@@ -363,7 +367,8 @@ def _run_stages(cfg: BuildConfig, out_dir: Path, staging: Path,
                 require_engine: bool, on_stage: Callable[[str, StageResult | None], None] | None,
                 only: list[str] | None, t0: float) -> BuildOutcome:
     source = as_source(cfg, model)
-    cfg = replace(cfg, model=source.cfg)  # resolved: sizes a source reads from its files
+    cfg = replace(cfg, model=source.cfg,  # resolved: sizes a source reads from its files
+                  generation=replace(cfg.generation, **source.generation_defaults()))
     ctx = BuildContext(cfg, BuildLayout(staging), require_engine=require_engine or
                        cfg.engine.require, source=source)
     failure, log = "", None
@@ -402,7 +407,8 @@ def _run_stages(cfg: BuildConfig, out_dir: Path, staging: Path,
              "build_seconds": round(time.perf_counter() - t0, 3)}
     extra.update({k: v for k, v in ctx.data.items() if k in ("parameters", "sensitive_nodes",
                                                               "engine", "parity", "graphs",
-                                                              "graph_pins", "generation_parity")})
+                                                              "graph_pins", "generation_parity",
+                                                              "hmu_status")})
     write_manifest(staging, stages=ctx.stages, profile=cfg.profile.to_dict(),
                    versions=_versions(), extra=extra)
     final = out_dir if ok else failed_dir(out_dir)

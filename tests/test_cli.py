@@ -51,7 +51,16 @@ def test_default_build_end_to_end(cli_build):
     on_disk = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
     assert on_disk - paths == {"manifest.json"}  # every artifact is listed
     assert manifest["profile"] == {"batch": [1, 4, 8], "src_len": [1, 64, 128],
-                                   "tgt_len": [1, 32, 64]}
+                                   "tgt_len": [1, 32, 64], "past_len": [0, 31, 63],
+                                   "new_len": [1, 1, 64]}
+    # the generation graphs and their parity report are part of every seq2seq build
+    assert {"encoder.onnx", "decoder.onnx", "encoder.opt.onnx", "decoder.opt.onnx",
+            "encoder.fp16.onnx", "decoder.fp16.onnx", "parity/generation.json",
+            "parity/generation.md"} <= paths
+    gen = json.loads((out / "parity" / "generation.json").read_text())
+    assert gen["passed"] is True and gen["reference"] == "torch-nocache"
+    assert {r["backend"] for r in gen["tokens"] if r["exact"]} >= {"torch", "onnxruntime",
+                                                                   "onnxruntime-opt"}
     for stage in ("checkpoint", "export", "parity"):
         assert manifest["stages"][stage]["status"] == "ok"
     assert all(s["status"] in ("ok", "skipped") for s in manifest["stages"].values())

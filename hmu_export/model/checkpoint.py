@@ -177,11 +177,17 @@ def save_source_checkpoint(source: "ModelSource", folder: Path) -> tuple[Path, P
         return save_checkpoint(source.model, folder)
     folder.mkdir(parents=True, exist_ok=True)
     weights, config = folder / WEIGHTS_FILE, folder / CONFIG_FILE
-    state = {k: v.detach().contiguous() for k, v in source.torch_module().state_dict().items()}
+    # Cloned: tied weights (a shared embedding and LM head) are one tensor in memory, which
+    # safetensors refuses to write twice.
+    state = {k: v.detach().clone().contiguous()
+             for k, v in source.torch_module().state_dict().items()}
     with atomic_path(weights) as tmp:
         save_file(state, str(tmp), metadata={"format": "pt", "producer": "hmu_export",
                                              "source": source.source})
     write_json(config, asdict(replace(source.cfg, checkpoint="", path="", hmu_checkpoint="")))
+    if source.source == "hf":
+        from .hf import save_hf_config
+        save_hf_config(source, folder)  # type: ignore[arg-type]
     return weights, config
 
 

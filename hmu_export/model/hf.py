@@ -577,6 +577,12 @@ class HFSource(ModelSource):
             return "off"
         return "trained" if self.hmu_trained else f"untrained (seeded with model.seed {self.cfg.seed})"
 
+    def generation_defaults(self) -> dict[str, int]:
+        if not self.cfg.path:  # rebuilt from a build: its [generation] already holds them
+            return {}
+        g = generation_settings(self.cfg)
+        return {"bos_id": g.bos_id, "eos_id": g.eos_id}
+
     @property
     def hf_model(self) -> nn.Module:
         """The Transformers model itself (the parity oracle's model)."""
@@ -612,4 +618,45 @@ def load_source(cfg: ModelConfig) -> HFSource:
                           "resolve the config first")
     hmu, trained = build_hmu(cfg)
     core = (_T5 if arch == T5 else _Bart)(hf, hmu, geom)
+    return HFSource(cfg, core.eval(), trained)
+
+
+HF_CONFIG_DIR = "hf"  # inside a build's checkpoint/: the Transformers config of the base model
+
+
+def save_hf_config(source: HFSource, folder: Path) -> Path:
+    """The base model's config.json (no weights: they are in the build's model.safetensors),
+    so ``load_saved`` can rebuild the same architecture from the build alone."""
+    out = Path(folder) / HF_CONFIG_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    source.hf_model.config.to_json_file(str(out / "config.json"))
+    (out / "hmu.json").write_text(json.dumps({"trained": source.hmu_trained}) + "\n")
+    return out / "config.json"
+
+
+def load_saved(cfg: ModelConfig, weights: Path) -> HFSource:
+    """An hf source rebuilt from a build's checkpoint/: architecture from ``hf/config.json``,
+    every weight (base model and HMU) from ``model.safetensors``."""
+    import transformers
+
+    from .checkpoint import read_state_dict
+
+    conf = Path(weights).parent / HF_CONFIG_DIR / "config.json"
+    if not conf.is_file():
+        raise CheckpointError(f"{conf} not found: this build's checkpoint cannot be rebuilt")
+    arch = architecture(conf.parent)
+    hf_conf = transformers.AutoConfig.from_pretrained(str(conf.parent), local_files_only=True)
+    hf = getattr(transformers, arch)._from_config(hf_conf, attn_implementation="eager",
+                                                  dtype=torch.float32)
+    geom = geometry(arch, hf.config)
+    hmu, _ = build_hmu(replace(cfg, hmu_checkpoint=""))
+    core = (_T5 if arch == T5 else _Bart)(hf, hmu, geom)
+    state = read_state_dict(Path(weights))
+    missing, unexpected = core.load_state_dict(state, strict=False)
+    tied = {k for k in missing if k.endswith(("embed_tokens.weight", "lm_head.weight"))}
+    if set(missing) - tied or unexpected:
+        raise CheckpointError(f"{weights} does not match {conf}: missing "
+                              f"{sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]}")
+    status = conf.parent / "hmu.json"
+    trained = bool(json.loads(status.read_text()).get("trained")) if status.is_file() else False
     return HFSource(cfg, core.eval(), trained)

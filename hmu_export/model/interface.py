@@ -59,6 +59,11 @@ class ModelSource(ABC):
         """Decoder self/cross-attention cache geometry (only for sources that generate)."""
         raise NotImplementedError(f"{self.source} source has no decoder cache")
 
+    def generation_defaults(self) -> dict[str, int]:
+        """``[generation]`` values the model's own files fix (e.g. Transformers'
+        decoder_start_token_id / eos_token_id); empty when the config decides."""
+        return {}
+
     def generation_refusal(self) -> str:
         """Empty when autoregressive generation is meaningful, else why not (one line)."""
         return ""
