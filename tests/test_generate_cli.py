@@ -175,3 +175,35 @@ def test_bench_generate_refuses_shapes_outside_the_profile(unseen_build, capsys)
     assert main(["bench", "--artifacts", str(unseen_build), "--generate", "--batches", "9"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "batch 9 is outside" in err[0]
+
+
+def test_device_stepper_keeps_state_on_the_device_and_matches(unseen_build):
+    """torch-cuda's stepper (state as device tensors, index_select for finished rows and beams),
+    run on the CPU here: same greedy and beam tokens as the numpy-state torch backend."""
+    import torch
+
+    from hmu_export.backends.generation import TorchDeviceStepper
+    from hmu_export.build_folder import open_build
+    from hmu_export.generate import Generator
+
+    build = open_build(unseen_build)
+    dev = Generator(TorchDeviceStepper(build.load_source(), "cpu", torch.float32, "torch-dev"),
+                    build.cfg)
+    ref = Generator.from_build(unseen_build, "torch-nocache")
+    assert dev.generate(RAGGED).sequences == ref.generate(RAGGED).sequences
+    two = RAGGED[:1]
+    assert (dev.generate(two, strategy="beam", num_beams=3).sequences
+            == Generator.from_build(unseen_build, "torch").generate(
+                two, strategy="beam", num_beams=3).sequences)
+
+
+def test_cuda_backends_refuse_cleanly_without_cuda(unseen_build, tmp_path, capsys):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present: the refusal is for CPU-only hosts")
+    src = tmp_path / "in.json"
+    src.write_text(json.dumps({"src_ids": [[3, 4]]}))
+    assert main(["generate", "--artifacts", str(unseen_build), "--input", str(src),
+                 "--backend", "torch-cuda"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "CUDA is not available" in err[0]

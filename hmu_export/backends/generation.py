@@ -24,9 +24,11 @@ from ..config import BuildConfig
 from ..errors import ArtifactError, BackendUnavailable, InputError
 from ..generate import CacheSpec, CachedStepper, Stepper
 from ..io_contract import (DECODER, ENCODER, FULL, GRAPH_FILES, LOGITS, NOISE, SRC_IDS, SRC_MASK,
-                           GraphContract, past_key)
+                           TGT_IDS, GraphContract, past_key, past_value, present_key,
+                           present_value)
 
-BACKENDS = ("torch", "torch-nocache", "onnxruntime", "onnxruntime-opt", "onnxruntime-fp16emu")
+BACKENDS = ("torch", "torch-nocache", "onnxruntime", "onnxruntime-opt", "onnxruntime-fp16emu",
+            "torch-cuda", "torch-cuda-fp16")
 
 
 def spec_from_contracts(encoder: GraphContract, decoder: GraphContract) -> CacheSpec:
@@ -82,6 +84,68 @@ class TorchStepBackend:
 
     def decode(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self._run(self.decoder, self.dec_contract, feeds)
+
+
+class TorchDeviceStepper(Stepper):
+    """The source's encoder / decoder-step modules with the whole state (cross K/V, cache) kept
+    as tensors on ``device`` in ``dtype``: only the new ids go in and the last position's logits
+    come out per step (``torch-cuda``, ``torch-cuda-fp16``: real GPU arithmetic)."""
+
+    def __init__(self, source, device: str, dtype, name: str) -> None:  # type: ignore[no-untyped-def]
+        import copy
+
+        import torch
+
+        self.name = name
+        self.device, self.dtype = torch.device(device), dtype
+        source = copy.deepcopy(source)  # never move the caller's model
+        source.to(self.device, dtype)
+        self.encoder = source.module(ENCODER).eval()
+        self.decoder = source.module(DECODER).eval()
+        self.enc_contract = source.contract(ENCODER)
+        self.dec_contract = source.contract(DECODER)
+        self.spec = spec_from_contracts(self.enc_contract, self.dec_contract)
+        self.latent_dim = self.spec.latent_dim
+        self._state: dict = {}
+
+    def _t(self, a: np.ndarray):  # type: ignore[no-untyped-def]
+        import torch
+
+        t = torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
+        return t.to(self.dtype) if t.is_floating_point() else t
+
+    def start(self, src_ids: np.ndarray, src_mask: np.ndarray, noise: np.ndarray) -> None:
+        import torch
+
+        feeds = {SRC_IDS: self._t(src_ids), SRC_MASK: self._t(src_mask), NOISE: self._t(noise)}
+        with torch.inference_mode():
+            outs = self.encoder(*(feeds[n] for n in self.enc_contract.input_names))
+        state = dict(zip(self.enc_contract.output_names, outs))
+        state[SRC_MASK] = feeds[SRC_MASK]
+        s = self.spec
+        empty = torch.zeros((src_ids.shape[0], s.heads, 0, s.head_dim), device=self.device,
+                            dtype=self.dtype)
+        for i in range(s.layers):
+            state[past_key(i)] = state[past_value(i)] = empty
+        self._state = state
+
+    def step(self, new_ids: np.ndarray) -> np.ndarray:
+        import torch
+
+        st = dict(self._state, **{TGT_IDS: self._t(new_ids.astype(np.int64))})
+        with torch.inference_mode():
+            outs = self.decoder(*(st[n] for n in self.dec_contract.input_names))
+        out = dict(zip(self.dec_contract.output_names, outs))
+        for i in range(self.spec.layers):
+            self._state[past_key(i)] = out[present_key(i)]
+            self._state[past_value(i)] = out[present_value(i)]
+        return out[LOGITS][:, -1, :].float().cpu().numpy()
+
+    def select(self, rows: np.ndarray) -> None:
+        import torch
+
+        index = torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(self.device)
+        self._state = {k: v.index_select(0, index) for k, v in self._state.items()}
 
 
 class TorchNoCacheStepper(Stepper):
@@ -208,6 +272,13 @@ def make_stepper(root: Path, cfg: BuildConfig, backend: str, *, threads: int | N
     if backend.startswith("torch"):
         if load_source is None:
             raise InputError(f"backend {backend} needs the build's checkpoint")
+        if backend.startswith("torch-cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise BackendUnavailable(f"{backend}: CUDA is not available to PyTorch here")
+            dtype = torch.float16 if backend.endswith("fp16") else torch.float32
+            return TorchDeviceStepper(load_source(), "cuda", dtype, backend)
         source = load_source()
         if backend == "torch":
             return CachedStepper(TorchStepBackend(source))
