@@ -245,6 +245,30 @@ def _root_of(module: torch.nn.Module, inner: torch.nn.Module) -> str:
     return ""
 
 
+def _strip_initializer_prefix(model: onnx.ModelProto, root: str) -> None:
+    """Weight names relative to the source model (``src_embed.weight``, not
+    ``model.src_embed.weight``), whatever wrapper a graph was traced through."""
+    if not root:
+        return
+    prefix = root + "."
+    inputs = {i.name for i in model.graph.input}
+    rename = {i.name: i.name[len(prefix):] for i in model.graph.initializer
+              if i.name.startswith(prefix) and i.name[len(prefix):] not in inputs}
+    if len(set(rename.values())) != len(rename):
+        return  # a clash: keep the exporter's names
+    taken = {i.name for i in model.graph.initializer} - set(rename)
+    if taken & set(rename.values()):
+        return
+    for init in model.graph.initializer:
+        init.name = rename.get(init.name, init.name)
+    for vi in model.graph.value_info:
+        vi.name = rename.get(vi.name, vi.name)
+    for node in model.graph.node:
+        for k, name in enumerate(node.input):
+            if name in rename:
+                node.input[k] = rename[name]
+
+
 def export_graph(source: ModelSource, graph: str, cfg: BuildConfig, out_path: Path, *,
                  checkpoint_sha256: str = "", diagnostics: bool = False) -> ExportResult:
     """Export one graph of ``source`` to ``out_path`` (written atomically, after all checks)."""
@@ -258,11 +282,13 @@ def export_graph(source: ModelSource, graph: str, cfg: BuildConfig, out_path: Pa
     feeds = spec_feeds(contract, cfg.model, sizes, seed=cfg.parity.seed)
     args = tuple(torch.from_numpy(feeds[n]) for n in contract.input_names)
     proto = _torch_export(module, args, contract, cfg)
-    stabilize_node_names(proto, root=_root_of(module, source.torch_module()))
+    root = _root_of(module, source.torch_module())
+    stabilize_node_names(proto, root=root)
+    _strip_initializer_prefix(proto, root)
     _name_dims(proto, contract)
     proto.producer_name, proto.producer_version = "hmu_export", __version__
-    proto.doc_string = (f"{graph} graph of encoder -> Hippocampus Memory Unit -> decoder; "
-                        "noise is an input")
+    proto.doc_string = ("" if graph == FULL else f"{graph} graph of ") + (
+        "encoder -> Hippocampus Memory Unit -> decoder; noise is an input")
     # The checkpoint is recorded by hash, not path, so the graph bytes do not depend on where it lies.
     portable = replace(cfg, model=replace(cfg.model, checkpoint="", path="", hmu_checkpoint=""))
     meta = {"config": portable.to_json(), "graph": graph,
