@@ -177,3 +177,34 @@ def test_hf_t5_output_loads_as_hmu_checkpoint(tmp_path):
     assert set(saved) == HMU_KEYS
     for k, v in src.model.hmu.state_dict().items():
         assert torch.equal(v, saved[k])
+
+
+def test_hf_text_lines_with_a_tokenizer(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("tokenizers")
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    from hmu_export.finetune import _tokenizer, read_examples
+    from tests.test_hf_source import _t5
+
+    model = _t5()
+    folder = tmp_path / "t5"
+    model.save_pretrained(folder)
+    words = ["<pad>", "</s>", "<unk>"] + [chr(ord("a") + i) for i in range(26)]
+    words += [f"w{i}" for i in range(len(words), model.config.vocab_size)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>",
+                                                       special_tokens=[("</s>", 1)])
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>",
+                                         eos_token="</s>", unk_token="<unk>"
+                                         ).save_pretrained(folder)
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"src": "a b c", "tgt": "c b a"}\n{"src": "d e", "tgt": [5, 4, 1]}\n')
+    cfg = config_from_dict({"model": {"source": "hf", "path": str(folder)}})
+    assert read_examples(data, 96, 512, _tokenizer(cfg)) == [([3, 4, 5, 1], [5, 4, 3, 1]),
+                                                             ([6, 7, 1], [5, 4, 1])]
+    conf = _toml(tmp_path / "c.toml", {"source": "hf", "path": str(folder)})
+    assert main(["finetune", "--config", str(conf), "--data", str(data),
+                 "--out", str(tmp_path / "h.safetensors"), "--steps", "2"]) == 0
