@@ -45,8 +45,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate tokens with a build's encoder + decoder-step "
                                         "graphs (or PyTorch)")
     p.add_argument("--artifacts", type=Path, required=True, help="build folder")
-    p.add_argument("--input", type=Path, required=True,
-                   help='JSON file: {"src_ids": [[5, 17, 9], [4, 4]]} (ragged rows)')
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--input", type=Path,
+                     help='JSON file: {"src_ids": [[5, 17, 9], [4, 4]]} (ragged rows)')
+    src.add_argument("--text", action="append",
+                     help="source text (repeat for a batch): tokenized with the build's "
+                          "tokenizer, output decoded (builds from a Hugging Face folder with "
+                          "a tokenizer)")
     p.add_argument("--backend", default="onnxruntime-opt", choices=BACKENDS,
                    help="default: onnxruntime-opt")
     p.add_argument("--max-new-tokens", type=_positive_int,
@@ -91,7 +96,13 @@ def run(args: argparse.Namespace) -> int:
         if args.threads > cpu_threads():
             raise InputError(f"--threads {args.threads} exceeds this machine's "
                              f"{cpu_threads()} cores")
-    rows = read_input(args.input)
+    tok = None
+    if args.text is not None:
+        from ..text import load_tokenizer
+        tok = load_tokenizer(args.artifacts)
+        rows = tok.encode(args.text)
+    else:
+        rows = read_input(args.input)
     gen = Generator.from_build(args.artifacts, args.backend, threads=args.threads)
     result = gen.generate(
         rows, strategy=args.strategy, max_new_tokens=args.max_new_tokens,
@@ -99,8 +110,20 @@ def run(args: argparse.Namespace) -> int:
         early_stopping=args.early_stopping, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, seed=args.seed, noise_seed=args.seed, noise_scale=args.noise_scale)
     out = result.to_dict()
+    texts = tok.decode(result.sequences) if tok is not None else None
+    if texts is not None:
+        out["texts"] = texts
     if args.json:
         write_json(args.json, out)
+    if texts is not None:
+        from rich.markup import escape
+        ui.out.print(ui.table(
+            f"generate: {args.backend}, {args.strategy}, {result.steps} steps, "
+            f"{result.seconds * 1e3:.1f} ms, {result.tokens_per_s:.1f} tokens/s",
+            ("row", "tokens", "text"),
+            [(str(i), " ".join(map(str, s)), escape(t))
+             for i, (s, t) in enumerate(zip(result.sequences, texts))]))
+        return 0
     ui.out.print(ui.table(
         f"generate: {args.backend}, {args.strategy}, {result.steps} steps, "
         f"{result.seconds * 1e3:.1f} ms, {result.tokens_per_s:.1f} tokens/s",

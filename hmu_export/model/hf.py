@@ -631,7 +631,22 @@ def save_hf_config(source: HFSource, folder: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     source.hf_model.config.to_json_file(str(out / "config.json"))
     (out / "hmu.json").write_text(json.dumps({"trained": source.hmu_trained}) + "\n")
+    # The folder's tokenizer, when it has one, travels with the build (`generate --text`).
+    src = Path(source.cfg.path) if source.cfg.path else None
+    if src is not None and src.is_dir() and src.resolve() != out.resolve() and any(
+            all((src / f).is_file() for f in group) for group in TOKENIZER_FILES):
+        import shutil
+        for name in sorted({f for group in TOKENIZER_FILES for f in group} | TOKENIZER_EXTRAS):
+            if (src / name).is_file():
+                shutil.copyfile(src / name, out / name)
     return out / "config.json"
+
+
+#: a tokenizer is any of these groups of files (fast, SentencePiece T5, Marian, BPE) ...
+TOKENIZER_FILES = (("tokenizer.json",), ("spiece.model",), ("source.spm", "target.spm"),
+                   ("vocab.json", "merges.txt"))
+#: ... plus what configures it
+TOKENIZER_EXTRAS = {"tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"}
 
 
 def load_saved(cfg: ModelConfig, weights: Path) -> HFSource:

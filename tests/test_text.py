@@ -1,0 +1,121 @@
+"""Text in, text out: a tiny T5 folder with a tokenizer built with `tokenizers`; the build
+carries the tokenizer (listed in the manifest) and `generate --text` equals Transformers'
+`generate` with the HMU applied on the tokenized input, decoded as Transformers decodes."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+
+import test_hf_source as HF  # noqa: E402  (its tiny-model builders and Transformers oracle)
+
+from hmu_export.cli import main  # noqa: E402
+from hmu_export.config import config_from_dict  # noqa: E402
+
+TEXTS = ["a b c", "d e"]
+
+
+def _tokenizer(vocab_size: int):
+    """A WordLevel tokenizer over exactly ``vocab_size`` words: <pad> 0, </s> 1, <unk> 2 (T5's
+    ids), eos appended to every encoder input as T5's tokenizer does."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    words = ["<pad>", "</s>", "<unk>"] + [chr(ord("a") + i) for i in range(26)]
+    words += [f"w{i}" for i in range(len(words), vocab_size)]
+    vocab = {w: i for i, w in enumerate(words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def t5_text_build(tmp_path_factory):
+    from hmu_export.pipeline import preflight, run_build
+
+    root = tmp_path_factory.mktemp("hf_text")
+    model = HF._t5()
+    model.save_pretrained(root / "t5")
+    _tokenizer(model.config.vocab_size).save_pretrained(root / "t5")
+    cfg = config_from_dict({
+        "model": {"name": "t5-hmu", "source": "hf", "path": str(root / "t5")},
+        "profile": {"batch": [1, 2, 3], "src_len": [1, 7, 12], "tgt_len": [1, 4, 8]}})
+    out = root / "out"
+    outcome = run_build(cfg, out, model=preflight(cfg, out),
+                        only=["checkpoint", "export", "optimize"])
+    assert outcome.ok, outcome.failure
+    return root, outcome.out_dir
+
+
+def test_the_tokenizer_is_copied_into_the_build_and_listed(t5_text_build):
+    _, out = t5_text_build
+    manifest = json.loads((out / "manifest.json").read_text())
+    paths = {a["path"] for a in manifest["artifacts"]}
+    assert {"checkpoint/hf/tokenizer.json", "checkpoint/hf/tokenizer_config.json"} <= paths
+
+
+def test_load_tokenizer_encodes_as_transformers(t5_text_build):
+    from hmu_export.text import load_tokenizer
+
+    root, out = t5_text_build
+    tok = load_tokenizer(out)
+    assert tok.encode(TEXTS) == [[3, 4, 5, 1], [6, 7, 1]]
+    assert tok.decode([[3, 4, 1, 0]]) == ["a b"]
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime-opt", "torch"])
+def test_generate_text_equals_transformers_generate(t5_text_build, backend, tmp_path, capsys):
+    import transformers
+
+    from hmu_export.model import hf as H
+
+    root, out = t5_text_build
+    ref_tok = transformers.AutoTokenizer.from_pretrained(str(root / "t5"), local_files_only=True)
+    enc = ref_tok(TEXTS, padding=True, return_tensors="pt")
+    src = H.load_source(H.resolve_config(HF.ModelConfig(source="hf", path=str(root / "t5"))))
+    b, ls = enc["input_ids"].shape
+    x = {"src_ids": enc["input_ids"], "src_mask": enc["attention_mask"],
+         "noise": torch.zeros(b, ls, src.cfg.latent_dim)}  # zero noise = the generate default
+    want = HF._hf_greedy(src, x, max_new=8)
+    want_texts = ref_tok.batch_decode(want, skip_special_tokens=True)
+    res = tmp_path / "out.json"
+    args = ["generate", "--artifacts", str(out), "--backend", backend, "--max-new-tokens", "8",
+            "--json", str(res)]
+    for t in TEXTS:
+        args += ["--text", t]
+    capsys.readouterr()
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    got = json.loads(res.read_text())
+    assert got["sequences"] == want
+    assert got["texts"] == want_texts
+    assert len({t for s in want for t in s}) > 1  # not one repeated token
+    for text in want_texts:
+        for word in text.split():
+            assert word in printed
+
+
+def test_text_and_input_are_exclusive(t5_text_build, tmp_path):
+    _, out = t5_text_build
+    inp = tmp_path / "in.json"
+    inp.write_text(json.dumps({"src_ids": [[3, 4]]}))
+    with pytest.raises(SystemExit):
+        main(["generate", "--artifacts", str(out), "--input", str(inp), "--text", "a"])
+    with pytest.raises(SystemExit):
+        main(["generate", "--artifacts", str(out)])
+
+
+def test_text_on_a_build_without_tokenizer_is_one_error_line(small_export, capsys):
+    capsys.readouterr()
+    rc = main(["generate", "--artifacts", str(small_export.root), "--text", "a b c"])
+    err = capsys.readouterr().err
+    assert rc != 0
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "no tokenizer" in lines[0]
