@@ -64,7 +64,13 @@ def _detail(name: str, r: StageResult) -> str:
         return f"opset {d['opset']}, max abs vs torch {d['validation_max_abs']:.1e}"
     if name == "parity" and "worst_logits_max_abs" in d:
         worst = ", ".join(f"{k} {v:.1e}" for k, v in d["worst_logits_max_abs"].items())
-        return f"{d['shapes']} shapes; worst logits max abs: {worst}"
+        text = f"{d['shapes']} shapes; worst logits max abs: {worst}"
+        gen = d.get("generation")
+        if gen:
+            exact = [k for k, v in gen["greedy_vs_reference"].items() if v["exact"]]
+            text += (f"; decoder steps vs full graph {gen['worst_step_max_abs']:.1e}, greedy "
+                     f"tokens = {gen['reference']} on {', '.join(exact) or 'none'}")
+        return text
     shown = {"seconds"}  # already in the time column
     return ", ".join(f"{k}={_number(v)}" for k, v in d.items()
                      if k not in shown and isinstance(v, (str, int, float)))[:100]
