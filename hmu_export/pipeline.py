@@ -86,12 +86,14 @@ def stage_export(ctx: BuildContext) -> StageResult:
     import onnx
 
     from .export import export_graph, sensitive_nodes
-    from .io_contract import GRAPH_FILES
+    from .io_contract import DECODER, ENCODER, GRAPH_FILES
 
     assert ctx.source is not None
     graphs: dict[str, Any] = {}
     pins: dict[str, list[str]] = {}
-    for i, graph in enumerate(ctx.source.graph_names()):
+    names = [g for g in ctx.source.graph_names()
+             if ctx.cfg.generation.split_graphs or g not in (ENCODER, DECODER)]
+    for i, graph in enumerate(names):
         path = ctx.layout.root / GRAPH_FILES[graph]
         res = export_graph(ctx.source, graph, ctx.cfg, path, checkpoint_sha256=ctx.checkpoint_sha256,
                            diagnostics=ctx.cfg.export.diagnostics and i == 0)

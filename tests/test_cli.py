@@ -21,6 +21,10 @@ def _toml(tmp_path: Path, extra: str = "", model: dict | None = None) -> Path:
     m = {**SMALL["model"], **(model or {})}
     lines = ["[model]"] + [f"{k} = {json.dumps(v)}" for k, v in m.items()]
     lines += ["[profile]"] + [f"{k} = {json.dumps(v)}" for k, v in SMALL["profile"].items()]
+    # These builds test the pipeline, not generation (tests/test_generate_cli.py does, and the
+    # default build below has the split graphs): the full graph only keeps them quick.
+    if "[generation]" not in extra:
+        extra += "\n[generation]\nsplit_graphs = false\n"
     path = tmp_path / "cfg.toml"
     path.write_text("\n".join(lines) + "\n" + extra)
     return path
@@ -278,6 +282,9 @@ def test_diagnostic_build_end_to_end(tmp_path):
     cfg = _toml(tmp_path, "[export]\ndiagnostics = true\n")
     out = tmp_path / "o"
     assert main(["build", "--config", str(cfg), "--out", str(out)]) == 0
+    # [generation] split_graphs = false: the full graph only, no generation graphs or report
+    assert not (out / "encoder.onnx").exists() and not (out / "decoder.onnx").exists()
+    assert not (out / "parity" / "generation.json").exists()
     assert sensitive_nodes(onnx.load(str(out / "model.onnx"))) == [
         "hmu/vae/Exp", "hmu/norm_input/LayerNormalization", "hmu/norm_latent/LayerNormalization",
         "hmu/gate_mlp/1/Sigmoid", "hmu/fusion_proj/2/LayerNormalization"]
