@@ -179,10 +179,16 @@ class ExportConfig:
     diagnostics: bool = False
     # Saves an ONNX Runtime-optimized copy (fusions) next to model.onnx for the CPU path.
     optimize: bool = True
+    # Processes that export the other graphs while the main one exports model.onnx
+    # (0 = one per spare core; 1 or more caps it; set 1 on a busy machine).
+    workers: int = 0
 
     def validate(self) -> None:
         if not 18 <= self.opset <= 20:
             raise ConfigError(f"export.opset must be 18, 19 or 20, got {self.opset}")
+        if self.workers < 0:
+            raise ConfigError(f"export.workers must be >= 0 (0 = one per spare core), got "
+                              f"{self.workers}")
 
 
 @dataclass(frozen=True)

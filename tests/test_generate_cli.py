@@ -207,3 +207,22 @@ def test_cuda_backends_refuse_cleanly_without_cuda(unseen_build, tmp_path, capsy
                  "--backend", "torch-cuda"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "CUDA is not available" in err[0]
+
+
+def test_graphs_exported_in_worker_processes_equal_an_in_process_export(unseen_build, tmp_path):
+    """The build exports the split graphs in spawned processes that reload the checkpoint; the
+    bytes must be those of an export in this process from the original model."""
+    import dataclasses
+
+    from hmu_export.export import export_graph
+    from hmu_export.model import sources
+    from hmu_export.pipeline import export_workers
+
+    cfg = config_from_dict(UNSEEN)
+    assert export_workers(cfg, 3) >= 1 or __import__("os").cpu_count() == 1
+    assert export_workers(dataclasses.replace(
+        cfg, export=dataclasses.replace(cfg.export, workers=1)), 3) == 1
+    manifest = json.loads((unseen_build / "manifest.json").read_text())
+    res = export_graph(sources.load(cfg.model), "decoder", cfg, tmp_path / "decoder.onnx",
+                       checkpoint_sha256=manifest["checkpoint_sha256"])
+    assert res.sha256 == manifest["graphs"]["decoder"]["sha256"]
