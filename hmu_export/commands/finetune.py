@@ -2,27 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 from .. import ui
-
-
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-
-
-def _float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
-    return value
+from .argtypes import finite as _float
+from .argtypes import integer as _int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
