@@ -69,7 +69,9 @@ class ModelConfig:
             raise ConfigError(f"model.n_decoder_layers must be >= 1, got {self.n_decoder_layers}")
         if self.n_heads < 0:
             raise ConfigError(f"model.n_heads must be >= 0 (0 = d_model // 32), got {self.n_heads}")
-        if self.d_model % self.heads:
+        # Other sources read d_model from their files and check heads against it themselves
+        # (before resolution d_model is still the default, which would name the wrong size).
+        if self.source == "native" and self.d_model % self.heads:
             raise ConfigError(
                 f"model.n_heads ({self.heads}) must divide model.d_model ({self.d_model})")
         if self.source not in SOURCES:

@@ -203,7 +203,7 @@ def _bad_pt(kind: str, folder: Path) -> tuple[str, str]:
 
 
 @pytest.mark.parametrize("kind,needle", [("unknown_layout", "matches no reference layout"),
-                                         ("heads=3", "must divide"),
+                                         ("heads=3", "must divide d_model (32, read from"),
                                          ("heads=64", "must divide d_model (32, read from"),
                                          ("pickle_code", "bad.pt"),
                                          ("truncated", "bad.pt")])
