@@ -160,3 +160,32 @@ def test_unknown_backend_label_is_an_error(small_export, small_cfg, small_model)
     with pytest.raises(InputError, match="unknown backend"):
         layout_backends(small_export.root, small_cfg, small_model,
                         full_contract(small_cfg.model), ["nope"])
+
+
+def test_a_backend_emitting_inf_is_a_failed_row_not_an_aborted_run(small_cfg, small_model):
+    """A runner whose output overflows shows up in the report (other shapes still run)."""
+    import numpy as np
+
+    from hmu_export.io_contract import full_contract
+    from hmu_export.parity import run_parity
+    from hmu_export.parity_backends import Backend
+    from hmu_export.runners import TorchRunner
+
+    contract = full_contract(small_cfg.model)
+
+    class Overflowing(TorchRunner):
+        def _infer(self, feeds):  # type: ignore[no-untyped-def]
+            out = super()._infer(feeds)
+            if feeds["src_ids"].shape[0] == small_cfg.profile.batch[2]:
+                out["logits"] = np.full_like(out["logits"], np.inf)
+            return out
+
+    backend = Backend("overflowing", "fp32", lambda: Overflowing(
+        small_model, contract, [small_cfg.profile], label="overflowing"))
+    shapes = [(1, 8, 4), (small_cfg.profile.batch[2], 8, 4)]
+    report = run_parity(small_model, small_cfg, [backend], contract, shapes=shapes)
+    by_batch = {r.shape[0]: r for r in report.results if r.output == "logits"}
+    assert by_batch[1].passed
+    bad = by_batch[small_cfg.profile.batch[2]]
+    assert not bad.passed and any("non-finite" in why for why in bad.reasons)
+    assert not report.passed
