@@ -187,7 +187,7 @@ def update_manifest(root: Path, stage: str | None, result: StageResult | None,
     prefixes = []
     for w in written or []:
         w = Path(w)
-        full = (w if w.is_absolute() else root / w).resolve()
+        full = w.resolve()  # as the command wrote it: absolute, or relative to the cwd
         if full.is_relative_to(real_root):
             prefixes.append(full.relative_to(real_root).as_posix())
 

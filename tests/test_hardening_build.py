@@ -514,3 +514,17 @@ def test_bench_threads_are_bounded_by_the_cores(build_copy, capsys):
     line = _one_error(["bench", "--artifacts", build_copy, "--quick", "--threads", "100000"],
                       capsys)
     assert f"0..{os.cpu_count()}" in line
+
+
+def test_a_command_run_with_a_relative_build_path_records_its_files(build_copy, monkeypatch):
+    """README style: `parity --artifacts engines/x --json engines/x/p.json` from the project
+    folder passes cwd-relative paths; what the command wrote is re-hashed, so `info` stays
+    clean afterwards (they were joined to the build folder twice before)."""
+    from hmu_export.manifest import update_manifest
+
+    monkeypatch.chdir(build_copy.parent)
+    rel = build_copy.name
+    (build_copy / "extra.json").write_text("{}")
+    update_manifest(rel, None, None, written=[f"{rel}/extra.json"])
+    assert main(["info", "--artifacts", rel]) == 0
+    assert "extra.json" in {r["path"] for r in read_manifest(build_copy)["artifacts"]}

@@ -67,4 +67,7 @@ def run(args: argparse.Namespace) -> int:
                      + ",".join(f"{n}:fp32" for n in res.pins))
     if args.json:
         write_json(args.json, res.to_dict() | {"tolerance": tol.to_dict(), "shapes": shapes})
+        if (Path(args.artifacts) / "manifest.json").is_file():  # a report written inside the build
+            from ..manifest import update_manifest
+            update_manifest(args.artifacts, None, None, written=[args.json])
     return 0
