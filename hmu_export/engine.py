@@ -87,31 +87,6 @@ def profile_rows(contract: GraphContract, profiles: Sequence[ProfileConfig]
     return [{a: list(getattr(p, a)) for a in axes} for p in profiles]
 
 
-def split_trtexec_args(cfg: BuildConfig, graph: str, contract: GraphContract,
-                       pins: Sequence[str], layout: "BuildLayout") -> list[str]:
-    """trtexec arguments of an encoder / decoder-step engine (``<graph>.fp16.plan``)."""
-    e = cfg.engine
-    args = [f"--onnx={layout.graph(graph).name}"]
-    if e.fp16:
-        args.append("--fp16")
-    profiles = graph_profiles(cfg, graph)
-    for i, profile in enumerate(profiles):
-        shapes = input_shapes(contract, profile)
-        if len(profiles) > 1:
-            args.append(f"--profile={i}")
-        args += [f"--minShapes={shape_spec(shapes, 0)}", f"--optShapes={shape_spec(shapes, 1)}",
-                 f"--maxShapes={shape_spec(shapes, 2)}"]
-    if pins:
-        args += ["--precisionConstraints=obey",
-                 "--layerPrecisions=" + ",".join(f"{p}:fp32" for p in pins),
-                 "--layerOutputTypes=" + ",".join(f"{p}:fp32" for p in pins)]
-    args += [f"--timingCacheFile={layout.timing_cache.name}",
-             f"--builderOptimizationLevel={e.builder_optimization_level}",
-             f"--memPoolSize=workspace:{e.workspace_mib}M",
-             f"--saveEngine={split_engine_name(graph)}", "--skipInference"]
-    return args
-
-
 def split_engine_name(graph: str) -> str:
     return f"{graph}.fp16.plan"
 
@@ -123,8 +98,8 @@ def render_split_recipe(cfg: BuildConfig, layout: "BuildLayout",
 
     blocks = []
     for graph, contract, pins in graphs:
-        args = " \\\n  ".join(shlex.quote(a) for a in split_trtexec_args(cfg, graph, contract,
-                                                                           pins, layout))
+        args = " \\\n  ".join(shlex.quote(a) for a in trtexec_args(cfg, contract, pins, layout,
+                                                                     graph))
         rec = json.dumps({"graph": graph, "onnx": layout.graph(graph).name,
                           "engine": split_engine_name(graph), "pins": list(pins),
                           "profiles": profile_rows(contract, graph_profiles(cfg, graph)),
@@ -161,13 +136,15 @@ def flags(cfg: BuildConfig, pins: Sequence[str]) -> dict[str, Any]:
 
 
 def trtexec_args(cfg: BuildConfig, contract: GraphContract, pins: Sequence[str],
-                 layout: "BuildLayout") -> list[str]:
-    """The trtexec arguments equivalent to the Python build (paths relative to the build folder)."""
+                 layout: "BuildLayout", graph: str = "full") -> list[str]:
+    """The trtexec arguments equivalent to the Python build of one graph (paths relative to
+    the build folder): model.onnx -> model.fp16.plan, <graph>.onnx -> <graph>.fp16.plan."""
     e = cfg.engine
-    args = [f"--onnx={layout.onnx.name}"]
+    full = graph == "full"
+    args = [f"--onnx={(layout.onnx if full else layout.graph(graph)).name}"]
     if e.fp16:
         args.append("--fp16")
-    profiles = engine_profiles(cfg)
+    profiles = graph_profiles(cfg, graph)
     for i, profile in enumerate(profiles):
         shapes = input_shapes(contract, profile)
         if len(profiles) > 1:
@@ -185,7 +162,8 @@ def trtexec_args(cfg: BuildConfig, contract: GraphContract, pins: Sequence[str],
         args.append("--versionCompatible")
     if e.hardware_compatibility != "none":
         args.append(f"--hardwareCompatibilityLevel={TRTEXEC_HW[e.hardware_compatibility]}")
-    args += [f"--saveEngine={layout.engine.name}", "--skipInference"]
+    engine = layout.engine.name if full else split_engine_name(graph)
+    args += [f"--saveEngine={engine}", "--skipInference"]
     return args
 
 

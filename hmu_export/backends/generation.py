@@ -20,10 +20,11 @@ from typing import Mapping
 
 import numpy as np
 
+from ..artifacts import BuildLayout
 from ..config import BuildConfig
 from ..errors import ArtifactError, BackendUnavailable, InputError
 from ..generate import CacheSpec, CachedStepper, Stepper
-from ..io_contract import (DECODER, ENCODER, FULL, GRAPH_FILES, LOGITS, NOISE, SRC_IDS, SRC_MASK,
+from ..io_contract import (DECODER, ENCODER, FULL, LOGITS, NOISE, SRC_IDS, SRC_MASK,
                            TGT_IDS, GraphContract, past_key, past_value, present_key,
                            present_value)
 
@@ -229,11 +230,6 @@ class OrtStepBackend:
 
 
 # --------------------------------------------------------------------------- from a build
-def _graph(root: Path, graph: str, variant: str = "") -> Path:
-    name = GRAPH_FILES[graph]
-    return root / (name[:-len(".onnx")] + variant + ".onnx") if variant else root / name
-
-
 def cpu_count() -> int:
     from ..optimize import cpu_threads
     return cpu_threads()
@@ -289,7 +285,8 @@ def make_stepper(root: Path, cfg: BuildConfig, backend: str, *, threads: int | N
     # Spinning pool workers preempt the Python loop between steps when they take every core:
     # measured p99/p50 of 13 with spinning on 2 threads / 2 cores, 1.6 without (docs/generation.md).
     spin = threads < cpu_count()
-    enc, dec = _graph(root, ENCODER), _graph(root, DECODER)
+    layout = BuildLayout(root)
+    enc, dec = layout.graph(ENCODER), layout.graph(DECODER)
     if not (enc.is_file() and dec.is_file()):
         raise ArtifactError(f"{root} has no {enc.name} / {dec.name}: rebuild it with a version "
                             "that exports the generation graphs")
@@ -299,12 +296,12 @@ def make_stepper(root: Path, cfg: BuildConfig, backend: str, *, threads: int | N
         return CachedStepper(OrtStepBackend(enc, dec, name=backend,
                                             sess_options=session_options(threads)))
     if backend == "onnxruntime-opt":
-        enc_o, dec_o = _graph(root, ENCODER, ".opt"), _graph(root, DECODER, ".opt")
+        enc_o, dec_o = layout.graph(ENCODER, "opt"), layout.graph(DECODER, "opt")
         enc, dec = (enc_o if enc_o.is_file() else enc), (dec_o if dec_o.is_file() else dec)
         return CachedStepper(OrtStepBackend(enc, dec, name=backend,
                                             sess_options=tuned_session_options(threads,
                                                                                spinning=spin)))
-    enc, dec = _graph(root, ENCODER, ".fp16"), _graph(root, DECODER, ".fp16")
+    enc, dec = layout.graph(ENCODER, "fp16"), layout.graph(DECODER, "fp16")
     if not (enc.is_file() and dec.is_file()):
         raise BackendUnavailable(f"{root} has no {enc.name} / {dec.name} (the build's FP16 stage "
                                  "did not write them)")
