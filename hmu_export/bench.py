@@ -1,15 +1,20 @@
 """Latency / throughput benchmark of every backend of a build, measured like trtexec.
 
+Backends are the registry's (backends/registry.py, the same entries parity runs); each is a
+Runner that times itself (``last_inference_time``: the runtime call, not feed preparation).
 Per (backend, shape): warm-up runs, then timed runs until both a minimum count and a minimum
 time are reached (stable p99 needs many samples); p50/p90/p95/p99/mean/std, sequences/s and
-tokens/s ((Ls + Lt) * B per call). Every backend gets the same feeds (same noise) at a shape,
-and torch's threads are set to ONNX Runtime's intra-op threads. GPU rows time with CUDA events
-around the compute only ("copies": "excluded") and with host<->device copies included, as
-trtexec reports GPU compute and end-to-end latency separately.
+tokens/s (B x the sum of the length axes per call). Shapes and feeds come from the build's
+graph contract (B x Ls x Lt, or B x Ls for a classifier), so every model source benches alike.
+Every backend gets the same feeds (same noise) at a shape, and torch's threads are set to ONNX
+Runtime's intra-op threads. GPU rows time with CUDA events around the compute only ("copies":
+"excluded") and with host<->device copies included, as trtexec reports GPU compute and
+end-to-end latency separately.
 
-Efficiency: analytic matmul FLOPs per shape (hmu_export/flops.py) over p50, as a fraction of
-this machine's sgemm peak measured in the same run. HMU overhead: the same harness on the same
-weights with an identity in place of the HMU, runs interleaved so machine drift cancels.
+Efficiency: matmul FLOPs per shape over p50, as a fraction of this machine's sgemm peak
+measured in the same run: the native model's analytic count (flops.py), any other source's
+counted on its graph. HMU overhead (native builds; bench_overhead.py): the same harness on the
+same weights with an identity in place of the HMU; other sources list it as a skipped part.
 """
 from __future__ import annotations
 
@@ -25,11 +30,14 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from .artifacts import BuildLayout
+from .backends.registry import BENCH, Backend, discover_backends
 from .config import BuildConfig
-from .errors import ArtifactError, ConfigError
+from .errors import ConfigError
 from .fileio import atomic_path, write_json, write_text
-from .flops import model_flops
-from .io_contract import GraphContract, make_feeds
+from .flops import model_flops, onnx_matmul_flops
+from .io_contract import BATCH, SRC_LEN, GraphContract
+from .parity import AXIS_LABEL, GRID_AXES, contract_feeds, grid_axes
+from .runners import Runner
 
 DEFAULT_BACKENDS = ("torch", "onnxruntime", "onnxruntime-opt", "torch-cuda-fp16",
                     "onnxruntime-cuda", "onnxruntime-tensorrt", "tensorrt")
@@ -63,18 +71,6 @@ class Stats:
 
 
 @dataclass
-class Timed:
-    """One benchmarkable backend: ``step()`` runs one call; ``device_ms()`` (optional) returns
-    the GPU time of the last call measured with device events (copies excluded)."""
-
-    backend: str
-    precision: str
-    setup: Callable[[dict[str, np.ndarray]], Callable[[], Any]]
-    device: str = "cpu"
-    device_timer: Callable[[dict[str, np.ndarray]], Callable[[], float]] | None = None
-
-
-@dataclass
 class BenchReport:
     machine: dict[str, Any]
     results: list[dict[str, Any]] = field(default_factory=list)
@@ -82,11 +78,23 @@ class BenchReport:
     hmu_overhead: list[dict[str, Any]] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
     model: dict[str, Any] = field(default_factory=dict)
+    #: parts of the report this build cannot have (e.g. the HMU overhead of a non-native
+    #: source), each with the reason: {"part", "reason"}
+    skipped_parts: list[dict[str, str]] = field(default_factory=list)
+    axes: tuple[str, ...] = GRID_AXES  # the graph's axes, the order of every row's "shape"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"machine": self.machine, "model": self.model, "settings": self.settings,
-                "results": self.results, "skipped": self.skipped,
-                "hmu_overhead": self.hmu_overhead}
+        out = {"machine": self.machine, "model": self.model, "settings": self.settings,
+               "results": self.results, "skipped": self.skipped,
+               "hmu_overhead": self.hmu_overhead}
+        if self.skipped_parts:  # only builds that lack a part (a native build's keys stay)
+            out["skipped_parts"] = self.skipped_parts
+        return out
+
+    @property
+    def shape_label(self) -> str:
+        """Column title of a shape: "B×Ls×Lt", "B×Ls" for a classifier."""
+        return "×".join(AXIS_LABEL[a] for a in self.axes)
 
 
 # --------------------------------------------------------------------------- machine
@@ -184,257 +192,149 @@ def _ort_matmul(b: np.ndarray, threads: int) -> Callable[[np.ndarray], Any] | No
 
 
 # --------------------------------------------------------------------------- timing
-def time_calls(step: Callable[[], Any], s: BenchSettings, *, device: bool = False
-               ) -> np.ndarray:
-    """Per-call milliseconds after warm-up, until min_iters and min_seconds are both reached.
-    With ``device``, ``step`` itself returns its time in ms (GPU events), else wall time."""
+def time_calls(step: Callable[[], float], s: BenchSettings) -> np.ndarray:
+    """Per-call milliseconds after warm-up, until min_iters and min_seconds are both reached;
+    ``step`` runs one call and returns its time in ms (a runner's own inference time, or a
+    device timer's)."""
     for _ in range(s.warmup):
         step()
     times: list[float] = []
     t_start = time.perf_counter()
     while len(times) < s.max_iters and (len(times) < s.min_iters
                                          or time.perf_counter() - t_start < s.min_seconds):
-        t0 = time.perf_counter()
-        got = step()
-        times.append(float(got) if device else (time.perf_counter() - t0) * 1e3)
+        times.append(float(step()))
     return np.asarray(times, dtype=np.float64)
 
 
-# --------------------------------------------------------------------------- backends
+def runner_step(runner: Runner, feeds: dict[str, np.ndarray]) -> Callable[[], float]:
+    """One unchecked inference; its time is the runner's own (around the runtime call)."""
+    def step() -> float:
+        runner.infer(feeds, check=False)
+        return runner.last_inference_time() * 1e3
+    return step
+
+
+# --------------------------------------------------------------------------- build
 @dataclass
 class Loaded:
     cfg: BuildConfig
     layout: BuildLayout
     contract: GraphContract
-    model: Any  # HMUTransformer
+    model: Any  # the native HMUTransformer, or the ModelSource of any other source
+
+    @property
+    def native(self) -> bool:
+        return self.cfg.model.source == "native"
+
+    @property
+    def axes(self) -> tuple[str, ...]:
+        """The profile axes of the build's graph: (batch, src_len, tgt_len), or (batch, src_len)
+        for a classifier."""
+        return grid_axes(self.contract)
 
 
 def load_build(artifacts: Path) -> Loaded:
-    """Config, contract and PyTorch model of a build folder (checkpoint/ + model.onnx)."""
+    """Config, contract and PyTorch source model of a build folder (any model source)."""
     from .build_folder import open_build
 
     build = open_build(artifacts)
-    if build.cfg.model.source != "native":
-        from .errors import InputError
-        raise InputError(f"bench measures native builds only for now; {artifacts} was built from "
-                         f"model.source = \"{build.cfg.model.source}\" ({build.contract.name} "
-                         "graph): use `parity` to check it, or time model.onnx with "
-                         "onnxruntime_perf_test / trtexec")
-    return Loaded(build.cfg, build.layout, build.contract, build.load_model())
-
-
-def _torch_backend(model: Any, precision: str, device: str, threads: int) -> Timed:
-    import torch
-
-    cast: list[Any] = []
-
-    def get() -> Any:
-        if not cast:
-            cast.append(_cast(model, precision, device))
-        return cast[0]
-
-    def setup(feeds: dict[str, np.ndarray]) -> Callable[[], Any]:
-        torch.set_num_threads(threads)
-        m = get()
-        dtype = torch.float16 if precision == "fp16" else torch.float32
-
-        def step() -> Any:  # numpy in, numpy out: copies included, like every other backend
-            t = {k: torch.from_numpy(v).to(device) for k, v in feeds.items()}
-            with torch.inference_mode():
-                out = m(t["src_ids"], t["src_mask"], t["tgt_ids"], t["noise"].to(dtype))
-            r = out.float().cpu().numpy()
-            return r
-        return step
-
-    timer = None
-    if device.startswith("cuda"):
-        def timer(feeds: dict[str, np.ndarray]) -> Callable[[], float]:
-            m = get()
-            dtype = torch.float16 if precision == "fp16" else torch.float32
-            t = {k: torch.from_numpy(v).to(device) for k, v in feeds.items()}
-            t["noise"] = t["noise"].to(dtype)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-
-            def run() -> float:
-                start.record()
-                with torch.inference_mode():
-                    m(t["src_ids"], t["src_mask"], t["tgt_ids"], t["noise"])
-                end.record()
-                end.synchronize()
-                return float(start.elapsed_time(end))
-            return run
-    label = "torch" if device == "cpu" and precision == "fp32" else f"torch-{device}-{precision}"
-    return Timed(label, precision, setup, device=device, device_timer=timer)
-
-
-def _cast(model: Any, precision: str, device: str) -> Any:
-    """A private copy on ``device`` in ``precision`` (the caller's model is never cast)."""
-    import torch
-
-    from .model import HMUTransformer
-    if precision == "fp32" and device == "cpu":
-        return model
-    m = HMUTransformer(model.cfg)
-    m.load_state_dict(model.state_dict())
-    dtype = torch.float16 if precision == "fp16" else torch.float32
-    return m.to(device=device, dtype=dtype).eval()
-
-
-def _ort_backend(label: str, path: Path, opts_fn: Callable[[], Any], providers: list[str],
-                 io_binding: bool, output: str) -> Timed:
-    def setup(feeds: dict[str, np.ndarray]) -> Callable[[], Any]:
-        sess = _ort_session(path, opts_fn, providers)
-        if not io_binding:
-            return lambda: sess.run([output], feeds)[0]
-        # I/O binding: inputs bound once and the output kept in an ORT-owned buffer; the result
-        # is still copied to numpy each call, so the comparison with other backends stays fair.
-        binding = sess.io_binding()
-        for k, v in feeds.items():
-            binding.bind_cpu_input(k, v)
-        binding.bind_output(output, "cpu")
-
-        def step() -> Any:
-            sess.run_with_iobinding(binding)
-            return binding.copy_outputs_to_cpu()[0]
-        return step
-    device = "cuda" if any("CUDA" in p or "Tensorrt" in p for p in providers) else "cpu"
-    return Timed(label, "fp32", setup, device=device)
-
-
-def _ort_session(path: Path, opts_fn: Callable[[], Any], providers: list[str]) -> Any:
-    import onnxruntime as ort
-
-    try:
-        return ort.InferenceSession(str(path), opts_fn(), providers=providers)
-    except Exception as exc:  # ORT raises its own types
-        raise ArtifactError(f"ONNX Runtime cannot load {path}: "
-                            f"{str(exc).splitlines()[0]}") from None
+    if build.cfg.model.source == "native":
+        return Loaded(build.cfg, build.layout, build.contract, build.load_model())
+    return Loaded(build.cfg, build.layout, build.contract, build.load_source())
 
 
 def resolve_backends(names: Sequence[str], loaded: Loaded, threads: int
-                     ) -> tuple[list[Timed], list[dict[str, str]]]:
-    """Runnable backends among ``names`` and a skip reason for each of the others."""
-    import onnxruntime as ort
-    import torch
-
-    from .optimize import tuned_session_options
-    from .runners.onnxruntime_runner import session_options
-
-    layout, out_name = loaded.layout, loaded.contract.output_names[0]
-    have = ort.get_available_providers()
-    runnable: list[Timed] = []
+                     ) -> tuple[list[Backend], list[dict[str, str]]]:
+    """Runnable registry entries among ``names`` and a skip reason for each of the others."""
+    found = {b.label: b for b in discover_backends(loaded.layout, loaded.cfg, loaded.model,
+                                                   loaded.contract, use=BENCH, threads=threads)}
+    runnable: list[Backend] = []
     skipped: list[dict[str, str]] = []
-
-    def skip(name: str, why: str) -> None:
-        skipped.append({"backend": name, "reason": why})
-
-    def default_opts() -> Any:  # ORT as a user gets it: all optimizations, threads set
-        return session_options(threads)
-
-    def tuned_opts() -> Any:
-        return tuned_session_options(threads)
-
     for name in names:
-        if name == "torch":
-            runnable.append(_torch_backend(loaded.model, "fp32", "cpu", threads))
-        elif name in ("torch-cuda-fp16", "torch-cuda-fp32"):
-            if not torch.cuda.is_available():
-                skip(name, "no CUDA GPU visible to PyTorch")
-            else:
-                runnable.append(_torch_backend(loaded.model, name.rsplit("-", 1)[1], "cuda",
-                                               threads))
-        elif name == "onnxruntime":
-            runnable.append(_ort_backend(name, layout.onnx, default_opts,
-                                         ["CPUExecutionProvider"], False, out_name))
-        elif name == "onnxruntime-opt":
-            if not layout.onnx_optimized.is_file():
-                skip(name, f"{layout.onnx_optimized.name} not in the build (export.optimize off?)")
-            else:
-                runnable.append(_ort_backend(name, layout.onnx_optimized, tuned_opts,
-                                             ["CPUExecutionProvider"], True, out_name))
-        elif name in ("onnxruntime-cuda", "onnxruntime-tensorrt"):
-            prov = "CUDAExecutionProvider" if name.endswith("cuda") else "TensorrtExecutionProvider"
-            if prov not in have:
-                skip(name, f"{prov} not in this onnxruntime build (have: {', '.join(have)})")
-            else:
-                runnable.append(_ort_backend(name, layout.onnx, default_opts,
-                                             [prov, "CPUExecutionProvider"], False, out_name))
-        elif name == "tensorrt":
-            if not layout.engine.is_file():
-                skip(name, f"no {layout.engine.name} in the build (TensorRT/GPU absent at build)")
-            else:
-                runnable.extend(_discovered(loaded, "tensorrt", skip))
+        if name not in found:
+            raise ConfigError(f"unknown backend '{name}' (known: {', '.join(found)})")
+        if found[name].available:
+            runnable.append(found[name])
         else:
-            extra = _discovered(loaded, name, skip)
-            if not extra and not any(s["backend"] == name for s in skipped):
-                raise ConfigError(f"unknown backend '{name}' (known: "
-                                  f"{', '.join(DEFAULT_BACKENDS)} or a parity backend label)")
-            runnable.extend(extra)
+            skipped.append({"backend": name, "reason": found[name].skip_reason or "unavailable"})
     return runnable, skipped
 
 
-def _discovered(loaded: Loaded, label: str, skip: Callable[[str, str], None]) -> list[Timed]:
-    """A backend contributed by a stage module (e.g. the TensorRT engine), via its Runner."""
-    from .parity_backends import discover_backends
-
-    for b in discover_backends(loaded.layout, loaded.cfg, loaded.model, loaded.contract):
-        if b.label != label:
-            continue
-        if not b.available or b.make is None:
-            skip(label, b.skip_reason or "unavailable")
-            return []
-        make = b.make
-
-        def setup(feeds: dict[str, np.ndarray], make: Callable[[], Any] = make) -> Callable[[], Any]:
-            runner = make()
-            sync = getattr(runner, "sync", None)
-
-            def step() -> Any:
-                out = runner.infer(feeds, check=False)
-                if sync:
-                    sync()
-                return out
-            return step
-        return [Timed(label, b.precision, setup)]
-    return []
+# --------------------------------------------------------------------------- shapes
+def parse_shapes(text: str) -> list[tuple[int, ...]]:
+    """``"1x8x4,2x16x8"`` -> [(1, 8, 4), (2, 16, 8)]: sizes of the build's axes in order, B x Ls
+    x Lt for a seq2seq graph, B x Ls for a classifier (checked by ``check_shapes``)."""
+    shapes = []
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        parts = item.lower().split("x")
+        if not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise ConfigError(f"bad shape '{item}': expected sizes with positive integers "
+                              "joined by x, e.g. 2x16x8 (B x Ls x Lt) or 2x16 (B x Ls)")
+        shapes.append(tuple(int(p) for p in parts))
+    if not shapes:
+        raise ConfigError("no shapes given: expected BxLSxLT[,...] (BxLS for a classifier)")
+    return shapes
 
 
-# --------------------------------------------------------------------------- run
-def check_shapes(cfg: BuildConfig, shapes: Iterable[tuple[int, int, int]]) -> None:
-    """Benchmarks run the build's artifacts, which serve only shapes inside its profile."""
+def shape_text(shape: Sequence[int]) -> str:
+    return "x".join(map(str, shape))
+
+
+def check_shapes(cfg: BuildConfig, shapes: Iterable[Sequence[int]],
+                 axes: Sequence[str] = GRID_AXES) -> None:
+    """Benchmarks run the build's artifacts: one size per axis of its graph, each inside the
+    build's profile."""
     p = cfg.profile
-    for b, ls, lt in shapes:
-        if not p.contains(b, ls, lt):
-            raise ConfigError(
-                f"shape {b}x{ls}x{lt} lies outside the build's profile (batch {p.batch[0]}.."
-                f"{p.batch[2]}, src_len {p.src_len[0]}..{p.src_len[2]}, tgt_len {p.tgt_len[0]}.."
-                f"{p.tgt_len[2]}); rebuild with a [profile] that covers it")
+    form = "x".join(AXIS_LABEL[a].upper() for a in axes)
+    for shape in shapes:
+        if len(shape) != len(axes):
+            raise ConfigError(f"shape {shape_text(shape)} has {len(shape)} size(s), the build's "
+                              f"graph has {len(axes)} axes ({', '.join(axes)}): give {form}")
+        if not all(p.axis(a).contains(v) for a, v in zip(axes, shape)):
+            ranges = ", ".join(f"{a} {p.axis(a).min}..{p.axis(a).max}" for a in axes)
+            raise ConfigError(f"shape {shape_text(shape)} lies outside the build's profile "
+                              f"({ranges}); rebuild with a [profile] that covers it")
 
 
-def default_shapes(cfg: BuildConfig, quick: bool = False) -> list[tuple[int, int, int]]:
-    """Batch 1 and max over a sweep of source lengths (target = opt), plus the opt point."""
+def default_shapes(cfg: BuildConfig, quick: bool = False,
+                   axes: Sequence[str] = GRID_AXES) -> list[tuple[int, ...]]:
+    """Batch min and max over a sweep of source lengths (target = max), plus the opt point;
+    with ``quick`` only (batch min, opt lengths) and the maxima. Over the graph's axes."""
     p = cfg.profile
+    lo, opt, hi = ({a: getattr(p, a)[i] for a in axes} for i in range(3))
     if quick:
-        return [(p.batch[0], p.src_len[1], p.tgt_len[1]), (p.batch[2], p.src_len[2], p.tgt_len[2])]
-    lens = sorted({p.src_len[0], max(p.src_len[0], p.src_len[2] // 4), p.src_len[1], p.src_len[2]})
-    shapes = [(b, ls, p.tgt_len[2]) for b in sorted({p.batch[0], p.batch[2]}) for ls in lens]
-    return sorted(set(shapes) | {(p.batch[1], p.src_len[1], p.tgt_len[1])})
+        return [tuple([lo[BATCH]] + [opt[a] for a in axes[1:]]), tuple(hi[a] for a in axes)]
+    s0, s1, s2 = p.src_len
+    lens = sorted({s0, max(s0, s2 // 4), s1, s2})
+    shapes = {tuple({BATCH: b, SRC_LEN: ls}.get(a, hi[a]) for a in axes)
+              for b in {lo[BATCH], hi[BATCH]} for ls in lens}
+    return sorted(shapes | {tuple(opt[a] for a in axes)})
 
 
-def _row(t: Timed, shape: tuple[int, int, int], times: np.ndarray, flops: int,
-         peak_gflops: float, threads: int, copies: str) -> dict[str, Any]:
-    b, ls, lt = shape
+def shape_flops(loaded: Loaded, shape: Sequence[int], feeds: dict[str, np.ndarray]) -> int:
+    """Matmul FLOPs of one forward: the native model's analytic count, else counted on the
+    build's graph at this shape (any source: the operands' real shapes)."""
+    if loaded.native:
+        return model_flops(loaded.cfg.model, *shape).total
+    return onnx_matmul_flops(str(loaded.layout.onnx), feeds)
+
+
+def _row(backend: Backend, axes: Sequence[str], shape: Sequence[int], times: np.ndarray,
+         flops: int, peak_gflops: float, threads: int, copies: str) -> dict[str, Any]:
     st = Stats(times).row()
     sec = st["p50_ms"] / 1e3
+    b = shape[0]
+    tokens = b * sum(v for a, v in zip(axes, shape) if a != BATCH)
     achieved = flops / sec / 1e9 if sec > 0 else 0.0
-    return {"backend": t.backend, "precision": t.precision, "shape": [b, ls, lt],
-            "device": t.device, "copies": copies, "threads": threads, **st,
-            "seq_per_s": b / sec if sec else 0.0, "tokens_per_s": b * (ls + lt) / sec if sec else 0.0,
+    return {"backend": backend.label, "precision": backend.precision, "shape": list(shape),
+            "device": backend.device, "copies": copies, "threads": threads, **st,
+            "seq_per_s": b / sec if sec else 0.0, "tokens_per_s": tokens / sec if sec else 0.0,
             "gflop": flops / 1e9, "gflops_per_s": achieved,
             "peak_fraction": achieved / peak_gflops if peak_gflops else None}
 
 
-def run_bench(artifacts: Path, shapes: Sequence[tuple[int, int, int]] | None = None,
+# --------------------------------------------------------------------------- run
+def run_bench(artifacts: Path, shapes: Sequence[Sequence[int]] | None = None,
               backends: Sequence[str] = DEFAULT_BACKENDS, *, settings: BenchSettings | None = None,
               quick: bool = False, hmu_overhead: bool = True,
               progress: Callable[[str, int], None] | None = None,
@@ -444,37 +344,50 @@ def run_bench(artifacts: Path, shapes: Sequence[tuple[int, int, int]] | None = N
 
     s = settings or (BenchSettings.quick() if quick else BenchSettings())
     loaded = load_build(Path(artifacts))
-    shapes = list(shapes) if shapes else default_shapes(loaded.cfg, quick)
-    check_shapes(loaded.cfg, shapes)
+    axes = loaded.axes
+    shapes = [tuple(x) for x in shapes] if shapes else default_shapes(loaded.cfg, quick, axes)
+    check_shapes(loaded.cfg, shapes, axes)
     from .optimize import cpu_threads
     threads = s.threads or cpu_threads()
     torch.set_num_threads(threads)
-    report = BenchReport(machine_info(threads))
+    report = BenchReport(machine_info(threads), axes=axes)
     report.machine["sgemm_peak"] = sgemm_peak(threads, s.peak_seconds)
     peak = report.machine["sgemm_peak"]["gflops"]
     hmu_params, total_params = loaded.model.hmu_parameter_share()
     report.model = {"name": loaded.cfg.model.name, "config": dataclasses.asdict(loaded.cfg.model),
                     "parameters": total_params, "hmu_parameters": hmu_params}
+    if not loaded.native:
+        report.model |= {"graph": loaded.contract.name, "axes": list(axes),
+                         "flops": f"counted on {loaded.layout.onnx.name} (MatMul/Gemm operands)"}
     report.settings = dataclasses.asdict(s) | {"threads": threads}
     runnable, report.skipped = resolve_backends(list(backends), loaded, threads)
-    total = len(runnable) * len(shapes) + (len(shapes) if hmu_overhead else 0)
+    overhead = hmu_overhead and _hmu_overhead_possible(loaded, report)
+    total = len(runnable) * len(shapes) + (len(shapes) if overhead else 0)
     if progress:
         progress("start", total)
-    for shape in shapes:
-        feeds = make_feeds(loaded.cfg.model, *shape, seed=s.seed,
-                           noise_scale=loaded.cfg.parity.noise_scale)
-        flops = model_flops(loaded.cfg.model, *shape).total
-        for t in runnable:
-            step = t.setup(feeds)
-            report.results.append(_row(t, shape, time_calls(step, s), flops, peak, threads,
-                                       "included"))
-            if t.device_timer is not None:
-                report.results.append(_row(t, shape, time_calls(t.device_timer(feeds), s,
-                                                                device=True),
-                                           flops, peak, threads, "excluded"))
-            if progress:
-                progress(f"{t.backend} {shape[0]}x{shape[1]}x{shape[2]}", 0)
-    if hmu_overhead:
+    runners: dict[str, Runner] = {}
+    try:
+        for shape in shapes:
+            feeds = contract_feeds(loaded.contract, loaded.cfg, dict(zip(axes, shape)),
+                                   seed=s.seed, noise_scale=loaded.cfg.parity.noise_scale)
+            flops = shape_flops(loaded, shape, feeds)
+            for b in runnable:
+                if b.label not in runners:
+                    runners[b.label] = _make(b)
+                runner = runners[b.label]
+                report.results.append(_row(b, axes, shape, time_calls(runner_step(runner, feeds), s),
+                                           flops, peak, threads, "included"))
+                timer = runner.device_timer(feeds)
+                if timer is not None:
+                    report.results.append(_row(b, axes, shape, time_calls(timer, s), flops, peak,
+                                               threads, "excluded"))
+                if progress:
+                    progress(f"{b.label} {shape_text(shape)}", 0)
+    finally:
+        for runner in runners.values():
+            runner.close()
+    if overhead:
+        from .bench_overhead import measure_hmu_overhead
         report.hmu_overhead = measure_hmu_overhead(loaded, shapes, s, threads,
                                                    workdir=workdir, progress=progress)
     try:
@@ -484,96 +397,21 @@ def run_bench(artifacts: Path, shapes: Sequence[tuple[int, int, int]] | None = N
     return report
 
 
-# --------------------------------------------------------------------------- HMU overhead
-def _without_hmu(loaded: Loaded) -> Any:
-    """The same weights with an identity where the HMU stands."""
-    from .model import HMUTransformer
-
-    cfg = dataclasses.replace(loaded.cfg.model, use_hmu=False)
-    m = HMUTransformer(cfg)
-    state = {k: v for k, v in loaded.model.state_dict().items() if not k.startswith("hmu.")}
-    m.load_state_dict(state)
-    return m.eval()
+def _make(backend: Backend) -> Runner:
+    assert backend.make is not None  # resolve_backends keeps available entries only
+    return backend.make()
 
 
-def _optimized_pair(loaded: Loaded, model_nohmu: Any, workdir: Path) -> tuple[Path, Path] | None:
-    """(with, without) HMU optimized graphs; the identity one is exported + optimized here."""
-    from .export import export_onnx
-    from .optimize import optimize_graph
-
-    with_hmu = loaded.layout.onnx_optimized
-    if not with_hmu.is_file():
-        return None
-    cfg = dataclasses.replace(loaded.cfg, model=dataclasses.replace(loaded.cfg.model,
-                                                                     use_hmu=False))
-    plain, opt = workdir / "nohmu.onnx", workdir / "nohmu.opt.onnx"
-    export_onnx(model_nohmu, cfg, plain)
-    optimize_graph(plain, opt, cfg, model_nohmu)
-    return with_hmu, opt
-
-
-def measure_hmu_overhead(loaded: Loaded, shapes: Sequence[tuple[int, int, int]],
-                         s: BenchSettings, threads: int, *, workdir: Path | None = None,
-                         progress: Callable[[str, int], None] | None = None
-                         ) -> list[dict[str, Any]]:
-    """% latency (p50, with vs identity) per backend and shape, runs interleaved A/B."""
-    from .optimize import tuned_session_options
-
-    nohmu = _without_hmu(loaded)
-    hmu_params, total = loaded.model.hmu_parameter_share()
-    param_pct = 100.0 * hmu_params / total
-    out_name = loaded.contract.output_names[0]
-    rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="hmu-nohmu-") as tmp:
-        wd = Path(workdir) if workdir else Path(tmp)
-        wd.mkdir(parents=True, exist_ok=True)
-        pair = _optimized_pair(loaded, nohmu, wd)
-
-        def tuned() -> Any:
-            # No spinning: two sessions run alternately, and a spinning pool would steal the
-            # cores from the other session right after each of its own runs.
-            return tuned_session_options(threads, spinning=False)
-
-        for shape in shapes:
-            feeds = make_feeds(loaded.cfg.model, *shape, seed=s.seed,
-                               noise_scale=loaded.cfg.parity.noise_scale)
-            pairs = [("torch", _torch_backend(loaded.model, "fp32", "cpu", threads).setup(feeds),
-                      _torch_backend(nohmu, "fp32", "cpu", threads).setup(feeds))]
-            if pair:
-                a = _ort_backend("x", pair[0], tuned, ["CPUExecutionProvider"], True,
-                                 out_name).setup(feeds)
-                b = _ort_backend("x", pair[1], tuned, ["CPUExecutionProvider"], True,
-                                 out_name).setup(feeds)
-                pairs.append(("onnxruntime-opt", a, b))
-            for label, with_fn, without_fn in pairs:
-                ta, tb = _interleaved(with_fn, without_fn, s)
-                pa, pb = float(np.median(ta)), float(np.median(tb))
-                rows.append({"backend": label, "shape": list(shape), "with_hmu_p50_ms": pa,
-                             "without_hmu_p50_ms": pb,
-                             "latency_overhead_pct": 100.0 * (pa - pb) / pb if pb else None,
-                             "parameter_overhead_pct": param_pct,
-                             "flop_overhead_pct": 100.0 * model_flops(loaded.cfg.model, *shape).hmu
-                             / model_flops(nohmu.cfg, *shape).total})
-            if progress:
-                progress(f"HMU overhead {shape[0]}x{shape[1]}x{shape[2]}", 0)
-    return rows
-
-
-def _interleaved(a: Callable[[], Any], b: Callable[[], Any], s: BenchSettings
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    for _ in range(s.warmup):
-        a()
-        b()
-    ta: list[float] = []
-    tb: list[float] = []
-    t_start = time.perf_counter()
-    while len(ta) < s.max_iters and (len(ta) < s.min_iters
-                                      or time.perf_counter() - t_start < 2 * s.min_seconds):
-        for fn, acc in ((a, ta), (b, tb)):
-            t0 = time.perf_counter()
-            fn()
-            acc.append((time.perf_counter() - t0) * 1e3)
-    return np.asarray(ta), np.asarray(tb)
+def _hmu_overhead_possible(loaded: Loaded, report: BenchReport) -> bool:
+    """Whether the HMU overhead can be measured on this build; if not, the report says why."""
+    if loaded.native:
+        return True
+    report.skipped_parts.append({
+        "part": "hmu_overhead",
+        "reason": f"needs an identity-HMU copy of the model, which only the native "
+                  f"HMUTransformer can make (this build's source is "
+                  f"\"{loaded.cfg.model.source}\")"})
+    return False
 
 
 # --------------------------------------------------------------------------- outputs
@@ -597,7 +435,8 @@ def to_markdown(report: BenchReport) -> str:
              f"- load average (1/5/15 min) at start: {m.get('loadavg_start')}, "
              f"end: {m.get('loadavg_end')}",
              "- versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v), "",
-             "| backend | prec | B×Ls×Lt | copies | p50 ms | p90 | p95 | p99 | mean | std | "
+             f"| backend | prec | {report.shape_label} | copies | p50 ms | p90 | p95 | p99 | "
+             "mean | std | "
              "seq/s | tok/s | GFLOP/s | % peak | iters |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report.results:
@@ -611,7 +450,7 @@ def to_markdown(report: BenchReport) -> str:
     sp = speedups(report)
     if sp:
         lines += ["", "Speedup over PyTorch eager FP32 (p50, same run):", "",
-                  "| backend | B×Ls×Lt | speedup |", "|---|---|---|"]
+                  f"| backend | {report.shape_label} | speedup |", "|---|---|---|"]
         lines += [f"| {x['backend']} | {'×'.join(map(str, x['shape']))} | {x['speedup']:.2f}× |"
                   for x in sp]
     if report.hmu_overhead:
@@ -624,6 +463,9 @@ def to_markdown(report: BenchReport) -> str:
                   f"{h['flop_overhead_pct']:.2f} |" for h in report.hmu_overhead]
     if report.skipped:
         lines += ["", "Skipped:", ""] + [f"- {x['backend']}: {x['reason']}" for x in report.skipped]
+    if report.skipped_parts:
+        lines += ["", "Not measured on this build:", ""] + [
+            f"- {x['part']}: {x['reason']}" for x in report.skipped_parts]
     return "\n".join(lines) + "\n"
 
 

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
     from .artifacts import BuildLayout
     from .model import HMUTransformer
-    from .parity_backends import Backend
+    from .backends.registry import Backend
     from .pins import Pin
     from .pipeline import BuildContext
 
@@ -351,11 +351,12 @@ def engine_stage(ctx: "BuildContext") -> StageResult:
     return StageResult(OK, details=details)
 
 
-def parity_backends(layout: "BuildLayout", cfg: BuildConfig, model: "HMUTransformer | Any",
-                    contract: GraphContract) -> list["Backend"]:
-    """The TensorRT engine as a parity row, or the reason it cannot run here (any graph: a
-    graph without tgt_ids, the classifier, picks its profile by the axes it has)."""
-    from .parity_backends import Backend
+def backends(layout: "BuildLayout", cfg: BuildConfig, model: "HMUTransformer | Any",
+             contract: GraphContract, *, threads: int | None = None) -> list["Backend"]:
+    """The TensorRT engine as a registry entry (parity and bench), or the reason it cannot run
+    here (any graph: a graph without tgt_ids, the classifier, picks its profile by the axes it
+    has)."""
+    from .backends.registry import Backend
     from .runners.tensorrt_runner import TrtRunner
 
     runner_cls: Any = TrtRunner if "tgt_ids" in contract.input_names else _contract_trt_runner()
@@ -396,7 +397,9 @@ def _contract_trt_runner() -> type:
             if index != self._profile:
                 self._runner.set_profile(index)
                 self._profile = index
-            out = self._runner.infer(dict(feeds))
+            feed = dict(feeds)
+            with self.timed():
+                out = self._runner.infer(feed)
             return {name: np.asarray(out[name], dtype=np.float32)
                     for name in self.contract.output_names}
 

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from .config import BuildConfig
     from .io_contract import GraphContract
     from .model import HMUTransformer
-    from .parity_backends import Backend
+    from .backends.registry import Backend
     from .pipeline import BuildContext
 
 # Clamp like TensorRT does (weights outside FP16's range are clamped to +-65504), not to the
@@ -121,30 +121,20 @@ def fp16_stage(ctx: "BuildContext") -> StageResult:
     return StageResult(OK, details=details)
 
 
-def parity_backends(layout: "BuildLayout", cfg: "BuildConfig", model: "HMUTransformer | Any",
-                    contract: "GraphContract") -> list["Backend"]:
-    """FP16 stand-ins for the parity grid: ORT on the FP16 graph, PyTorch half (CPU, CUDA) of
-    the source model (the native HMUTransformer or any ModelSource's graph module)."""
-    import torch
+def backends(layout: "BuildLayout", cfg: "BuildConfig", model: "HMUTransformer | Any",
+             contract: "GraphContract", *, threads: int | None = None) -> list["Backend"]:
+    """ORT on the FP16 graph (a stand-in for GPU FP16: it emulates FP16 storage) as a registry
+    entry; parity runs it when ``[parity] fp16`` is on. (The PyTorch half-precision backends
+    of the source model are the registry's own.)"""
+    from .backends.registry import BENCH_ONLY, EVERYWHERE, Backend
+    from .runners import OnnxRuntimeRunner
+    from .runners.onnxruntime_runner import session_options
 
-    from .parity_backends import Backend
-    from .runners import OnnxRuntimeRunner, TorchRunner
-
-    if not cfg.parity.fp16:
-        return []
-    out: list[Backend] = []
-    if layout.onnx_fp16.is_file():
-        path = layout.onnx_fp16
-        out.append(Backend("onnxruntime-fp16emu", "fp16", lambda: OnnxRuntimeRunner(
-            path, contract, [cfg.profile], precision="fp16", vocab_size=cfg.model.vocab_size,
-            label="onnxruntime-fp16emu")))
-    else:
-        out.append(Backend("onnxruntime-fp16emu", "fp16", None,
-                           f"{layout.onnx_fp16.name} not found (fp16 stage skipped?)"))
-    out.append(Backend("torch-fp16", "fp16", lambda: TorchRunner(
-        model, contract, [cfg.profile], precision="fp16", device="cpu", label="torch-fp16")))
-    if torch.cuda.is_available():
-        out.append(Backend("torch-cuda-fp16", "fp16", lambda: TorchRunner(
-            model, contract, [cfg.profile], precision="fp16", device="cuda",
-            label="torch-cuda-fp16")))
-    return out
+    label, uses = "onnxruntime-fp16emu", EVERYWHERE if cfg.parity.fp16 else BENCH_ONLY
+    path = layout.onnx_fp16
+    if not path.is_file():
+        return [Backend(label, "fp16", None, f"{path.name} not found (fp16 stage skipped?)",
+                        uses=uses)]
+    return [Backend(label, "fp16", lambda: OnnxRuntimeRunner(
+        path, contract, [cfg.profile], precision="fp16", vocab_size=cfg.model.vocab_size,
+        label=label, sess_options=session_options(threads)), uses=uses)]

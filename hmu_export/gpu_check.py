@@ -176,7 +176,7 @@ def torch_device_backends(model: Any, cfg: Any, contract: Any, device: str) -> l
     ``torch-cuda`` / ``torch-cuda-fp16`` on a GPU (``torch-cpu-dryrun`` / ``-fp16`` on the
     CPU). Refuses with BackendUnavailable when the device is CUDA and there is none.
     """
-    from .parity_backends import Backend
+    from .backends.registry import Backend
     from .runners import TorchRunner
 
     require_device(device)

@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from .config import BuildConfig
     from .io_contract import GraphContract
     from .model import HMUTransformer
-    from .parity_backends import Backend
+    from .backends.registry import Backend
     from .pipeline import BuildContext
 
 MS_DOMAIN = "com.microsoft"
@@ -468,10 +468,11 @@ def optimize_stage(ctx: "BuildContext") -> StageResult:
     return StageResult(OK, details=details)
 
 
-def parity_backends(layout: "BuildLayout", cfg: "BuildConfig", model: "HMUTransformer",
-                    contract: "GraphContract") -> list["Backend"]:
-    """The optimized graph, run with the tuned session options, as an FP32 parity backend."""
-    from .parity_backends import Backend
+def backends(layout: "BuildLayout", cfg: "BuildConfig", model: "HMUTransformer | Any",
+             contract: "GraphContract", *, threads: int | None = None) -> list["Backend"]:
+    """The optimized graph, run with the tuned session options, as an FP32 backend (registry
+    entry: parity and bench)."""
+    from .backends.registry import Backend
     from .runners import OnnxRuntimeRunner
 
     label = "onnxruntime-opt"
@@ -481,4 +482,4 @@ def parity_backends(layout: "BuildLayout", cfg: "BuildConfig", model: "HMUTransf
         return [Backend(label, "fp32", None, f"{layout.onnx_optimized.name} not found")]
     return [Backend(label, "fp32", lambda: OnnxRuntimeRunner(
         layout.onnx_optimized, contract, [cfg.profile], vocab_size=cfg.model.vocab_size,
-        label=label, sess_options=tuned_session_options()))]
+        label=label, sess_options=tuned_session_options(threads)))]

@@ -31,7 +31,7 @@ from .io_contract import (BATCH, CLASS_LOGITS, FULL, LOGITS, NOISE, SRC_IDS, SRC
                           TGT_IDS, TGT_LEN, GraphContract, make_feeds, spec_feeds)
 from .manifest import FAILED, OK, StageResult
 from .model import HMUTransformer
-from .parity_backends import Backend, discover_backends
+from .backends.registry import Backend, discover_backends
 from .runners import Runner, TorchRunner
 from .runners.torch_runner import _native_model, graph_of
 from .tolerance import Tolerance, tolerance_for

@@ -117,3 +117,97 @@ def test_flops_match_graph_count(small_cfg, small_export, nohmu_export, shape):
     without = model_flops(cfg.model, *shape)
     assert without.hmu == 0 and with_hmu.hmu > 0
     assert without.total == onnx_matmul_flops(str(path), feeds)
+
+
+# --------------------------------------------------------------------------- runners time themselves
+class _FakeClock:
+    """Stands in for time.perf_counter: moves only when a fake step advances it."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _ort_runner(small_export, small_cfg):
+    from hmu_export.io_contract import full_contract
+    from hmu_export.runners import OnnxRuntimeRunner
+
+    return OnnxRuntimeRunner(small_export.onnx, full_contract(small_cfg.model), [small_cfg.profile])
+
+
+def test_runner_time_covers_a_slow_session_run(small_export, small_cfg):
+    import time
+
+    runner = _ort_runner(small_export, small_cfg)
+    with pytest.raises(RuntimeError):
+        runner.last_inference_time()  # nothing has run yet
+    real = runner.session
+
+    class SlowSession:
+        def run(self, names, feeds):
+            time.sleep(0.05)
+            return real.run(names, feeds)
+
+    runner.session = SlowSession()
+    out = runner.infer(make_feeds(small_cfg.model, 2, 8, 4))
+    assert out["logits"].shape == (2, 4, small_cfg.model.vocab_size)
+    assert runner.last_inference_time() >= 0.05
+
+
+def test_runner_time_excludes_feed_checks(small_export, small_cfg):
+    """A fake clock: feed validation 'takes' 100 s, the session run 0.25 s; the runner
+    reports the run alone, and bench's samples are the runner's times, not its own clock."""
+    from hmu_export.bench import BenchSettings, runner_step, time_calls
+
+    runner = _ort_runner(small_export, small_cfg)
+    clock = runner.clock = _FakeClock()
+    real, check = runner.session, runner.validate
+
+    class FakeSession:
+        def run(self, names, feeds):
+            clock.now += 0.25
+            return real.run(names, feeds)
+
+    def slow_validate(feeds):
+        clock.now += 100.0
+        check(feeds)
+
+    runner.session, runner.validate = FakeSession(), slow_validate
+    feeds = make_feeds(small_cfg.model, 1, 8, 4)
+    runner.infer(feeds)
+    assert runner.last_inference_time() == pytest.approx(0.25)
+    times = time_calls(runner_step(runner, feeds), BenchSettings.quick())
+    assert times.size == BenchSettings.quick().min_iters
+    assert times == pytest.approx([250.0] * times.size)
+
+
+def test_torch_runner_and_unmarked_runners_time_themselves(small_cfg, small_model):
+    import numpy as np
+
+    from hmu_export.io_contract import full_contract
+    from hmu_export.runners import Runner, TorchRunner
+
+    contract = full_contract(small_cfg.model)
+    torch_runner = TorchRunner(small_model, contract, [small_cfg.profile])
+    clock = torch_runner.clock = _FakeClock()
+    forward = torch_runner._forward
+
+    def slow_forward(args):
+        clock.now += 0.5
+        return forward(args)
+
+    torch_runner._forward = slow_forward
+    torch_runner.infer(make_feeds(small_cfg.model, 2, 8, 4))
+    assert torch_runner.last_inference_time() == pytest.approx(0.5)
+
+    class Unmarked(Runner):  # no `with self.timed()`: the whole _infer is its time
+        def _infer(self, feeds):
+            self.clock.now += 2.0
+            return {"logits": np.zeros((1, 4, small_cfg.model.vocab_size), np.float32)}
+
+    plain = Unmarked(contract)
+    plain.clock = _FakeClock()
+    plain.infer(make_feeds(small_cfg.model, 1, 8, 4), check=False)
+    assert plain.last_inference_time() == pytest.approx(2.0)

@@ -9,7 +9,8 @@ import pytest
 from onnx import TensorProto
 
 from hmu_export.errors import ArtifactError
-from hmu_export.fp16 import convert_to_fp16, parity_backends, write_fp16_model
+from hmu_export.backends.registry import discover_backends
+from hmu_export.fp16 import convert_to_fp16, write_fp16_model
 from hmu_export.io_contract import full_contract, make_feeds
 from hmu_export.pins import pin_names, select_pins
 from hmu_export.runners import OnnxRuntimeRunner, TorchRunner
@@ -82,17 +83,22 @@ def test_out_of_range_weights_are_emulated():
 def test_parity_backends(small_export, small_cfg, small_model, fp16_path, tmp_path):
     contract = full_contract(small_cfg.model)
     from hmu_export.artifacts import BuildLayout
-    missing = parity_backends(BuildLayout(tmp_path), small_cfg, small_model, contract)
+    missing = discover_backends(BuildLayout(tmp_path), small_cfg, small_model, contract)
     emu = next(b for b in missing if b.label == "onnxruntime-fp16emu")
     assert not emu.available and "not found" in emu.skip_reason
     layout = BuildLayout(fp16_path.parent)
-    found = {b.label: b for b in parity_backends(layout, small_cfg, small_model, contract)}
+    found = {b.label: b for b in discover_backends(layout, small_cfg, small_model, contract)
+             if b.label in ("onnxruntime-fp16emu", "torch-fp16")}
     assert found["onnxruntime-fp16emu"].available and found["torch-fp16"].available
     assert {b.precision for b in found.values()} == {"fp16"}
     with found["torch-fp16"].make() as runner:
         assert runner.precision == "fp16"
     off = dataclasses.replace(small_cfg, parity=dataclasses.replace(small_cfg.parity, fp16=False))
-    assert parity_backends(layout, off, small_model, contract) == []
+    # [parity] fp16 = false: no FP16 stand-in in parity; bench can still run them
+    assert not {"onnxruntime-fp16emu", "torch-fp16"} & {
+        b.label for b in discover_backends(layout, off, small_model, contract)}
+    assert {"onnxruntime-fp16emu", "torch-fp16"} <= {
+        b.label for b in discover_backends(layout, off, small_model, contract, use="bench")}
 
 
 def test_build_on_cpu_has_recipe_skipped_engine_and_fp16_rows(small_cfg, tmp_path):

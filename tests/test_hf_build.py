@@ -74,3 +74,17 @@ def test_a_rebuilt_source_equals_the_original(t5_build):
         a = orig.module("full")(*args)[0]
         b = rebuilt.module("full")(*args)[0]
     assert torch.equal(a, b)
+
+
+def test_bench_runs_an_hf_build(t5_build, tmp_path):
+    """The source's own module is the torch baseline; rows at the asked B x Ls x Lt; the
+    native-only HMU overhead is listed as not measured."""
+    _, out = t5_build
+    assert main(["bench", "--artifacts", str(out), "--quick", "--shapes", "3x12x8",
+                 "--backends", "torch,onnxruntime,onnxruntime-opt", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert {(r["backend"], tuple(r["shape"])) for r in data["results"]} == {
+        ("torch", (3, 12, 8)), ("onnxruntime", (3, 12, 8)), ("onnxruntime-opt", (3, 12, 8))}
+    assert all(r["tokens_per_s"] == pytest.approx(r["seq_per_s"] * 20) for r in data["results"])
+    assert [p["part"] for p in data["skipped_parts"]] == ["hmu_overhead"]
+    assert data["model"]["graph"] == "hmu_full" and data["model"]["hmu_parameters"] > 0

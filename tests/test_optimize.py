@@ -13,7 +13,7 @@ from hmu_export.artifacts import BuildLayout
 from hmu_export.errors import ParityFailure
 from hmu_export.io_contract import full_contract, make_feeds
 from hmu_export.model import HMUTransformer
-from hmu_export.optimize import optimize_graph, parity_backends
+from hmu_export.optimize import backends, optimize_graph
 
 
 @pytest.fixture(scope="module")
@@ -80,13 +80,13 @@ def test_wrong_weights_fail_parity(small_export, small_cfg, tmp_path):
 def test_parity_backend(optimized, small_cfg, small_model):
     layout, _ = optimized
     contract = full_contract(small_cfg.model)
-    (backend,) = parity_backends(layout, small_cfg, small_model, contract)
+    (backend,) = backends(layout, small_cfg, small_model, contract)
     assert backend.label == "onnxruntime-opt" and backend.precision == "fp32"
     runner = backend.make()
     feeds = make_feeds(small_cfg.model, 2, 8, 4)
     ref = _plain(layout.onnx).run(None, feeds)[0]
     assert np.max(np.abs(runner.infer(feeds)["logits"] - ref)) < 1e-4
-    missing = parity_backends(BuildLayout(layout.root / "nope"), small_cfg, small_model, contract)
+    missing = backends(BuildLayout(layout.root / "nope"), small_cfg, small_model, contract)
     assert not missing[0].available and "not found" in missing[0].skip_reason
 
 

@@ -12,7 +12,7 @@ from hmu_export.errors import InputError
 from hmu_export.io_contract import full_contract
 from hmu_export.parity import (axis_values, compare_arrays, derive_grid, hmu_checks,
                                layout_backends, run_parity, write_reports)
-from hmu_export.parity_backends import Backend
+from hmu_export.backends.registry import Backend
 from hmu_export.runners import TorchRunner
 from hmu_export.tolerance import FP32, Tolerance
 
@@ -168,7 +168,7 @@ def test_a_backend_emitting_inf_is_a_failed_row_not_an_aborted_run(small_cfg, sm
 
     from hmu_export.io_contract import full_contract
     from hmu_export.parity import run_parity
-    from hmu_export.parity_backends import Backend
+    from hmu_export.backends.registry import Backend
     from hmu_export.runners import TorchRunner
 
     contract = full_contract(small_cfg.model)

@@ -163,10 +163,70 @@ def test_generate_is_refused_with_one_line(built, tmp_path, capsys):
     assert "causal" in _error_line(capsys)
 
 
-def test_bench_refuses_a_reference_build_with_one_line(built, capsys):
+def _bench(out: Path, folder: Path, shapes: str, *more: str) -> dict:
+    assert main(["bench", "--artifacts", str(out), "--quick", "--shapes", shapes,
+                 "--backends", "torch,onnxruntime,onnxruntime-opt,tensorrt", "--out",
+                 str(folder), *more]) == 0
+    return json.loads((folder / "bench.json").read_text())
+
+
+def test_bench_runs_a_classifier_build_over_its_own_axes(built, tmp_path):
+    """No tgt axis: shapes are B x Ls, every row has that shape, the native-only HMU overhead
+    is listed as not measured (with its reason), FLOPs are counted on the graph."""
     _, out, _ = built["glue-HMU"]
-    assert main(["bench", "--artifacts", str(out)]) != 0
-    assert "native builds only" in _error_line(capsys)
+    data = _bench(out, tmp_path, "1x5,2x5")
+    rows = {(r["backend"], tuple(r["shape"])): r for r in data["results"]}
+    assert set(rows) == {(b, s) for b in ("torch", "onnxruntime", "onnxruntime-opt")
+                         for s in ((1, 5), (2, 5))}
+    for (_, (b, ls)), r in rows.items():
+        assert r["tokens_per_s"] == pytest.approx(r["seq_per_s"] * ls)
+    # every matmul of the graph scales with the batch: the count follows the feeds
+    assert rows["torch", (2, 5)]["gflop"] == pytest.approx(2 * rows["torch", (1, 5)]["gflop"])
+    assert rows["torch", (1, 5)]["gflop"] > 0
+    assert {s["backend"] for s in data["skipped"]} == {"tensorrt"}
+    (part,) = data["skipped_parts"]
+    assert part["part"] == "hmu_overhead" and "reference" in part["reason"]
+    assert data["hmu_overhead"] == []
+    assert data["model"]["axes"] == ["batch", "src_len"]
+    md = (tmp_path / "bench.md").read_text()
+    assert "| backend | prec | B×Ls | copies |" in md and "- hmu_overhead: " in md
+
+
+def test_bench_backends_of_a_classifier_are_the_registry_entries_parity_runs(built):
+    """The torch and onnxruntime entries run the classifier graph: class_logits [B, classes],
+    the two agreeing, each with its own inference time."""
+    from hmu_export.backends.registry import discover_backends
+    from hmu_export.bench import load_build
+    from hmu_export.parity import contract_feeds
+
+    _, out, _ = built["glue-HMU"]
+    loaded = load_build(out)
+    entries = {b.label: b for b in discover_backends(loaded.layout, loaded.cfg, loaded.model,
+                                                     loaded.contract, use="bench")}
+    feeds = contract_feeds(loaded.contract, loaded.cfg, {"batch": 2, "src_len": 4}, seed=1)
+    got = {}
+    for label in ("torch", "onnxruntime"):
+        with entries[label].make() as runner:
+            got[label] = runner.infer(feeds)["class_logits"]
+            assert runner.last_inference_time() > 0
+    assert got["torch"].shape == (2, SIZES["num_classes"])
+    assert np.abs(got["torch"] - got["onnxruntime"]).max() <= FP32_MAX_ABS
+
+
+def test_bench_runs_a_seq2seq_build_with_noise_over_the_target(built, tmp_path):
+    _, out, _ = built["seq2seq-HMU_mod-after_decoder"]
+    data = _bench(out, tmp_path, "2x5x3", "--no-hmu-overhead")
+    assert {(r["backend"], tuple(r["shape"])) for r in data["results"]} == {
+        ("torch", (2, 5, 3)), ("onnxruntime", (2, 5, 3)), ("onnxruntime-opt", (2, 5, 3))}
+    assert "skipped_parts" not in data  # the overhead was not asked for
+
+
+@pytest.mark.parametrize("shapes, needle", [("2x3x2", "give BxLS"), ("2x9", "outside"),
+                                            ("2xx3", "bad shape")])
+def test_bench_bad_shapes_for_a_classifier_are_one_error_line(built, capsys, shapes, needle):
+    _, out, _ = built["glue-HMU"]
+    assert main(["bench", "--artifacts", str(out), "--quick", "--shapes", shapes]) == 2
+    assert needle in _error_line(capsys)
 
 
 # --------------------------------------------------------------------------- bad inputs

@@ -6,8 +6,8 @@ import os
 from pathlib import Path
 
 from .. import ui
-from ..bench import DEFAULT_BACKENDS, BenchSettings, run_bench, speedups, write_outputs
-from ..config import parse_shapes
+from ..bench import (DEFAULT_BACKENDS, BenchSettings, parse_shapes, run_bench, speedups,
+                     write_outputs)
 from ..errors import ConfigError
 
 
@@ -18,7 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "each backend at each shape; same feeds for every backend. Writes "
                     "bench.json, bench.md and bench.png.")
     p.add_argument("--artifacts", required=True, type=Path, help="a build folder")
-    p.add_argument("--shapes", default="", help="BxLSxLT[,BxLSxLT...] inside the build's profile "
+    p.add_argument("--shapes", default="", help="BxLSxLT[,BxLSxLT...] inside the build's profile; "
+                   "BxLS[,...] for a classifier build (its graph has no target axis) "
                    "(default: a sweep over source length at batch min and max)")
     p.add_argument("--backends", default=",".join(DEFAULT_BACKENDS),
                    help=f"comma-separated (default: {','.join(DEFAULT_BACKENDS)}); absent ones "
@@ -78,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
         from ..manifest import update_manifest
         update_manifest(args.artifacts, None, None, written=list(paths.values()))
 
+    shape_col = report.shape_label.replace("×", "x")
     rows = [(r["backend"], r["precision"], "x".join(map(str, r["shape"])), r["copies"],
              f"{r['p50_ms']:.3f}", f"{r['p99_ms']:.3f}", f"{r['seq_per_s']:.1f}",
              f"{r['tokens_per_s']:.0f}",
@@ -85,11 +87,11 @@ def run(args: argparse.Namespace) -> int:
             for r in report.results]
     ui.out.print(ui.table(f"bench: {report.model['name']} ({report.machine['threads']} threads, "
                           f"sgemm peak {report.machine['sgemm_peak']['gflops']:.1f} GFLOP/s)",
-                          ["backend", "prec", "BxLsxLt", "copies", "p50 ms", "p99 ms", "seq/s",
+                          ["backend", "prec", shape_col, "copies", "p50 ms", "p99 ms", "seq/s",
                            "tok/s", "% peak"], rows))
     sp = speedups(report)
     if sp:
-        ui.out.print(ui.table("speedup over torch eager FP32 (p50)", ["backend", "BxLsxLt", "x"],
+        ui.out.print(ui.table("speedup over torch eager FP32 (p50)", ["backend", shape_col, "x"],
                               [(x["backend"], "x".join(map(str, x["shape"])),
                                 f"{x['speedup']:.2f}") for x in sp]))
     if report.hmu_overhead:
@@ -100,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
                                for h in report.hmu_overhead]))
     for s in report.skipped:
         ui.out.print(f"[yellow]skipped[/yellow] {s['backend']}: {s['reason']}")
+    for part in report.skipped_parts:
+        ui.out.print(f"[yellow]not measured[/yellow] {part['part']}: {part['reason']}")
     ui.out.print(f"wrote {paths['json']}, {paths['markdown']}, {paths['png']}")
     return 0
 

@@ -3,10 +3,18 @@
 Feeds are validated against the I/O contract and the shape profile(s) before a runtime sees
 them, so a wrong dtype or an out-of-profile shape is a one-line InputError, not a crash deep
 inside a runtime.
+
+Every runner times itself, as Polygraphy's runners do (``last_inference_time()``): the host
+wall time of its last inference, measured around the runtime call only (a subclass wraps its
+session run in ``with self.timed():``; host<->device copies belong to that call, feed checks
+and Python-side preparation do not). A subclass that does not mark its call is timed around
+its whole ``_infer``. ``bench`` builds its statistics from these times.
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+import time
+from contextlib import contextmanager
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -40,6 +48,8 @@ def check_finite_outputs(outputs: Mapping[str, np.ndarray], label: str,
 
 class Runner:
     backend: str = "base"
+    #: the clock ``timed()`` reads (seconds); a test may replace it with a fake one
+    clock: Callable[[], float] = staticmethod(time.perf_counter)
 
     def __init__(self, contract: GraphContract, profiles: Sequence[ProfileConfig] | None = None,
                  *, precision: str = "fp32", vocab_size: int | None = None,
@@ -49,6 +59,7 @@ class Runner:
         self.precision = precision
         self.vocab_size = vocab_size
         self.label = label or self.backend
+        self._inference_time: float | None = None
 
     def validate(self, feeds: Mapping[str, np.ndarray]) -> None:
         validate_feeds(self.contract, feeds, self.profiles or None, self.vocab_size)
@@ -60,12 +71,38 @@ class Runner:
         ``check`` validates the feeds before the run and refuses NaN / Inf outputs after it
         (NonFiniteOutput); ``check=False`` skips both (benchmark loops).
         """
-        if not check:
-            return self._infer(feeds)
-        self.validate(feeds)
+        if check:
+            self.validate(feeds)
+        self._inference_time = None
+        start = self.clock()
         outputs = self._infer(feeds)
-        check_finite_outputs(outputs, self.label, feeds)
+        if self._inference_time is None:  # the subclass did not mark its runtime call
+            self._inference_time = self.clock() - start
+        if check:
+            check_finite_outputs(outputs, self.label, feeds)
         return outputs
+
+    @contextmanager
+    def timed(self) -> Iterator[None]:
+        """Wrap the runtime call of ``_infer`` (session run, engine execution) in this."""
+        start = self.clock()
+        try:
+            yield
+        finally:
+            self._inference_time = self.clock() - start
+
+    def last_inference_time(self) -> float:
+        """Seconds the last ``infer`` spent in the runtime call (Polygraphy's
+        ``last_inference_time``); RuntimeError before the first inference."""
+        if self._inference_time is None:
+            raise RuntimeError(f"{self.label}: no inference has run yet")
+        return self._inference_time
+
+    def device_timer(self, feeds: Mapping[str, np.ndarray]) -> Callable[[], float] | None:
+        """A callable that runs the graph on ``feeds`` already on the device and returns the
+        device's own time of that run in ms (copies excluded), or None where the runner has no
+        device clock (CPU runtimes)."""
+        return None
 
     def _infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         raise NotImplementedError

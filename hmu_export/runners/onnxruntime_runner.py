@@ -85,8 +85,10 @@ class OnnxRuntimeRunner(Runner):
             self.vocab_size = graph_vocab
 
     def _infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        feed = dict(feeds)
         try:
-            outs = self.session.run(self.contract.output_names, dict(feeds))
+            with self.timed():
+                outs = self.session.run(self.contract.output_names, feed)
         except Exception as exc:  # ORT's own error types (unchecked feeds reach it here)
             text = str(exc).strip()
             raise InputError(f"ONNX Runtime failed on {self.path.name}: "

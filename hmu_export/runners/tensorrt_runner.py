@@ -209,7 +209,9 @@ class TrtRunner(Runner):
         if index != self._profile:
             self._runner.set_profile(index)
             self._profile = index
-        out = self._runner.infer(dict(feeds))
+        feed = dict(feeds)
+        with self.timed():  # Polygraphy's infer: copies in, execution, copies out
+            out = self._runner.infer(feed)
         return {name: np.asarray(out[name], dtype=np.float32)
                 for name in self.contract.output_names}
 
