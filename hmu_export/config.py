@@ -12,9 +12,12 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .token_rules import TokenRules
 
 
 SOURCES = ("native", "reference", "hf")
@@ -268,6 +271,28 @@ class GenerationConfig:
     # HMU noise temperature for generation: 0 = the VAE's mean path (deterministic).
     noise_scale: float = 0.0
     split_graphs: bool = True  # export encoder.onnx + decoder.onnx (KV cache) beside model.onnx
+    # Defaults of a request's decoding (what Transformers' generation_config.json holds for an
+    # hf source); every loop (Python, Triton, C++) honours them.
+    strategy: str = "greedy"  # greedy | sample | beam
+    num_beams: int = 4  # beam width when strategy = "beam"
+    length_penalty: float = 1.0
+    early_stopping: bool = False
+    temperature: float = 1.0  # sampling
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    # Token rules (hmu_export/token_rules.py, Transformers' semantics); neutral by default.
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    bad_words_ids: tuple[tuple[int, ...], ...] = ()
+    min_new_tokens: int = 0
+    forced_bos_id: int = -1  # -1 = off
+    forced_eos_id: int = -1  # -1 = off
+    suppress_tokens: tuple[int, ...] = ()
+    begin_suppress_tokens: tuple[int, ...] = ()
+
+    def token_rules(self) -> "TokenRules":
+        from .token_rules import TokenRules
+        return TokenRules.from_mapping(dataclasses.asdict(self))
 
     def new_tokens(self, profile: ProfileConfig) -> int:
         """Tokens a generation may add: BOS plus the generated ones fill the decoder positions."""
@@ -284,6 +309,19 @@ class GenerationConfig:
                               f"{profile.tgt_len[2]}], got {self.max_new_tokens}")
         if not self.noise_scale >= 0:
             raise ConfigError(f"generation.noise_scale must be >= 0, got {self.noise_scale}")
+        if self.strategy not in ("greedy", "sample", "beam"):
+            raise ConfigError(f"generation.strategy must be greedy, sample or beam, got "
+                              f"{self.strategy!r}")
+        if self.num_beams < 1:
+            raise ConfigError(f"generation.num_beams must be >= 1, got {self.num_beams}")
+        if not self.temperature > 0:
+            raise ConfigError(f"generation.temperature must be > 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ConfigError(f"generation.top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"generation.top_p must be in (0, 1], got {self.top_p}")
+        for problem in self.token_rules().problems(model.vocab_size):
+            raise ConfigError(f"generation.{problem}")
 
 
 @dataclass(frozen=True)

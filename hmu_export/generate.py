@@ -27,6 +27,7 @@ import numpy as np
 
 from .config import BuildConfig
 from .errors import InputError
+from .token_rules import TokenRules
 from .io_contract import (LOGITS, NOISE, SRC_IDS, SRC_MASK, TGT_IDS, cross_key, cross_value,
                           past_key, past_value, present_key, present_value)
 
@@ -117,17 +118,19 @@ class CachedStepper(Stepper):
 # --------------------------------------------------------------------------- options / result
 @dataclass(frozen=True)
 class GenerationOptions:
-    """One request's generation settings; ``None`` fields take the build's [generation] values."""
+    """One request's generation settings; ``None`` fields take the build's [generation] values
+    (for an hf source: its generation_config.json)."""
 
-    strategy: str = "greedy"
+    strategy: str | None = None  # greedy | sample | beam
     max_new_tokens: int | None = None
-    num_beams: int = 4
-    length_penalty: float = 1.0
-    early_stopping: bool = False
-    temperature: float = 1.0
-    top_k: int = 0  # 0 = no top-k filter
-    top_p: float = 1.0  # 1 = no nucleus filter
+    num_beams: int | None = None
+    length_penalty: float | None = None
+    early_stopping: bool | None = None
+    temperature: float | None = None
+    top_k: int | None = None  # 0 = no top-k filter
+    top_p: float | None = None  # 1 = no nucleus filter
     seed: int = 0  # sampling
+    rules: TokenRules | None = None  # token rules (None: the build's)
     noise_scale: float | None = None  # HMU noise temperature (0 = mean path)
     noise_seed: int = 0  # the HMU noise has its own seed
     bos_id: int | None = None
@@ -135,6 +138,9 @@ class GenerationOptions:
     ignore_eos: bool = False  # benchmarks: always max_new_tokens tokens, EOS or not
 
     def validate(self) -> None:
+        """Checks a resolved set (every ``None`` filled by Generator.options)."""
+        assert None not in (self.num_beams, self.temperature, self.top_k, self.top_p,
+                            self.length_penalty)
         if self.strategy not in STRATEGIES:
             raise InputError(f"unknown strategy {self.strategy!r} (use {', '.join(STRATEGIES)})")
         if self.num_beams < 1:
@@ -255,15 +261,19 @@ class Generator:
                 ) -> GenerationOptions:
         opts = replace(options or GenerationOptions(), **overrides)
         gen = self.cfg.generation
-        opts = replace(
-            opts,
-            max_new_tokens=gen.new_tokens(self.cfg.profile) if opts.max_new_tokens is None
-            else opts.max_new_tokens,
-            noise_scale=gen.noise_scale if opts.noise_scale is None else opts.noise_scale,
-            bos_id=gen.bos_id if opts.bos_id is None else opts.bos_id,
-            eos_id=gen.eos_id if opts.eos_id is None else opts.eos_id)
+        opts = replace(opts, max_new_tokens=(gen.new_tokens(self.cfg.profile)
+                                             if opts.max_new_tokens is None
+                                             else opts.max_new_tokens),
+                       rules=gen.token_rules() if opts.rules is None else opts.rules)
+        for key in ("strategy", "num_beams", "length_penalty", "early_stopping", "temperature",
+                    "top_k", "top_p", "noise_scale", "bos_id", "eos_id"):
+            if getattr(opts, key) is None:
+                opts = replace(opts, **{key: getattr(gen, key)})
         opts.validate()
         vocab = self.cfg.model.vocab_size
+        assert opts.rules is not None
+        for problem in opts.rules.problems(vocab):
+            raise InputError(problem)
         for key in ("bos_id", "eos_id"):
             if not 0 <= getattr(opts, key) < vocab:
                 raise InputError(f"{key} {getattr(opts, key)} is outside [0, {vocab})")
@@ -354,8 +364,13 @@ class Generator:
         live = np.arange(ids.shape[0])  # original row of each batch row
         self.stepper.start(ids, mask, noise)
         cur = np.full((ids.shape[0], 1), opts.bos_id, dtype=np.int64)
+        rules = opts.rules if opts.rules is not None and opts.rules.active else None
         for t in range(opts.max_new_tokens):
             logits = self.stepper.step(cur)
+            if rules is not None:  # on raw logits, as Transformers' greedy / sample loop
+                logits = rules.apply(logits.astype(np.float64),
+                                     [[opts.bos_id] + seqs[row] for row in live.tolist()],
+                                     max_new=opts.max_new_tokens, eos_ids=[opts.eos_id])
             if sample:
                 nxt = sample_tokens(logits, rng, temperature=opts.temperature, top_k=opts.top_k,
                                     top_p=opts.top_p)
@@ -391,8 +406,12 @@ class Generator:
         scores[:, 0] = 0.0  # identical beams at the start: only the first one is live
         history: list[list[int]] = [[] for _ in range(n_rows * k)]
         cur = np.full((n_rows * k, 1), opts.bos_id, dtype=np.int64)
+        rules = opts.rules if opts.rules is not None and opts.rules.active else None
         for t in range(max_new):
             logp = log_softmax(self.stepper.step(cur))
+            if rules is not None:  # on log-probs, as Transformers' beam search
+                logp = rules.apply(logp, [[opts.bos_id] + h for h in history],
+                                   max_new=max_new, eos_ids=[opts.eos_id])
             vocab = logp.shape[-1]
             cand = (scores.reshape(-1, 1) + logp).reshape(len(live), k * vocab)
             top = np.argsort(-cand, axis=-1, kind="stable")[:, :2 * k]

@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .artifacts import BuildLayout
-from .config import BuildConfig
+from .config import BuildConfig, GenerationConfig
 from .errors import ArtifactError, ConfigError, HMUExportError
 from .fileio import ensure_writable_dir, exclusive_lock, read_json_object, sha256_file, write_text
-from .io_contract import GraphContract, full_contract
+from .io_contract import DECODER, GraphContract, full_contract
 from .manifest import FAILED, OK, StageResult, write_manifest
 from .model import HMUTransformer
 from .model.interface import ModelSource
@@ -321,7 +321,29 @@ def preflight(cfg: BuildConfig, out_dir: Path, force: bool = False) -> ModelSour
     cfg = replace(cfg, model=resolved).validate()
     check_memory(cfg)
     ensure_writable_dir(out.parent)
-    return sources.load(resolved)
+    source = sources.load(resolved)
+    check_generation_options(cfg, source)
+    return source
+
+
+def model_generation(cfg: BuildConfig, source: ModelSource) -> GenerationConfig:
+    """[generation] with what the model's own files fix: its start / end ids always, its
+    decoding defaults (beams, token rules) where the config leaves a key at its default."""
+    base = GenerationConfig()
+    fixed = {k: v for k, v in source.generation_defaults().items()
+             if k in ("bos_id", "eos_id") or getattr(cfg.generation, k) == getattr(base, k)}
+    gen = replace(cfg.generation, **fixed)
+    gen.validate(source.cfg, cfg.profile)
+    return gen
+
+
+def check_generation_options(cfg: BuildConfig, source: ModelSource) -> None:
+    """Generation graphs only for a model whose own decoding settings every loop honours."""
+    if cfg.generation.split_graphs and DECODER in source.graph_names():
+        refusal = source.generation_options_refusal()
+        if refusal:
+            raise ConfigError(f"{refusal}: remove them, or set [generation] split_graphs = "
+                              "false to build without generation graphs")
 
 
 def recover_swap(dst: Path) -> str | None:
@@ -420,8 +442,9 @@ def _run_stages(cfg: BuildConfig, out_dir: Path, staging: Path,
                 require_engine: bool, on_stage: Callable[[str, StageResult | None], None] | None,
                 only: list[str] | None, t0: float) -> BuildOutcome:
     source = as_source(cfg, model)
+    check_generation_options(cfg, source)
     cfg = replace(cfg, model=source.cfg,  # resolved: sizes a source reads from its files
-                  generation=replace(cfg.generation, **source.generation_defaults()))
+                  generation=model_generation(cfg, source))
     ctx = BuildContext(cfg, BuildLayout(staging), require_engine=require_engine or
                        cfg.engine.require, source=source)
     failure, log = "", None

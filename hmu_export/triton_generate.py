@@ -1,12 +1,14 @@
 """Generation models of the Triton repository (added by triton.plan_models when the build has
 ``encoder.onnx`` and ``decoder.onnx``)::
 
-    <name>_generate/         config.pbtxt  1/model.py  1/encoder.onnx  1/decoder.onnx
-    <name>_generate_stream/  config.pbtxt  1/model.py  1/encoder.onnx  1/decoder.onnx   (decoupled)
+    <name>_generate/         config.pbtxt  1/model.py  1/token_rules.py  1/encoder.onnx  1/decoder.onnx
+    <name>_generate_stream/  (the same files; decoupled)
     <name>_encoder/          config.pbtxt  1/model.onnx   (onnxruntime_onnx: BLS target, GPU hosts)
     <name>_decoder/          config.pbtxt  1/model.onnx   (onnxruntime_onnx: BLS target, GPU hosts)
 
-``model.py`` is hmu_export/triton_generate_model.py. The two python models take ``src_ids``
+``model.py`` is hmu_export/triton_generate_model.py (and ``token_rules.py`` the package's own,
+loaded by it). The build's decoding defaults and token rules travel in the ``decoding``
+parameter (JSON). The two python models take ``src_ids``
 INT64 [1, L] per request (``allow_ragged_batch``: requests of different lengths share an
 execute), an optional ``max_new_tokens`` INT64 [1, 1] and request parameters for the strategy;
 they return ``tokens`` INT64 [1, n]. Every config is parsed back with Triton's ModelConfig schema
@@ -15,6 +17,7 @@ the encoder / decoder graph's contract and its ONNX inputs / outputs) before any
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -34,6 +37,7 @@ GENERATE, GENERATE_STREAM, ENCODER_KIND, DECODER_KIND = ("generate", "generate_s
 GEN_SUFFIX = {GENERATE: "_generate", GENERATE_STREAM: "_generate_stream",
               ENCODER_KIND: "_encoder", DECODER_KIND: "_decoder"}
 GENERATE_MODEL_SOURCE = Path(__file__).with_name("triton_generate_model.py")
+TOKEN_RULES_SOURCE = Path(__file__).with_name("token_rules.py")  # model.py loads it
 STEP_BACKENDS = ("onnxruntime", "bls")
 SRC_IDS, MAX_NEW_TOKENS, TOKENS = "src_ids", "max_new_tokens", "tokens"
 
@@ -141,10 +145,21 @@ def generate_config(name: str, cfg: BuildConfig, geo: dict[str, int], opts: "Tri
         # validate_config's python-model keys: the generated length is the decoder's tgt_len
         "tgt_len_min": p.tgt_len[0], "tgt_len_max": p.tgt_len[2],
         "max_new_tokens_max": p.tgt_len[2], "max_new_tokens_default": gen.new_tokens(p),
-        "layers": geo["layers"], "heads": geo["heads"], "head_dim": geo["head_dim"]}
+        "layers": geo["layers"], "heads": geo["heads"], "head_dim": geo["head_dim"],
+        "decoding": decoding_parameter(cfg)}
     for key, value in params.items():
         conf.parameters[key].string_value = str(value)
     return conf
+
+
+def decoding_parameter(cfg: BuildConfig) -> str:
+    """The build's decoding defaults and token rules as the generation model reads them (JSON):
+    requests override the defaults; the token rules always apply."""
+    from .triton_generate_model import DECODING_KEYS
+
+    gen = cfg.generation
+    return json.dumps({**{k: getattr(gen, k) for k in DECODING_KEYS},
+                       "rules": gen.token_rules().to_dict()}, sort_keys=True)
 
 
 def graph_config(name: str, cfg: BuildConfig, contract: GraphContract, opts: "TritonOptions"
@@ -194,6 +209,15 @@ def check_generate_config(conf: "model_config_pb2.ModelConfig", cfg: BuildConfig
     missing = [k for k in SPEC_KEYS if not params.get(k, "").lstrip("-").isdigit()]
     if missing:
         fail(f"integer parameter(s) {missing} missing")
+    try:
+        decoding = json.loads(params.get("decoding", "{}"))
+        from .token_rules import TokenRules
+        problems = TokenRules.from_mapping(decoding.get("rules", {})).problems(
+            int(params["vocab_size"]))
+    except (ValueError, TypeError, AttributeError) as exc:
+        fail(f"parameter decoding is not a valid decoding table: {exc}")
+    if problems:
+        fail(f"parameter decoding: {problems[0]}")
     if int(params["batch_max"]) != conf.max_batch_size:
         fail(f"parameter batch_max {params['batch_max']} != max_batch_size "
              f"{conf.max_batch_size}")
@@ -222,7 +246,8 @@ def generation_models(layout: BuildLayout, cfg: BuildConfig, opts: "TritonOption
     except NotServable:  # e.g. a source whose split graphs differ: the other models still serve
         return []
     names = generation_names(cfg)
-    files: dict[str, Path] = {"1/model.py": GENERATE_MODEL_SOURCE, "1/encoder.onnx": enc,
+    files: dict[str, Path] = {"1/model.py": GENERATE_MODEL_SOURCE,
+                              "1/token_rules.py": TOKEN_RULES_SOURCE, "1/encoder.onnx": enc,
                               "1/decoder.onnx": dec}
     for graph in (enc, dec):  # weights saved as external data travel with the graph
         external = graph.with_name(graph.name + ".data")

@@ -39,6 +39,32 @@ try:  # present only inside Triton's python backend stub
 except ImportError:  # pragma: no cover - outside Triton (unit tests)
     pb_utils = None
 
+
+def _load_token_rules() -> Any:
+    """hmu_export/token_rules.py: the package's module in tests, else the copy beside this file
+    (the server has no hmu_export package)."""
+    try:
+        from . import token_rules  # type: ignore[attr-defined]
+        return token_rules
+    except ImportError:
+        import importlib.util
+        import sys
+
+        name = "hmu_generate_token_rules"
+        if name in sys.modules:
+            return sys.modules[name]
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "token_rules.py")
+        spec = importlib.util.spec_from_file_location(name, path)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"cannot load {path}") from None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses resolve their module while being created
+        spec.loader.exec_module(module)
+        return module
+
+
+TokenRules = _load_token_rules().TokenRules
+
 SRC_IDS, MAX_NEW_TOKENS, TOKENS = "src_ids", "max_new_tokens", "tokens"
 STRATEGIES = ("greedy", "sample", "beam")
 MAX_SEED = 2**63 - 1
@@ -108,9 +134,16 @@ def _as(key: str, value: Any, kind: type) -> Any:
     return out
 
 
+#: Options fields whose defaults the build's [generation] sets (parameter "decoding")
+DECODING_KEYS = ("strategy", "num_beams", "length_penalty", "early_stopping", "temperature",
+                 "top_k", "top_p")
+
+
 def parse_options(params: Mapping[str, Any], max_new_tokens: int | None,
-                  spec: Mapping[str, int], *, streaming: bool = False) -> Options:
-    """Validated Options from request parameters (and the optional max_new_tokens input)."""
+                  spec: Mapping[str, int], *, streaming: bool = False,
+                  defaults: Mapping[str, Any] | None = None) -> Options:
+    """Validated Options from request parameters (and the optional max_new_tokens input);
+    ``defaults``: the build's decoding defaults for what the request leaves out."""
     if not isinstance(params, Mapping):
         raise RequestError(f"request parameters must be a JSON object, got {params!r}")
     unknown = sorted(k for k in params if k not in PARAMETERS)
@@ -121,7 +154,8 @@ def parse_options(params: Mapping[str, Any], max_new_tokens: int | None,
     hi = spec["max_new_tokens_max"]
     n = spec["max_new_tokens_default"] if max_new_tokens is None else max_new_tokens
     values["max_new_tokens"] = n
-    opts = Options(**values)
+    base = {k: v for k, v in (defaults or {}).items() if k in DECODING_KEYS}
+    opts = Options(**{**base, **values})
     if opts.strategy not in STRATEGIES:
         raise RequestError(f"unknown strategy {opts.strategy!r} (use {', '.join(STRATEGIES)})")
     if not 1 <= n <= hi:
@@ -314,10 +348,11 @@ OnToken = Callable[[int, int, bool], bool]
 
 
 def generate_sequential(steps: Steps, jobs: Sequence[Job], spec: Mapping[str, int],
-                        on_token: OnToken | None = None) -> None:
+                        on_token: OnToken | None = None, rules: Any = None) -> None:
     """Greedy and sampling jobs in one batch; finished rows leave it. ``on_token`` sees every
-    token as it is chosen (streaming)."""
+    token as it is chosen (streaming). ``rules``: the build's TokenRules (raw logits)."""
     eos, bos = spec["eos_id"], spec["bos_id"]
+    rules = rules if rules is not None and rules.active else None
     for job in jobs:
         job.rng = np.random.default_rng(job.opts.seed)
     ids, mask, noise = pad_jobs(jobs, spec)
@@ -327,6 +362,11 @@ def generate_sequential(steps: Steps, jobs: Sequence[Job], spec: Mapping[str, in
     t = 0
     while True:
         logits = steps.step(cur)
+        if rules is not None:
+            logits = rules.apply(logits.astype(np.float64),
+                                 [[bos] + jobs[j].tokens for j in live.tolist()],
+                                 max_new=[jobs[j].opts.max_new_tokens for j in live.tolist()],
+                                 eos_ids=[eos])
         nxt = logits.argmax(axis=-1)
         for r, j in enumerate(live.tolist()):
             o = jobs[j].opts
@@ -351,9 +391,12 @@ def generate_sequential(steps: Steps, jobs: Sequence[Job], spec: Mapping[str, in
         cur = nxt.astype(np.int64).reshape(-1, 1)
 
 
-def generate_beam(steps: Steps, jobs: Sequence[Job], spec: Mapping[str, int]) -> None:
+def generate_beam(steps: Steps, jobs: Sequence[Job], spec: Mapping[str, int],
+                  rules: Any = None) -> None:
     """Beam search over jobs that share (num_beams, length_penalty, early_stopping,
-    max_new_tokens): Generator._beam, with the hypotheses of each job kept apart."""
+    max_new_tokens): Generator._beam, with the hypotheses of each job kept apart.
+    ``rules``: the build's TokenRules (on log-probs)."""
+    rules = rules if rules is not None and rules.active else None
     o = jobs[0].opts
     k, eos, max_new = o.num_beams, spec["eos_id"], o.max_new_tokens
     n_rows = len(jobs)
@@ -368,6 +411,9 @@ def generate_beam(steps: Steps, jobs: Sequence[Job], spec: Mapping[str, int]) ->
     cur = np.full((n_rows * k, 1), spec["bos_id"], dtype=np.int64)
     for t in range(max_new):
         logp = log_softmax(steps.step(cur))
+        if rules is not None:
+            logp = rules.apply(logp, [[spec["bos_id"]] + h for h in history], max_new=max_new,
+                               eos_ids=[eos])
         vocab = logp.shape[-1]
         cand = (scores.reshape(-1, 1) + logp).reshape(len(live), k * vocab)
         top = np.argsort(-cand, axis=-1, kind="stable")[:, :2 * k]
@@ -513,6 +559,9 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         self.spec = {k: int(params[k]) for k in SPEC_KEYS}
+        decoding = json.loads(params.get("decoding", "{}"))
+        self.defaults = {k: v for k, v in decoding.items() if k in DECODING_KEYS}
+        self.rules = TokenRules.from_mapping(decoding.get("rules", {}))
         self.streaming = bool(config.get("model_transaction_policy", {}).get("decoupled"))
         backend = params.get("step_backend", "onnxruntime")
         if backend == "bls":
@@ -533,7 +582,7 @@ class TritonPythonModel:
         except ValueError:
             raise RequestError("request parameters are not valid JSON") from None
         opts = parse_options(params, check_max_new_tokens(None if mnt is None else mnt.as_numpy()),
-                             self.spec, streaming=self.streaming)
+                             self.spec, streaming=self.streaming, defaults=self.defaults)
         return Job(row, opts)
 
     def execute(self, requests: list[Any]) -> list[Any] | None:
@@ -553,9 +602,9 @@ class TritonPythonModel:
             try:
                 batch = [jobs[i] for i in members]
                 if batch[0].opts.beam:
-                    generate_beam(self.steps, batch, self.spec)
+                    generate_beam(self.steps, batch, self.spec, self.rules)
                 else:
-                    generate_sequential(self.steps, batch, self.spec)
+                    generate_sequential(self.steps, batch, self.spec, rules=self.rules)
             except Exception as exc:  # the group's failure, not the other groups'
                 for i in members:
                     errors[i] = _error_line(exc)
@@ -601,7 +650,8 @@ class TritonPythonModel:
                 return last
 
             try:
-                generate_sequential(self.steps, [jobs[i] for i in members], self.spec, on_token)
+                generate_sequential(self.steps, [jobs[i] for i in members], self.spec, on_token,
+                                    rules=self.rules)
             except Exception as exc:
                 for i in members:
                     if i not in done:

@@ -85,16 +85,22 @@ def _ragged(cfg, lengths: list[int], seed: int, noise_scale: float = 0.7):
     return {"src_ids": ids, "src_mask": mask, "noise": noise.astype(np.float32)}
 
 
-def oracle(model: Path, feeds, bos: int, eos: int, max_new: int) -> list[list[int]]:
-    """Greedy over the full graph: whole prefix every step, argmax of the last position."""
+def oracle(model: Path, feeds, bos: int, eos: int, max_new: int, rules=None
+           ) -> list[list[int]]:
+    """Greedy over the full graph: whole prefix every step, argmax of the last position.
+    ``rules``: token rules (checked against Transformers' processors in
+    tests/test_token_rules.py) applied to each step's float64 logits."""
     sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     b = feeds["src_ids"].shape[0]
     tgt = np.full((b, 1), bos, np.int64)
     seqs: list[list[int]] = [[] for _ in range(b)]
     done = [False] * b
     for _ in range(max_new):
-        logits = sess.run(["logits"], dict(feeds, tgt_ids=tgt))[0]
-        nxt = logits[:, -1].argmax(-1)
+        logits = sess.run(["logits"], dict(feeds, tgt_ids=tgt))[0][:, -1]
+        if rules is not None:
+            logits = rules.apply(logits.astype(np.float64), [[bos] + s for s in seqs],
+                                 max_new=max_new, eos_ids=[eos])
+        nxt = logits.argmax(-1)
         for r in range(b):
             if not done[r]:
                 seqs[r].append(int(nxt[r]))
@@ -281,6 +287,51 @@ def test_argument_errors(hmu_generate, graphs, case, expect, tmp_path):
         folder = swapped
     msg = _one_line_error(_generate(hmu_generate, folder, feeds, tmp_path, *extra), tmp_path)
     assert expect.format(tgt=tgt, over=tgt + 1, vocab=cfg.model.vocab_size) in msg, msg
+
+
+def _with_generation(folder: Path, out: Path, **generation) -> Path:
+    """Copies of the split graphs whose build config (graph metadata) sets ``generation``."""
+    import onnx
+
+    out.mkdir()
+    for name in ("encoder.onnx", "decoder.onnx"):
+        proto = onnx.load(str(folder / name))
+        for prop in proto.metadata_props:
+            if prop.key == "hmu_export.config":
+                config = json.loads(prop.value)
+                config["generation"].update(generation)
+                prop.value = json.dumps(config)
+        onnx.save(proto, str(out / name))
+    return out
+
+
+@pytest.mark.parametrize("graphs", ["multi"], indirect=True)
+def test_token_rules_of_the_build_are_honoured(hmu_generate, graphs, tmp_path):
+    """The build's [generation] token rules (an hf build: its generation_config.json) change
+    hmu_generate's tokens exactly as they change Python's; a build whose default strategy is
+    not greedy is refused in one line unless --greedy is given."""
+    from hmu_export.token_rules import TokenRules
+
+    cfg, folder = graphs
+    gen = cfg.generation
+    max_new = gen.new_tokens(cfg.profile)
+    feeds = _ragged(cfg, [6, 3, 8], seed=13, noise_scale=0.0)
+    plain = oracle(folder / "model.onnx", feeds, gen.bos_id, gen.eos_id, max_new)
+    rules = TokenRules(repetition_penalty=1.8, no_repeat_ngram_size=2,
+                       bad_words_ids=((plain[0][0],), (plain[1][0], plain[1][1])),
+                       min_new_tokens=2, forced_eos_id=gen.eos_id, suppress_tokens=(7,),
+                       begin_suppress_tokens=(plain[2][0],))
+    ruled = _with_generation(folder, tmp_path / "ruled", **rules.to_dict())
+    want = oracle(folder / "model.onnx", feeds, gen.bos_id, gen.eos_id, max_new, rules)
+    assert want != plain, "the rules changed nothing: the test would pass without them"
+    got, _ = _tokens(_generate(hmu_generate, ruled, feeds, tmp_path / "a"), tmp_path / "a")
+    assert got == want
+    beam = _with_generation(folder, tmp_path / "beam", strategy="beam", num_beams=4)
+    msg = _one_line_error(_generate(hmu_generate, beam, feeds, tmp_path / "b"), tmp_path / "b")
+    assert "strategy 'beam'" in msg and "--greedy" in msg, msg
+    got, _ = _tokens(_generate(hmu_generate, beam, feeds, tmp_path / "c", "--greedy"),
+                     tmp_path / "c")
+    assert got == plain
 
 
 def test_help(hmu_generate):

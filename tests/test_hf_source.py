@@ -168,13 +168,16 @@ def test_generation_ids(folders):
     want = {"t5": (0, 1), "bart": (2, 2), "marian": (99, 0)}
     for name, (bos, eos) in want.items():
         gen = H.generation_settings(_cfg(folders[name]))
-        assert (gen.bos_id, gen.eos_id, gen.token_options) == (bos, eos, {})
+        assert (gen.bos_id, gen.eos_id, gen.defaults, gen.refused) == (bos, eos, {}, {})
     path = folders["bart"] / "generation_config.json"
     data = json.loads(path.read_text())
     try:
-        path.write_text(json.dumps({**data, "no_repeat_ngram_size": 3, "num_beams": 4}))
+        path.write_text(json.dumps({**data, "no_repeat_ngram_size": 3, "num_beams": 4,
+                                    "min_length": 5, "early_stopping": "never"}))
         gen = H.generation_settings(_cfg(folders["bart"]))
-        assert gen.token_options == {"no_repeat_ngram_size": 3, "num_beams": 4}
+        assert gen.defaults == {"strategy": "beam", "num_beams": 4, "no_repeat_ngram_size": 3,
+                                "min_new_tokens": 4}  # min_length counts the start token
+        assert gen.refused == {"early_stopping": "never"}
     finally:
         path.write_text(json.dumps(data))
 

@@ -124,7 +124,7 @@ def test_repository_has_the_generation_models(repo, small_cfg):
     for kind, name in names.items():
         files = sorted(p.relative_to(repo / name).as_posix()
                        for p in (repo / name).rglob("*") if p.is_file())
-        want = (["1/decoder.onnx", "1/encoder.onnx", "1/model.py"]
+        want = (["1/decoder.onnx", "1/encoder.onnx", "1/model.py", "1/token_rules.py"]
                 if kind.startswith("generate") else ["1/model.onnx"])
         assert files == sorted(want + ["config.pbtxt"]), (name, files)
     gen = parse_config((repo / GEN / "config.pbtxt").read_text())
@@ -342,6 +342,56 @@ def test_model_loop_with_eos_equals_the_generator(repo, ref):
         want = [ref.generate([row], eos_id=23, **kw).sequences[0] for row in ROWS]
         assert [j.tokens for j in jobs] == want, kw
         assert any(t[-1] == 23 and len(t) < opts.max_new_tokens for t in want), want
+
+
+def test_model_honours_the_builds_token_rules(repo, ref, small_cfg):
+    """The build's decoding defaults and token rules reach the model through its ``decoding``
+    parameter (read by initialize, as Triton calls it) and its loops apply them as the
+    Generator does: per-row max_new_tokens (ForcedEOS), sampling, beams."""
+    import dataclasses
+    import json
+
+    import hmu_export.triton_generate_model as tgm
+    from hmu_export.token_rules import TokenRules
+    from hmu_export.triton_generate import decoding_parameter
+
+    rules = TokenRules(repetition_penalty=1.6, no_repeat_ngram_size=2, bad_words_ids=((5,), (7, 8)),
+                       min_new_tokens=2, forced_eos_id=23, suppress_tokens=(9,))
+    gen = dataclasses.replace(small_cfg.generation, strategy="beam", num_beams=2,
+                              **{k: v for k, v in rules.to_dict().items()
+                                 if k not in ("bad_words_ids", "suppress_tokens")},
+                              bad_words_ids=rules.bad_words_ids,
+                              suppress_tokens=rules.suppress_tokens)
+    conf = parse_config((repo / GEN / "config.pbtxt").read_text())
+    conf.parameters["decoding"].string_value = decoding_parameter(
+        dataclasses.replace(small_cfg, generation=gen))
+    from google.protobuf import json_format
+    model = tgm.TritonPythonModel()
+    model.initialize({"model_config": json.dumps(json_format.MessageToDict(
+        conf, preserving_proto_field_name=True)), "model_repository": str(repo / GEN),
+        "model_version": "1"})
+    assert model.rules == rules and model.defaults["strategy"] == "beam"
+    changed = False
+    for kw in ({}, {"strategy": "greedy"}, {"strategy": "sample", "seed": 2, "top_k": 5}):
+        jobs = []
+        for i, row in enumerate(ROWS):
+            mnt = 4 + i  # rows end at different steps: ForcedEOS per row
+            jobs.append(tgm.Job(row, tgm.parse_options(_params(kw), mnt, model.spec,
+                                                       defaults=model.defaults)))
+        for group in tgm.plan_groups(jobs, model.spec["batch_max"]):
+            batch = [jobs[i] for i in group]
+            if batch[0].opts.beam:
+                tgm.generate_beam(model.steps, batch, model.spec, model.rules)
+            else:
+                tgm.generate_sequential(model.steps, batch, model.spec, rules=model.rules)
+        opts = {"strategy": "beam", "num_beams": 2, **kw}
+        want = [ref.generate([row], rules=rules, max_new_tokens=4 + i, **opts).sequences[0]
+                for i, row in enumerate(ROWS)]
+        assert [j.tokens for j in jobs] == want, kw
+        plain = [ref.generate([row], max_new_tokens=4 + i, **opts).sequences[0]
+                 for i, row in enumerate(ROWS)]
+        changed |= plain != want
+    assert changed, "the rules never changed a token: this test would pass without them"
 
 
 def test_cancelled_stream_leaves_the_others_running(server, ref):

@@ -25,7 +25,7 @@ constexpr int kUserError = 2;
 const char* const kUsage =
     "usage: hmu_generate --encoder FILE --decoder FILE --inputs DIR --outputs DIR\n"
     "                    [--backend ort|trt] [--max-new-tokens N] [--eos-id N] [--bos-id N]\n"
-    "                    [--threads N]\n"
+    "                    [--threads N] [--greedy]\n"
     "  --encoder / --decoder  encoder.onnx + decoder.onnx (ort) or their TensorRT plans (trt)\n"
     "                         from one hmu_export build\n"
     "  --inputs    folder with src_ids.npy, src_mask.npy (int64 [batch, src_len]) and noise.npy\n"
@@ -33,7 +33,10 @@ const char* const kUsage =
     "  --outputs   folder that receives tokens.npy and lengths.npy (created if missing)\n"
     "  --backend   ort | trt (default: trt for .plan/.engine files, else ort)\n"
     "  --max-new-tokens / --eos-id / --bos-id  override the graph's [generation] config\n"
-    "  --threads   intra-op threads for ONNX Runtime (default: its own choice)\n";
+    "  --threads   intra-op threads for ONNX Runtime (default: its own choice)\n"
+    "  --greedy    decode greedily even if the build's default strategy is beam / sample\n"
+    "  The build's token rules ([generation]: repetition penalty, no-repeat n-grams, bad\n"
+    "  words, min / forced tokens, suppressed tokens) always apply, as in Python.\n";
 
 struct Args {
   std::string encoder, decoder, inputs, outputs, backend;
@@ -70,6 +73,10 @@ Args parse_args(int argc, char** argv) {
     if (flag == "-h" || flag == "--help") {
       std::cout << kUsage;
       std::exit(0);
+    }
+    if (flag == "--greedy") {
+      a.gen.greedy_anyway = true;
+      continue;
     }
     std::string* slot = flag == "--encoder"   ? &a.encoder
                         : flag == "--decoder" ? &a.decoder

@@ -31,13 +31,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="default: onnxruntime-opt")
     p.add_argument("--max-new-tokens", type=_positive_int,
                    help="default: [generation].max_new_tokens of the build")
-    p.add_argument("--strategy", choices=STRATEGIES, default="greedy")
-    p.add_argument("--num-beams", type=_positive_int, default=4)
-    p.add_argument("--length-penalty", type=_finite, default=1.0)
-    p.add_argument("--early-stopping", action="store_true")
-    p.add_argument("--temperature", type=_finite, default=1.0, help="sampling temperature")
-    p.add_argument("--top-k", type=_int, default=0, help="0 = off")
-    p.add_argument("--top-p", type=_finite, default=1.0, help="1 = off")
+    build_default = "default: the build's [generation] (an hf build: its generation_config.json)"
+    p.add_argument("--strategy", choices=STRATEGIES, help=build_default)
+    p.add_argument("--num-beams", type=_positive_int, help=build_default)
+    p.add_argument("--length-penalty", type=_finite, help=build_default)
+    p.add_argument("--early-stopping", action=argparse.BooleanOptionalAction,
+                   help=build_default)
+    p.add_argument("--temperature", type=_finite, help="sampling temperature; " + build_default)
+    p.add_argument("--top-k", type=_int, help="0 = off; " + build_default)
+    p.add_argument("--top-p", type=_finite, help="1 = off; " + build_default)
     p.add_argument("--noise-scale", type=_finite,
                    help="HMU noise temperature (0 = the VAE's mean path; default: the build's)")
     p.add_argument("--seed", type=_int, default=0, help="sampling and HMU-noise seed")
@@ -79,11 +81,12 @@ def run(args: argparse.Namespace) -> int:
     else:
         rows = read_input(args.input)
     gen = Generator.from_build(args.artifacts, args.backend, threads=args.threads)
-    result = gen.generate(
-        rows, strategy=args.strategy, max_new_tokens=args.max_new_tokens,
+    opts = gen.options(
+        strategy=args.strategy, max_new_tokens=args.max_new_tokens,
         num_beams=args.num_beams, length_penalty=args.length_penalty,
         early_stopping=args.early_stopping, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, seed=args.seed, noise_seed=args.seed, noise_scale=args.noise_scale)
+    result = gen.generate(rows, opts)
     out = result.to_dict()
     texts = tok.decode(result.sequences) if tok is not None else None
     if texts is not None:
@@ -93,14 +96,14 @@ def run(args: argparse.Namespace) -> int:
     if texts is not None:
         from rich.markup import escape
         ui.out.print(ui.table(
-            f"generate: {args.backend}, {args.strategy}, {result.steps} steps, "
+            f"generate: {args.backend}, {opts.strategy}, {result.steps} steps, "
             f"{result.seconds * 1e3:.1f} ms, {result.tokens_per_s:.1f} tokens/s",
             ("row", "tokens", "text"),
             [(str(i), " ".join(map(str, s)), escape(t))
              for i, (s, t) in enumerate(zip(result.sequences, texts))]))
         return 0
     ui.out.print(ui.table(
-        f"generate: {args.backend}, {args.strategy}, {result.steps} steps, "
+        f"generate: {args.backend}, {opts.strategy}, {result.steps} steps, "
         f"{result.seconds * 1e3:.1f} ms, {result.tokens_per_s:.1f} tokens/s",
         ("row", "tokens"), [(str(i), " ".join(map(str, s))) for i, s in
                             enumerate(result.sequences)]))

@@ -47,15 +47,30 @@ T5_MAX_LEN = 512
 #: ModelConfig's latent_dim default: a resolved hf config replaces it with d_model // 2. A TOML
 #: that sets any other value keeps it (an explicit 64 cannot be told from the default).
 _DEFAULT_LATENT = next(f.default for f in dataclasses.fields(ModelConfig) if f.name == "latent_dim")
-#: generation_config.json options that change tokens, with the value that leaves tokens alone.
-TOKEN_OPTIONS: dict[str, Any] = {
-    "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None,
-    "forced_bos_token_id": None, "forced_eos_token_id": None, "repetition_penalty": 1.0,
-    "encoder_repetition_penalty": 1.0, "length_penalty": 1.0, "num_beams": 1,
-    "min_length": 0, "min_new_tokens": None, "suppress_tokens": None,
-    "begin_suppress_tokens": None, "sequence_bias": None, "do_sample": False,
-    "diversity_penalty": 0.0, "exponential_decay_length_penalty": None,
+#: generation_config.json options that change tokens and that every loop honours:
+#: Transformers' name -> our [generation] key (hmu_export/token_rules.py for the token rules).
+HONOURED_OPTIONS: dict[str, str] = {
+    "num_beams": "num_beams", "length_penalty": "length_penalty",
+    "early_stopping": "early_stopping", "repetition_penalty": "repetition_penalty",
+    "no_repeat_ngram_size": "no_repeat_ngram_size", "bad_words_ids": "bad_words_ids",
+    "min_new_tokens": "min_new_tokens", "forced_bos_token_id": "forced_bos_id",
+    "forced_eos_token_id": "forced_eos_id", "suppress_tokens": "suppress_tokens",
+    "begin_suppress_tokens": "begin_suppress_tokens",
 }
+#: options that change tokens and that no loop here implements, with the value that leaves
+#: tokens alone: a folder that sets one is refused (never silently ignored).
+REFUSED_OPTIONS: dict[str, Any] = {
+    "encoder_no_repeat_ngram_size": 0, "encoder_repetition_penalty": 1.0,
+    "sequence_bias": None, "diversity_penalty": 0.0, "num_beam_groups": 1,
+    "exponential_decay_length_penalty": None, "penalty_alpha": None, "guidance_scale": None,
+    "renormalize_logits": False, "remove_invalid_values": False, "num_return_sequences": 1,
+    "forced_decoder_ids": None, "constraints": None, "force_words_ids": None,
+    "watermarking_config": None,
+}
+#: sampling warpers: honoured (temperature, top_k, top_p) or refused only when do_sample is set
+SAMPLING_HONOURED = ("temperature", "top_k", "top_p")
+SAMPLING_REFUSED: dict[str, Any] = {"typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
+                                    "min_p": None, "top_h": None}
 
 
 # ----------------------------------------------------------------------------- config
@@ -196,13 +211,23 @@ class HFGeneration:
     eos_id: int  # the first one when the config lists several
     eos_ids: tuple[int, ...]
     pad_id: int
-    #: options set to a value that changes tokens (name -> value): honour them or refuse
-    token_options: dict[str, Any] = field(default_factory=dict)
+    #: [generation] keys the folder's generation config sets (strategy, beams, token rules)
+    defaults: dict[str, Any] = field(default_factory=dict)
+    #: options set to a token-changing value that no loop implements (name -> value)
+    refused: dict[str, Any] = field(default_factory=dict)
+
+    def refusal(self, where: Path | str) -> str:
+        if not self.refused:
+            return ""
+        named = ", ".join(f"{k} = {v!r}" for k, v in self.refused.items())
+        return (f"{where} sets {named}, which changes tokens and which hmu-export's generation "
+                "loops do not implement")
 
 
 def generation_settings(cfg: ModelConfig) -> HFGeneration:
-    """Generation ids for ``[generation]`` (bos_id = decoder_start_token_id, eos_id), read from
-    generation_config.json when the folder has one, else from config.json."""
+    """Generation ids for ``[generation]`` (bos_id = decoder_start_token_id, eos_id) and the
+    folder's decoding defaults, read from generation_config.json when the folder has one, else
+    from config.json."""
     from transformers import GenerationConfig
     path = _folder(cfg)
     hc = _hf_config(path)
@@ -225,13 +250,49 @@ def generation_settings(cfg: ModelConfig) -> HFGeneration:
     pad = pick("pad_token_id")
     if start is None or not eos_ids:
         raise ConfigError(f"{path}: the config names no decoder_start_token_id or eos_token_id")
-    options = {}
-    for key, neutral in TOKEN_OPTIONS.items():
-        value = getattr(gc, key, neutral)
-        if value is not None and value != neutral:
-            options[key] = value
+    defaults, refused = _decoding_defaults(gc)
     return HFGeneration(int(start), int(eos_ids[0]), tuple(int(e) for e in eos_ids),
-                        int(pad if pad is not None else 0), options)
+                        int(pad if pad is not None else 0), defaults, refused)
+
+
+def _decoding_defaults(gc: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """([generation] values, refused options) of a Transformers GenerationConfig."""
+    out: dict[str, Any] = {}
+    refused = {k: getattr(gc, k) for k, neutral in REFUSED_OPTIONS.items()
+               if getattr(gc, k, neutral) not in (neutral, None)}
+    beams = int(getattr(gc, "num_beams", 1) or 1)
+    if getattr(gc, "do_sample", False):
+        if beams > 1:
+            refused["do_sample"] = f"True with num_beams = {beams} (beam sampling)"
+        out["strategy"] = "sample"
+        for key in SAMPLING_HONOURED:
+            if getattr(gc, key, None) is not None:
+                out[key] = getattr(gc, key)
+        refused.update({k: getattr(gc, k) for k, neutral in SAMPLING_REFUSED.items()
+                        if getattr(gc, k, neutral) not in (neutral, None)})
+    elif beams > 1:
+        out["strategy"] = "beam"
+    for hf_key, key in HONOURED_OPTIONS.items():
+        v = getattr(gc, hf_key, None)
+        if v is None:
+            continue
+        if hf_key == "early_stopping" and not isinstance(v, bool):
+            refused[hf_key] = v  # "never": a different stopping rule
+            continue
+        if hf_key == "forced_eos_token_id" and isinstance(v, (list, tuple)):
+            if len(v) != 1:
+                refused[hf_key] = v
+                continue
+            v = v[0]
+        if hf_key in ("bad_words_ids",):
+            v = tuple(tuple(int(t) for t in seq) for seq in v)
+        elif hf_key in ("suppress_tokens", "begin_suppress_tokens"):
+            v = tuple(int(t) for t in v)
+        out[key] = v
+    min_length = int(getattr(gc, "min_length", 0) or 0)
+    if min_length > 1:  # counts the decoder start token: min_length L = L - 1 new tokens
+        out["min_new_tokens"] = max(int(out.get("min_new_tokens", 0)), min_length - 1)
+    return out, refused
 
 
 # ----------------------------------------------------------------------------- attention
@@ -577,11 +638,17 @@ class HFSource(ModelSource):
             return "off"
         return "trained" if self.hmu_trained else f"untrained (seeded with model.seed {self.cfg.seed})"
 
-    def generation_defaults(self) -> dict[str, int]:
+    def generation_defaults(self) -> dict[str, Any]:
         if not self.cfg.path:  # rebuilt from a build: its [generation] already holds them
             return {}
         g = generation_settings(self.cfg)
-        return {"bos_id": g.bos_id, "eos_id": g.eos_id}
+        return {"bos_id": g.bos_id, "eos_id": g.eos_id, **g.defaults}
+
+    def generation_options_refusal(self) -> str:
+        if not self.cfg.path:
+            return ""
+        return generation_settings(self.cfg).refusal(Path(self.cfg.path) /
+                                                      "generation_config.json")
 
     @property
     def hf_model(self) -> nn.Module:

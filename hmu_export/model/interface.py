@@ -10,6 +10,7 @@ so the exporter and the torch runners treat every graph and every source alike.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Any
 
 import torch
 from torch import nn
@@ -59,13 +60,18 @@ class ModelSource(ABC):
         """Decoder self/cross-attention cache geometry (only for sources that generate)."""
         raise NotImplementedError(f"{self.source} source has no decoder cache")
 
-    def generation_defaults(self) -> dict[str, int]:
+    def generation_defaults(self) -> dict[str, Any]:
         """``[generation]`` values the model's own files fix (e.g. Transformers'
         decoder_start_token_id / eos_token_id); empty when the config decides."""
         return {}
 
     def generation_refusal(self) -> str:
         """Empty when autoregressive generation is meaningful, else why not (one line)."""
+        return ""
+
+    def generation_options_refusal(self) -> str:
+        """Empty unless the model's own generation settings ask for decoding that no loop here
+        implements (one line naming the options): generation graphs are then refused."""
         return ""
 
     # ------------------------------------------------------------------ facts

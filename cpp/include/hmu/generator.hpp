@@ -26,6 +26,26 @@ struct CacheLayout {
   int64_t head_dim = 0;
 };
 
+// Token rules of the build's [generation] config (hmu_export/token_rules.py; for a Hugging
+// Face source, its generation_config.json): Transformers' semantics and order, applied to the
+// raw logits of the greedy loop (in double, as Python does on float64).
+struct TokenRules {
+  double repetition_penalty = 1.0;
+  int64_t no_repeat_ngram_size = 0;
+  std::vector<std::vector<int64_t>> bad_words_ids;
+  int64_t min_new_tokens = 0;
+  int64_t forced_bos_id = -1;  // -1 = off
+  int64_t forced_eos_id = -1;
+  std::vector<int64_t> suppress_tokens;
+  std::vector<int64_t> begin_suppress_tokens;
+
+  bool active() const;
+  // `scores` [vocab] for the next token of a row whose decoder input so far is `prefix`
+  // (start token first); `max_new` is the request's max_new_tokens.
+  void apply(std::vector<double>& scores, const std::vector<int64_t>& prefix, int64_t max_new,
+             int64_t eos_id) const;
+};
+
 // What a runner knows about its graphs.
 struct GeneratorInfo {
   ModelInfo encoder;          // the encoder's inputs, the profile (batch, src_len) and vocab
@@ -33,6 +53,9 @@ struct GeneratorInfo {
   int64_t bos_id = 1;         // [generation] defaults from the graph's build config
   int64_t eos_id = 2;
   int64_t max_new_tokens = 0;  // 0 = min(32, tgt_len_max)
+  std::string strategy = "greedy";  // the build's default decoding ([generation] strategy)
+  int64_t num_beams = 1;
+  TokenRules rules;
   CacheLayout cache;
 };
 
@@ -52,6 +75,9 @@ struct GenerateOptions {
   int64_t max_new_tokens = -1;  // -1 = from the graph's [generation] config
   int64_t bos_id = -1;
   int64_t eos_id = -1;
+  // Decode greedily even when the build's default strategy is beam search or sampling
+  // (without it such a build is refused: its tokens would differ from Python's).
+  bool greedy_anyway = false;
 };
 
 struct GenerateResult {
