@@ -2,7 +2,8 @@
 
 Every backend runs the same loop (hmu_export/generate.py) on the same sources. Greedy decoding
 with EOS ignored, so every run makes exactly ``new_tokens`` tokens on every backend and the
-figures compare like with like.
+figures compare like with like. On an hf build the same run also times third-party generators
+(hmu_export/bench_peers.py) on the same sources, and reports our ``onnxruntime-opt`` over each.
 """
 from __future__ import annotations
 
@@ -26,9 +27,10 @@ class GenerationBenchReport:
     skipped: list[dict[str, str]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
+        from .bench_peers import peer_ratios
         return {"model": self.model, "machine": self.machine, "settings": self.settings,
                 "results": self.results, "skipped": self.skipped,
-                "ratios": ratios(self.results)}
+                "ratios": ratios(self.results), "peer_ratios": peer_ratios(self.results)}
 
 
 def _sources(batch: int, src_len: int, vocab: int, seed: int) -> list[list[int]]:
@@ -40,9 +42,11 @@ def _sources(batch: int, src_len: int, vocab: int, seed: int) -> list[list[int]]
 def run_generation_bench(root: Path, *, backends: Sequence[str] = DEFAULT_GENERATION_BACKENDS,
                          batches: Sequence[int] = (1, 8), src_len: int = 64,
                          new_tokens: int = 64, runs: int = 5, warmup: int = 1,
-                         threads: int | None = None,
+                         threads: int | None = None, peers: Sequence[str] | None = None,
                          progress: Callable[[str], None] | None = None
                          ) -> GenerationBenchReport:
+    """``peers``: third-party generators to time too (bench_peers.PEERS); None = all of them
+    on an hf build, none otherwise."""
     from .bench import machine_info
     from .build_folder import open_build
     from .generate import Generator
@@ -60,6 +64,15 @@ def run_generation_bench(root: Path, *, backends: Sequence[str] = DEFAULT_GENERA
     if not 1 <= new_tokens <= p.tgt_len[2]:
         raise InputError(f"new tokens must be in [1, {p.tgt_len[2]}] (the profile's tgt_len "
                          f"max), got {new_tokens}")
+    from .bench_peers import PEERS
+    if peers is None:
+        peers = PEERS if cfg.model.source == "hf" else ()
+    elif peers and cfg.model.source != "hf":
+        raise InputError(f"peers ({', '.join(peers)}) need a build whose [model] source is "
+                         f"hf, this one's is {cfg.model.source}")
+    elif set(peers) - set(PEERS):
+        raise InputError(f"unknown peer(s) {', '.join(sorted(set(peers) - set(PEERS)))} "
+                         f"(use {', '.join(PEERS)})")
     from .backends.generation import generation_threads
 
     threads = threads or generation_threads()
@@ -71,7 +84,8 @@ def run_generation_bench(root: Path, *, backends: Sequence[str] = DEFAULT_GENERA
                "vocab_size": cfg.model.vocab_size},
         machine=machine_info(threads),
         settings={"batches": list(batches), "src_len": src_len, "new_tokens": new_tokens,
-                  "runs": runs, "warmup": warmup, "strategy": "greedy", "threads": threads})
+                  "runs": runs, "warmup": warmup, "strategy": "greedy", "threads": threads,
+                  "peers": list(peers)})
     gens: dict[str, Generator] = {}
     for name in backends:
         try:
@@ -94,14 +108,30 @@ def run_generation_bench(root: Path, *, backends: Sequence[str] = DEFAULT_GENERA
                 made = {len(s) for s in res.sequences}
                 if made != {new_tokens}:  # every backend must do the same work
                     raise InputError(f"{name} made {sorted(made)} tokens, not {new_tokens}")
-            lat_ms = np.asarray(lat) * 1e3
-            report.results.append({
-                "backend": name, "batch": b, "src_len": src_len, "new_tokens": new_tokens,
-                "ttft_ms": float(np.median(ttft) * 1e3),
-                "per_token_p50_ms": float(np.percentile(lat_ms, 50)),
-                "per_token_p99_ms": float(np.percentile(lat_ms, 99)),
-                "tokens_per_s": float(np.median(tps)), "runs": runs})
+            report.results.append(result_row(name, b, src_len, new_tokens, ttft, lat, tps,
+                                             runs))
+    if peers:
+        from .bench_peers import run_peers
+        rows, skipped = run_peers(
+            root, peers, batches, lambda b: _sources(b, src_len, cfg.model.vocab_size, 0),
+            src_len=src_len, new_tokens=new_tokens, runs=runs, warmup=warmup, threads=threads,
+            row=result_row, progress=progress)
+        report.results += rows
+        report.skipped += skipped
     return report
+
+
+def result_row(backend: str, batch: int, src_len: int, new_tokens: int,
+               ttft_s: Sequence[float] | None, latencies_s: Sequence[float] | None,
+               tokens_per_s: Sequence[float], runs: int) -> dict[str, Any]:
+    """One report row: medians over runs, per-token percentiles over every step of every run
+    (None where the generator gives no per-token hook)."""
+    lat_ms = np.asarray(latencies_s) * 1e3 if latencies_s else None
+    return {"backend": backend, "batch": batch, "src_len": src_len, "new_tokens": new_tokens,
+            "ttft_ms": float(np.median(ttft_s) * 1e3) if ttft_s else None,
+            "per_token_p50_ms": None if lat_ms is None else float(np.percentile(lat_ms, 50)),
+            "per_token_p99_ms": None if lat_ms is None else float(np.percentile(lat_ms, 99)),
+            "tokens_per_s": float(np.median(tokens_per_s)), "runs": runs}
 
 
 def ratios(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -111,7 +141,7 @@ def ratios(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     for r in results:
         row = {"backend": r["backend"], "batch": r["batch"],
                "p99_over_p50": r["per_token_p99_ms"] / r["per_token_p50_ms"]
-               if r["per_token_p50_ms"] else None}
+               if r["per_token_p50_ms"] and r["per_token_p99_ms"] is not None else None}
         for base in ("torch", "torch-nocache"):
             ref = by.get((base, r["batch"]))
             row[f"vs_{base}"] = r["tokens_per_s"] / ref["tokens_per_s"] if ref else None
@@ -129,18 +159,35 @@ def to_markdown(report: GenerationBenchReport) -> str:
              "x torch | x torch-nocache |", "|---|---|---|---|---|---|---|---|---|"]
     rat = {(r["backend"], r["batch"]): r for r in ratios(report.results)}
 
-    def fmt(x: float | None) -> str:
-        return "-" if x is None else f"{x:.2f}"
-
     for r in report.results:
         q = rat[(r["backend"], r["batch"])]
-        lines.append(f"| {r['backend']} | {r['batch']} | {r['ttft_ms']:.2f} | "
-                     f"{r['per_token_p50_ms']:.3f} | {r['per_token_p99_ms']:.3f} | "
+        lines.append(f"| {r['backend']}{_peer_note(r)} | {r['batch']} | {fmt(r['ttft_ms'])} | "
+                     f"{fmt(r['per_token_p50_ms'], 3)} | {fmt(r['per_token_p99_ms'], 3)} | "
                      f"{fmt(q['p99_over_p50'])} | {r['tokens_per_s']:.1f} | "
                      f"{fmt(q['vs_torch'])} | {fmt(q['vs_torch-nocache'])} |")
+    from .bench_peers import peer_ratios
+    pr = peer_ratios(report.results)
+    if pr:
+        lines += ["", f"## {pr[0]['ours']} over each peer (tokens/s)", "",
+                  "| peer | batch | ours tok/s | peer tok/s | ratio | target | met |",
+                  "|---|---|---|---|---|---|---|"]
+        for p in pr:
+            met = "-" if p["meets_target"] is None else ("yes" if p["meets_target"] else "no")
+            target = "-" if p["target"] is None else f">= {p['target']:g}"
+            lines.append(f"| {p['peer']} | {p['batch']} | {p['ours_tokens_per_s']:.1f} | "
+                         f"{p['peer_tokens_per_s']:.1f} | {p['ratio']:.2f} | {target} | {met} |")
     for sk in report.skipped:
         lines.append(f"\nSkipped `{sk['backend']}`: {sk['reason']}")
     return "\n".join(lines) + "\n"
+
+
+def fmt(x: float | None, digits: int = 2) -> str:
+    """A figure for a table; '-' where it was not measurable."""
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def _peer_note(row: dict[str, Any]) -> str:
+    return f" (peer, HMU {row['hmu']})" if row.get("peer") else ""
 
 
 def plot(report: GenerationBenchReport, path: Path) -> Path:

@@ -64,3 +64,24 @@ def default_build(tmp_path_factory) -> Path:
     outcome = run_build(BuildConfig().validate(), out)
     assert outcome.ok, outcome.failure
     return outcome.out_dir
+
+
+@pytest.fixture(scope="session")
+def hf_t5_build(tmp_path_factory) -> tuple[Path, Path]:
+    """(folder root, build) of the tiny Hugging Face T5 of test_hf_source with a seeded HMU:
+    checkpoint, every graph, optimized graphs and parity; made once per session."""
+    pytest.importorskip("transformers")
+    import test_hf_source as HF
+
+    from hmu_export.pipeline import preflight, run_build
+
+    root = tmp_path_factory.mktemp("hf_build")
+    HF._t5().save_pretrained(root / "t5")
+    cfg = config_from_dict({
+        "model": {"name": "t5-hmu", "source": "hf", "path": str(root / "t5")},
+        "profile": {"batch": [1, 2, 3], "src_len": [1, 7, 12], "tgt_len": [1, 4, 8]}})
+    out = root / "out"
+    outcome = run_build(cfg, out, model=preflight(cfg, out),
+                        only=["checkpoint", "export", "optimize", "parity"])
+    assert outcome.ok, outcome.failure
+    return root, outcome.out_dir

@@ -12,23 +12,11 @@ pytest.importorskip("transformers")
 import test_hf_source as HF  # noqa: E402  (its tiny-model builders and Transformers oracle)
 
 from hmu_export.cli import main  # noqa: E402
-from hmu_export.config import config_from_dict  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def t5_build(tmp_path_factory):
-    from hmu_export.pipeline import preflight, run_build
-
-    root = tmp_path_factory.mktemp("hf_build")
-    HF._t5().save_pretrained(root / "t5")
-    cfg = config_from_dict({
-        "model": {"name": "t5-hmu", "source": "hf", "path": str(root / "t5")},
-        "profile": {"batch": [1, 2, 3], "src_len": [1, 7, 12], "tgt_len": [1, 4, 8]}})
-    out = root / "out"
-    outcome = run_build(cfg, out, model=preflight(cfg, out),
-                        only=["checkpoint", "export", "optimize", "parity"])
-    assert outcome.ok, outcome.failure
-    return root, outcome.out_dir
+def t5_build(hf_t5_build):
+    return hf_t5_build  # conftest.py: shared with tests/test_bench_peers.py
 
 
 def test_manifest_says_the_hmu_is_untrained_and_lists_every_graph(t5_build):

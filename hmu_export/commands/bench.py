@@ -40,6 +40,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--src-len", type=int, default=64, help="--generate: source tokens")
     p.add_argument("--batches", default="1,8", help="--generate: batch sizes")
     p.add_argument("--runs", type=int, default=5, help="--generate: timed runs")
+    p.add_argument("--peers", default=None,
+                   help="--generate on an hf build: third-party generators timed in the same run "
+                        "(default: transformers,optimum,ctranslate2; absent ones are skipped "
+                        "with the reason)")
+    p.add_argument("--no-peers", action="store_true", help="--generate: time no peers")
     p.add_argument("--out", type=Path, default=None,
                    help="folder for bench.json/.md/.png (default ARTIFACTS/bench)")
     p.set_defaults(func=run)
@@ -109,8 +114,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_generate(args: argparse.Namespace, backends: list[str] | None) -> int:
-    from ..bench_generation import (DEFAULT_GENERATION_BACKENDS, ratios, run_generation_bench,
-                                    write_outputs as write_generation)
+    from ..bench_generation import (DEFAULT_GENERATION_BACKENDS, fmt, ratios,
+                                    run_generation_bench, write_outputs as write_generation)
+    from ..bench_peers import peer_ratios
 
     try:
         batches = [int(b) for b in args.batches.split(",") if b.strip()]
@@ -120,12 +126,16 @@ def run_generate(args: argparse.Namespace, backends: list[str] | None) -> int:
     if args.runs < 1 or args.new_tokens < 1 or args.src_len < 1 or not batches:
         raise ConfigError("--runs, --new-tokens, --src-len and --batches must be >= 1")
     runs = 2 if args.quick else args.runs
+    if args.no_peers and args.peers:
+        raise ConfigError("--peers and --no-peers contradict each other")
+    peers = [] if args.no_peers else None if args.peers is None else \
+        [x.strip() for x in args.peers.split(",") if x.strip()]
     with ui.progress() as bar:
         task = bar.add_task("bench --generate", total=None)
         report = run_generation_bench(
             args.artifacts, backends=backends or DEFAULT_GENERATION_BACKENDS, batches=batches,
             src_len=args.src_len, new_tokens=args.new_tokens, runs=runs,
-            warmup=0 if args.quick else 1, threads=args.threads or None,
+            warmup=0 if args.quick else 1, threads=args.threads or None, peers=peers,
             progress=lambda d: bar.update(task, description=d, advance=1))
     out_dir = args.out or (args.artifacts / "bench")
     paths = write_generation(report, out_dir, args.json)
@@ -133,8 +143,8 @@ def run_generate(args: argparse.Namespace, backends: list[str] | None) -> int:
         from ..manifest import update_manifest
         update_manifest(args.artifacts, None, None, written=list(paths.values()))
     rat = {(r["backend"], r["batch"]): r for r in ratios(report.results)}
-    rows = [(r["backend"], str(r["batch"]), f"{r['ttft_ms']:.2f}", f"{r['per_token_p50_ms']:.3f}",
-             f"{r['per_token_p99_ms']:.3f}", f"{r['tokens_per_s']:.1f}",
+    rows = [(r["backend"], str(r["batch"]), fmt(r["ttft_ms"]), fmt(r["per_token_p50_ms"], 3),
+             fmt(r["per_token_p99_ms"], 3), f"{r['tokens_per_s']:.1f}",
              "-" if rat[(r["backend"], r["batch"])]["vs_torch"] is None
              else f"{rat[(r['backend'], r['batch'])]['vs_torch']:.2f}")
             for r in report.results]
@@ -142,6 +152,14 @@ def run_generate(args: argparse.Namespace, backends: list[str] | None) -> int:
                           f"{args.new_tokens} new tokens", ["backend", "batch", "TTFT ms",
                                                             "p50 ms/token", "p99 ms/token",
                                                             "tokens/s", "x torch"], rows))
+    pr = peer_ratios(report.results)
+    if pr:
+        ui.out.print(ui.table(f"{pr[0]['ours']} over peers (tokens/s)",
+                              ["peer", "batch", "ratio", "target"],
+                              [(p["peer"], str(p["batch"]), f"{p['ratio']:.2f}",
+                                "-" if p["target"] is None else
+                                f">= {p['target']:g} ({'met' if p['meets_target'] else 'missed'})")
+                               for p in pr]))
     for s in report.skipped:
         ui.out.print(f"[yellow]skipped[/yellow] {s['backend']}: {s['reason']}")
     ui.out.print(f"wrote {paths['json']}, {paths['markdown']}, {paths['png']}")
