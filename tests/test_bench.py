@@ -86,6 +86,31 @@ def test_shape_outside_profile_is_a_clear_error(small_build, capsys):
     rc = main(["bench", "--artifacts", str(small_build.root), "--quick", "--shapes", "1x99x4"])
     assert rc == 2
     assert "outside the build's profile" in capsys.readouterr().err
+    # a classifier's BxLS form on a seq2seq build: the graph's axes are named in one line
+    assert main(["bench", "--artifacts", str(small_build.root), "--quick", "--shapes", "1x8"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "give BxLSxLT" in err[0] and err[0].startswith("error: ")
+
+
+def test_parity_and_bench_take_their_backends_from_one_registry(small_build, small_cfg,
+                                                                small_model):
+    """Parity's entries are bench's, minus parity's own reference (torch FP32) and the GPU
+    backends this machine lacks; same precision and availability on both sides."""
+    import torch
+
+    from hmu_export.backends.registry import discover_backends
+    from hmu_export.io_contract import full_contract
+
+    contract = full_contract(small_cfg.model)
+    parity = {b.label: b for b in discover_backends(small_build, small_cfg, small_model, contract)}
+    bench = {b.label: b for b in discover_backends(small_build, small_cfg, small_model, contract,
+                                                   use="bench")}
+    assert "torch" in bench and "torch" not in parity
+    assert {"onnxruntime", "onnxruntime-opt", "tensorrt"} <= set(parity) < set(bench)
+    for label, b in parity.items():
+        assert (bench[label].precision, bench[label].available) == (b.precision, b.available)
+    if not torch.cuda.is_available():
+        assert not bench["torch-cuda-fp16"].available and "torch-cuda-fp16" not in parity
 
 
 def test_unknown_backend_and_missing_folder(small_build, tmp_path, capsys):
