@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import platform
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
