@@ -25,7 +25,7 @@ from .artifacts import BuildLayout
 from .config import BuildConfig, ProfileConfig
 from .errors import ArtifactError, BackendUnavailable, HMUExportError
 from .fileio import atomic_path, write_text
-from .io_contract import BATCH, NOISE, GraphContract, TensorSpec
+from .io_contract import AXIS_TO_PROFILE, BATCH, NOISE, GraphContract, TensorSpec
 from .manifest import OK, SKIPPED, StageResult
 
 if TYPE_CHECKING:
@@ -37,7 +37,8 @@ TENSORRT, ONNXRUNTIME, PYTHON = "tensorrt", "onnxruntime", "python"
 KINDS = (TENSORRT, ONNXRUNTIME, PYTHON)
 SUFFIX = {TENSORRT: "_tensorrt", ONNXRUNTIME: "_onnx", PYTHON: "_python"}
 NP_TO_TRITON = {"int64": "TYPE_INT64", "int32": "TYPE_INT32", "float32": "TYPE_FP32",
-                "float16": "TYPE_FP16", "bool": "TYPE_BOOL"}
+                "float16": "TYPE_FP16", "bool": "TYPE_BOOL",
+                "string": "TYPE_STRING"}  # text of the generation models (BYTES on the wire)
 ONNX_ELEM_TO_TRITON = {7: "TYPE_INT64", 6: "TYPE_INT32", 1: "TYPE_FP32", 10: "TYPE_FP16",
                        9: "TYPE_BOOL"}  # onnx.TensorProto element types
 PYTHON_MODEL_SOURCE = Path(__file__).with_name("triton_python_model.py")
@@ -183,19 +184,42 @@ def onnx_config(name: str, cfg: BuildConfig, contract: GraphContract,
 
 
 def python_model_refusal(contract: GraphContract) -> str:
-    """Empty when the python-backend model (triton_python_model.py: the full graph's inputs, noise
-    over the source) can serve this graph, else why not (one line)."""
-    names = [s.name for s in contract.inputs]
+    """Empty when the python-backend model (triton_python_model.py, driven by the contract) can
+    serve this graph, else why not (one line). It serves any graph whose tensors all lead with
+    the batch axis and whose noise spans only axes another input carries (the server sizes the
+    noise it draws from them): the full graph (noise over src_len, or tgt_len with the HMU after
+    the decoder) and the classifier graph alike."""
+    unbatched = [s.name for s in (*contract.inputs, *contract.outputs)
+                 if not s.dims or s.dims[0] != BATCH]
+    if unbatched:
+        return (f"{', '.join(unbatched)} of graph {contract.name} have no leading batch axis: "
+                "serve it with the onnx or tensorrt model")
     noise = next((s for s in contract.inputs if s.name == NOISE), None)
-    if names == ["src_ids", "src_mask", "tgt_ids", NOISE] and noise is not None and \
-            tuple(noise.dims[:2]) == (BATCH, "src_len"):
+    if noise is None:
         return ""
-    if "tgt_ids" not in names:
-        return (f"the python model serves the full graph only; this graph ({contract.name}) takes "
-                f"{', '.join(names)}: serve it with the onnx or tensorrt model")
-    return (f"the python model draws noise over src_len; this graph ({contract.name}) takes noise "
-            f"{list(noise.dims) if noise is not None else 'none'}: serve it with the onnx or "
-            "tensorrt model")
+    carried = {d for s in contract.inputs if s.name != NOISE for d in s.dims}
+    free = [d for d in noise.dims if isinstance(d, str) and d not in carried]
+    if free or len(noise.dims) != 3:
+        return (f"the noise of graph {contract.name} is {list(noise.dims)}, which the server "
+                "cannot size from the other inputs: serve it with the onnx or tensorrt model")
+    return ""
+
+
+def python_parameters(cfg: BuildConfig, contract: GraphContract,
+                      opts: TritonOptions) -> dict[str, str]:
+    """The python model's ``parameters``: the graph file, every input's dtype and dims
+    (``input.<name>``), the profile range of every dynamic axis but batch, the vocabulary."""
+    from .triton_python_model import INPUT_PREFIX, format_tensor
+
+    params = {"onnx_file": "model.onnx", "vocab_size": str(cfg.model.vocab_size),
+              "intra_op_threads": str(opts.python_intra_op_threads)}
+    for spec in contract.inputs:
+        params[INPUT_PREFIX + spec.name] = format_tensor(spec.dtype, spec.dims)
+    for axis in contract.axes:
+        if axis != BATCH:
+            r = cfg.profile.axis(AXIS_TO_PROFILE[axis])
+            params[f"{axis}_min"], params[f"{axis}_max"] = str(r.min), str(r.max)
+    return params
 
 
 def python_config(name: str, cfg: BuildConfig, contract: GraphContract,
@@ -208,13 +232,8 @@ def python_config(name: str, cfg: BuildConfig, contract: GraphContract,
                         opts, optional_noise=True)
     conf.backend = "python"
     conf.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=opts.instance_count)
-    p = cfg.profile
-    params = {"onnx_file": "model.onnx", "vocab_size": cfg.model.vocab_size,
-              "latent_dim": cfg.model.latent_dim, "src_len_min": p.src_len[0],
-              "src_len_max": p.src_len[2], "tgt_len_min": p.tgt_len[0],
-              "tgt_len_max": p.tgt_len[2], "intra_op_threads": opts.python_intra_op_threads}
-    for key, value in params.items():
-        conf.parameters[key].string_value = str(value)
+    for key, value in python_parameters(cfg, contract, opts).items():
+        conf.parameters[key].string_value = value
     return conf
 
 
@@ -367,21 +386,46 @@ def validate_config(conf: "model_config_pb2.ModelConfig", contract: GraphContrac
             if p.batch[2] < mb:
                 fail(f"max_batch_size {mb} exceeds a named profile's max batch {p.batch[2]}")
     if kind == PYTHON:
-        params = {k: v.string_value for k, v in conf.parameters.items()}
-        need = ("vocab_size", "latent_dim", "src_len_min", "src_len_max", "tgt_len_min",
-                "tgt_len_max")
-        missing = [k for k in need if k not in params]
-        if missing:
-            fail(f"python model parameters lack {missing}")
-        p0 = profiles[0]
-        for axis in ("src_len", "tgt_len"):
-            lo, hi = int(params[f"{axis}_min"]), int(params[f"{axis}_max"])
-            if lo < p0.axis(axis).min or hi > p0.axis(axis).max or lo > hi:
-                fail(f"python model {axis} [{lo}, {hi}] lies outside the profile "
-                     f"[{p0.axis(axis).min}, {p0.axis(axis).max}]")
-        noise = next((s for s in contract.inputs if s.name == NOISE), None)
-        if noise is not None and int(params["latent_dim"]) != noise.dims[-1]:
-            fail(f"python model latent_dim {params['latent_dim']} != contract {noise.dims[-1]}")
+        _check_python_parameters({k: v.string_value for k, v in conf.parameters.items()},
+                                 contract, profiles[0], fail)
+
+
+def _check_python_parameters(params: dict[str, str], contract: GraphContract,
+                             profile: ProfileConfig, fail) -> None:  # type: ignore[no-untyped-def]
+    """A python model validates requests by its parameters: ``vocab_size``, and the range of
+    every dynamic axis (``<axis>_min`` / ``<axis>_max``, inside the profile). The graph's python
+    model (triton_python_model.py: its contract has the noise input, or its parameters describe
+    inputs) also reads its inputs from ``input.<name>``: exactly the contract's."""
+    from .triton_python_model import INPUT_PREFIX, format_tensor
+
+    try:
+        if int(params.get("vocab_size", "")) < 1:
+            raise ValueError
+    except ValueError:
+        fail("python model parameter 'vocab_size' must be a positive integer")
+    named = {k.rsplit("_", 1)[0] for k in params if k.endswith(("_min", "_max"))}
+    for axis in sorted((set(contract.axes) | (named & set(AXIS_TO_PROFILE))) - {BATCH}):
+        lo_text, hi_text = params.get(f"{axis}_min", ""), params.get(f"{axis}_max", "")
+        if not (lo_text.isdigit() and hi_text.isdigit()):
+            fail(f"python model parameters lack integer '{axis}_min' / '{axis}_max'")
+        lo, hi = int(lo_text), int(hi_text)
+        r = profile.axis(AXIS_TO_PROFILE[axis])
+        if lo < r.min or hi > r.max or lo > hi:
+            fail(f"python model {axis} [{lo}, {hi}] lies outside the profile [{r.min}, {r.max}]")
+    described = sorted(k[len(INPUT_PREFIX):] for k in params if k.startswith(INPUT_PREFIX))
+    if not described and NOISE not in contract.input_names:
+        return  # another python model (generation): its I/O is its own code's
+    why = python_model_refusal(contract)
+    if why:
+        fail(f"no python model can serve this graph: {why}")
+    if described != sorted(contract.input_names):
+        fail(f"python model parameters describe inputs {described}, the contract has "
+             f"{sorted(contract.input_names)} (one '{INPUT_PREFIX}<name>' each)")
+    for spec in contract.inputs:
+        want, got = format_tensor(spec.dtype, spec.dims), params[INPUT_PREFIX + spec.name]
+        if got.replace(" ", "") != want:
+            fail(f"python model parameter '{INPUT_PREFIX}{spec.name}' is {got!r}, the "
+                 f"contract says {want!r}")
 
 
 def _named_profiles(conf: "model_config_pb2.ModelConfig", profiles: Sequence[ProfileConfig],
@@ -425,7 +469,7 @@ def plan_models(layout: BuildLayout, cfg: BuildConfig, contract: GraphContract,
                       onnx_config(names[ONNXRUNTIME], cfg, contract, opts),
                       {"1/model.onnx": onnx})
     served = [trt, ort]
-    if not python_model_refusal(contract):
+    if not python_model_refusal(contract):  # every graph a build exports, today
         served.append(TritonModel(PYTHON, names[PYTHON],
                                   python_config(names[PYTHON], cfg, contract, opts),
                                   {"1/model.onnx": onnx, "1/model.py": PYTHON_MODEL_SOURCE}))
@@ -438,14 +482,34 @@ def plan_models(layout: BuildLayout, cfg: BuildConfig, contract: GraphContract,
     return [*served, *generation_models(layout, cfg, opts)]
 
 
-def _readme(models: list[TritonModel], cfg: BuildConfig,
-            contract: GraphContract | None = None) -> str:
+def _readme(models: list[TritonModel], cfg: BuildConfig, contract: GraphContract) -> str:
     rows = "\n".join(f"| `{m.name}` | {m.kind} | "
                      f"{', '.join(sorted(m.files)) or '(no files yet)'} | {m.note or 'ready'} |"
                      for m in models)
     p = cfg.profile
-    if contract is not None and python_model_refusal(contract):
-        return _readme_graph(rows, models, cfg, contract)
+    shapes = ", ".join(f"{a} {p.axis(AXIS_TO_PROFILE[a]).min}..{p.axis(AXIS_TO_PROFILE[a]).max}"
+                       for a in contract.axes if a != BATCH)
+    io = "\n".join(f"- {kind} `{s.name}` {s.dtype} [{', '.join(map(str, s.dims))}]"
+                   f"{': ' + s.doc if s.doc else ''}"
+                   for kind, group in (("input", contract.inputs), ("output", contract.outputs))
+                   for s in group)
+    noise = next((s for s in contract.inputs if s.name == NOISE), None)
+    has_python = any(m.kind == PYTHON for m in models)
+    if noise is None:
+        noise_text = ""
+    else:
+        dims = ", ".join(map(str, noise.dims))
+        noise_text = (
+            f"Noise: `noise` (float32 [{dims}]) is required by the TensorRT and ONNX\n"
+            "models: send zeros for the mean path, or seeded noise from\n"
+            f"`hmu_export.triton_client.make_noise(B, {noise.dims[1]}, {noise.dims[2]}, seed, "
+            "temperature)`.")
+        if has_python:
+            noise_text += ("\nThe python model also accepts requests without it: zeros, or the "
+                           "same seeded noise from\nrequest parameters `seed` / `temperature` "
+                           f"(drawn over the request's `{noise.dims[1]}`).")
+    python_text = ("" if has_python else
+                   f"\nNo python-backend model: {python_model_refusal(contract)}.\n")
     return f"""{README_TITLE}`{cfg.model.name}`
 
 Generated by `python -m hmu_export triton`; every config.pbtxt was validated against Triton's
@@ -455,20 +519,18 @@ Generated by `python -m hmu_export triton`; every config.pbtxt was validated aga
 |---|---|---|---|
 {rows}
 
-Shapes: batch {p.batch[0]}..{p.batch[2]} (dynamic batching), src_len {p.src_len[0]}..{p.src_len[2]},
-tgt_len {p.tgt_len[0]}..{p.tgt_len[2]}; vocab {cfg.model.vocab_size}, latent {cfg.model.latent_dim}.
+Graph `{contract.name}`:
+{io}
 
+Shapes: batch {p.batch[0]}..{p.batch[2]} (dynamic batching), {shapes}; vocab {cfg.model.vocab_size}.
+{python_text}
 The TensorRT plan is only present when the build ran on a GPU host with TensorRT. Otherwise
 build it there (`build_engine.sh` in the build folder) and copy it to
 `{models[0].name}/1/model.plan`; until then Triton reports that model as unavailable.
 
-Noise: `noise` (float32 [B, src_len, {cfg.model.latent_dim}]) is required by the TensorRT and
-ONNX models: send zeros for the mean path, or seeded noise from
-`hmu_export.triton_client.make_noise(B, src_len, latent, seed, temperature)`. The python model
-also accepts requests without it: zeros, or the same seeded noise from request parameters
-`seed` / `temperature`.
+{noise_text}
 
-Serve (GPU host, official container; python model needs `pip install onnxruntime` there):
+Serve (GPU host, official container; the python model needs `pip install onnxruntime` there):
 
     docker run --gpus all --rm -p8000:8000 -p8001:8001 -v $PWD:/models \\
         nvcr.io/nvidia/tritonserver:<yy.mm>-py3 tritonserver --model-repository=/models
@@ -478,48 +540,6 @@ See docs/triton.md of hmu-export for details.
 
 
 README_TITLE = "# Triton model repository for "
-
-
-def _readme_graph(rows: str, models: list[TritonModel], cfg: BuildConfig,
-                  contract: GraphContract) -> str:
-    """README of a repository serving a graph other than the full one with noise over the
-    source (a classifier, a full graph with the HMU after the decoder): no python model."""
-    p = cfg.profile
-    axes = {s.name: s for s in contract.inputs}
-    shapes = ", ".join(f"{a} {p.axis(a).min}..{p.axis(a).max}" for a in contract.axes
-                       if a in ("src_len", "tgt_len"))
-    io = "; ".join(f"`{s.name}` {s.dtype} [{', '.join(map(str, s.dims))}]"
-                   for s in (*contract.inputs, *contract.outputs))
-    noise = axes.get(NOISE)
-    noise_text = (f"`noise` (float32 [{', '.join(map(str, noise.dims))}]) is required: send zeros "
-                  "for the mean path, or seeded N(0, t^2) noise." if noise is not None else "")
-    return f"""{README_TITLE}`{cfg.model.name}`
-
-Generated by `python -m hmu_export triton`; every config.pbtxt was validated against Triton's
-`ModelConfig` schema and the I/O contract before it was written.
-
-| model | backend | files | status |
-|---|---|---|---|
-{rows}
-
-Graph `{contract.name}`: {io}.
-Shapes: batch {p.batch[0]}..{p.batch[2]} (dynamic batching), {shapes}.
-
-No python-backend model: {python_model_refusal(contract)}.
-
-The TensorRT plan is only present when the build ran on a GPU host with TensorRT. Otherwise
-build it there (`build_engine.sh` in the build folder) and copy it to
-`{models[0].name}/1/model.plan`; until then Triton reports that model as unavailable.
-
-{noise_text}
-
-Serve (GPU host, official container):
-
-    docker run --gpus all --rm -p8000:8000 -p8001:8001 -v $PWD:/models \\
-        nvcr.io/nvidia/tritonserver:<yy.mm>-py3 tritonserver --model-repository=/models
-
-See docs/triton.md of hmu-export for details.
-"""
 
 
 def _check_replaceable(out_dir: Path) -> None:

@@ -3,6 +3,7 @@
 
     <name>_generate/         config.pbtxt  1/model.py  1/token_rules.py  1/encoder.onnx  1/decoder.onnx
     <name>_generate_stream/  (the same files; decoupled)
+                             + 1/tokenizer/ (both) when the build carries a tokenizer
     <name>_encoder/          config.pbtxt  1/model.onnx   (onnxruntime_onnx: BLS target, GPU hosts)
     <name>_decoder/          config.pbtxt  1/model.onnx   (onnxruntime_onnx: BLS target, GPU hosts)
 
@@ -40,12 +41,25 @@ GENERATE_MODEL_SOURCE = Path(__file__).with_name("triton_generate_model.py")
 TOKEN_RULES_SOURCE = Path(__file__).with_name("token_rules.py")  # model.py loads it
 STEP_BACKENDS = ("onnxruntime", "bls")
 SRC_IDS, MAX_NEW_TOKENS, TOKENS = "src_ids", "max_new_tokens", "tokens"
+TEXT, GENERATED_TEXT = "text", "generated_text"
+TOKENIZER_DIR = "tokenizer"  # in the version folder, beside model.py
 
 GENERATION_CONTRACT = GraphContract(
     "hmu_generate",
     (TensorSpec(SRC_IDS, "int64", (BATCH, SRC_LEN), "one source sequence per request"),
      TensorSpec(MAX_NEW_TOKENS, "int64", (BATCH, 1), "optional: tokens to generate at most")),
     (TensorSpec(TOKENS, "int64", (BATCH, NEW_LEN), "generated tokens: no BOS, EOS kept"),))
+#: with a tokenizer in the build: text in (instead of src_ids), decoded text out (beside tokens)
+TEXT_CONTRACT = GraphContract(
+    "hmu_generate_text",
+    GENERATION_CONTRACT.inputs + (
+        TensorSpec(TEXT, "string", (BATCH, 1), "optional: one source text per request, "
+                   "tokenized by the build's tokenizer (send it or src_ids)"),),
+    GENERATION_CONTRACT.outputs + (
+        TensorSpec(GENERATED_TEXT, "string", (BATCH, 1), "the generated tokens, decoded "
+                   "(special tokens skipped); streaming: the text each token adds"),))
+OPTIONAL = {GENERATION_CONTRACT.name: (MAX_NEW_TOKENS,),
+            TEXT_CONTRACT.name: (MAX_NEW_TOKENS, SRC_IDS, TEXT)}
 
 HEADERS = {
     GENERATE: ("Generation (greedy / sample / beam) in the python backend: encoder once, then the\n"
@@ -53,7 +67,8 @@ HEADERS = {
                "or BLS calls to the encoder / decoder models (step_backend bls, GPU hosts).\n"
                "One request = one source sequence src_ids [1, L]; request parameters: strategy,\n"
                "num_beams, temperature, top_k, top_p, seed, noise_scale, noise_seed,\n"
-               "length_penalty, early_stopping."),
+               "length_penalty, early_stopping. Builds with a tokenizer: input text (BYTES\n"
+               "[1, 1]) instead of src_ids, and output generated_text (decoded) beside tokens."),
     GENERATE_STREAM: ("Streaming generation (decoupled): one response per generated token,\n"
                       "then an empty response flagged TRITONSERVER_RESPONSE_COMPLETE_FINAL.\n"
                       "Greedy and sample only (beam search is refused: its tokens are final\n"
@@ -118,18 +133,19 @@ def cache_geometry(enc: Path, dec: Path) -> dict[str, int]:
 
 
 def generate_config(name: str, cfg: BuildConfig, geo: dict[str, int], opts: "TritonOptions",
-                    names: dict[str, str], *, streaming: bool, step_backend: str = "onnxruntime"
-                    ) -> "model_config_pb2.ModelConfig":
+                    names: dict[str, str], *, streaming: bool, step_backend: str = "onnxruntime",
+                    tokenizer: bool = False) -> "model_config_pb2.ModelConfig":
     from tritonclient.grpc import model_config_pb2 as mc
 
     from .triton import _base_config, preferred_batch_sizes
 
     max_batch = cfg.profile.batch[2]
-    conf = _base_config(name, GENERATION_CONTRACT, max_batch,
+    contract = TEXT_CONTRACT if tokenizer else GENERATION_CONTRACT
+    conf = _base_config(name, contract, max_batch,
                         preferred_batch_sizes(cfg.profile, max_batch), opts)
     for t in conf.input:
         t.allow_ragged_batch = t.name == SRC_IDS
-        t.optional = t.name == MAX_NEW_TOKENS
+        t.optional = t.name in OPTIONAL[contract.name]
     conf.backend = "python"
     conf.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=opts.instance_count)
     if streaming:
@@ -147,6 +163,8 @@ def generate_config(name: str, cfg: BuildConfig, geo: dict[str, int], opts: "Tri
         "max_new_tokens_max": p.tgt_len[2], "max_new_tokens_default": gen.new_tokens(p),
         "layers": geo["layers"], "heads": geo["heads"], "head_dim": geo["head_dim"],
         "decoding": decoding_parameter(cfg)}
+    if tokenizer:
+        params["tokenizer_dir"] = TOKENIZER_DIR
     for key, value in params.items():
         conf.parameters[key].string_value = str(value)
     return conf
@@ -187,20 +205,21 @@ def check_generate_config(conf: "model_config_pb2.ModelConfig", cfg: BuildConfig
     def fail(msg: str) -> None:
         raise TritonConfigError(f"model '{conf.name}': {msg}")
 
+    params = {k: v.string_value for k, v in conf.parameters.items()}
+    contract = TEXT_CONTRACT if params.get("tokenizer_dir") else GENERATION_CONTRACT
     plain = type(conf)()
     plain.CopyFrom(conf)
     for t in plain.input:
-        if t.name == MAX_NEW_TOKENS:
-            t.optional = False  # validate_config allows only the full graph's noise optional
-    validate_config(plain, GENERATION_CONTRACT, engine_profiles(cfg))
+        t.optional = False  # validate_config allows only the full graph's noise optional
+    validate_config(plain, contract, engine_profiles(cfg))
+    optional = OPTIONAL[contract.name]
     for t in conf.input:
-        if t.optional and t.name != MAX_NEW_TOKENS:
-            fail(f"input '{t.name}' cannot be optional")
+        if t.optional != (t.name in optional):
+            fail(f"input '{t.name}' must {'' if t.name in optional else 'not '}be optional")
         if t.allow_ragged_batch and t.name != SRC_IDS:
             fail(f"input '{t.name}' cannot be ragged")
     if conf.model_transaction_policy.decoupled != streaming:
         fail("the streaming model must be decoupled, the plain one not")
-    params = {k: v.string_value for k, v in conf.parameters.items()}
     if params.get("step_backend") not in STEP_BACKENDS:
         fail(f"parameter step_backend must be one of {STEP_BACKENDS}, got "
              f"{params.get('step_backend')!r}")
@@ -227,6 +246,18 @@ def check_generate_config(conf: "model_config_pb2.ModelConfig", cfg: BuildConfig
              f"tgt_len max {cfg.profile.tgt_len[2]}")
 
 
+def tokenizer_files(layout: BuildLayout) -> list[Path]:
+    """The build's tokenizer (checkpoint/hf/, copied from the Hugging Face folder), or []."""
+    from .model.hf import TOKENIZER_EXTRAS, TOKENIZER_FILES
+    from .text import TOKENIZER_DIR as BUILD_TOKENIZER_DIR, has_tokenizer
+
+    if not has_tokenizer(layout.root):
+        return []
+    folder = layout.root / BUILD_TOKENIZER_DIR
+    names = {f for group in TOKENIZER_FILES for f in group} | set(TOKENIZER_EXTRAS)
+    return [folder / n for n in sorted(names) if (folder / n).is_file()]
+
+
 def generation_models(layout: BuildLayout, cfg: BuildConfig, opts: "TritonOptions", *,
                       step_backend: str = "onnxruntime") -> list["TritonModel"]:
     """The four models, or none when the build has no generation graphs (or is a classifier)."""
@@ -249,6 +280,8 @@ def generation_models(layout: BuildLayout, cfg: BuildConfig, opts: "TritonOption
     files: dict[str, Path] = {"1/model.py": GENERATE_MODEL_SOURCE,
                               "1/token_rules.py": TOKEN_RULES_SOURCE, "1/encoder.onnx": enc,
                               "1/decoder.onnx": dec}
+    tokenizer = tokenizer_files(layout)
+    files.update({f"1/{TOKENIZER_DIR}/{f.name}": f for f in tokenizer})
     for graph in (enc, dec):  # weights saved as external data travel with the graph
         external = graph.with_name(graph.name + ".data")
         if external.is_file():
@@ -256,7 +289,7 @@ def generation_models(layout: BuildLayout, cfg: BuildConfig, opts: "TritonOption
     models = []
     for kind, streaming in ((GENERATE, False), (GENERATE_STREAM, True)):
         conf = generate_config(names[kind], cfg, geo, opts, names, streaming=streaming,
-                               step_backend=step_backend)
+                               step_backend=step_backend, tokenizer=bool(tokenizer))
         check: Callable = (lambda c, s=streaming: check_generate_config(c, cfg, s))
         models.append(TritonModel(kind, names[kind], conf, dict(files), header=HEADERS[kind],
                                   check=check))

@@ -66,6 +66,7 @@ def _load_token_rules() -> Any:
 TokenRules = _load_token_rules().TokenRules
 
 SRC_IDS, MAX_NEW_TOKENS, TOKENS = "src_ids", "max_new_tokens", "tokens"
+TEXT, GENERATED_TEXT = "text", "generated_text"  # models of builds that carry a tokenizer
 STRATEGIES = ("greedy", "sample", "beam")
 MAX_SEED = 2**63 - 1
 # Request parameters and their types (numbers may arrive as strings: the python backend's stub
@@ -206,6 +207,38 @@ def check_source(src: np.ndarray | None, spec: Mapping[str, int]) -> list[int]:
     if bad.size:
         raise RequestError(f"input '{SRC_IDS}' has token id {int(bad[0])} outside [0, {vocab})")
     return [int(t) for t in row]
+
+
+def load_tokenizer(folder: str) -> Any:
+    """The build's tokenizer (copied beside model.py), as hmu_export.text loads it."""
+    try:
+        import transformers
+    except ImportError:
+        raise RuntimeError("text requests need the transformers package (and sentencepiece for "
+                           "SentencePiece tokenizers) in the server's Python; send src_ids "
+                           "instead") from None
+    return transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+def encode_text(tokenizer: Any, arr: np.ndarray) -> np.ndarray:
+    """One request's ``text`` BYTES [1, 1] -> src_ids int64 [1, L] (special tokens added as
+    Transformers adds them for the encoder input)."""
+    if arr.dtype != np.object_ or arr.shape != (1, 1):
+        raise RequestError(f"input '{TEXT}' must be one string (BYTES [1, 1]), got {arr.dtype} "
+                           f"{list(arr.shape)}")
+    value = arr[0, 0]
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise RequestError(f"input '{TEXT}' is not valid UTF-8") from None
+    if not isinstance(value, str) or not value.strip():
+        raise RequestError(f"input '{TEXT}' is empty")
+    return np.asarray([tokenizer([value])["input_ids"][0]], dtype=np.int64)
+
+
+def decode_tokens(tokenizer: Any, tokens: Sequence[int]) -> str:
+    return str(tokenizer.batch_decode([list(tokens)], skip_special_tokens=True)[0])
 
 
 def check_max_new_tokens(arr: np.ndarray | None) -> int | None:
@@ -562,6 +595,16 @@ class TritonPythonModel:
         decoding = json.loads(params.get("decoding", "{}"))
         self.defaults = {k: v for k, v in decoding.items() if k in DECODING_KEYS}
         self.rules = TokenRules.from_mapping(decoding.get("rules", {}))
+        self.tokenizer: Any = None
+        self.tokenizer_error = ""
+        if params.get("tokenizer_dir"):  # a failure here fails text requests only
+            folder = os.path.join(args["model_repository"], args["model_version"],
+                                  params["tokenizer_dir"])
+            try:
+                self.tokenizer = load_tokenizer(folder)
+            except Exception as exc:  # noqa: BLE001 - reported to each text request
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                self.tokenizer_error = f"the model's tokenizer did not load: {first}"
         self.streaming = bool(config.get("model_transaction_policy", {}).get("decoupled"))
         backend = params.get("step_backend", "onnxruntime")
         if backend == "bls":
@@ -575,7 +618,15 @@ class TritonPythonModel:
 
     def _job(self, request: Any) -> Job:
         src = pb_utils.get_input_tensor_by_name(request, SRC_IDS)
-        row = check_source(None if src is None else src.as_numpy(), self.spec)
+        text = pb_utils.get_input_tensor_by_name(request, TEXT)
+        ids = None if src is None else src.as_numpy()
+        if text is not None:
+            if src is not None:
+                raise RequestError(f"send '{TEXT}' or '{SRC_IDS}', not both")
+            if self.tokenizer is None:
+                raise RequestError(self.tokenizer_error or "this model has no tokenizer")
+            ids = encode_text(self.tokenizer, text.as_numpy())
+        row = check_source(ids, self.spec)
         mnt = pb_utils.get_input_tensor_by_name(request, MAX_NEW_TOKENS)
         try:
             params = json.loads(request.parameters() or "{}")
@@ -614,14 +665,17 @@ class TritonPythonModel:
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(errors[i])))
             else:
                 arr = np.asarray([jobs[i].tokens], dtype=np.int64)
-                responses.append(pb_utils.InferenceResponse(
-                    output_tensors=[pb_utils.Tensor(TOKENS, arr)]))
+                outputs = [pb_utils.Tensor(TOKENS, arr)]
+                if self.tokenizer is not None:
+                    outputs.append(self._text(decode_tokens(self.tokenizer, jobs[i].tokens)))
+                responses.append(pb_utils.InferenceResponse(output_tensors=outputs))
         return responses
 
     def _stream(self, requests: list[Any], jobs: dict[int, Job], errors: dict[int, str]) -> None:
         """Decoupled: one response per token per request, then an empty FINAL response."""
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         senders = [r.get_response_sender() for r in requests]
+        self._sent: dict[int, str] = {}  # streamed text so far, per request of this execute
         for i, msg in errors.items():
             senders[i].send(pb_utils.InferenceResponse(error=pb_utils.TritonError(msg)),
                             flags=final)
@@ -639,8 +693,10 @@ class TritonPythonModel:
                     if sender.is_cancelled():
                         last = True
                     else:
-                        sender.send(pb_utils.InferenceResponse(output_tensors=[
-                            pb_utils.Tensor(TOKENS, np.asarray([[tok]], dtype=np.int64))]))
+                        outputs = [pb_utils.Tensor(TOKENS, np.asarray([[tok]], dtype=np.int64))]
+                        if self.tokenizer is not None:
+                            outputs.append(self._text(self._delta(i, jobs[i].tokens)))
+                        sender.send(pb_utils.InferenceResponse(output_tensors=outputs))
                     if last:
                         done.add(i)
                         sender.send(flags=final)
@@ -657,6 +713,19 @@ class TritonPythonModel:
                     if i not in done:
                         senders[i].send(pb_utils.InferenceResponse(
                             error=pb_utils.TritonError(_error_line(exc))), flags=final)
+
+    @staticmethod
+    def _text(value: str) -> Any:
+        return pb_utils.Tensor(GENERATED_TEXT, np.asarray([[value.encode("utf-8")]],
+                                                          dtype=np.object_))
+
+    def _delta(self, i: int, tokens: Sequence[int]) -> str:
+        """The text the newest token adds to request i's stream (decoding the whole prefix
+        keeps SentencePiece spacing right)."""
+        now = decode_tokens(self.tokenizer, tokens)
+        before = self._sent.get(i, "")
+        self._sent[i] = now
+        return now[len(before):] if now.startswith(before) else now
 
     def finalize(self) -> None:
         self.steps = None  # type: ignore[assignment]

@@ -1,4 +1,4 @@
-"""Triton python-backend model: the exported HMU graph run by ONNX Runtime.
+"""Triton python-backend model: an exported HMU graph run by ONNX Runtime.
 
 This file is copied verbatim to ``<repository>/<name>_python/1/model.py`` and must work from the
 repository alone (the server has no ``hmu_export`` package): it imports only numpy, onnxruntime
@@ -6,16 +6,26 @@ and Triton's ``triton_python_backend_utils``. Importing it outside Triton works 
 functions below are unit-tested and reused by the client helper), so the noise recipe lives in
 exactly one place.
 
+The graph is described by the config's ``parameters`` (written from the build's I/O contract by
+``hmu_export.triton.python_config``), not by names known here: ``input.<name>`` = ``"int64[batch,
+src_len]"`` (dtype and dims, a name is a dynamic axis), ``<axis>_min`` / ``<axis>_max`` = the
+profile's range of each dynamic axis other than batch, ``vocab_size``. Int64 inputs named
+``*_mask`` are padding masks (0/1, at least one 1 per row); other int64 inputs are token ids
+(within the vocabulary). So the same file serves the full seq2seq graph (noise over src_len, or
+over tgt_len when the HMU follows the decoder) and the classifier graph (no tgt_ids,
+``class_logits``); the outputs are the config's.
+
 Noise: ``noise`` is an optional input here. A request that sends it gets exactly that noise.
 A request that omits it gets zeros (the VAE's mean path), or, when the request parameters carry
-``temperature`` > 0, seeded noise ``default_rng(seed).standard_normal((B, Ls, latent)) *
-temperature`` (float32), the same array ``hmu_export.triton_client.make_noise`` builds.
+``temperature`` > 0, seeded noise ``default_rng(seed).standard_normal((B, L, latent)) *
+temperature`` (float32), L being the length of the axis the noise spans (its dims say which,
+and another input carries it), the same array ``hmu_export.triton_client.make_noise`` builds.
 
 ``seed`` must be an integer in [0, 2**63 - 1] and ``temperature`` a number in [0, 1e4] (judged
 after the cast to float32, so 1e39, inf in float32, is refused).
 
-Requests of the same (src_len, tgt_len) that the dynamic batcher hands over together are
-concatenated and run as one ONNX Runtime call, then split back per request. A request that
+Requests of the same shapes (every axis but batch) that the dynamic batcher hands over together
+are concatenated and run as one ONNX Runtime call, then split back per request. A request that
 violates the contract (a missing input, a bad parameter, an output that is not finite) gets its
 own error response; the others in the batch still run.
 """
@@ -32,9 +42,10 @@ try:  # present only inside Triton's python backend stub
 except ImportError:  # pragma: no cover - outside Triton (unit tests, client helper)
     pb_utils = None
 
-SRC_IDS, SRC_MASK, TGT_IDS, NOISE = "src_ids", "src_mask", "tgt_ids", "noise"
-INPUTS = (SRC_IDS, SRC_MASK, TGT_IDS, NOISE)
-INT_INPUTS = (SRC_IDS, SRC_MASK, TGT_IDS)
+NOISE, BATCH = "noise", "batch"
+INPUT_PREFIX = "input."
+TRITON_TO_NP = {"TYPE_INT64": "int64", "TYPE_INT32": "int32", "TYPE_FP32": "float32",
+                "TYPE_FP16": "float16", "TYPE_BOOL": "bool"}
 
 
 MAX_SEED = 2**63 - 1
@@ -77,15 +88,17 @@ def check_temperature(temperature: Any) -> float:
     return value
 
 
-def noise_from_seed(batch: int, src_len: int, latent: int, seed: int = 0,
+def noise_from_seed(batch: int, length: int, latent: int, seed: int = 0,
                     temperature: float = 0.0) -> np.ndarray:
-    """Noise of shape (batch, src_len, latent): zeros at temperature 0, else seeded N(0, t^2)."""
+    """Noise of shape (batch, length, latent): zeros at temperature 0, else seeded N(0, t^2).
+    ``length`` is the size of the axis the graph's noise spans (src_len, or tgt_len when the HMU
+    follows the decoder)."""
     temperature = check_temperature(temperature)
     seed = check_seed(seed)
     if temperature == 0:
-        return np.zeros((batch, src_len, latent), dtype=np.float32)
+        return np.zeros((batch, length, latent), dtype=np.float32)
     rng = np.random.default_rng(seed)
-    eps = rng.standard_normal((batch, src_len, latent), dtype=np.float32)
+    eps = rng.standard_normal((batch, length, latent), dtype=np.float32)
     noise = eps * np.float32(temperature)
     if not np.isfinite(noise).all():  # unreachable below MAX_TEMPERATURE; kept as the guard
         raise RequestError(f"temperature {temperature:g} makes non-finite noise")
@@ -99,55 +112,143 @@ def parse_noise_parameters(params: Mapping[str, Any]) -> tuple[int, float]:
     return check_seed(params.get("seed", 0)), check_temperature(params.get("temperature", 0.0))
 
 
-def check_feeds(feeds: Mapping[str, np.ndarray], spec: Mapping[str, int]) -> None:
-    """The python-side half of the contract checks Triton cannot do from config.pbtxt alone."""
-    missing = [name for name in INT_INPUTS if feeds.get(name) is None]
+def format_tensor(dtype: str, dims: tuple) -> str:
+    """``int64[batch,src_len]``: the value of an ``input.<name>`` parameter."""
+    return f"{dtype}[{','.join(str(d) for d in dims)}]"
+
+
+def _parse_tensor(name: str, text: str) -> tuple[str, tuple]:
+    dtype, sep, rest = str(text).strip().partition("[")
+    if not sep or not rest.endswith("]") or dtype not in TRITON_TO_NP.values():
+        raise ValueError(f"parameter '{INPUT_PREFIX}{name}' must read like int64[batch,src_len], "
+                         f"got {text!r}")
+    dims = tuple(int(d) if d.strip().isdigit() else d.strip() for d in rest[:-1].split(","))
+    if not dims or dims[0] != BATCH or any(d == "" for d in dims):
+        raise ValueError(f"parameter '{INPUT_PREFIX}{name}' must start with the batch axis, "
+                         f"got {text!r}")
+    return dtype, dims
+
+
+class Spec:
+    """What the python model knows of its graph, read from the config's parameters. (A plain
+    class: a dataclass needs its module in sys.modules, which a loader need not do.)"""
+
+    def __init__(self, inputs: dict, ranges: dict, vocab_size: int) -> None:
+        self.inputs = inputs  # name -> (numpy dtype name, dims); a str dim is a dynamic axis
+        self.ranges = ranges  # axis -> (min, max), every dynamic axis but batch
+        self.vocab_size = vocab_size
+
+    @classmethod
+    def from_parameters(cls, params: Mapping[str, Any]) -> "Spec":
+        """From the config's parameters (string values; ints accepted). ValueError, one line,
+        when they cannot describe a servable graph."""
+        inputs = {k[len(INPUT_PREFIX):]: _parse_tensor(k[len(INPUT_PREFIX):], v)
+                  for k, v in params.items() if k.startswith(INPUT_PREFIX)}
+        if NOISE in inputs:  # the optional input last: the others bind the axes it is sized by
+            inputs[NOISE] = inputs.pop(NOISE)
+        if not inputs:
+            raise ValueError(f"no '{INPUT_PREFIX}<name>' parameters: the config does not "
+                             "describe the graph's inputs")
+        axes = {d for _, dims in inputs.values() for d in dims[1:] if isinstance(d, str)}
+        ranges = {}
+        for axis in sorted(axes):
+            try:
+                ranges[axis] = (int(params[f"{axis}_min"]), int(params[f"{axis}_max"]))
+            except (KeyError, ValueError):
+                raise ValueError(f"parameters '{axis}_min' / '{axis}_max' (integers) are "
+                                 "missing") from None
+        if NOISE in inputs:
+            carried = {d for name, (_, dims) in inputs.items() if name != NOISE for d in dims}
+            free = [d for d in inputs[NOISE][1] if isinstance(d, str) and d not in carried]
+            if free:
+                raise ValueError(f"the noise spans {', '.join(free)}, which no other input "
+                                 "carries: the server cannot size it")
+        try:
+            vocab = int(params["vocab_size"])
+        except (KeyError, ValueError):
+            raise ValueError("parameter 'vocab_size' (an integer) is missing") from None
+        return cls(inputs, ranges, vocab)
+
+    @property
+    def input_names(self) -> list[str]:
+        return list(self.inputs)
+
+
+def _as_spec(spec: "Spec | Mapping[str, Any]") -> Spec:
+    return spec if isinstance(spec, Spec) else Spec.from_parameters(spec)
+
+
+def _describe(dtype: str, dims: tuple) -> str:
+    return f"{dtype} [{', '.join(str(d) for d in dims)}]"
+
+
+def check_feeds(feeds: Mapping[str, np.ndarray], spec: "Spec | Mapping[str, Any]"
+                ) -> dict[str, int]:
+    """The python-side half of the contract checks Triton cannot do from config.pbtxt alone
+    (axes shared between inputs, profile ranges, masks, token ids, finite noise); returns the
+    size of every axis the request binds."""
+    spec = _as_spec(spec)
+    missing = [n for n in spec.inputs if n != NOISE and feeds.get(n) is None]
     if missing:
         raise RequestError(f"missing input(s): {', '.join(missing)}")
-    for name in INT_INPUTS:
-        if feeds[name].dtype != np.int64 or feeds[name].ndim != 2:
-            raise RequestError(f"input '{name}' must be int64 [batch, len], got "
-                               f"{feeds[name].dtype} {list(feeds[name].shape)}")
-    src, mask, tgt = feeds[SRC_IDS], feeds[SRC_MASK], feeds[TGT_IDS]
-    b, ls = src.shape
-    lt = tgt.shape[1]
-    if mask.shape != src.shape:
-        raise RequestError(f"input '{SRC_MASK}' has shape {list(mask.shape)}, expected the shape "
-                           f"of '{SRC_IDS}' {list(src.shape)}")
-    if tgt.shape[0] != b:
-        raise RequestError(f"input '{TGT_IDS}' has batch {tgt.shape[0]}, '{SRC_IDS}' has {b}")
-    for axis, size in (("src_len", ls), ("tgt_len", lt)):
-        lo, hi = spec[f"{axis}_min"], spec[f"{axis}_max"]
-        if not lo <= size <= hi:
-            raise RequestError(f"{axis} {size} is outside the profile [{lo}, {hi}]")
+    unknown = sorted(set(n for n, a in feeds.items() if a is not None) - set(spec.inputs))
+    if unknown:
+        raise RequestError(f"unknown input(s): {', '.join(unknown)} (expected "
+                           f"{', '.join(spec.inputs)})")
+    bound: dict[str, tuple[int, str]] = {}
+    for name, (dtype, dims) in spec.inputs.items():
+        arr = feeds.get(name)
+        if arr is None:
+            continue
+        if arr.dtype != np.dtype(dtype) or arr.ndim != len(dims):
+            raise RequestError(f"input '{name}' must be {_describe(dtype, dims)}, got "
+                               f"{arr.dtype} {list(arr.shape)}")
+        for axis, size in zip(dims, arr.shape):
+            if isinstance(axis, int):
+                if size != axis:
+                    raise RequestError(f"input '{name}' must be {_describe(dtype, dims)}, got "
+                                       f"{arr.dtype} {list(arr.shape)}")
+                continue
+            first, other = bound.setdefault(axis, (int(size), name))
+            if first != size:
+                raise RequestError(f"input '{name}' has {axis} {size}, '{other}' has {first}")
+    for axis, (lo, hi) in spec.ranges.items():
+        if axis in bound and not lo <= bound[axis][0] <= hi:
+            raise RequestError(f"{axis} {bound[axis][0]} is outside the profile [{lo}, {hi}]")
     noise = feeds.get(NOISE)
-    if noise is not None:
-        want = (b, ls, spec["latent_dim"])
-        if noise.dtype != np.float32 or noise.shape != want:
-            raise RequestError(f"input '{NOISE}' must be float32 {list(want)}, got "
-                               f"{noise.dtype} {list(noise.shape)}")
-        if not np.isfinite(noise).all():
-            raise RequestError(f"input '{NOISE}' has non-finite values")
-    if not np.isin(mask, (0, 1)).all():
-        raise RequestError(f"input '{SRC_MASK}' must hold only 0 (pad) and 1 (token)")
-    if (mask.sum(axis=1) == 0).any():
-        raise RequestError(f"input '{SRC_MASK}' has a row with no real token")
-    vocab = spec["vocab_size"]
-    for name in (SRC_IDS, TGT_IDS):
-        lo, hi = int(feeds[name].min()), int(feeds[name].max())
-        if lo < 0 or hi >= vocab:
-            raise RequestError(f"input '{name}' has token ids outside [0, {vocab}): "
-                               f"min {lo}, max {hi}")
+    if noise is not None and not np.isfinite(noise).all():
+        raise RequestError(f"input '{NOISE}' has non-finite values")
+    for name, (dtype, dims) in spec.inputs.items():
+        arr = feeds.get(name)
+        if arr is None or dtype != "int64" or not arr.size:
+            continue
+        if name.endswith("_mask"):
+            if not np.isin(arr, (0, 1)).all():
+                raise RequestError(f"input '{name}' must hold only 0 (pad) and 1 (token)")
+            if (arr.reshape(arr.shape[0], -1).sum(axis=1) == 0).any():
+                raise RequestError(f"input '{name}' has a row with no real token")
+        else:
+            lo, hi = int(arr.min()), int(arr.max())
+            if lo < 0 or hi >= spec.vocab_size:
+                raise RequestError(f"input '{name}' has token ids outside [0, "
+                                   f"{spec.vocab_size}): min {lo}, max {hi}")
+    return {axis: size for axis, (size, _) in bound.items()}
 
 
 def complete_feeds(feeds: dict[str, np.ndarray], params: Mapping[str, Any],
-                   spec: Mapping[str, int]) -> dict[str, np.ndarray]:
-    """Validated feeds with the noise filled in when the request did not send it."""
-    check_feeds(feeds, spec)
+                   spec: "Spec | Mapping[str, Any]") -> dict[str, np.ndarray]:
+    """Validated feeds with the noise filled in when the request did not send it (its shape
+    from the noise's dims, each axis sized by the input that carries it)."""
+    spec = _as_spec(spec)
+    sizes = check_feeds(feeds, spec)
     seed, temperature = parse_noise_parameters(params)  # checked even when noise is sent
-    if feeds.get(NOISE) is None:
-        b, ls = feeds[SRC_IDS].shape
-        feeds[NOISE] = noise_from_seed(b, ls, spec["latent_dim"], seed, temperature)
+    if NOISE in spec.inputs and feeds.get(NOISE) is None:
+        dims = spec.inputs[NOISE][1]
+        if len(dims) != 3:
+            raise RequestError(f"cannot draw noise of dims {list(dims)} (expected [batch, "
+                               "length, latent])")
+        b, length, latent = (d if isinstance(d, int) else sizes[d] for d in dims)
+        feeds[NOISE] = noise_from_seed(b, length, latent, seed, temperature)
     return feeds
 
 
@@ -177,8 +278,13 @@ class TritonPythonModel:
 
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        self.spec = {k: int(params[k]) for k in ("vocab_size", "latent_dim", "src_len_min",
-                                                 "src_len_max", "tgt_len_min", "tgt_len_max")}
+        self.spec = Spec.from_parameters(params)
+        declared = {i["name"]: TRITON_TO_NP.get(i["data_type"], i["data_type"])
+                    for i in config["input"]}
+        described = {n: dtype for n, (dtype, _) in self.spec.inputs.items()}
+        if declared != described:
+            raise ValueError(f"the config's inputs {declared} differ from its "
+                             f"'{INPUT_PREFIX}*' parameters {described}")
         self.output_names = [o["name"] for o in config["output"]]
         path = os.path.join(args["model_repository"], args["model_version"],
                             params.get("onnx_file", "model.onnx"))
@@ -192,7 +298,7 @@ class TritonPythonModel:
 
     def _feeds(self, request: Any) -> dict[str, np.ndarray]:
         feeds: dict[str, np.ndarray] = {}
-        for name in INPUTS:
+        for name in self.spec.input_names:
             tensor = pb_utils.get_input_tensor_by_name(request, name)
             if tensor is not None:
                 feeds[name] = tensor.as_numpy()
@@ -205,14 +311,14 @@ class TritonPythonModel:
     def execute(self, requests: list[Any]) -> list[Any]:
         """One response per request; a bad request of a batch fails alone."""
         responses: list[Any] = [None] * len(requests)
-        groups: dict[tuple[int, int], list[tuple[int, dict[str, np.ndarray]]]] = {}
+        groups: dict[tuple, list[tuple[int, dict[str, np.ndarray]]]] = {}
         for i, request in enumerate(requests):
             try:
                 feeds = self._feeds(request)
             except Exception as exc:  # RequestError, or a bug: this request's error only
                 responses[i] = _error_response(exc)
                 continue
-            key = (feeds[SRC_IDS].shape[1], feeds[TGT_IDS].shape[1])
+            key = tuple(feeds[n].shape[1:] for n in self.spec.input_names)  # all but batch
             groups.setdefault(key, []).append((i, feeds))
         for items in groups.values():
             try:
@@ -227,11 +333,14 @@ class TritonPythonModel:
             start = 0
             for i, feeds in items:
                 responses[i] = self._response(outs, start, feeds)
-                start += feeds[SRC_IDS].shape[0]
+                start += self._batch(feeds)
         return responses
 
+    def _batch(self, feeds: Mapping[str, np.ndarray]) -> int:
+        return int(feeds[self.spec.input_names[0]].shape[0])
+
     def _run(self, feeds_list: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
-        batch = {n: np.concatenate([f[n] for f in feeds_list]) for n in INPUTS}
+        batch = {n: np.concatenate([f[n] for f in feeds_list]) for n in self.spec.input_names}
         try:
             return list(self.session.run(self.output_names, batch))
         except Exception as exc:
@@ -242,7 +351,7 @@ class TritonPythonModel:
     def _response(self, outs: list[np.ndarray], start: int, feeds: Mapping[str, np.ndarray]
                   ) -> Any:
         """This request's rows of the batch's outputs, or its error when any is not finite."""
-        stop = start + feeds[SRC_IDS].shape[0]
+        stop = start + self._batch(feeds)
         rows = [np.ascontiguousarray(o[start:stop]) for o in outs]
         try:
             check_finite_outputs(dict(zip(self.output_names, rows)))

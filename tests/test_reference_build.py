@@ -148,11 +148,9 @@ def test_triton_configs_follow_the_contract(built):
                 assert 'name: "class_logits"' in conf and "tgt_ids" not in conf
         else:
             assert 'name: "logits"' in onnx_conf and 'name: "tgt_ids"' in onnx_conf
-        if flags:  # classifier / noise over tgt_len: the python model cannot serve these
-            assert not python.exists()
-            assert "No python-backend model" in (repo / "README.md").read_text()
-        else:
-            assert (python / "1" / "model.py").is_file()
+        # every graph, classifier and noise over tgt_len included, gets the python model
+        assert (python / "1" / "model.py").is_file()
+        assert "No python-backend model" not in (repo / "README.md").read_text()
 
 
 def test_generate_is_refused_with_one_line(built, tmp_path, capsys):

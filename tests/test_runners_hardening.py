@@ -120,7 +120,9 @@ def test_caller_vocabulary_must_match_the_graph(small_export, small_cfg):
 from hmu_export.triton_python_model import (  # noqa: E402
     MAX_TEMPERATURE, RequestError, check_finite_outputs, complete_feeds, parse_noise_parameters)
 
-SPEC = {"vocab_size": 61, "latent_dim": 16, "src_len_min": 1, "src_len_max": 16,
+SPEC = {"vocab_size": 61, "input.src_ids": "int64[batch,src_len]",
+        "input.src_mask": "int64[batch,src_len]", "input.tgt_ids": "int64[batch,tgt_len]",
+        "input.noise": "float32[batch,src_len,16]", "src_len_min": 1, "src_len_max": 16,
         "tgt_len_min": 1, "tgt_len_max": 8}
 
 

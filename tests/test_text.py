@@ -119,3 +119,58 @@ def test_text_on_a_build_without_tokenizer_is_one_error_line(small_export, capsy
     assert rc != 0
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and "no tokenizer" in lines[0]
+
+
+def test_triton_generation_models_take_text(t5_text_build):
+    """The build's tokenizer travels into the Triton repository (listed in the manifest); the
+    served generation model takes text (BYTES) and answers tokens and text equal to Python's
+    generate --text; the streaming model's text pieces add up to the same text."""
+    grpcclient = pytest.importorskip("tritonclient.grpc")
+    import numpy as np
+    from tritonclient.utils import InferenceServerException
+
+    from hmu_export.generate import Generator
+    from hmu_export.text import load_tokenizer
+    from hmu_export.triton_server import serve
+
+    _, out = t5_text_build
+    assert main(["triton", "--artifacts", str(out)]) == 0
+    listed = {a["path"] for a in json.loads((out / "manifest.json").read_text())["artifacts"]}
+    assert "triton/t5-hmu_generate/1/tokenizer/tokenizer.json" in listed
+    gen, tok = Generator.from_build(out, "onnxruntime"), load_tokenizer(out)
+    texts = TEXTS + ["z y x w v"]
+    want = [gen.generate(tok.encode([t]), max_new_tokens=8).sequences[0] for t in texts]
+    want_texts = tok.decode(want)
+
+    def text_input(value: str):
+        inp = grpcclient.InferInput("text", [1, 1], "BYTES")
+        inp.set_data_from_numpy(np.asarray([[value.encode()]], dtype=np.object_))
+        mnt = grpcclient.InferInput("max_new_tokens", [1, 1], "INT64")
+        mnt.set_data_from_numpy(np.asarray([[8]], dtype=np.int64))
+        return [inp, mnt]
+
+    with serve(out / "triton", ["t5-hmu_generate", "t5-hmu_generate_stream"]) as srv:
+        client = grpcclient.InferenceServerClient(srv.grpc_url)
+        for t, ids, txt in zip(texts, want, want_texts):
+            res = client.infer("t5-hmu_generate", text_input(t))
+            assert res.as_numpy("tokens")[0].tolist() == ids
+            assert res.as_numpy("generated_text")[0, 0].decode() == txt
+        ids_in = grpcclient.InferInput("src_ids", [1, 4], "INT64")
+        ids_in.set_data_from_numpy(np.asarray([tok.encode([texts[0]])[0]], dtype=np.int64))
+        res = client.infer("t5-hmu_generate", [ids_in] + text_input(texts[0])[1:])
+        assert res.as_numpy("tokens")[0].tolist() == want[0]  # ids still work
+        for bad, words in (([ids_in] + text_input("a b")[:1], "not both"),
+                           (text_input("   ")[:1], "empty")):
+            with pytest.raises(InferenceServerException, match=words):
+                client.infer("t5-hmu_generate", bad)
+        pieces: list = []
+        client.start_stream(callback=lambda result, error: pieces.append(error or result))
+        client.async_stream_infer("t5-hmu_generate_stream", text_input(texts[2]))
+        deadline = __import__("time").time() + 60
+        while len(pieces) < len(want[2]) and __import__("time").time() < deadline:
+            __import__("time").sleep(0.05)
+        client.stop_stream()
+        client.close()
+    got = [p for p in pieces if not isinstance(p, Exception)]
+    assert [int(p.as_numpy("tokens")[0, 0]) for p in got] == want[2]
+    assert "".join(p.as_numpy("generated_text")[0, 0].decode() for p in got) == want_texts[2]

@@ -88,8 +88,14 @@ def test_configs_follow_the_contract(repo):
     py = _parse(repo / PY / "config.pbtxt")
     assert py.backend == "python"
     assert py.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
-    assert py.parameters["vocab_size"].string_value == "61"
-    assert py.parameters["src_len_max"].string_value == "16"
+    params = {k: v.string_value for k, v in py.parameters.items()}
+    assert params == {"onnx_file": "model.onnx", "vocab_size": "61", "intra_op_threads": "1",
+                      "input.src_ids": "int64[batch,src_len]",
+                      "input.src_mask": "int64[batch,src_len]",
+                      "input.tgt_ids": "int64[batch,tgt_len]",
+                      "input.noise": "float32[batch,src_len,16]",
+                      "src_len_min": "1", "src_len_max": "16", "tgt_len_min": "1",
+                      "tgt_len_max": "8"}
 
 
 def test_plan_is_included_when_built(build_copy, tmp_path):
@@ -237,7 +243,9 @@ def test_make_noise():
         make_noise(1, 1, 1, temperature=-1.0)
 
 
-SPEC = {"vocab_size": 61, "latent_dim": 16, "src_len_min": 1, "src_len_max": 16,
+SPEC = {"vocab_size": 61, "input.src_ids": "int64[batch,src_len]",
+        "input.src_mask": "int64[batch,src_len]", "input.tgt_ids": "int64[batch,tgt_len]",
+        "input.noise": "float32[batch,src_len,16]", "src_len_min": 1, "src_len_max": 16,
         "tgt_len_min": 1, "tgt_len_max": 8}
 
 
@@ -304,3 +312,213 @@ def test_build_writes_a_valid_repository(small_cfg, tmp_path):
                           [small_cfg.profile], onnx_path=layout.onnx)
     listed = {row["path"] for row in read_manifest(layout.root)["artifacts"]}
     assert {f"triton/{n}/config.pbtxt" for n in (TRT, ORT, PY)} <= listed
+
+
+# ---------------------------------------------------------------------------- every graph's python model
+# A classifier (src_ids, src_mask, noise -> class_logits [B, 3]) and a full graph with the HMU
+# after the decoder (noise [B, tgt_len, 8]) of the reference source: vocab 40, latent 8,
+# batch 1..4, src_len 1..6, tgt_len 1..5 (tests/triton_reference.py).
+
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import types  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from triton_reference import reference_graph  # noqa: E402
+
+REF = {"classifier": "ref-cls_python", "after_decoder": "ref-dec_python"}
+REF_PARAMS = {
+    "classifier": {"input.src_ids": "int64[batch,src_len]", "input.src_mask": "int64[batch,src_len]",
+                   "input.noise": "float32[batch,src_len,8]", "src_len_min": "1",
+                   "src_len_max": "6", "vocab_size": "40"},
+    "after_decoder": {"input.src_ids": "int64[batch,src_len]",
+                      "input.src_mask": "int64[batch,src_len]",
+                      "input.tgt_ids": "int64[batch,tgt_len]",
+                      "input.noise": "float32[batch,tgt_len,8]", "src_len_min": "1",
+                      "src_len_max": "6", "tgt_len_min": "1", "tgt_len_max": "5",
+                      "vocab_size": "40"},
+}
+
+
+@pytest.fixture(scope="module")
+def ref_repos(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+    """kind -> (build folder, repository written from it)."""
+    out = {}
+    for kind in REF:
+        build = reference_graph(kind, tmp_path_factory)
+        out[kind] = (build, repository_from_artifacts(
+            build, tmp_path_factory.mktemp("refrepo") / "repo").root)
+    return out
+
+
+@pytest.mark.parametrize("kind", list(REF))
+def test_every_graph_gets_a_python_model_that_follows_its_contract(ref_repos, kind):
+    build, repo = ref_repos[kind]
+    name = REF[kind]
+    assert (repo / name / "1" / "model.onnx").read_bytes() == (build / "model.onnx").read_bytes()
+    assert "class TritonPythonModel" in (repo / name / "1" / "model.py").read_text()
+    conf = _parse(repo / name / "config.pbtxt")
+    assert conf.backend == "python" and conf.max_batch_size == 4
+    ids, fp = ("TYPE_INT64", [-1], False), ("TYPE_FP32", [-1, 8], True)
+    want = {"src_ids": ids, "src_mask": ids, "noise": fp}
+    if kind == "classifier":
+        want["class_logits"] = ("TYPE_FP32", [3], False)
+    else:
+        want.update(tgt_ids=ids, logits=("TYPE_FP32", [-1, 40], False))
+    assert _io(conf) == want
+    params = {k: v.string_value for k, v in conf.parameters.items()}
+    assert {k: v for k, v in params.items() if k not in ("onnx_file", "intra_op_threads")} == \
+        REF_PARAMS[kind]
+    readme = (repo / "README.md").read_text()
+    assert "No python-backend model" not in readme
+    axis = "src_len" if kind == "classifier" else "tgt_len"
+    assert f"make_noise(B, {axis}, 8, seed, temperature)" in readme
+    assert f"`noise` (float32 [batch, {axis}, 8])" in readme
+
+
+@pytest.mark.parametrize("kind,old,new,match", [
+    ("after_decoder", "float32[batch,tgt_len,8]", "float32[batch,src_len,8]", "input.noise"),
+    ("after_decoder", 'key: "tgt_len_max"\n  value {\n    string_value: "5"',
+     'key: "tgt_len_max"\n  value {\n    string_value: "9"', "tgt_len [1, 9]"),
+    ("after_decoder", 'key: "tgt_len_min"', 'key: "tgt_len_low"', "tgt_len_min"),
+    ("classifier", 'key: "input.src_mask"', 'key: "input.src_masks"', "describe inputs"),
+    ("classifier", 'string_value: "int64[batch,src_len]"', 'string_value: "int32[batch,src_len]"',
+     "input.src_"),
+])
+def test_python_model_parameters_are_checked_against_the_contract(ref_repos, kind, old, new,
+                                                                  match):
+    from hmu_export.export import load_graph_contract
+
+    build, repo = ref_repos[kind]
+    _, cfg, contract = load_graph_contract(build / "model.onnx")
+    text = (repo / REF[kind] / "config.pbtxt").read_text()
+    check_config_text(text, contract, [cfg.profile], onnx_path=build / "model.onnx")
+    assert old in text
+    with pytest.raises(TritonConfigError, match=re.escape(match)):
+        check_config_text(text.replace(old, new, 1), contract, [cfg.profile],
+                          onnx_path=build / "model.onnx")
+
+
+# A stand-in for Triton's triton_python_backend_utils: the few names model.py uses. The served
+# tests (test_triton_server.py) run the same file under the real one.
+class _Tensor:
+    def __init__(self, name: str, array: np.ndarray):
+        self.name, self.array = name, array
+
+    def as_numpy(self) -> np.ndarray:
+        return self.array
+
+
+class _Error:
+    def __init__(self, message: str):
+        self.text = message
+
+
+class _Response:
+    def __init__(self, output_tensors=None, error=None):
+        self.outputs = {t.name: t.array for t in output_tensors or []}
+        self.error = error
+
+
+class _Request:
+    def __init__(self, feeds: dict[str, np.ndarray], params: dict | None = None):
+        self.feeds, self.params = feeds, params or {}
+
+    def parameters(self) -> str:
+        return json.dumps(self.params)
+
+
+def _fake_pb_utils() -> types.ModuleType:
+    mod = types.ModuleType("triton_python_backend_utils")
+    mod.Tensor, mod.InferenceResponse, mod.TritonError = _Tensor, _Response, _Error
+    mod.get_input_tensor_by_name = lambda req, name: (
+        _Tensor(name, req.feeds[name]) if name in req.feeds else None)
+    return mod
+
+
+def _load_python_model(repo: Path, name: str, monkeypatch):
+    """model.py of the repository, initialized as Triton does (config as JSON)."""
+    from google.protobuf import json_format
+
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _fake_pb_utils())
+    spec = importlib.util.spec_from_file_location(f"served_{name.replace('-', '_')}",
+                                                  repo / name / "1" / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = module.TritonPythonModel()
+    conf = _parse(repo / name / "config.pbtxt")
+    model.initialize({"model_config": json_format.MessageToJson(
+        conf, preserving_proto_field_name=True), "model_repository": str(repo / name),
+        "model_version": "1"})
+    return model
+
+
+def _drawn(seed: int, temperature: float, shape: tuple[int, ...]) -> np.ndarray:
+    """The documented server-side noise (docs/triton.md), written out here."""
+    return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32) * \
+        np.float32(temperature)
+
+
+def _ids(rng, b: int, n: int) -> np.ndarray:
+    return rng.integers(1, 40, (b, n)).astype(np.int64)
+
+
+@pytest.mark.parametrize("kind", list(REF))
+def test_python_model_execute_equals_onnxruntime(ref_repos, kind, monkeypatch):
+    """One execute() with requests of two shapes, server-drawn, sent and zero noise, and bad
+    requests: each good one equals ONNX Runtime on the graph with the same noise, each bad one
+    fails alone with its own line."""
+    import onnxruntime as ort
+
+    build, repo = ref_repos[kind]
+    model = _load_python_model(repo, REF[kind], monkeypatch)
+    sess = ort.InferenceSession(str(build / "model.onnx"), providers=["CPUExecutionProvider"])
+    out_name = "class_logits" if kind == "classifier" else "logits"
+    rng = np.random.default_rng(5)
+
+    def feeds(b: int, ls: int, lt: int) -> dict[str, np.ndarray]:
+        f = {"src_ids": _ids(rng, b, ls), "src_mask": np.ones((b, ls), np.int64)}
+        f["src_mask"][-1, ls - 1:] = 0 if ls > 1 else 1
+        if kind != "classifier":
+            f["tgt_ids"] = _ids(rng, b, lt)
+        return f
+
+    def noise_len(ls: int, lt: int) -> int:
+        return ls if kind == "classifier" else lt
+
+    a, b, c = feeds(2, 6, 3), feeds(1, 6, 3), feeds(3, 4, 5)
+    sent = rng.standard_normal((1, noise_len(6, 3), 8)).astype(np.float32)
+    bad_token = dict(feeds(1, 6, 3))
+    bad_token["src_ids"] = bad_token["src_ids"].copy()
+    bad_token["src_ids"][0, 0] = 40
+    wrong_noise = dict(a, noise=np.zeros((2, noise_len(3, 6), 8), np.float32))  # other axis
+    too_long = feeds(1, 7, 3)
+    requests = [_Request(a, {"seed": 3, "temperature": "0.5"}), _Request(dict(b, noise=sent)),
+                _Request(bad_token), _Request(c), _Request(a, {"seed": -1}),
+                _Request(wrong_noise), _Request(too_long)]
+    responses = model.execute(requests)
+    assert len(responses) == len(requests)
+
+    def ort_out(f: dict[str, np.ndarray], noise: np.ndarray) -> np.ndarray:
+        return sess.run([out_name], dict(f, noise=noise))[0]
+
+    want = [ort_out(a, _drawn(3, 0.5, (2, noise_len(6, 3), 8))), ort_out(b, sent), None,
+            ort_out(c, np.zeros((3, noise_len(4, 5), 8), np.float32))]
+    for got, ref in zip(responses, want):
+        if ref is None:
+            continue
+        assert got.error is None, got.error.text
+        assert list(got.outputs) == [out_name]
+        np.testing.assert_allclose(got.outputs[out_name], ref, rtol=0, atol=1e-5)
+    # the drawn noise matters (a server that ignored it would fail the first comparison)
+    assert np.abs(want[0] - ort_out(a, np.zeros_like(_drawn(3, 0.5, (2, noise_len(6, 3), 8))))
+                  ).max() > 1e-3
+    errors = {i: responses[i].error.text for i in (2, 4, 5, 6)}
+    assert all(responses[i].outputs == {} for i in errors)
+    assert "token ids outside [0, 40)" in errors[2]
+    assert "'seed' must be in" in errors[4]
+    axis = "src_len" if kind == "classifier" else "tgt_len"  # the axis the noise spans
+    assert f"input 'noise' has {axis} {noise_len(3, 6)}" in errors[5], errors[5]
+    assert "src_len 7 is outside the profile [1, 6]" in errors[6]
+    assert all("\n" not in e and "internal error" not in e for e in errors.values()), errors

@@ -314,3 +314,65 @@ def test_bad_request_fails_alone_in_a_dynamic_batch(repo, server, small_cfg, sma
             msg = str(result)
             assert words in msg and "\n" not in msg and "internal error" not in msg, msg
     assert server.alive()
+
+
+# ---- issue 9, item 3: the python model of every graph (reference classifier, HMU after decoder) ----
+
+def _load_into(repo: Path, server, source_repo: Path, name: str) -> None:
+    """Copy a model of another repository into the served one and load it (explicit mode)."""
+    import shutil
+
+    import tritonclient.http as http
+
+    if not (repo / name).exists():
+        shutil.copytree(source_repo / name, repo / name)
+    with http.InferenceServerClient(server.http_url) as admin:
+        admin.load_model(name)
+
+
+def test_served_reference_graphs(repo, server, tmp_path_factory):
+    """The classifier (class_logits, noise over src_len) and the full graph with the HMU after
+    the decoder (noise over tgt_len), served: equal to ONNX Runtime on the graph with the same
+    noise, server-drawn and client-built, over HTTP and gRPC; a bad request gets its own line."""
+    import sys
+
+    import onnxruntime as ort
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from triton_reference import reference_graph
+
+    rng = np.random.default_rng(4)
+    for kind, name in (("classifier", "ref-cls_python"), ("after_decoder", "ref-dec_python")):
+        build = reference_graph(kind, tmp_path_factory)
+        own = repository_from_artifacts(build, tmp_path_factory.mktemp("served") / "r").root
+        _load_into(repo, server, own, name)
+        sess = ort.InferenceSession(str(build / "model.onnx"),
+                                    providers=["CPUExecutionProvider"])
+        b, ls, lt = 3, 5, 4
+        src = rng.integers(1, 40, (b, ls)).astype(np.int64)
+        mask = np.ones((b, ls), np.int64)
+        mask[1, 3:] = 0
+        tgt = None if kind == "classifier" else rng.integers(1, 40, (b, lt)).astype(np.int64)
+        out = "class_logits" if kind == "classifier" else "logits"
+        span = ls if kind == "classifier" else lt
+        noise = rng.standard_normal((b, span, 8), dtype=np.float32) * np.float32(0.6)
+        base = {"src_ids": src, "src_mask": mask} | ({} if tgt is None else {"tgt_ids": tgt})
+        # the documented recipe, written out: default_rng(seed).standard_normal(...) * t
+        drawn = np.random.default_rng(9).standard_normal((b, span, 8), dtype=np.float32) * \
+            np.float32(0.6)
+        want = sess.run([out], dict(base, noise=drawn))[0]
+        for protocol, url in (("http", server.http_url), ("grpc", server.grpc_url)):
+            with HMUTritonClient(url, name, protocol) as c:  # latent and noise axis: asked
+                got = c.infer(src, mask, tgt, seed=9, temperature=0.6, send_noise=False)
+                assert list(got) == [out]
+                np.testing.assert_allclose(got[out], want, rtol=0, atol=1e-5)
+                sent = c.infer(src, mask, tgt, seed=9, temperature=0.6)[out]  # client-built
+                np.testing.assert_allclose(sent, want, rtol=0, atol=1e-5)
+                mine = c.infer(src, mask, tgt, noise)[out]
+                np.testing.assert_allclose(mine, sess.run([out], dict(base, noise=noise))[0],
+                                           rtol=0, atol=1e-5)
+                assert np.abs(mine - got[out]).max() > 1e-3  # the noise does matter
+                with pytest.raises(TritonRequestError, match="token ids outside") as info:
+                    c.infer(np.full_like(src, 40), mask, tgt)
+                assert "\n" not in str(info.value)
+    assert server.alive()

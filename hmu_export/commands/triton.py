@@ -70,12 +70,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _smoke(artifacts: Path, repo: Path, model: str) -> int:
-    """Serve the python model for real and compare with ONNX Runtime at a few shapes."""
+    """Serve the python model for real and compare with ONNX Runtime at a few shapes (the
+    graph's own inputs and first output: logits, or class_logits of a classifier)."""
     import numpy as np
 
     from ..build_folder import open_build
     from ..errors import ParityFailure
-    from ..io_contract import LOGITS, make_feeds
+    from ..io_contract import AXIS_TO_PROFILE, BATCH, spec_feeds
     from ..runners import OnnxRuntimeRunner
     from ..triton_client import HMUTritonClient
     from ..triton_server import serve
@@ -83,23 +84,26 @@ def _smoke(artifacts: Path, repo: Path, model: str) -> int:
     build = open_build(artifacts, verify=False)  # verified by run() a moment ago
     cfg, contract = build.cfg, build.contract
     p = cfg.profile
-    shapes = sorted({(1, p.src_len[0], p.tgt_len[0]), (p.batch[1], p.src_len[1], p.tgt_len[1]),
-                     (p.batch[2], p.src_len[2], p.tgt_len[2])})
+    axes = contract.axes
+    out = contract.output_names[0]
+    shapes = sorted({tuple(1 if a == BATCH and k == 0 else getattr(p, AXIS_TO_PROFILE[a])[k]
+                           for a in axes) for k in range(3)})  # min (batch 1), opt, max
     rows, worst = [], 0.0
     ui.err.print(f"starting tritonserver for {model}...")
     with serve(repo, [model]) as server, \
             OnnxRuntimeRunner(artifacts / "model.onnx", contract, [p]) as ref:
         for protocol, url in (("http", server.http_url), ("grpc", server.grpc_url)):
             with HMUTritonClient(url, model, protocol, latent_dim=cfg.model.latent_dim) as c:
-                for b, ls, lt in shapes:
-                    feeds = make_feeds(cfg.model, b, ls, lt, seed=cfg.parity.seed)
-                    got = c.infer_feeds(feeds)[LOGITS]
-                    err = float(np.max(np.abs(got - ref.infer(feeds)[LOGITS])))
+                for shape in shapes:
+                    feeds = spec_feeds(contract, cfg.model, dict(zip(axes, shape)),
+                                       seed=cfg.parity.seed)
+                    got = c.infer_feeds(feeds, outputs=[out])[out]
+                    err = float(np.max(np.abs(got - ref.infer(feeds)[out])))
                     worst = max(worst, err)
-                    rows.append((protocol, f"{b}x{ls}x{lt}", f"{err:.2e}",
+                    rows.append((protocol, "x".join(map(str, shape)), f"{err:.2e}",
                                  "pass" if err <= cfg.parity.fp32_max_abs else "FAIL"))
     ui.out.print(ui.table(f"Triton smoke test ({model} vs ONNX Runtime)",
-                          ["protocol", "BxLsxLt", "max abs", "result"], rows))
+                          ["protocol", "x".join(axes), "max abs", "result"], rows))
     if worst > cfg.parity.fp32_max_abs:
         raise ParityFailure(f"served model differs from ONNX Runtime by {worst:.3g} > "
                             f"{cfg.parity.fp32_max_abs:g}")
