@@ -66,7 +66,22 @@ def convert_to_fp16(model: onnx.ModelProto, keep_fp32: Sequence[str] = ()) -> on
         # op_block_list is left at None: passing a list REPLACES the converter's default list.
         return float16.convert_float_to_float16(
             copy, min_positive_val=FP16_MIN_POSITIVE, max_finite_val=FP16_MAX,
-            keep_io_types=True, node_block_list=list(keep_fp32))
+            keep_io_types=True, node_block_list=list(keep_fp32) + _casts_to_fp32(copy))
+
+
+def _casts_to_fp32(model: onnx.ModelProto) -> list[str]:
+    """Cast nodes that make FP32 (Transformers' masks: bool -> float). The converter retypes
+    their outputs to FP16 but leaves ``to = FLOAT``, a graph ONNX Runtime refuses ("Type
+    (tensor(float16)) of output arg ... of node (Cast) does not match"); kept in FP32, they are
+    followed by the converter's own cast to FP16."""
+    names = []
+    for node in model.graph.node:
+        if node.op_type == "Cast" and any(a.name == "to" and a.i == onnx.TensorProto.FLOAT
+                                          for a in node.attribute):
+            if not node.name:
+                node.name = f"cast_to_fp32/{node.output[0]}"
+            names.append(node.name)
+    return names
 
 
 def write_fp16_model(src: Path, dst: Path, keep_fp32: Sequence[str]) -> Path:

@@ -69,7 +69,7 @@ def default_build(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def hf_t5_build(tmp_path_factory) -> tuple[Path, Path]:
     """(folder root, build) of the tiny Hugging Face T5 of test_hf_source with a seeded HMU:
-    checkpoint, every graph, optimized graphs and parity; made once per session."""
+    checkpoint, every graph, optimized and FP16 graphs and parity; made once per session."""
     pytest.importorskip("transformers")
     import test_hf_source as HF
 
@@ -82,6 +82,6 @@ def hf_t5_build(tmp_path_factory) -> tuple[Path, Path]:
         "profile": {"batch": [1, 2, 3], "src_len": [1, 7, 12], "tgt_len": [1, 4, 8]}})
     out = root / "out"
     outcome = run_build(cfg, out, model=preflight(cfg, out),
-                        only=["checkpoint", "export", "optimize", "parity"])
+                        only=["checkpoint", "export", "optimize", "fp16", "parity"])
     assert outcome.ok, outcome.failure
     return root, outcome.out_dir

@@ -80,6 +80,27 @@ def test_out_of_range_weights_are_emulated():
     assert run(convert_to_fp16(m, ["big/Mul"]))[0, 3] == pytest.approx(4e4, rel=1e-3)
 
 
+def test_mask_casts_to_float_convert_to_a_loadable_graph():
+    """Transformers' padding masks are bool -> float Casts: the converter retyped their outputs
+    to FP16 but left ``to = FLOAT``, and ONNX Runtime refused the graph."""
+    from onnx import helper
+    import onnxruntime as ort
+    g = helper.make_graph(
+        [helper.make_node("Equal", ["m", "zero"], ["pad"]),
+         helper.make_node("Cast", ["pad"], ["padf"], to=TensorProto.FLOAT),  # unnamed, as exported
+         helper.make_node("Mul", ["x", "padf"], ["y"], name="mul")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3]),
+              helper.make_tensor_value_info("m", TensorProto.INT64, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor("zero", TensorProto.INT64, [], [0])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    x = np.arange(6, dtype=np.float32).reshape(2, 3) + 0.5
+    mask = np.array([[1, 0, 1], [0, 0, 1]], np.int64)
+    fp16 = convert_to_fp16(m)
+    sess = ort.InferenceSession(fp16.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(sess.run(None, {"x": x, "m": mask})[0], x * (mask == 0))
+
+
 def test_parity_backends(small_export, small_cfg, small_model, fp16_path, tmp_path):
     contract = full_contract(small_cfg.model)
     from hmu_export.artifacts import BuildLayout

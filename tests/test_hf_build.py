@@ -31,6 +31,19 @@ def test_manifest_says_the_hmu_is_untrained_and_lists_every_graph(t5_build):
     assert manifest["config"]["generation"]["bos_id"] == 0  # T5's decoder_start_token_id
 
 
+def test_fp16_graphs_of_a_t5_load_and_are_judged(t5_build):
+    """Transformers' bool -> float mask casts once made the converted graph unloadable."""
+    _, out = t5_build
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stages"]["fp16"]["status"] == "ok", manifest["stages"]["fp16"]
+    report = json.loads((out / "parity" / "report.json").read_text())
+    rows = [r for r in report["results"] if r["backend"] == "onnxruntime-fp16emu"]
+    assert rows and all(r["passed"] for r in rows)
+    gen = json.loads((out / "parity" / "generation.json").read_text())
+    fp16 = [r for r in gen["tokens"] if r["backend"] == "onnxruntime-fp16emu"]
+    assert fp16 and all(0 <= r["agreement"] <= 1 for r in fp16)
+
+
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime", "onnxruntime-opt"])
 def test_generate_from_the_build_equals_transformers_generate(t5_build, backend, tmp_path):
     from hmu_export.model import hf as H
