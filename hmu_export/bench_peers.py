@@ -265,6 +265,19 @@ class CTranslate2Peer(Peer):
 
 
 # ----------------------------------------------------------------------------- running
+def versions() -> dict[str, str | None]:
+    """Installed versions of the peers' packages (None: not installed)."""
+    from importlib import metadata
+
+    out: dict[str, str | None] = {}
+    for dist in ("transformers", "optimum-onnx", "optimum", "ctranslate2"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
 def _available(name: str) -> str:
     """'' when the peer's package imports, else the reason it does not."""
     mod = {"transformers": "transformers", "optimum": "optimum.onnxruntime",
@@ -294,9 +307,7 @@ def load_peers(source: Any, cfg: Any, names: Sequence[str], work: Path, threads:
     if any(not r for r in reasons.values()):
         if progress:
             progress("peers: saving the base model")
-        base = source.hf_model
-        base.save_pretrained(str(folder))
-        del base
+        source.hf_model.save_pretrained(str(folder))
     for name in names:
         if reasons[name]:
             rows = ["ctranslate2-fp32", "ctranslate2-int8"] if name == "ctranslate2" else [name]

@@ -54,6 +54,8 @@ def test_transformers_rows_have_our_keys_and_the_hmu(peer_report):
         assert 0 < r["per_token_p50_ms"] <= r["per_token_p99_ms"]
     assert "transformers (peer, HMU applied)" in md
     assert data["settings"]["peers"] == ["transformers", "optimum", "ctranslate2"]
+    import transformers
+    assert data["settings"]["peer_versions"]["transformers"] == transformers.__version__
 
 
 def test_absent_peers_are_skipped_with_a_reason(peer_report):
