@@ -145,6 +145,18 @@ def _base_config(name: str, contract: GraphContract, max_batch: int, preferred: 
     return conf
 
 
+def describe_noise(conf: "model_config_pb2.ModelConfig", contract: GraphContract) -> None:
+    """State the noise input's axes (``input.noise``, as the python model states every input),
+    so a client can tell which length the noise spans (src_len, or tgt_len for a model whose
+    HMU follows the decoder) from any model's config; backends ignore the parameter."""
+    from .triton_python_model import INPUT_PREFIX, format_tensor
+
+    for spec in contract.inputs:
+        if spec.name == NOISE:
+            conf.parameters[INPUT_PREFIX + NOISE].string_value = format_tensor(spec.dtype,
+                                                                               spec.dims)
+
+
 def tensorrt_config(name: str, cfg: BuildConfig, contract: GraphContract,
                     opts: TritonOptions) -> "model_config_pb2.ModelConfig":
     """``tensorrt_plan`` model: batch limited by every profile, GPU instances naming the profiles."""
@@ -157,6 +169,7 @@ def tensorrt_config(name: str, cfg: BuildConfig, contract: GraphContract,
                         opts)
     conf.platform = "tensorrt_plan"
     conf.default_model_filename = "model.plan"
+    describe_noise(conf, contract)
     conf.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=opts.instance_count,
                             profile=[str(i) for i in range(len(profiles))])
     return conf
@@ -172,6 +185,7 @@ def onnx_config(name: str, cfg: BuildConfig, contract: GraphContract,
                         opts)
     conf.platform = "onnxruntime_onnx"
     conf.default_model_filename = "model.onnx"
+    describe_noise(conf, contract)
     conf.instance_group.add(kind=mc.ModelInstanceGroup.KIND_AUTO, count=opts.instance_count)
     if opts.onnx_tensorrt_accelerator:
         acc = conf.optimization.execution_accelerators.gpu_execution_accelerator.add(
@@ -388,6 +402,14 @@ def validate_config(conf: "model_config_pb2.ModelConfig", contract: GraphContrac
     if kind == PYTHON:
         _check_python_parameters({k: v.string_value for k, v in conf.parameters.items()},
                                  contract, profiles[0], fail)
+    else:  # the noise axes a client reads (describe_noise): the contract's, or absent
+        from .triton_python_model import INPUT_PREFIX, format_tensor
+        stated = conf.parameters.get(INPUT_PREFIX + NOISE)
+        noise = [s for s in contract.inputs if s.name == NOISE]
+        if stated is not None and (not noise or stated.string_value !=
+                                   format_tensor(noise[0].dtype, noise[0].dims)):
+            fail(f"parameter '{INPUT_PREFIX}{NOISE}' = {stated.string_value!r} is not the "
+                 "contract's noise input")
 
 
 def _check_python_parameters(params: dict[str, str], contract: GraphContract,

@@ -5,8 +5,8 @@ on the client from ``(seed, temperature)`` when none is given (zeros at temperat
 path), so the same call works for the TensorRT, ONNX and python models and is reproducible:
 ``make_noise`` is the very function the python model uses for server-side noise. The noise spans
 ``src_len`` (the noise's axis in every graph but the full graph with the HMU after the decoder,
-where it spans ``tgt_len``): the client reads which from the python model's config, or is told
-(``noise_axis``) for the other models, whose configs do not say.
+where it spans ``tgt_len``): the client reads which from the model's config (every model of a
+repository states its noise axes in the ``input.noise`` parameter), or is told (``noise_axis``).
 """
 from __future__ import annotations
 
@@ -106,7 +106,8 @@ class HMUTritonClient:
         raise TritonRequestError(f"model '{self.model}' has no '{NOISE}' input")
 
     def _noise_axis(self) -> str:
-        """src_len or tgt_len: as told, else from the python model's input.noise parameter."""
+        """src_len or tgt_len: as told, else from the model config's input.noise parameter
+        (every model of a repository states it)."""
         if self.noise_axis is None:
             self.noise_axis = SRC_LEN
             try:

@@ -377,6 +377,32 @@ def test_every_graph_gets_a_python_model_that_follows_its_contract(ref_repos, ki
     assert f"`noise` (float32 [batch, {axis}, 8])" in readme
 
 
+def test_every_model_states_the_noise_axes_and_the_client_reads_them(ref_repos):
+    """An after-decoder build's noise spans tgt_len: its onnx (and tensorrt) configs say so too,
+    so a client of those models needs no noise_axis; a wrong statement is refused."""
+    from hmu_export.export import load_graph_contract
+    from hmu_export.triton_client import HMUTritonClient
+
+    build, repo = ref_repos["after_decoder"]
+    _, cfg, contract = load_graph_contract(build / "model.onnx")
+    text = (repo / "ref-dec_onnx" / "config.pbtxt").read_text()
+    conf = _parse(repo / "ref-dec_onnx" / "config.pbtxt")
+    assert conf.parameters["input.noise"].string_value == "float32[batch,tgt_len,8]"
+    check_config_text(text, contract, [cfg.profile], onnx_path=build / "model.onnx")
+    with pytest.raises(TritonConfigError, match="input.noise"):
+        check_config_text(text.replace("batch,tgt_len,8", "batch,src_len,8"), contract,
+                          [cfg.profile], onnx_path=build / "model.onnx")
+
+    class _Server:  # what tritonclient.http returns for get_model_config
+        def get_model_config(self, model):
+            return {"parameters": {"input.noise": {"string_value":
+                                                   conf.parameters["input.noise"].string_value}}}
+
+    client = HMUTritonClient.__new__(HMUTritonClient)
+    client.client, client.model, client.url, client.noise_axis = _Server(), "ref-dec_onnx", "", None
+    assert client._noise_axis() == "tgt_len"
+
+
 @pytest.mark.parametrize("kind,old,new,match", [
     ("after_decoder", "float32[batch,tgt_len,8]", "float32[batch,src_len,8]", "input.noise"),
     ("after_decoder", 'key: "tgt_len_max"\n  value {\n    string_value: "5"',
