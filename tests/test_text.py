@@ -19,21 +19,24 @@ from hmu_export.config import config_from_dict  # noqa: E402
 TEXTS = ["a b c", "d e"]
 
 
-def _tokenizer(vocab_size: int):
-    """A WordLevel tokenizer over exactly ``vocab_size`` words: <pad> 0, </s> 1, <unk> 2 (T5's
-    ids), eos appended to every encoder input as T5's tokenizer does."""
+def _tokenizer(vocab_size: int, specials=("<pad>", "</s>", "<unk>"), template="$A </s>",
+               **named):
+    """A WordLevel tokenizer over exactly ``vocab_size`` words: the special tokens first (T5's
+    ids by default: <pad> 0, </s> 1, <unk> 2), then a..z, then w<i>; ``template`` is what the
+    tokenizer adds around an encoder input (T5 appends </s>)."""
     import transformers
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
-    words = ["<pad>", "</s>", "<unk>"] + [chr(ord("a") + i) for i in range(26)]
+    words = list(specials) + [chr(ord("a") + i) for i in range(26)]
     words += [f"w{i}" for i in range(len(words), vocab_size)]
     vocab = {w: i for i, w in enumerate(words)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(
-        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+        single=template, special_tokens=[(w, vocab[w]) for w in specials
+                                         if w in template.split()])
+    named = named or {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"}
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, **named)
 
 
 @pytest.fixture(scope="module")
@@ -174,3 +177,54 @@ def test_triton_generation_models_take_text(t5_text_build):
     got = [p for p in pieces if not isinstance(p, Exception)]
     assert [int(p.as_numpy("tokens")[0, 0]) for p in got] == want[2]
     assert "".join(p.as_numpy("generated_text")[0, 0].decode() for p in got) == want_texts[2]
+
+
+# BART: <s> 0, <pad> 1, </s> 2 around the input; Marian: </s> 0 appended, pad = id 99 (w99).
+FAMILY_TOKENIZERS = {
+    "bart": (("<s>", "<pad>", "</s>", "<unk>"), "<s> $A </s>",
+             {"bos_token": "<s>", "pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"}),
+    "marian": (("</s>", "<unk>"), "$A </s>",
+               {"eos_token": "</s>", "unk_token": "<unk>", "pad_token": "w99"}),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_TOKENIZERS))
+def test_bart_and_marian_folders_build_and_generate_text_as_transformers(family, tmp_path):
+    """The CLI path for the other two families: a three-line [model] TOML builds (checkpoint and
+    the graphs), and `generate --text` on ragged texts gives Transformers' greedy tokens with
+    the HMU applied, decoded to the same texts."""
+    import transformers
+
+    from hmu_export.model import hf as H
+
+    folder = tmp_path / family
+    model = HF.BUILDERS[family]()
+    model.save_pretrained(folder)
+    specials, template, named = FAMILY_TOKENIZERS[family]
+    _tokenizer(model.config.vocab_size, specials, template, **named).save_pretrained(folder)
+    toml = tmp_path / "c.toml"
+    toml.write_text(f'[model]\nsource = "hf"\npath = "{folder}"\n\n[profile]\n'
+                    "batch = [1, 2, 4]\nsrc_len = [1, 8, 12]\ntgt_len = [1, 4, 10]\n")
+    from hmu_export.config import load_config
+    from hmu_export.pipeline import preflight, run_build
+    cfg, out = load_config(toml), tmp_path / "out"
+    outcome = run_build(cfg, out, model=preflight(cfg, out), only=["checkpoint", "export"])
+    assert outcome.ok, outcome.failure
+    texts = ["a b c d", "e f", "g h i j k"]
+    res = tmp_path / "res.json"
+    args = ["generate", "--artifacts", str(out), "--backend", "onnxruntime",
+            "--max-new-tokens", "8", "--json", str(res)]
+    for t in texts:
+        args += ["--text", t]
+    assert main(args) == 0
+    got = json.loads(res.read_text())
+    ref = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    enc = ref(texts, padding=True, return_tensors="pt")
+    src = H.load_source(H.resolve_config(HF.ModelConfig(source="hf", path=str(folder))))
+    b, ls = enc["input_ids"].shape
+    x = {"src_ids": enc["input_ids"], "src_mask": enc["attention_mask"],
+         "noise": torch.zeros(b, ls, src.cfg.latent_dim)}
+    want = HF._hf_greedy(src, x, max_new=8)
+    assert int(enc["attention_mask"].sum()) < b * ls  # the batch really is padded
+    assert got["sequences"] == want
+    assert got["texts"] == ref.batch_decode(want, skip_special_tokens=True)
