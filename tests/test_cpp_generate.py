@@ -371,3 +371,22 @@ def test_tensorrt_generator_compiles_and_links(hmu_generate, graphs, tmp_path_fa
                 str(plans / "decoder.fp16.plan"), "--inputs", str(inputs), "--outputs",
                 str(tmp_path / "out")], env=env)
     assert "TensorRT runtime not found" in _one_line_error(res, tmp_path)
+
+
+def test_hf_t5_build_gives_transformers_tokens(hmu_generate, hf_t5_build, tmp_path):
+    """A Hugging Face T5 build (head_dim 12 != d_model / heads, decoder start 0, EOS 1):
+    hmu_generate reads all of it from the graphs and gives Transformers' own greedy tokens with
+    the HMU applied, on a padded batch."""
+    import test_hf_source as HF
+
+    from hmu_export.model import hf as H
+
+    root, out = hf_t5_build
+    src = H.load_source(H.resolve_config(HF.ModelConfig(source="hf", path=str(root / "t5"))))
+    x = HF._batch(src, b=3, ls=7, noise_scale=0.0)
+    want = HF._hf_greedy(src, x, max_new=8)
+    feeds = {"src_ids": x["src_ids"].numpy(), "src_mask": x["src_mask"].numpy()}
+    got, summary = _tokens(_generate(hmu_generate, out, feeds, tmp_path, "--max-new-tokens", "8"),
+                           tmp_path)
+    assert got == want
+    assert summary["cache"]["head_dim"] == 12
