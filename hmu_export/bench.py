@@ -33,7 +33,7 @@ from .backends.registry import BENCH, Backend, discover_backends
 from .config import BuildConfig
 from .errors import ConfigError
 from .fileio import atomic_path, write_json, write_text
-from .flops import model_flops, onnx_matmul_flops
+from .flops import matmul_flop_counter, model_flops
 from .io_contract import BATCH, SRC_LEN, GraphContract
 from .parity import AXIS_LABEL, GRID_AXES, contract_feeds, grid_axes
 from .runners import Runner
@@ -310,12 +310,13 @@ def default_shapes(cfg: BuildConfig, quick: bool = False,
     return sorted(shapes | {tuple(opt[a] for a in axes)})
 
 
-def shape_flops(loaded: Loaded, shape: Sequence[int], feeds: dict[str, np.ndarray]) -> int:
-    """Matmul FLOPs of one forward: the native model's analytic count, else counted on the
-    build's graph at this shape (any source: the operands' real shapes)."""
+def flop_counter(loaded: Loaded) -> Callable[[Sequence[int], dict[str, np.ndarray]], int]:
+    """Matmul FLOPs of one forward at (shape, feeds): the native model's analytic count, else
+    counted on the build's graph (any source: the operands' real shapes; graph loaded once)."""
     if loaded.native:
-        return model_flops(loaded.cfg.model, *shape).total
-    return onnx_matmul_flops(str(loaded.layout.onnx), feeds)
+        return lambda shape, feeds: model_flops(loaded.cfg.model, *shape).total
+    count = matmul_flop_counter(str(loaded.layout.onnx))
+    return lambda shape, feeds: count(feeds)
 
 
 def _row(backend: Backend, axes: Sequence[str], shape: Sequence[int], times: np.ndarray,
@@ -365,11 +366,12 @@ def run_bench(artifacts: Path, shapes: Sequence[Sequence[int]] | None = None,
     if progress:
         progress("start", total)
     runners: dict[str, Runner] = {}
+    shape_flops = flop_counter(loaded)
     try:
         for shape in shapes:
             feeds = contract_feeds(loaded.contract, loaded.cfg, dict(zip(axes, shape)),
                                    seed=s.seed, noise_scale=loaded.cfg.parity.noise_scale)
-            flops = shape_flops(loaded, shape, feeds)
+            flops = shape_flops(shape, feeds)
             for b in runnable:
                 if b.label not in runners:
                     runners[b.label] = _make(b)

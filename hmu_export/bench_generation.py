@@ -114,7 +114,7 @@ def run_generation_bench(root: Path, *, backends: Sequence[str] = DEFAULT_GENERA
         from .bench_peers import run_peers, versions
         report.settings["peer_versions"] = versions()
         rows, skipped = run_peers(
-            root, peers, batches, lambda b: _sources(b, src_len, cfg.model.vocab_size, 0),
+            build, peers, batches, lambda b: _sources(b, src_len, cfg.model.vocab_size, 0),
             src_len=src_len, new_tokens=new_tokens, runs=runs, warmup=warmup, threads=threads,
             row=result_row, progress=progress)
         report.results += rows

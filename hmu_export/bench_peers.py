@@ -23,9 +23,12 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .build_folder import BuildFolder
 
 #: what ``--peers`` accepts; ctranslate2 gives two rows (fp32 and int8)
 PEERS = ("transformers", "optimum", "ctranslate2")
@@ -166,7 +169,7 @@ class TransformersPeer(Peer):
 class OptimumPeer(Peer):
     name = "optimum"
 
-    def __init__(self, folder: Path, ids: Ids, threads: int, work: Path) -> None:
+    def __init__(self, folder: Path, ids: Ids, threads: int) -> None:
         try:
             from optimum.onnxruntime import ORTModelForSeq2SeqLM
         except ImportError as exc:
@@ -178,12 +181,10 @@ class OptimumPeer(Peer):
             model = ORTModelForSeq2SeqLM.from_pretrained(
                 str(folder), export=True, provider="CPUExecutionProvider",
                 session_options=session_options(threads), local_files_only=True)
-            model.save_pretrained(str(work / "optimum"))
         except Exception as exc:  # Optimum raises many types
             raise PeerUnavailable(f"Optimum could not export the base model: "
                                   f"{_first_line(exc)}") from None
         self.model, self.ids = model, ids
-        self.files = sorted(p.name for p in (work / "optimum").glob("*.onnx"))
 
     def generate(self, ids: np.ndarray, mask: np.ndarray, new_tokens: int) -> PeerRun:
         return _hf_generate(self.model, ids, mask, new_tokens, self.ids)
@@ -322,7 +323,7 @@ def load_peers(source: Any, cfg: Any, names: Sequence[str], work: Path, threads:
                     peers.append(TransformersPeer(folder, ids, hmu, source.cfg.latent_dim,
                                                   gen.noise_scale))
             elif name == "optimum":
-                peers.append(OptimumPeer(folder, ids, threads, work))
+                peers.append(OptimumPeer(folder, ids, threads))
             else:
                 hc = source.hf_model.config
                 unk = getattr(hc, "unk_token_id", None)
@@ -355,15 +356,13 @@ def time_peer(peer: Peer, ids: np.ndarray, new_tokens: int, runs: int, warmup: i
     return out
 
 
-def run_peers(root: Path, names: Sequence[str], batches: Sequence[int],
+def run_peers(build: "BuildFolder", names: Sequence[str], batches: Sequence[int],
               sources: Callable[[int], list[list[int]]], *, src_len: int, new_tokens: int,
               runs: int, warmup: int, threads: int, row: Callable[..., dict[str, Any]],
               progress: Callable[[str], None] | None = None
               ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
-    """Result rows (made by ``row``, the bench's own row builder) and skipped peers."""
-    from .build_folder import open_build
-
-    build = open_build(root)
+    """Result rows (made by ``row``, the bench's own row builder) and skipped peers of the
+    (already opened and verified) ``build``."""
     source = build.load_source()
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="hmu-peers-") as tmp:

@@ -10,6 +10,7 @@ and left out, so achieved FLOP/s is a slight underestimate.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from .config import ModelConfig
 
@@ -59,6 +60,12 @@ def model_flops(cfg: ModelConfig, batch: int, src_len: int, tgt_len: int) -> Flo
 def onnx_matmul_flops(path: str, feeds: dict) -> int:  # type: ignore[type-arg]
     """Independent count: run the graph once with every MatMul/Gemm operand exposed as an output
     and sum 2*M*K*N over the real operand shapes (for checking ``model_flops``, not for speed)."""
+    return matmul_flop_counter(path)(feeds)
+
+
+def matmul_flop_counter(path: str) -> Callable[[dict], int]:  # type: ignore[type-arg]
+    """``onnx_matmul_flops`` for many feeds of one graph: the graph is loaded and its session
+    made once (the graph's inputs are the feeds' names, whatever their shapes)."""
     import numpy as np
     import onnx
     import onnxruntime as ort
@@ -66,8 +73,9 @@ def onnx_matmul_flops(path: str, feeds: dict) -> int:  # type: ignore[type-arg]
     proto = onnx.load(str(path))
     mm = [n for n in proto.graph.node if n.op_type in ("MatMul", "Gemm")]
     inits = {t.name: tuple(t.dims) for t in proto.graph.initializer}
+    inputs = {i.name for i in proto.graph.input}
     have = {o.name for o in proto.graph.output}
-    wanted = sorted({i for n in mm for i in n.input[:2] if i not in inits and i not in feeds})
+    wanted = sorted({i for n in mm for i in n.input[:2] if i not in inits and i not in inputs})
     for name in wanted:
         if name not in have:
             proto.graph.output.append(onnx.ValueInfoProto(name=name))
@@ -76,19 +84,22 @@ def onnx_matmul_flops(path: str, feeds: dict) -> int:  # type: ignore[type-arg]
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     sess = ort.InferenceSession(proto.SerializeToString(), opts,
                                 providers=["CPUExecutionProvider"])
-    shapes = {k: tuple(v.shape) for k, v in zip(wanted, sess.run(wanted, feeds))}
-    shapes.update(inits)
-    shapes.update({k: tuple(v.shape) for k, v in feeds.items()})
-    total = 0
-    for n in mm:
-        a, b = shapes[n.input[0]], shapes[n.input[1]]
-        attrs = {x.name: x.i for x in n.attribute}
-        if n.op_type == "Gemm":
-            m, k = (a[::-1] if attrs.get("transA") else a)
-            n_out = b[0] if attrs.get("transB") else b[1]
-            total += 2 * m * k * n_out
-        else:
-            batch = int(np.prod(np.broadcast_shapes(a[:-2], b[:-2])))
-            m = a[-2] if len(a) >= 2 else 1
-            total += 2 * batch * m * a[-1] * b[-1]
-    return total
+
+    def count(feeds: dict) -> int:  # type: ignore[type-arg]
+        shapes = {k: tuple(v.shape) for k, v in zip(wanted, sess.run(wanted, feeds))}
+        shapes.update(inits)
+        shapes.update({k: tuple(v.shape) for k, v in feeds.items()})
+        total = 0
+        for n in mm:
+            a, b = shapes[n.input[0]], shapes[n.input[1]]
+            attrs = {x.name: x.i for x in n.attribute}
+            if n.op_type == "Gemm":
+                m, k = (a[::-1] if attrs.get("transA") else a)
+                n_out = b[0] if attrs.get("transB") else b[1]
+                total += 2 * m * k * n_out
+            else:
+                batch = int(np.prod(np.broadcast_shapes(a[:-2], b[:-2])))
+                m = a[-2] if len(a) >= 2 else 1
+                total += 2 * batch * m * a[-1] * b[-1]
+        return total
+    return count

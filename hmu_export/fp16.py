@@ -143,7 +143,6 @@ def backends(layout: "BuildLayout", cfg: "BuildConfig", model: "HMUTransformer |
     of the source model are the registry's own.)"""
     from .backends.registry import BENCH_ONLY, EVERYWHERE, Backend
     from .runners import OnnxRuntimeRunner
-    from .runners.onnxruntime_runner import session_options
 
     label, uses = "onnxruntime-fp16emu", EVERYWHERE if cfg.parity.fp16 else BENCH_ONLY
     path = layout.onnx_fp16
@@ -152,4 +151,4 @@ def backends(layout: "BuildLayout", cfg: "BuildConfig", model: "HMUTransformer |
                         uses=uses)]
     return [Backend(label, "fp16", lambda: OnnxRuntimeRunner(
         path, contract, [cfg.profile], precision="fp16", vocab_size=cfg.model.vocab_size,
-        label=label, sess_options=session_options(threads)), uses=uses)]
+        label=label, threads=threads), uses=uses)]

@@ -364,7 +364,7 @@ class Generator:
         live = np.arange(ids.shape[0])  # original row of each batch row
         self.stepper.start(ids, mask, noise)
         cur = np.full((ids.shape[0], 1), opts.bos_id, dtype=np.int64)
-        rules = opts.rules if opts.rules is not None and opts.rules.active else None
+        rules = opts.rules if opts.rules.active else None  # options() always sets rules
         for t in range(opts.max_new_tokens):
             logits = self.stepper.step(cur)
             if rules is not None:  # on raw logits, as Transformers' greedy / sample loop
@@ -406,7 +406,7 @@ class Generator:
         scores[:, 0] = 0.0  # identical beams at the start: only the first one is live
         history: list[list[int]] = [[] for _ in range(n_rows * k)]
         cur = np.full((n_rows * k, 1), opts.bos_id, dtype=np.int64)
-        rules = opts.rules if opts.rules is not None and opts.rules.active else None
+        rules = opts.rules if opts.rules.active else None  # options() always sets rules
         for t in range(max_new):
             logp = log_softmax(self.stepper.step(cur))
             if rules is not None:  # on log-probs, as Transformers' beam search

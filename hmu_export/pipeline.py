@@ -85,8 +85,8 @@ def stage_export(ctx: BuildContext) -> StageResult:
     """Export every graph of the source once (dynamo tracing dominates the build's time)."""
     import onnx
 
-    from .export import export_graph, sensitive_nodes
-    from .io_contract import DECODER, ENCODER, GRAPH_FILES
+    from .export import sensitive_nodes
+    from .io_contract import ENCODER, GRAPH_FILES
 
     assert ctx.source is not None
     graphs: dict[str, Any] = {}

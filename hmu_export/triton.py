@@ -425,8 +425,7 @@ def _check_python_parameters(params: dict[str, str], contract: GraphContract,
             raise ValueError
     except ValueError:
         fail("python model parameter 'vocab_size' must be a positive integer")
-    named = {k.rsplit("_", 1)[0] for k in params if k.endswith(("_min", "_max"))}
-    for axis in sorted((set(contract.axes) | (named & set(AXIS_TO_PROFILE))) - {BATCH}):
+    for axis in sorted(set(contract.axes) - {BATCH}):
         lo_text, hi_text = params.get(f"{axis}_min", ""), params.get(f"{axis}_max", "")
         if not (lo_text.isdigit() and hi_text.isdigit()):
             fail(f"python model parameters lack integer '{axis}_min' / '{axis}_max'")

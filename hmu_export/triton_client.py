@@ -17,8 +17,8 @@ import numpy as np
 
 from .errors import BackendUnavailable, HMUExportError
 from .io_contract import NOISE, SRC_IDS, SRC_MASK, SRC_LEN, TGT_IDS, TGT_LEN
-from .triton_python_model import (INPUT_PREFIX, RequestError, check_seed, check_temperature,
-                                  noise_from_seed)
+from .triton_python_model import (INPUT_PREFIX, RequestError, _parse_tensor, check_seed,
+                                  check_temperature, noise_from_seed)
 
 PROTOCOLS = ("http", "grpc")
 NP_TO_TRITON = {np.dtype("int64"): "INT64", np.dtype("float32"): "FP32",
@@ -118,7 +118,11 @@ class HMUTritonClient:
             conf = conf if isinstance(conf, dict) else {"parameters": {
                 k: {"string_value": v.string_value} for k, v in conf.config.parameters.items()}}
             text = conf.get("parameters", {}).get(INPUT_PREFIX + NOISE, {}).get("string_value")
-            if text and TGT_LEN in text.replace(" ", "").split(","):
+            try:
+                dims = _parse_tensor(NOISE, text)[1] if text else ()
+            except ValueError:  # not a parameter this tool wrote: keep the default
+                dims = ()
+            if dims[1:2] == (TGT_LEN,):
                 self.noise_axis = TGT_LEN
         return self.noise_axis
 

@@ -158,8 +158,6 @@ def generate_config(name: str, cfg: BuildConfig, geo: dict[str, int], opts: "Tri
         "vocab_size": cfg.model.vocab_size, "latent_dim": geo["latent_dim"],
         "pad_id": cfg.model.pad_id, "bos_id": gen.bos_id, "eos_id": gen.eos_id,
         "batch_max": max_batch, "src_len_min": p.src_len[0], "src_len_max": p.src_len[2],
-        # validate_config's python-model keys: the generated length is the decoder's tgt_len
-        "tgt_len_min": p.tgt_len[0], "tgt_len_max": p.tgt_len[2],
         "max_new_tokens_max": p.tgt_len[2], "max_new_tokens_default": gen.new_tokens(p),
         "layers": geo["layers"], "heads": geo["heads"], "head_dim": geo["head_dim"],
         "decoding": decoding_parameter(cfg)}

@@ -158,6 +158,9 @@ class Spec:
                 raise ValueError(f"parameters '{axis}_min' / '{axis}_max' (integers) are "
                                  "missing") from None
         if NOISE in inputs:
+            if len(inputs[NOISE][1]) != 3:
+                raise ValueError(f"cannot draw noise of dims {list(inputs[NOISE][1])} "
+                                 "(expected [batch, length, latent])")
             carried = {d for name, (_, dims) in inputs.items() if name != NOISE for d in dims}
             free = [d for d in inputs[NOISE][1] if isinstance(d, str) and d not in carried]
             if free:
@@ -243,10 +246,7 @@ def complete_feeds(feeds: dict[str, np.ndarray], params: Mapping[str, Any],
     sizes = check_feeds(feeds, spec)
     seed, temperature = parse_noise_parameters(params)  # checked even when noise is sent
     if NOISE in spec.inputs and feeds.get(NOISE) is None:
-        dims = spec.inputs[NOISE][1]
-        if len(dims) != 3:
-            raise RequestError(f"cannot draw noise of dims {list(dims)} (expected [batch, "
-                               "length, latent])")
+        dims = spec.inputs[NOISE][1]  # [batch, length, latent]: checked by Spec
         b, length, latent = (d if isinstance(d, int) else sizes[d] for d in dims)
         feeds[NOISE] = noise_from_seed(b, length, latent, seed, temperature)
     return feeds

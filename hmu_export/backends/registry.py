@@ -106,8 +106,6 @@ def onnxruntime_backends(layout: BuildLayout, cfg: BuildConfig, contract: GraphC
     then CUDA / TensorRT execution providers where this onnxruntime build has them."""
     import onnxruntime as ort
 
-    from ..runners.onnxruntime_runner import session_options
-
     path = layout.onnx
     if not path.is_file():
         return [Backend("onnxruntime", "fp32", None, f"{path.name} not found")]
@@ -115,7 +113,7 @@ def onnxruntime_backends(layout: BuildLayout, cfg: BuildConfig, contract: GraphC
     def make(label: str, *providers: str) -> Callable[[], Runner]:
         return lambda: OnnxRuntimeRunner(path, contract, [cfg.profile], providers=providers,
                                          vocab_size=cfg.model.vocab_size, label=label,
-                                         sess_options=session_options(threads))
+                                         threads=threads)
 
     out = [Backend("onnxruntime", "fp32", make("onnxruntime", "cpu"))]
     have = ort.get_available_providers()

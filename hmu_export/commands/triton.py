@@ -76,7 +76,8 @@ def _smoke(artifacts: Path, repo: Path, model: str) -> int:
 
     from ..build_folder import open_build
     from ..errors import ParityFailure
-    from ..io_contract import AXIS_TO_PROFILE, BATCH, spec_feeds
+    from ..io_contract import AXIS_TO_PROFILE, BATCH
+    from ..parity import contract_feeds, primary_output
     from ..runners import OnnxRuntimeRunner
     from ..triton_client import HMUTritonClient
     from ..triton_server import serve
@@ -85,7 +86,7 @@ def _smoke(artifacts: Path, repo: Path, model: str) -> int:
     cfg, contract = build.cfg, build.contract
     p = cfg.profile
     axes = contract.axes
-    out = contract.output_names[0]
+    out = primary_output(contract)
     shapes = sorted({tuple(1 if a == BATCH and k == 0 else getattr(p, AXIS_TO_PROFILE[a])[k]
                            for a in axes) for k in range(3)})  # min (batch 1), opt, max
     rows, worst = [], 0.0
@@ -95,8 +96,8 @@ def _smoke(artifacts: Path, repo: Path, model: str) -> int:
         for protocol, url in (("http", server.http_url), ("grpc", server.grpc_url)):
             with HMUTritonClient(url, model, protocol, latent_dim=cfg.model.latent_dim) as c:
                 for shape in shapes:
-                    feeds = spec_feeds(contract, cfg.model, dict(zip(axes, shape)),
-                                       seed=cfg.parity.seed)
+                    feeds = contract_feeds(contract, cfg, dict(zip(axes, shape)),
+                                           seed=cfg.parity.seed)
                     got = c.infer_feeds(feeds, outputs=[out])[out]
                     err = float(np.max(np.abs(got - ref.infer(feeds)[out])))
                     worst = max(worst, err)

@@ -177,10 +177,14 @@ def save_source_checkpoint(source: "ModelSource", folder: Path) -> tuple[Path, P
         return save_checkpoint(source.model, folder)
     folder.mkdir(parents=True, exist_ok=True)
     weights, config = folder / WEIGHTS_FILE, folder / CONFIG_FILE
-    # Cloned: tied weights (a shared embedding and LM head) are one tensor in memory, which
-    # safetensors refuses to write twice.
-    state = {k: v.detach().clone().contiguous()
-             for k, v in source.torch_module().state_dict().items()}
+    # Tied weights (a shared embedding and LM head) are one storage, which safetensors refuses
+    # to write twice: every later tensor of a storage already seen is cloned (only those, so
+    # saving does not double the model's memory).
+    state, seen = {}, set()
+    for k, v in source.torch_module().state_dict().items():
+        ptr = v.untyped_storage().data_ptr()
+        state[k] = (v.detach().clone() if ptr in seen else v.detach()).contiguous()
+        seen.add(ptr)
     with atomic_path(weights) as tmp:
         save_file(state, str(tmp), metadata={"format": "pt", "producer": "hmu_export",
                                              "source": source.source})

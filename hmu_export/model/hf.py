@@ -23,6 +23,7 @@ cross-attends to. Without ``hmu_checkpoint`` it is seeded with ``model.seed`` (u
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from dataclasses import dataclass, field, replace
@@ -284,7 +285,7 @@ def _decoding_defaults(gc: Any) -> tuple[dict[str, Any], dict[str, Any]]:
                 refused[hf_key] = v
                 continue
             v = v[0]
-        if hf_key in ("bad_words_ids",):
+        if hf_key == "bad_words_ids":
             v = tuple(tuple(int(t) for t in seq) for seq in v)
         elif hf_key in ("suppress_tokens", "begin_suppress_tokens"):
             v = tuple(int(t) for t in v)
@@ -638,17 +639,19 @@ class HFSource(ModelSource):
             return "off"
         return "trained" if self.hmu_trained else f"untrained (seeded with model.seed {self.cfg.seed})"
 
+    @functools.cached_property
+    def _generation(self) -> HFGeneration | None:
+        """The folder's generation settings, read once (None when rebuilt from a build: its
+        [generation] already holds them)."""
+        return generation_settings(self.cfg) if self.cfg.path else None
+
     def generation_defaults(self) -> dict[str, Any]:
-        if not self.cfg.path:  # rebuilt from a build: its [generation] already holds them
-            return {}
-        g = generation_settings(self.cfg)
-        return {"bos_id": g.bos_id, "eos_id": g.eos_id, **g.defaults}
+        g = self._generation
+        return {} if g is None else {"bos_id": g.bos_id, "eos_id": g.eos_id, **g.defaults}
 
     def generation_options_refusal(self) -> str:
-        if not self.cfg.path:
-            return ""
-        return generation_settings(self.cfg).refusal(Path(self.cfg.path) /
-                                                      "generation_config.json")
+        g = self._generation
+        return "" if g is None else g.refusal(Path(self.cfg.path) / "generation_config.json")
 
     @property
     def hf_model(self) -> nn.Module:
