@@ -35,7 +35,7 @@ from .errors import ConfigError
 from .fileio import atomic_path, write_json, write_text
 from .flops import matmul_flop_counter, model_flops
 from .io_contract import BATCH, SRC_LEN, GraphContract
-from .parity import AXIS_LABEL, GRID_AXES, contract_feeds, grid_axes
+from .parity import AXIS_LABEL, GRID_AXES, _in_profile, contract_feeds, grid_axes, profile_ranges
 from .runners import Runner
 
 DEFAULT_BACKENDS = ("torch", "onnxruntime", "onnxruntime-opt", "torch-cuda-fp16",
@@ -260,21 +260,6 @@ def resolve_backends(names: Sequence[str], loaded: Loaded, threads: int
 
 
 # --------------------------------------------------------------------------- shapes
-def parse_shapes(text: str) -> list[tuple[int, ...]]:
-    """``"1x8x4,2x16x8"`` -> [(1, 8, 4), (2, 16, 8)]: sizes of the build's axes in order, B x Ls
-    x Lt for a seq2seq graph, B x Ls for a classifier (checked by ``check_shapes``)."""
-    shapes = []
-    for item in filter(None, (s.strip() for s in text.split(","))):
-        parts = item.lower().split("x")
-        if not all(p.isdigit() and int(p) > 0 for p in parts):
-            raise ConfigError(f"bad shape '{item}': expected sizes with positive integers "
-                              "joined by x, e.g. 2x16x8 (B x Ls x Lt) or 2x16 (B x Ls)")
-        shapes.append(tuple(int(p) for p in parts))
-    if not shapes:
-        raise ConfigError("no shapes given: expected BxLSxLT[,...] (BxLS for a classifier)")
-    return shapes
-
-
 def shape_text(shape: Sequence[int]) -> str:
     return "x".join(map(str, shape))
 
@@ -289,10 +274,10 @@ def check_shapes(cfg: BuildConfig, shapes: Iterable[Sequence[int]],
         if len(shape) != len(axes):
             raise ConfigError(f"shape {shape_text(shape)} has {len(shape)} size(s), the build's "
                               f"graph has {len(axes)} axes ({', '.join(axes)}): give {form}")
-        if not all(p.axis(a).contains(v) for a, v in zip(axes, shape)):
-            ranges = ", ".join(f"{a} {p.axis(a).min}..{p.axis(a).max}" for a in axes)
+        if not _in_profile(p, axes, shape):
             raise ConfigError(f"shape {shape_text(shape)} lies outside the build's profile "
-                              f"({ranges}); rebuild with a [profile] that covers it")
+                              f"({profile_ranges(p, axes)}); rebuild with a [profile] that "
+                              "covers it")
 
 
 def default_shapes(cfg: BuildConfig, quick: bool = False,

@@ -447,15 +447,20 @@ def load_config(path: str | Path | None) -> BuildConfig:
     return cfg
 
 
-def parse_shapes(text: str) -> list[tuple[int, int, int]]:
-    """``"1x8x4,2x16x8"`` -> [(1, 8, 4), (2, 16, 8)] (B x Ls x Lt)."""
+def parse_shapes(text: str, sizes: int | None = 3) -> list[tuple[int, ...]]:
+    """``"1x8x4,2x16x8"`` -> [(1, 8, 4), (2, 16, 8)] (B x Ls x Lt); ``sizes=None`` takes any
+    number of sizes per shape (bench: one per axis of the build's graph, checked there)."""
+    form = ("expected BxLSxLT with positive integers, e.g. 2x16x8" if sizes == 3 else
+            "expected sizes with positive integers joined by x, e.g. 2x16x8 (B x Ls x Lt) or "
+            "2x16 (B x Ls)")
     shapes = []
     for item in filter(None, (s.strip() for s in text.split(","))):
         parts = item.lower().split("x")
-        if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
-            raise ConfigError(f"bad shape '{item}': expected BxLSxLT with positive integers, "
-                              "e.g. 2x16x8")
-        shapes.append((int(parts[0]), int(parts[1]), int(parts[2])))
+        if (sizes is not None and len(parts) != sizes) or \
+                not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise ConfigError(f"bad shape '{item}': {form}")
+        shapes.append(tuple(int(p) for p in parts))
     if not shapes:
-        raise ConfigError("no shapes given: expected BxLSxLT[,BxLSxLT...]")
+        raise ConfigError("no shapes given: expected BxLSxLT[,BxLSxLT...]" if sizes == 3 else
+                          "no shapes given: expected BxLSxLT[,...] (BxLS for a classifier)")
     return shapes

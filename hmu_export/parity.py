@@ -103,6 +103,11 @@ def _in_profile(profile: ProfileConfig, axes: Sequence[str], shape: Shape) -> bo
     return all(profile.axis(a).contains(v) for a, v in zip(axes, shape))
 
 
+def profile_ranges(profile: ProfileConfig, axes: Sequence[str]) -> str:
+    """``batch 1..4, src_len 1..16``: the profile's range of each axis, for error lines."""
+    return ", ".join(f"{a} {profile.axis(a).min}..{profile.axis(a).max}" for a in axes)
+
+
 # ----------------------------------------------------------------------------- grid
 def _odd_between(a: int, b: int) -> int | None:
     """An odd size strictly between a and b, nearest their middle (None if there is none)."""
@@ -377,10 +382,8 @@ def run_parity(model: "HMUTransformer | Any", cfg: BuildConfig, backends: list[B
         grid = list(dict.fromkeys(project(s, axes) for s in shapes))
     for shape in grid:
         if not _in_profile(cfg.profile, axes, shape):
-            ranges = ", ".join(f"{a} {cfg.profile.axis(a).min}..{cfg.profile.axis(a).max}"
-                               for a in axes)
             raise InputError(f"parity shape {'x'.join(map(str, shape))} lies outside the profile "
-                             f"({ranges})")
+                             f"({profile_ranges(cfg.profile, axes)})")
     reference = TorchRunner(model, contract, [cfg.profile], label="torch-cpu")
     feeds = {s: contract_feeds(contract, cfg, dict(zip(axes, s)), seed=cfg.parity.seed,
                                noise_scale=cfg.parity.noise_scale) for s in grid}

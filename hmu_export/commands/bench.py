@@ -6,8 +6,8 @@ import os
 from pathlib import Path
 
 from .. import ui
-from ..bench import (DEFAULT_BACKENDS, BenchSettings, parse_shapes, run_bench, speedups,
-                     write_outputs)
+from ..bench import DEFAULT_BACKENDS, BenchSettings, run_bench, speedups, write_outputs
+from ..config import parse_shapes
 from ..errors import ConfigError
 
 
@@ -51,7 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    shapes = parse_shapes(args.shapes) if args.shapes else None
+    # one size per axis of the build's graph (BxLSxLT, or BxLS for a classifier): checked there
+    shapes = parse_shapes(args.shapes, sizes=None) if args.shapes else None
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     if not backends:
         raise ConfigError("--backends is empty")
