@@ -76,22 +76,15 @@ class FinetuneResult:
 
 
 # ----------------------------------------------------------------------------- data
-_TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "source.spm", "vocab.json")
-
-
 def _tokenizer(cfg: BuildConfig) -> Any | None:
     """Transformers' tokenizer for text lines when the hf model folder ships one, else None."""
+    from .model.hf import tokenizer_files
+    from .text import load_hf_tokenizer
+
     if cfg.model.source != "hf" or not cfg.model.path:
         return None
     folder = Path(cfg.model.path)
-    if not any((folder / f).is_file() for f in _TOKENIZER_FILES):
-        return None
-    try:
-        from transformers import AutoTokenizer
-        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except Exception as exc:  # a corrupt or incomplete tokenizer
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"cannot load the tokenizer in {folder}: {first}") from None
+    return load_hf_tokenizer(folder) if tokenizer_files(folder) else None
 
 
 def read_examples(path: Path, vocab_size: int, max_len: int, tokenizer: Any | None = None

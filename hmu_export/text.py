@@ -25,10 +25,9 @@ class Tokenizer:
 
 
 def has_tokenizer(build_root: str | Path) -> bool:
-    from .model.hf import TOKENIZER_FILES
+    from .model.hf import tokenizer_files
 
-    folder = Path(build_root) / TOKENIZER_DIR
-    return any(all((folder / f).is_file() for f in group) for group in TOKENIZER_FILES)
+    return bool(tokenizer_files(Path(build_root) / TOKENIZER_DIR))
 
 
 def load_tokenizer(build_root: str | Path) -> Tokenizer:
@@ -38,14 +37,18 @@ def load_tokenizer(build_root: str | Path) -> Tokenizer:
         raise InputError(f"this build has no tokenizer ({folder} has no tokenizer.json, "
                          "spiece.model, source.spm/target.spm or vocab.json/merges.txt; build "
                          "from a Hugging Face folder that has one, or pass ids with --input)")
+    return Tokenizer(load_hf_tokenizer(folder))
+
+
+def load_hf_tokenizer(folder: Path) -> Any:
+    """Transformers' tokenizer of a folder that has one; a load failure is one InputError."""
     try:
         import transformers
     except ImportError:
-        raise InputError("--text needs the transformers package (pip install "
+        raise InputError("text needs the transformers package (pip install "
                          "'hmu-export[hf]')") from None
     try:
-        tok = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError, ImportError) as exc:
+        return transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as exc:  # a corrupt or incomplete tokenizer (OSError, ValueError, ...)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"cannot load the tokenizer in {folder}: {first}") from None
-    return Tokenizer(tok)

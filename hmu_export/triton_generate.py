@@ -246,14 +246,10 @@ def check_generate_config(conf: "model_config_pb2.ModelConfig", cfg: BuildConfig
 
 def tokenizer_files(layout: BuildLayout) -> list[Path]:
     """The build's tokenizer (checkpoint/hf/, copied from the Hugging Face folder), or []."""
-    from .model.hf import TOKENIZER_EXTRAS, TOKENIZER_FILES
-    from .text import TOKENIZER_DIR as BUILD_TOKENIZER_DIR, has_tokenizer
+    from .model.hf import tokenizer_files as folder_tokenizer
+    from .text import TOKENIZER_DIR as BUILD_TOKENIZER_DIR
 
-    if not has_tokenizer(layout.root):
-        return []
-    folder = layout.root / BUILD_TOKENIZER_DIR
-    names = {f for group in TOKENIZER_FILES for f in group} | set(TOKENIZER_EXTRAS)
-    return [folder / n for n in sorted(names) if (folder / n).is_file()]
+    return folder_tokenizer(layout.root / BUILD_TOKENIZER_DIR)
 
 
 def generation_models(layout: BuildLayout, cfg: BuildConfig, opts: "TritonOptions", *,

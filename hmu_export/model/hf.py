@@ -703,12 +703,10 @@ def save_hf_config(source: HFSource, folder: Path) -> Path:
     (out / "hmu.json").write_text(json.dumps({"trained": source.hmu_trained}) + "\n")
     # The folder's tokenizer, when it has one, travels with the build (`generate --text`).
     src = Path(source.cfg.path) if source.cfg.path else None
-    if src is not None and src.is_dir() and src.resolve() != out.resolve() and any(
-            all((src / f).is_file() for f in group) for group in TOKENIZER_FILES):
+    if src is not None and src.is_dir() and src.resolve() != out.resolve():
         import shutil
-        for name in sorted({f for group in TOKENIZER_FILES for f in group} | TOKENIZER_EXTRAS):
-            if (src / name).is_file():
-                shutil.copyfile(src / name, out / name)
+        for path in tokenizer_files(src):
+            shutil.copyfile(path, out / path.name)
     return out / "config.json"
 
 
@@ -717,6 +715,14 @@ TOKENIZER_FILES = (("tokenizer.json",), ("spiece.model",), ("source.spm", "targe
                    ("vocab.json", "merges.txt"))
 #: ... plus what configures it
 TOKENIZER_EXTRAS = {"tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"}
+
+
+def tokenizer_files(folder: Path) -> list[Path]:
+    """The tokenizer in ``folder`` (a complete group plus what configures it), or []."""
+    if not any(all((folder / f).is_file() for f in group) for group in TOKENIZER_FILES):
+        return []
+    names = {f for group in TOKENIZER_FILES for f in group} | TOKENIZER_EXTRAS
+    return [folder / n for n in sorted(names) if (folder / n).is_file()]
 
 
 def load_saved(cfg: ModelConfig, weights: Path) -> HFSource:
