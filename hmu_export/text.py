@@ -18,6 +18,9 @@ class Tokenizer:
         self.tok = tok
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        empty = [i for i, t in enumerate(texts) if not t.strip()]
+        if empty:  # as the Triton model refuses it: special tokens alone are not a source
+            raise InputError(f"text {empty[0]} is empty")
         return [list(map(int, ids)) for ids in self.tok(list(texts))["input_ids"]]
 
     def decode(self, seqs: Sequence[Sequence[int]]) -> list[str]:

@@ -115,6 +115,14 @@ def test_text_and_input_are_exclusive(t5_text_build, tmp_path):
         main(["generate", "--artifacts", str(out)])
 
 
+def test_empty_text_is_one_error_line(t5_text_build, capsys):
+    _, out = t5_text_build
+    capsys.readouterr()
+    assert main(["generate", "--artifacts", str(out), "--text", "a b", "--text", "  "]) != 0
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert lines == ["error: text 1 is empty"]
+
+
 def test_text_on_a_build_without_tokenizer_is_one_error_line(small_export, capsys):
     capsys.readouterr()
     rc = main(["generate", "--artifacts", str(small_export.root), "--text", "a b c"])
