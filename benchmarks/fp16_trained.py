@@ -39,12 +39,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hmu_export.config import BuildConfig, ModelConfig
-from hmu_export.io_contract import make_feeds
+from hmu_export.core.config import BuildConfig, ModelConfig
+from hmu_export.core.io_contract import make_feeds
 from hmu_export.model import HMU, HMUTransformer, save_checkpoint
-from hmu_export.parity import derive_grid
-from hmu_export.pipeline import run_build
-from hmu_export.tolerance import FP16, FP32
+from hmu_export.verify.parity import derive_grid
+from hmu_export.build.pipeline import run_build
+from hmu_export.core.tolerance import FP16, FP32
 
 BOS = 1
 FIRST_TOKEN = 2  # 0 = pad, 1 = BOS; content tokens are 2..vocab-1

@@ -9,8 +9,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from hmu_export.config import load_config
-from hmu_export.pipeline import run_build
+from hmu_export.core.config import load_config
+from hmu_export.build.pipeline import run_build
 
 
 def main(argv: list[str]) -> int:

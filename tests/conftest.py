@@ -12,8 +12,8 @@ _HOME = tempfile.mkdtemp(prefix="hmu-test-home-")
 os.environ["HOME"] = _HOME
 os.environ["XDG_CACHE_HOME"] = os.path.join(_HOME, ".cache")
 
-from hmu_export.artifacts import BuildLayout  # noqa: E402
-from hmu_export.config import BuildConfig, config_from_dict  # noqa: E402
+from hmu_export.core.layout import BuildLayout  # noqa: E402
+from hmu_export.core.config import BuildConfig, config_from_dict  # noqa: E402
 
 SMALL = {
     "model": {"name": "hmu-tiny", "vocab_size": 61, "d_model": 32, "n_heads": 4,
@@ -45,8 +45,8 @@ def small_model(small_cfg):
 @pytest.fixture(scope="session")
 def small_export(small_cfg, small_model, tmp_path_factory) -> BuildLayout:
     """A folder holding checkpoint/ and model.onnx of the tiny model (no other stages)."""
-    from hmu_export.export import export_onnx
-    from hmu_export.fileio import sha256_file
+    from hmu_export.export.onnx_export import export_onnx
+    from hmu_export.core.fileio import sha256_file
     from hmu_export.model import save_checkpoint
 
     layout = BuildLayout(tmp_path_factory.mktemp("small_export"))
@@ -58,7 +58,7 @@ def small_export(small_cfg, small_model, tmp_path_factory) -> BuildLayout:
 @pytest.fixture(scope="session")
 def default_build(tmp_path_factory) -> Path:
     """A full `build` of the embedded default model (all stages), made once per session."""
-    from hmu_export.pipeline import run_build
+    from hmu_export.build.pipeline import run_build
 
     out = tmp_path_factory.mktemp("default_build") / "hmu-default"
     outcome = run_build(BuildConfig().validate(), out)
@@ -73,7 +73,7 @@ def hf_t5_build(tmp_path_factory) -> tuple[Path, Path]:
     pytest.importorskip("transformers")
     import test_hf_source as HF
 
-    from hmu_export.pipeline import preflight, run_build
+    from hmu_export.build.pipeline import preflight, run_build
 
     root = tmp_path_factory.mktemp("hf_build")
     HF._t5().save_pretrained(root / "t5")

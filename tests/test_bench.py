@@ -7,10 +7,10 @@ import shutil
 
 import pytest
 
-from hmu_export.artifacts import BuildLayout
-from hmu_export.cli import main
-from hmu_export.flops import model_flops, onnx_matmul_flops
-from hmu_export.io_contract import make_feeds
+from hmu_export.core.layout import BuildLayout
+from hmu_export.commands.cli import main
+from hmu_export.bench.flops import model_flops, onnx_matmul_flops
+from hmu_export.core.io_contract import make_feeds
 
 ROW_KEYS = {"backend", "precision", "shape", "p50_ms", "p90_ms", "p95_ms", "p99_ms", "mean_ms",
             "std_ms", "seq_per_s", "tokens_per_s"}
@@ -18,7 +18,7 @@ ROW_KEYS = {"backend", "precision", "shape", "p50_ms", "p90_ms", "p95_ms", "p99_
 
 @pytest.fixture(scope="module")
 def small_build(small_export, small_cfg, small_model, tmp_path_factory) -> BuildLayout:
-    from hmu_export.optimize import optimize_graph
+    from hmu_export.export.optimize import optimize_graph
 
     layout = BuildLayout(tmp_path_factory.mktemp("bench_build"))
     shutil.copytree(small_export.checkpoint_dir, layout.checkpoint_dir)
@@ -99,7 +99,7 @@ def test_parity_and_bench_take_their_backends_from_one_registry(small_build, sma
     import torch
 
     from hmu_export.backends.registry import discover_backends
-    from hmu_export.io_contract import full_contract
+    from hmu_export.core.io_contract import full_contract
 
     contract = full_contract(small_cfg.model)
     parity = {b.label: b for b in discover_backends(small_build, small_cfg, small_model, contract)}
@@ -122,7 +122,7 @@ def test_unknown_backend_and_missing_folder(small_build, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def nohmu_export(small_cfg, tmp_path_factory):
-    from hmu_export.export import export_onnx
+    from hmu_export.export.onnx_export import export_onnx
     from hmu_export.model import build_model
 
     cfg = dataclasses.replace(small_cfg, model=dataclasses.replace(small_cfg.model, use_hmu=False))
@@ -156,7 +156,7 @@ class _FakeClock:
 
 
 def _ort_runner(small_export, small_cfg):
-    from hmu_export.io_contract import full_contract
+    from hmu_export.core.io_contract import full_contract
     from hmu_export.runners import OnnxRuntimeRunner
 
     return OnnxRuntimeRunner(small_export.onnx, full_contract(small_cfg.model), [small_cfg.profile])
@@ -184,7 +184,7 @@ def test_runner_time_covers_a_slow_session_run(small_export, small_cfg):
 def test_runner_time_excludes_feed_checks(small_export, small_cfg):
     """A fake clock: feed validation 'takes' 100 s, the session run 0.25 s; the runner
     reports the run alone, and bench's samples are the runner's times, not its own clock."""
-    from hmu_export.bench import BenchSettings, runner_step, time_calls
+    from hmu_export.bench.forward import BenchSettings, runner_step, time_calls
 
     runner = _ort_runner(small_export, small_cfg)
     clock = runner.clock = _FakeClock()
@@ -211,7 +211,7 @@ def test_runner_time_excludes_feed_checks(small_export, small_cfg):
 def test_torch_runner_and_unmarked_runners_time_themselves(small_cfg, small_model):
     import numpy as np
 
-    from hmu_export.io_contract import full_contract
+    from hmu_export.core.io_contract import full_contract
     from hmu_export.runners import Runner, TorchRunner
 
     contract = full_contract(small_cfg.model)

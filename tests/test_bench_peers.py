@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from hmu_export.cli import main  # noqa: E402
+from hmu_export.commands.cli import main  # noqa: E402
 
 ROW_KEYS = {"backend", "batch", "src_len", "new_tokens", "ttft_ms", "per_token_p50_ms",
             "per_token_p99_ms", "tokens_per_s", "runs"}
@@ -82,7 +82,7 @@ def test_peer_ratios_in_the_report(peer_report):
 
 
 def test_peer_ratio_arithmetic_and_targets():
-    from hmu_export.bench_peers import peer_ratios
+    from hmu_export.bench.peers import peer_ratios
 
     def row(backend, batch, tps, peer=True):
         return {"backend": backend, "batch": batch, "tokens_per_s": tps,
@@ -104,9 +104,9 @@ def test_peer_ratio_arithmetic_and_targets():
 def test_transformers_peer_makes_n_tokens_of_the_same_model(hf_t5_build, tmp_path):
     """Exactly N tokens per row, and they are the build's model's tokens (the HMU applied):
     equal to our loop's up to the first EOS (the peer holds EOS back, our bench ignores it)."""
-    from hmu_export.bench_peers import load_peers
-    from hmu_export.build_folder import open_build
-    from hmu_export.generate import Generator
+    from hmu_export.bench.peers import load_peers
+    from hmu_export.core.build_folder import open_build
+    from hmu_export.generate.generator import Generator
 
     _, out = hf_t5_build
     build = open_build(out)
@@ -147,8 +147,8 @@ def test_peer_user_errors_are_one_line(hf_t5_build, small_export, capsys):
 def test_installed_peer_makes_n_tokens(hf_t5_build, tmp_path, peer, module):
     """Runs where the peer is installed (the peers venv of docs/huggingface.md)."""
     pytest.importorskip(module)
-    from hmu_export.bench_peers import load_peers, time_peer
-    from hmu_export.build_folder import open_build
+    from hmu_export.bench.peers import load_peers, time_peer
+    from hmu_export.core.build_folder import open_build
 
     _, out = hf_t5_build
     build = open_build(out)

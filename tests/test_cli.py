@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hmu_export.cli import main
-from hmu_export.fileio import sha256_file
+from hmu_export.commands.cli import main
+from hmu_export.core.fileio import sha256_file
 from hmu_export.model import HMUTransformer, save_checkpoint
 
 from conftest import SMALL
@@ -185,8 +185,8 @@ def test_parity_on_a_folder_that_is_not_a_build(tmp_path, capsys):
 
 
 def test_failed_build_keeps_the_previous_good_one(tmp_path, capsys, monkeypatch):
-    from hmu_export import pipeline
-    from hmu_export.manifest import FAILED, StageResult
+    from hmu_export.build import pipeline
+    from hmu_export.core.manifest import FAILED, StageResult
 
     cfg = _toml(tmp_path)
     out = tmp_path / "o"
@@ -211,9 +211,9 @@ def test_build_exports_the_configured_checkpoint(tmp_path, small_cfg, monkeypatc
     import onnxruntime as ort
     from dataclasses import replace
 
-    from hmu_export import pipeline
-    from hmu_export.export import graph_metadata
-    from hmu_export.io_contract import make_feeds
+    from hmu_export.build import pipeline
+    from hmu_export.export.onnx_export import graph_metadata
+    from hmu_export.core.io_contract import make_feeds
     from hmu_export.model import build_model, load_checkpoint
 
     trained = HMUTransformer(replace(small_cfg.model, seed=1234)).eval()  # other weights
@@ -241,7 +241,7 @@ def test_build_exports_the_configured_checkpoint(tmp_path, small_cfg, monkeypatc
 
 
 def _engine_buildable() -> bool:
-    from hmu_export.errors import BackendUnavailable
+    from hmu_export.core.errors import BackendUnavailable
     from hmu_export.runners.tensorrt_runner import probe_runtime
     try:
         probe_runtime()
@@ -252,7 +252,7 @@ def _engine_buildable() -> bool:
 
 @pytest.mark.skipif(_engine_buildable(), reason="TensorRT and a GPU are here: the engine builds")
 def test_require_engine_turns_the_skip_into_a_failure(tmp_path, capsys, monkeypatch):
-    from hmu_export import pipeline
+    from hmu_export.build import pipeline
 
     cfg = _toml(tmp_path)
     monkeypatch.setattr(pipeline, "STAGES", [s for s in pipeline.STAGES
@@ -277,7 +277,7 @@ def test_diagnostic_build_end_to_end(tmp_path):
     node names (pins, fusions), FP16 copy that loads, per-output parity rows."""
     import onnx
 
-    from hmu_export.export import sensitive_nodes
+    from hmu_export.export.onnx_export import sensitive_nodes
 
     cfg = _toml(tmp_path, "[export]\ndiagnostics = true\n")
     out = tmp_path / "o"

@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from hmu_export.config import BuildConfig, load_config, parse_shapes
-from hmu_export.errors import ConfigError
+from hmu_export.core.config import BuildConfig, load_config, parse_shapes
+from hmu_export.core.errors import ConfigError
 
 ISSUE_TOML = """
 [model]

@@ -17,9 +17,9 @@ import numpy as np
 import onnx
 import pytest
 
-from hmu_export.config import BuildConfig
-from hmu_export.errors import InputError
-from hmu_export.io_contract import full_contract, make_feeds, validate_feeds
+from hmu_export.core.config import BuildConfig
+from hmu_export.core.errors import InputError
+from hmu_export.core.io_contract import full_contract, make_feeds, validate_feeds
 from hmu_export.runners import TorchRunner
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,7 +67,7 @@ def hmu_infer(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def default_export(tmp_path_factory):
     """model.onnx of the embedded default model (d=128, 2+2 layers, vocab 512), no other stages."""
-    from hmu_export.export import export_onnx
+    from hmu_export.export.onnx_export import export_onnx
     from hmu_export.model import build_model
 
     cfg = BuildConfig().validate()
@@ -348,7 +348,7 @@ def test_core_checks_pick_the_tightest_profile(hmu_infer):
 
 def test_cpp_profile_rule_matches_python():
     """The same cases as core_test.cpp's first block, through Python's select_profile."""
-    from hmu_export.config import ProfileConfig
+    from hmu_export.core.config import ProfileConfig
     from hmu_export.runners.tensorrt_runner import select_profile
 
     profiles = [ProfileConfig(batch=(1, 4, 8), src_len=(1, 64, 128), tgt_len=(1, 32, 64)),
@@ -374,8 +374,8 @@ def reference_graphs(tmp_path_factory):
     sys.path.insert(0, str(Path(__file__).parent))
     from reference_oracle import make_reference_model, save_reference_pt
 
-    from hmu_export.config import ModelConfig, ProfileConfig
-    from hmu_export.export import export_graph
+    from hmu_export.core.config import ModelConfig, ProfileConfig
+    from hmu_export.export.onnx_export import export_graph
     from hmu_export.model import sources
 
     folder = tmp_path_factory.mktemp("reference_graphs")
@@ -400,7 +400,7 @@ def reference_graphs(tmp_path_factory):
 def test_reference_graphs_match_onnxruntime(hmu_infer, reference_graphs, graph, tmp_path):
     import onnxruntime as ort
 
-    from hmu_export.io_contract import spec_feeds
+    from hmu_export.core.io_contract import spec_feeds
 
     cfg, contract, path = reference_graphs[graph]
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

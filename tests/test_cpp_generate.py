@@ -19,9 +19,9 @@ import onnxruntime as ort
 import pytest
 
 from conftest import SMALL
-from hmu_export.config import config_from_dict
-from hmu_export.errors import InputError
-from hmu_export.io_contract import DECODER, ENCODER, FULL, validate_feeds
+from hmu_export.core.config import config_from_dict
+from hmu_export.core.errors import InputError
+from hmu_export.core.io_contract import DECODER, ENCODER, FULL, validate_feeds
 from test_cpp import CPP, _fetch, _need_tools, _run
 
 # Two decoder layers and head_dim 16 (not d_model // 32 = 1 head): the program must read the
@@ -61,7 +61,7 @@ def hmu_generate(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session", params=sorted(CONFIGS))
 def graphs(request, tmp_path_factory):
     """(cfg, folder) with model.onnx, encoder.onnx, decoder.onnx of one tiny config."""
-    from hmu_export.export import export_graph
+    from hmu_export.export.onnx_export import export_graph
     from hmu_export.model import sources
 
     cfg = config_from_dict(CONFIGS[request.param])
@@ -211,7 +211,7 @@ def test_other_bos_and_missing_noise_is_mean_path(hmu_generate, graphs, tmp_path
 def _encoder_contract(folder: Path):
     import onnx
 
-    from hmu_export.io_contract import GraphContract
+    from hmu_export.core.io_contract import GraphContract
     meta = {p.key: p.value for p in onnx.load(str(folder / "encoder.onnx"),
                                                load_external_data=False).metadata_props}
     return GraphContract.from_dict(json.loads(meta["hmu_export.contract"]))
@@ -310,7 +310,7 @@ def test_token_rules_of_the_build_are_honoured(hmu_generate, graphs, tmp_path):
     """The build's [generation] token rules (an hf build: its generation_config.json) change
     hmu_generate's tokens exactly as they change Python's; a build whose default strategy is
     not greedy is refused in one line unless --greedy is given."""
-    from hmu_export.token_rules import TokenRules
+    from hmu_export.shipped.token_rules import TokenRules
 
     cfg, folder = graphs
     gen = cfg.generation

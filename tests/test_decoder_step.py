@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from conftest import SMALL
-from hmu_export.config import config_from_dict
-from hmu_export.io_contract import (DECODER, ENCODER, cross_key, cross_value, past_key,
+from hmu_export.core.config import config_from_dict
+from hmu_export.core.io_contract import (DECODER, ENCODER, cross_key, cross_value, past_key,
                                     past_value)
 from hmu_export.model import HMUTransformer, build_model
 from hmu_export.model.native import NativeSource

@@ -1,4 +1,4 @@
-"""The CPU-side parts of the GPU check (hmu_export/gpu_check.py, scripts/device_check.sh).
+"""The CPU-side parts of the GPU check (hmu_export/devtools/gpu_check.py, scripts/device_check.sh).
 
 The GPU run itself happens on a lent machine; here: argument parsing, where the JSON goes, the
 torch-cuda backends refusing cleanly without CUDA, and a dry run of every section on the CPU
@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hmu_export import gpu_check
-from hmu_export.errors import BackendUnavailable
+from hmu_export.devtools import gpu_check
+from hmu_export.core.errors import BackendUnavailable
 
 from conftest import SMALL
 
@@ -72,7 +72,7 @@ def test_out_path(tmp_path):
 @no_cuda
 def test_torch_cuda_backends_refuse_cleanly_without_cuda(small_cfg, small_model, tmp_path,
                                                          capsys):
-    from hmu_export.io_contract import full_contract
+    from hmu_export.core.io_contract import full_contract
 
     with pytest.raises(BackendUnavailable) as info:
         gpu_check.torch_device_backends(small_model, small_cfg, full_contract(small_cfg.model),
@@ -144,7 +144,7 @@ def test_device_script_runs_the_module(tiny_config, tmp_path):
     script = ROOT / "scripts" / "device_check.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     text = script.read_text()
-    assert "--target /tmp/site .whl/*.whl" in text and "-m hmu_export.gpu_check" in text
+    assert "--target /tmp/site .whl/*.whl" in text and "-m hmu_export.devtools.gpu_check" in text
     env = dict(os.environ, PYTHON=sys.executable, OUT=str(tmp_path / "o"), HMU_SKIP_WHEELS="1")
     res = subprocess.run(["bash", str(script), str(tmp_path / "d.json"), "--device", "cpu",
                           "--no-pytest", "--no-build", "--config", str(tiny_config),
@@ -166,10 +166,10 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def test_torch_cuda_runners_match_the_cpu_reference(small_cfg, small_model):
     import numpy as np
 
-    from hmu_export.io_contract import full_contract, make_feeds
+    from hmu_export.core.io_contract import full_contract, make_feeds
     from hmu_export.runners import TorchRunner
     from hmu_export.runners.base import NonFiniteOutput
-    from hmu_export.tolerance import FP16, FP32
+    from hmu_export.core.tolerance import FP16, FP32
 
     contract = full_contract(small_cfg.model)
     ref = TorchRunner(small_model, contract, [small_cfg.profile])

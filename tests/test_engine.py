@@ -12,13 +12,13 @@ from pathlib import Path
 import onnx
 import pytest
 
-from hmu_export import engine as engine_mod
-from hmu_export.artifacts import BuildLayout
-from hmu_export.config import ProfileConfig
-from hmu_export.errors import ArtifactError, BackendUnavailable, ConfigError, InputError
-from hmu_export.fileio import sha256_file
-from hmu_export.manifest import FAILED, SKIPPED, read_manifest, write_manifest
-from hmu_export.pins import select_pins
+from hmu_export.deploy import tensorrt as engine_mod
+from hmu_export.core.layout import BuildLayout
+from hmu_export.core.config import ProfileConfig
+from hmu_export.core.errors import ArtifactError, BackendUnavailable, ConfigError, InputError
+from hmu_export.core.fileio import sha256_file
+from hmu_export.core.manifest import FAILED, SKIPPED, read_manifest, write_manifest
+from hmu_export.core.pins import select_pins
 from hmu_export.runners.tensorrt_runner import (RuntimeInfo, TrtRunner, check_engine_record,
                                                 read_engine_record, select_profile)
 
@@ -44,13 +44,13 @@ def folder(small_export, tmp_path, monkeypatch):
 
 
 def _ctx(cfg, root):
-    from hmu_export.io_contract import full_contract
-    from hmu_export.pipeline import BuildContext
+    from hmu_export.core.io_contract import full_contract
+    from hmu_export.build.pipeline import BuildContext
     return BuildContext(cfg, BuildLayout(root), contract=full_contract(cfg.model))
 
 
 def test_profile_shapes_cover_every_dynamic_input(small_cfg):
-    from hmu_export.io_contract import full_contract
+    from hmu_export.core.io_contract import full_contract
     shapes = engine_mod.input_shapes(full_contract(small_cfg.model), small_cfg.profile)
     # conftest SMALL: batch 1/2/4, src_len 1/8/16, tgt_len 1/4/8, latent 16
     assert shapes == {"src_ids": ((1, 1), (2, 8), (4, 16)),
@@ -179,7 +179,7 @@ def test_compatibility_flags_relax_the_checks(recipe_built):
 
 
 def test_runner_refuses_before_loading(recipe_built, small_cfg):
-    from hmu_export.io_contract import full_contract
+    from hmu_export.core.io_contract import full_contract
     contract = full_contract(small_cfg.model)
     with pytest.raises(ArtifactError, match="built for NVIDIA H100"):
         TrtRunner(recipe_built, contract, runtime=RuntimeInfo("10.13.0.35", "NVIDIA L4", "8.9"))
@@ -202,7 +202,7 @@ def test_profile_selection():
 
 
 def test_engine_command_updates_the_manifest(folder, monkeypatch):
-    from hmu_export.cli import main
+    from hmu_export.commands.cli import main
     from hmu_export.runners import tensorrt_runner
     monkeypatch.setattr(tensorrt_runner, "probe_runtime", _no_trt)
     assert main(["engine", "--artifacts", str(folder)]) == 0
@@ -217,7 +217,7 @@ def test_engine_command_updates_the_manifest(folder, monkeypatch):
 
 
 def test_engine_command_refuses_a_changed_graph(folder, capsys):
-    from hmu_export.cli import main
+    from hmu_export.commands.cli import main
     write_manifest(folder, stages={}, profile={}, versions={})
     with open(folder / "model.onnx", "ab") as f:
         f.write(b"\0")

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from hmu_export.cli import main
-from hmu_export.config import config_from_dict
-from hmu_export.finetune import FinetuneOptions, finetune
+from hmu_export.commands.cli import main
+from hmu_export.core.config import config_from_dict
+from hmu_export.train.finetune import FinetuneOptions, finetune
 from hmu_export.model.hmu import HMU
 from tests.conftest import SMALL
 
@@ -99,13 +99,13 @@ def test_only_hmu_changes_and_output_keys(trained):
 def test_merged_checkpoint_builds_the_trained_model(trained):
     from dataclasses import replace
 
-    from hmu_export.finetune import _batches, eval_ce
+    from hmu_export.train.finetune import _batches, eval_ce
     from hmu_export.model import sources
 
     res, _, tmp = trained
     cfg = config_from_dict(SMALL)
     src = sources.load(replace(cfg.model, checkpoint=str(res.merged)))
-    from hmu_export.finetune import read_examples
+    from hmu_export.train.finetune import read_examples
     ex = read_examples(tmp / "eval.jsonl", 61, 32)
     ce = eval_ce(src.module("full"), _batches(ex, 16, cfg.generation.bos_id, 0), 16)
     assert ce == pytest.approx(res.eval_after, abs=1e-5)
@@ -185,7 +185,7 @@ def test_hf_text_lines_with_a_tokenizer(tmp_path):
     import transformers
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
-    from hmu_export.finetune import _tokenizer, read_examples
+    from hmu_export.train.finetune import _tokenizer, read_examples
     from tests.test_hf_source import _t5
 
     model = _t5()

@@ -8,13 +8,13 @@ import onnx
 import pytest
 from onnx import TensorProto
 
-from hmu_export.errors import ArtifactError
+from hmu_export.core.errors import ArtifactError
 from hmu_export.backends.registry import discover_backends
-from hmu_export.fp16 import convert_to_fp16, write_fp16_model
-from hmu_export.io_contract import full_contract, make_feeds
-from hmu_export.pins import pin_names, select_pins
+from hmu_export.export.fp16 import convert_to_fp16, write_fp16_model
+from hmu_export.core.io_contract import full_contract, make_feeds
+from hmu_export.core.pins import pin_names, select_pins
 from hmu_export.runners import OnnxRuntimeRunner, TorchRunner
-from hmu_export.tolerance import tolerance_for
+from hmu_export.core.tolerance import tolerance_for
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +103,7 @@ def test_mask_casts_to_float_convert_to_a_loadable_graph():
 
 def test_parity_backends(small_export, small_cfg, small_model, fp16_path, tmp_path):
     contract = full_contract(small_cfg.model)
-    from hmu_export.artifacts import BuildLayout
+    from hmu_export.core.layout import BuildLayout
     missing = discover_backends(BuildLayout(tmp_path), small_cfg, small_model, contract)
     emu = next(b for b in missing if b.label == "onnxruntime-fp16emu")
     assert not emu.available and "not found" in emu.skip_reason
@@ -126,7 +126,7 @@ def test_build_on_cpu_has_recipe_skipped_engine_and_fp16_rows(small_cfg, tmp_pat
     """The issue's "done when" on a CPU machine, on the tiny model."""
     import json
 
-    from hmu_export.pipeline import run_build
+    from hmu_export.build.pipeline import run_build
     out = run_build(small_cfg, tmp_path / "b")
     assert out.ok, out.failure
     man = json.loads((out.out_dir / "manifest.json").read_text())

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from conftest import SMALL
-from hmu_export.config import config_from_dict
-from hmu_export.errors import BackendUnavailable, HMUExportError, InputError
-from hmu_export.generate import (CacheSpec, GenerationOptions, Generator, log_softmax,
+from hmu_export.core.config import config_from_dict
+from hmu_export.core.errors import BackendUnavailable, HMUExportError, InputError
+from hmu_export.generate.generator import (CacheSpec, GenerationOptions, Generator, log_softmax,
                                  sample_tokens)
 from hmu_export.model import build_model
 from hmu_export.model.native import NativeSource
@@ -293,7 +293,7 @@ def test_options_defaults_come_from_the_build(tiny):
 @pytest.fixture(scope="module")
 def tiny_build(tiny, tmp_path_factory):
     """A build folder with model.onnx, encoder.onnx, decoder.onnx and the checkpoint."""
-    from hmu_export.export import export_graph
+    from hmu_export.export.onnx_export import export_graph
     from hmu_export.model import save_checkpoint
 
     cfg, source = tiny

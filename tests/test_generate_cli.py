@@ -13,8 +13,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from hmu_export.cli import main
-from hmu_export.config import config_from_dict
+from hmu_export.commands.cli import main
+from hmu_export.core.config import config_from_dict
 
 UNSEEN = {  # head_dim 16 (not 32), 2 decoder layers, odd vocabulary
     "model": {"name": "gen-unseen", "vocab_size": 37, "d_model": 48, "n_heads": 3,
@@ -28,7 +28,7 @@ FP32_BACKENDS = ["torch-nocache", "torch", "onnxruntime", "onnxruntime-opt"]
 
 @pytest.fixture(scope="module")
 def unseen_build(tmp_path_factory):
-    from hmu_export.pipeline import run_build
+    from hmu_export.build.pipeline import run_build
 
     out = tmp_path_factory.mktemp("unseen") / "gen-unseen"
     outcome = run_build(config_from_dict(UNSEEN), out,
@@ -78,7 +78,7 @@ def test_generate_equals_a_greedy_loop_over_the_full_graph(unseen_build, backend
 
 def test_eos_rows_stop_and_keep_their_eos(unseen_build):
     """With EOS set to a token the model does produce, that row ends there; others go on."""
-    from hmu_export.generate import Generator
+    from hmu_export.generate.generator import Generator
 
     gen = Generator.from_build(unseen_build, "onnxruntime")
     free = gen.generate(RAGGED, eos_id=0)  # 0 = pad: a rare output
@@ -113,8 +113,8 @@ def test_bad_input_is_one_error_line(unseen_build, tmp_path, capsys, payload, ar
 
 
 def test_generation_parity_passes_and_names_its_reference(unseen_build):
-    from hmu_export.build_folder import open_build
-    from hmu_export.parity_generation import run_generation_parity
+    from hmu_export.core.build_folder import open_build
+    from hmu_export.verify.generation_parity import run_generation_parity
 
     build = open_build(unseen_build)
     report = run_generation_parity(unseen_build, build.cfg, build.load_source)
@@ -135,10 +135,10 @@ def test_step_parity_catches_a_decoder_from_another_model(unseen_build, tmp_path
     """The check can fail: a decoder graph exported from other weights is caught."""
     import dataclasses
 
-    from hmu_export.artifacts import BuildLayout
-    from hmu_export.export import export_graph
+    from hmu_export.core.layout import BuildLayout
+    from hmu_export.export.onnx_export import export_graph
     from hmu_export.model import sources
-    from hmu_export.parity_generation import run_step_parity
+    from hmu_export.verify.generation_parity import run_step_parity
 
     cfg = config_from_dict(UNSEEN)
     other = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, seed=12))
@@ -183,8 +183,8 @@ def test_device_stepper_keeps_state_on_the_device_and_matches(unseen_build):
     import torch
 
     from hmu_export.backends.generation import TorchDeviceStepper
-    from hmu_export.build_folder import open_build
-    from hmu_export.generate import Generator
+    from hmu_export.core.build_folder import open_build
+    from hmu_export.generate.generator import Generator
 
     build = open_build(unseen_build)
     dev = Generator(TorchDeviceStepper(build.load_source(), "cpu", torch.float32, "torch-dev"),
@@ -214,9 +214,9 @@ def test_graphs_exported_in_worker_processes_equal_an_in_process_export(unseen_b
     bytes must be those of an export in this process from the original model."""
     import dataclasses
 
-    from hmu_export.export import export_graph
+    from hmu_export.export.onnx_export import export_graph
     from hmu_export.model import sources
-    from hmu_export.pipeline import export_workers
+    from hmu_export.build.pipeline import export_workers
 
     cfg = config_from_dict(UNSEEN)
     assert export_workers(cfg, 3) >= 1 or __import__("os").cpu_count() == 1

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from hmu_export import pipeline
-from hmu_export.artifacts import BuildLayout
-from hmu_export.cli import main
-from hmu_export.config import config_from_dict
-from hmu_export.errors import ArtifactError, BackendUnavailable, CheckpointError, ConfigError
-from hmu_export.fileio import exclusive_lock, sha256_file
-from hmu_export.manifest import FAILED, OK, SKIPPED, StageResult, read_manifest, update_manifest
+from hmu_export.build import pipeline
+from hmu_export.core.layout import BuildLayout
+from hmu_export.commands.cli import main
+from hmu_export.core.config import config_from_dict
+from hmu_export.core.errors import ArtifactError, BackendUnavailable, CheckpointError, ConfigError
+from hmu_export.core.fileio import exclusive_lock, sha256_file
+from hmu_export.core.manifest import FAILED, OK, SKIPPED, StageResult, read_manifest, update_manifest
 
 from conftest import SMALL
 
@@ -76,7 +76,7 @@ def mini_build(small_cfg, tmp_path_factory) -> Path:
     """A real checkpoint stage plus a tiny graph, with a manifest: every command opens it."""
     import onnx
 
-    from hmu_export.manifest import write_manifest
+    from hmu_export.core.manifest import write_manifest
     out = tmp_path_factory.mktemp("mini") / "b"
     outcome = pipeline.run_build(small_cfg, out, only=["checkpoint"])
     assert outcome.ok, outcome.failure
@@ -298,7 +298,7 @@ def test_malformed_graph_metadata_is_one_line(mini_build, small_cfg, tmp_path, c
 
 
 def test_commands_on_a_build_keep_info_passing(build_copy, monkeypatch):
-    from hmu_export import engine as engine_mod
+    from hmu_export.deploy import tensorrt as engine_mod
 
     def no_trt():  # type: ignore[no-untyped-def]
         raise BackendUnavailable("TensorRT is not installed")
@@ -338,8 +338,8 @@ def test_non_finite_weights_are_refused_at_load(small_model, tmp_path):
 
 
 def test_a_constant_reference_is_judged_by_absolute_error():
-    from hmu_export.parity import compare_arrays
-    from hmu_export.tolerance import tolerance_for
+    from hmu_export.verify.parity import compare_arrays
+    from hmu_export.core.tolerance import tolerance_for
     ref = np.full((1, 1, 1), 2.5, np.float32)  # vocab_size 1 at shape 1x1x1: no range
     metrics, reasons = compare_arrays(ref, ref + np.float32(1e-6), tolerance_for("fp32"),
                                       top1=True)
@@ -376,7 +376,7 @@ def test_disk_full_while_saving_is_a_clean_failure(small_cfg, tmp_path, monkeypa
 def test_disk_full_while_drawing_the_heatmap_is_one_line(tmp_path, monkeypatch):
     from matplotlib.figure import Figure
 
-    from hmu_export.parity import ParityReport, heatmap
+    from hmu_export.verify.parity import ParityReport, heatmap
 
     def full(*a, **k):  # type: ignore[no-untyped-def]
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -420,7 +420,7 @@ def test_the_build_works_without_tritonclient(small_cfg, tmp_path, monkeypatch):
 # ------------------------------------------------------------------- 18: smaller
 
 def test_engine_require_engine_says_why(build_copy, capsys, monkeypatch):
-    from hmu_export import engine as engine_mod
+    from hmu_export.deploy import tensorrt as engine_mod
 
     def no_trt():  # type: ignore[no-untyped-def]
         raise BackendUnavailable("TensorRT is not installed")
@@ -470,8 +470,8 @@ def test_stage_details_are_formatted_for_people():
 # ------------------------------------------------------------------ 19, 21, 22
 
 def test_the_fp16_stage_checks_its_graph_loads(mini_build, small_cfg, tmp_path, monkeypatch):
-    from hmu_export import fp16
-    from hmu_export.pipeline import BuildContext
+    from hmu_export.export import fp16
+    from hmu_export.build.pipeline import BuildContext
 
     shutil.copy(mini_build / "model.onnx", tmp_path / "model.onnx")
 
@@ -520,7 +520,7 @@ def test_a_command_run_with_a_relative_build_path_records_its_files(build_copy, 
     """README style: `parity --artifacts engines/x --json engines/x/p.json` from the project
     folder passes cwd-relative paths; what the command wrote is re-hashed, so `info` stays
     clean afterwards (they were joined to the build folder twice before)."""
-    from hmu_export.manifest import update_manifest
+    from hmu_export.core.manifest import update_manifest
 
     monkeypatch.chdir(build_copy.parent)
     rel = build_copy.name

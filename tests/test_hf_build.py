@@ -11,7 +11,7 @@ pytest.importorskip("transformers")
 
 import test_hf_source as HF  # noqa: E402  (its tiny-model builders and Transformers oracle)
 
-from hmu_export.cli import main  # noqa: E402
+from hmu_export.commands.cli import main  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def test_generate_from_the_build_equals_transformers_generate(t5_build, backend,
 
 
 def test_a_rebuilt_source_equals_the_original(t5_build):
-    from hmu_export.build_folder import open_build
+    from hmu_export.core.build_folder import open_build
 
     root, out = t5_build
     rebuilt = open_build(out).load_source()

@@ -28,8 +28,8 @@ transformers = pytest.importorskip("transformers")
 
 import test_hf_source as HF  # noqa: E402  (the Transformers oracle helpers)
 
-from hmu_export.config import config_from_dict  # noqa: E402
-from hmu_export.io_contract import DECODER, ENCODER, FULL  # noqa: E402
+from hmu_export.core.config import config_from_dict  # noqa: E402
+from hmu_export.core.io_contract import DECODER, ENCODER, FULL  # noqa: E402
 from hmu_export.model import hf as H  # noqa: E402
 
 SRC_LEN, NEW = 32, 32
@@ -60,7 +60,7 @@ def realistic_config(folder: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def realistic(tmp_path_factory):
-    from hmu_export.pipeline import preflight, run_build
+    from hmu_export.build.pipeline import preflight, run_build
 
     keep = os.environ.get("HMU_REALISTIC_OUT")
     root = Path(keep) if keep else tmp_path_factory.mktemp("t5_small")
@@ -98,7 +98,7 @@ def test_graphs_match_transformers_with_the_hmu(realistic):
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "onnxruntime-opt"])
 def test_greedy_tokens_equal_transformers_generate(realistic, backend):
-    from hmu_export.generate import Generator
+    from hmu_export.generate.generator import Generator
 
     src, out = realistic
     x = HF._batch(src, b=4, ls=SRC_LEN, seed=3, noise_scale=0.0)  # rows 1 and 3 padded

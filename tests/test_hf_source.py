@@ -17,9 +17,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from hmu_export.config import ModelConfig  # noqa: E402
-from hmu_export.errors import CheckpointError, ConfigError  # noqa: E402
-from hmu_export.io_contract import DECODER, ENCODER, FULL  # noqa: E402
+from hmu_export.core.config import ModelConfig  # noqa: E402
+from hmu_export.core.errors import CheckpointError, ConfigError  # noqa: E402
+from hmu_export.core.io_contract import DECODER, ENCODER, FULL  # noqa: E402
 from hmu_export.model import hf as H  # noqa: E402
 
 FAMILIES = ("t5", "bart", "marian")

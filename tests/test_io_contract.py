@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from hmu_export.config import ProfileConfig
-from hmu_export.errors import InputError
-from hmu_export.io_contract import full_contract, make_feeds, validate_feeds
+from hmu_export.core.config import ProfileConfig
+from hmu_export.core.errors import InputError
+from hmu_export.core.io_contract import full_contract, make_feeds, validate_feeds
 from hmu_export.runners import OnnxRuntimeRunner, TorchRunner
 
 

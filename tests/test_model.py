@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from hmu_export.config import ModelConfig
-from hmu_export.errors import CheckpointError
+from hmu_export.core.config import ModelConfig
+from hmu_export.core.errors import CheckpointError
 from hmu_export.model import HMU, HMUTransformer, build_model, load_checkpoint, save_checkpoint
 from hmu_export.model.checkpoint import load_weights
 

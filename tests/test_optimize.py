@@ -9,11 +9,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from hmu_export.artifacts import BuildLayout
-from hmu_export.errors import ParityFailure
-from hmu_export.io_contract import full_contract, make_feeds
+from hmu_export.core.layout import BuildLayout
+from hmu_export.core.errors import ParityFailure
+from hmu_export.core.io_contract import full_contract, make_feeds
 from hmu_export.model import HMUTransformer
-from hmu_export.optimize import backends, optimize_graph
+from hmu_export.export.optimize import backends, optimize_graph
 
 
 @pytest.fixture(scope="module")
@@ -91,8 +91,8 @@ def test_parity_backend(optimized, small_cfg, small_model):
 
 
 def test_stage_skips_when_disabled(small_cfg, tmp_path):
-    from hmu_export.optimize import optimize_stage
-    from hmu_export.pipeline import BuildContext
+    from hmu_export.export.optimize import optimize_stage
+    from hmu_export.build.pipeline import BuildContext
 
     cfg = dataclasses.replace(small_cfg, export=dataclasses.replace(small_cfg.export,
                                                                     optimize=False))

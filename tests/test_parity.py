@@ -6,15 +6,15 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from hmu_export.artifacts import BuildLayout
-from hmu_export.config import ProfileConfig
-from hmu_export.errors import InputError
-from hmu_export.io_contract import full_contract
-from hmu_export.parity import (axis_values, compare_arrays, derive_grid, hmu_checks,
+from hmu_export.core.layout import BuildLayout
+from hmu_export.core.config import ProfileConfig
+from hmu_export.core.errors import InputError
+from hmu_export.core.io_contract import full_contract
+from hmu_export.verify.parity import (axis_values, compare_arrays, derive_grid, hmu_checks,
                                layout_backends, run_parity, write_reports)
 from hmu_export.backends.registry import Backend
 from hmu_export.runners import TorchRunner
-from hmu_export.tolerance import FP32, Tolerance
+from hmu_export.core.tolerance import FP32, Tolerance
 
 
 def test_axis_values_cover_min_opt_max_one_and_an_odd_size():
@@ -166,8 +166,8 @@ def test_a_backend_emitting_inf_is_a_failed_row_not_an_aborted_run(small_cfg, sm
     """A runner whose output overflows shows up in the report (other shapes still run)."""
     import numpy as np
 
-    from hmu_export.io_contract import full_contract
-    from hmu_export.parity import run_parity
+    from hmu_export.core.io_contract import full_contract
+    from hmu_export.verify.parity import run_parity
     from hmu_export.backends.registry import Backend
     from hmu_export.runners import TorchRunner
 

@@ -6,10 +6,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from hmu_export.errors import ParityFailure
-from hmu_export.precision_debug import (Check, bisect_fp32_set, candidate_nodes, compare,
+from hmu_export.core.errors import ParityFailure
+from hmu_export.verify.precision_debug import (Check, bisect_fp32_set, candidate_nodes, compare,
                                         debug_precision)
-from hmu_export.tolerance import Tolerance
+from hmu_export.core.tolerance import Tolerance
 
 TOL = Tolerance(max_abs=0.05, max_rel_range=0.01, min_cosine=0.0, min_top1=0.95)
 PLANTED = "planted/MatMul"

@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from reference_oracle import make_reference_model, oracle_forward, save_reference_pt  # noqa: E402
 
-from hmu_export.cli import main  # noqa: E402
+from hmu_export.commands.cli import main  # noqa: E402
 
 # d_model 32: heads = d_model // 32 = 1, the reference runs' rule, so no n_heads line is needed
 SIZES = dict(vocab_size=40, d_model=32, layers=(1, 1), d_ff=64, latent_dim=8, max_len=16,
@@ -194,8 +194,8 @@ def test_bench_backends_of_a_classifier_are_the_registry_entries_parity_runs(bui
     """The torch and onnxruntime entries run the classifier graph: class_logits [B, classes],
     the two agreeing, each with its own inference time."""
     from hmu_export.backends.registry import discover_backends
-    from hmu_export.bench import load_build
-    from hmu_export.parity import contract_feeds
+    from hmu_export.bench.forward import load_build
+    from hmu_export.verify.parity import contract_feeds
 
     _, out, _ = built["glue-HMU"]
     loaded = load_build(out)

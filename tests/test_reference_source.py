@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from reference_oracle import (make_reference_model, oracle_forward,  # noqa: E402
                               save_reference_pt)
 
-from hmu_export.config import ModelConfig  # noqa: E402
-from hmu_export.errors import CheckpointError, ConfigError, HMUExportError  # noqa: E402
+from hmu_export.core.config import ModelConfig  # noqa: E402
+from hmu_export.core.errors import CheckpointError, ConfigError, HMUExportError  # noqa: E402
 from hmu_export.model.reference import load_source, resolve_config  # noqa: E402
 
 VOCAB, D, LAYERS, D_FF, LATENT, MAX_LEN, CLASSES = 50, 64, (2, 1), 128, 32, 96, 3
@@ -183,7 +183,7 @@ def test_generation_is_refused_with_one_line(made):
 def _export(module, case: Case) -> "onnx.ModelProto":  # noqa: F821
     from torch.export import Dim
 
-    from hmu_export.export import stabilize_node_names
+    from hmu_export.export.onnx_export import stabilize_node_names
 
     b, s, t = Dim("batch", min=1), Dim("src_len", min=1, max=MAX_LEN), \
         Dim("tgt_len", min=1, max=MAX_LEN)
@@ -231,7 +231,7 @@ def _check_onnx(made, case: Case, sess, shapes) -> float:
 def test_onnx_export_equals_the_reference_forward(made, case):
     """The exported graph (the module export_graph exports) in ONNX Runtime vs the oracle at
     several shapes, all-ones mask (the reference's own behaviour); the HMU's pins are found."""
-    from hmu_export.export import sensitive_nodes
+    from hmu_export.export.onnx_export import sensitive_nodes
 
     src = _source(made, case)
     graph = "classifier" if case.classifier else "full"

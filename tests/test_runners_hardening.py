@@ -12,8 +12,8 @@ import numpy as np
 import onnx
 import pytest
 
-from hmu_export.errors import ArtifactError, HMUExportError, InputError
-from hmu_export.io_contract import full_contract, make_feeds
+from hmu_export.core.errors import ArtifactError, HMUExportError, InputError
+from hmu_export.core.io_contract import full_contract, make_feeds
 from hmu_export.runners import OnnxRuntimeRunner, TorchRunner
 from hmu_export.runners.base import NonFiniteOutput
 
@@ -117,7 +117,7 @@ def test_caller_vocabulary_must_match_the_graph(small_export, small_cfg):
 
 # ---- the Triton python model's request checks (items 7 and 10; served in test_triton_server) --
 
-from hmu_export.triton_python_model import (  # noqa: E402
+from hmu_export.shipped.python_model import (  # noqa: E402
     MAX_TEMPERATURE, RequestError, check_finite_outputs, complete_feeds, parse_noise_parameters)
 
 SPEC = {"vocab_size": 61, "input.src_ids": "int64[batch,src_len]",
@@ -179,7 +179,7 @@ def test_non_finite_outputs_are_an_error():
 
 
 def test_client_refuses_bad_parameters_before_sending():
-    from hmu_export.triton_client import HMUTritonClient, TritonRequestError
+    from hmu_export.deploy.triton.client import HMUTritonClient, TritonRequestError
 
     client = HMUTritonClient("127.0.0.1:9", "m", "http", latent_dim=16)  # nothing listens there
     ids = _ids()

@@ -9,9 +9,9 @@ import shutil
 import numpy as np
 import pytest
 
-from hmu_export.errors import ArtifactError, BackendUnavailable, InputError
-from hmu_export.io_contract import full_contract, make_feeds
-from hmu_export.tolerance import tolerance_for
+from hmu_export.core.errors import ArtifactError, BackendUnavailable, InputError
+from hmu_export.core.io_contract import full_contract, make_feeds
+from hmu_export.core.tolerance import tolerance_for
 
 
 def _runtime():
@@ -46,10 +46,10 @@ def test_torch_cuda_fp16_within_budget(small_cfg, small_model):
 @pytest.fixture(scope="module")
 def built(small_export, small_cfg, tmp_path_factory):
     runtime = _runtime()
-    from hmu_export.artifacts import BuildLayout
-    from hmu_export.config import ProfileConfig
-    from hmu_export.engine import engine_stage
-    from hmu_export.pipeline import BuildContext
+    from hmu_export.core.layout import BuildLayout
+    from hmu_export.core.config import ProfileConfig
+    from hmu_export.deploy.tensorrt import engine_stage
+    from hmu_export.build.pipeline import BuildContext
     root = tmp_path_factory.mktemp("trt") / "build"
     shutil.copytree(small_export.root, root)
     short = ProfileConfig(batch=(1, 1, 2), src_len=(1, 4, 8), tgt_len=(1, 2, 4))

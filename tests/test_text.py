@@ -13,8 +13,8 @@ pytest.importorskip("tokenizers")
 
 import test_hf_source as HF  # noqa: E402  (its tiny-model builders and Transformers oracle)
 
-from hmu_export.cli import main  # noqa: E402
-from hmu_export.config import config_from_dict  # noqa: E402
+from hmu_export.commands.cli import main  # noqa: E402
+from hmu_export.core.config import config_from_dict  # noqa: E402
 
 TEXTS = ["a b c", "d e"]
 
@@ -41,7 +41,7 @@ def _tokenizer(vocab_size: int, specials=("<pad>", "</s>", "<unk>"), template="$
 
 @pytest.fixture(scope="module")
 def t5_text_build(tmp_path_factory):
-    from hmu_export.pipeline import preflight, run_build
+    from hmu_export.build.pipeline import preflight, run_build
 
     root = tmp_path_factory.mktemp("hf_text")
     model = HF._t5()
@@ -65,7 +65,7 @@ def test_the_tokenizer_is_copied_into_the_build_and_listed(t5_text_build):
 
 
 def test_load_tokenizer_encodes_as_transformers(t5_text_build):
-    from hmu_export.text import load_tokenizer
+    from hmu_export.model.tokenizer import load_tokenizer
 
     root, out = t5_text_build
     tok = load_tokenizer(out)
@@ -140,9 +140,9 @@ def test_triton_generation_models_take_text(t5_text_build):
     import numpy as np
     from tritonclient.utils import InferenceServerException
 
-    from hmu_export.generate import Generator
-    from hmu_export.text import load_tokenizer
-    from hmu_export.triton_server import serve
+    from hmu_export.generate.generator import Generator
+    from hmu_export.model.tokenizer import load_tokenizer
+    from hmu_export.deploy.triton.server import serve
 
     _, out = t5_text_build
     assert main(["triton", "--artifacts", str(out)]) == 0
@@ -213,8 +213,8 @@ def test_bart_and_marian_folders_build_and_generate_text_as_transformers(family,
     toml = tmp_path / "c.toml"
     toml.write_text(f'[model]\nsource = "hf"\npath = "{folder}"\n\n[profile]\n'
                     "batch = [1, 2, 4]\nsrc_len = [1, 8, 12]\ntgt_len = [1, 4, 10]\n")
-    from hmu_export.config import load_config
-    from hmu_export.pipeline import preflight, run_build
+    from hmu_export.core.config import load_config
+    from hmu_export.build.pipeline import preflight, run_build
     cfg, out = load_config(toml), tmp_path / "out"
     outcome = run_build(cfg, out, model=preflight(cfg, out), only=["checkpoint", "export"])
     assert outcome.ok, outcome.failure

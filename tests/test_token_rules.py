@@ -18,9 +18,9 @@ from transformers.generation import logits_process as LP  # noqa: E402
 
 import test_hf_source as HF  # noqa: E402  (tiny model builders and the HMU-applied memory)
 
-from hmu_export.config import BuildConfig, ProfileConfig, config_from_dict  # noqa: E402
-from hmu_export.errors import ConfigError, InputError  # noqa: E402
-from hmu_export.token_rules import TokenRules  # noqa: E402
+from hmu_export.core.config import BuildConfig, ProfileConfig, config_from_dict  # noqa: E402
+from hmu_export.core.errors import ConfigError, InputError  # noqa: E402
+from hmu_export.shipped.token_rules import TokenRules  # noqa: E402
 
 EOS = 2
 
@@ -126,9 +126,9 @@ def bart_folders(tmp_path_factory):
 
 def _generator(folder):
     from hmu_export.backends.generation import TorchStepBackend
-    from hmu_export.generate import CachedStepper, Generator
+    from hmu_export.generate.generator import CachedStepper, Generator
     from hmu_export.model import hf as H
-    from hmu_export.pipeline import model_generation
+    from hmu_export.build.pipeline import model_generation
 
     src = H.load_source(H.resolve_config(HF.ModelConfig(source="hf", path=str(folder))))
     cfg = BuildConfig(model=src.cfg, profile=ProfileConfig(batch=(1, 4, 12), src_len=(1, 8, 16),
@@ -176,7 +176,7 @@ def test_request_options_override_the_folder(bart_folders):
 
 
 def test_unimplemented_options_are_refused_before_building(bart_folders, tmp_path):
-    from hmu_export.pipeline import preflight
+    from hmu_export.build.pipeline import preflight
 
     folder = tmp_path / "div"
     shutil.copytree(bart_folders["plain"], folder)

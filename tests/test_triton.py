@@ -16,16 +16,16 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from hmu_export.artifacts import BuildLayout
-from hmu_export.cli import main
-from hmu_export.config import ProfileConfig
-from hmu_export.errors import ArtifactError
-from hmu_export.io_contract import full_contract
-from hmu_export.manifest import OK, SKIPPED, StageResult, read_manifest, write_manifest
-from hmu_export.triton import (TritonConfigError, TritonOptions, check_config_text,
+from hmu_export.core.layout import BuildLayout
+from hmu_export.commands.cli import main
+from hmu_export.core.config import ProfileConfig
+from hmu_export.core.errors import ArtifactError
+from hmu_export.core.io_contract import full_contract
+from hmu_export.core.manifest import OK, SKIPPED, StageResult, read_manifest, write_manifest
+from hmu_export.deploy.triton.repository import (TritonConfigError, TritonOptions, check_config_text,
                                repository_from_artifacts, triton_stage, write_repository)
-from hmu_export.triton_client import make_noise
-from hmu_export.triton_python_model import RequestError, complete_feeds
+from hmu_export.deploy.triton.client import make_noise
+from hmu_export.shipped.python_model import RequestError, complete_feeds
 
 TRT, ORT, PY = "hmu-tiny_tensorrt", "hmu-tiny_onnx", "hmu-tiny_python"
 
@@ -195,7 +195,7 @@ def test_bad_options_write_nothing(small_cfg, small_export, tmp_path):
 # ---------------------------------------------------------------------------- stage + command
 
 def test_stage_writes_into_the_build(build_copy, small_cfg, small_model):
-    from hmu_export.pipeline import BuildContext
+    from hmu_export.build.pipeline import BuildContext
 
     ctx = BuildContext(small_cfg, build_copy, model=small_model,
                        contract=full_contract(small_cfg.model))
@@ -300,7 +300,7 @@ def test_foreign_folder_is_not_overwritten(small_export, tmp_path):
 
 def test_build_writes_a_valid_repository(small_cfg, tmp_path):
     """The build's triton stage (after export) leaves three configs that pass every check."""
-    from hmu_export.pipeline import run_build
+    from hmu_export.build.pipeline import run_build
 
     outcome = run_build(small_cfg, tmp_path / "b", only=["checkpoint", "export", "triton"])
     assert outcome.ok, outcome.failure
@@ -380,8 +380,8 @@ def test_every_graph_gets_a_python_model_that_follows_its_contract(ref_repos, ki
 def test_every_model_states_the_noise_axes_and_the_client_reads_them(ref_repos):
     """An after-decoder build's noise spans tgt_len: its onnx (and tensorrt) configs say so too,
     so a client of those models needs no noise_axis; a wrong statement is refused."""
-    from hmu_export.export import load_graph_contract
-    from hmu_export.triton_client import HMUTritonClient
+    from hmu_export.export.onnx_export import load_graph_contract
+    from hmu_export.deploy.triton.client import HMUTritonClient
 
     build, repo = ref_repos["after_decoder"]
     _, cfg, contract = load_graph_contract(build / "model.onnx")
@@ -414,7 +414,7 @@ def test_every_model_states_the_noise_axes_and_the_client_reads_them(ref_repos):
 ])
 def test_python_model_parameters_are_checked_against_the_contract(ref_repos, kind, old, new,
                                                                   match):
-    from hmu_export.export import load_graph_contract
+    from hmu_export.export.onnx_export import load_graph_contract
 
     build, repo = ref_repos[kind]
     _, cfg, contract = load_graph_contract(build / "model.onnx")

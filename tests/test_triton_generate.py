@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hmu_export.generate import Generator
-from hmu_export.triton import (TritonConfigError, TritonOptions, parse_config,
+from hmu_export.generate.generator import Generator
+from hmu_export.deploy.triton.repository import (TritonConfigError, TritonOptions, parse_config,
                                repository_from_artifacts)
-from hmu_export.triton_generate import check_generate_config, generation_names
-from hmu_export.triton_server import serve
+from hmu_export.deploy.triton.generation import check_generate_config, generation_names
+from hmu_export.deploy.triton.server import serve
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402
@@ -35,7 +35,7 @@ QUEUE_DELAY_US = 20_000  # long enough that concurrent requests meet in one exec
 @pytest.fixture(scope="module")
 def gen_build(small_export, small_cfg, small_model, tmp_path_factory) -> Path:
     """The tiny export plus encoder.onnx / decoder.onnx (what `build` writes)."""
-    from hmu_export.export import export_graph
+    from hmu_export.export.onnx_export import export_graph
     from hmu_export.model.native import NativeSource
 
     root = tmp_path_factory.mktemp("gen") / "hmu-tiny"
@@ -325,7 +325,7 @@ def test_streaming_sends_each_token(server, ref, client):
 def test_model_loop_with_eos_equals_the_generator(repo, ref):
     """The model file's loop outside Triton, with an EOS the tiny model does produce (23): rows
     finish at different steps and leave the batch, beams finish early."""
-    import hmu_export.triton_generate_model as tgm
+    import hmu_export.shipped.generate_model as tgm
 
     conf = parse_config((repo / GEN / "config.pbtxt").read_text())
     params = {k: v.string_value for k, v in conf.parameters.items()}
@@ -351,9 +351,9 @@ def test_model_honours_the_builds_token_rules(repo, ref, small_cfg):
     import dataclasses
     import json
 
-    import hmu_export.triton_generate_model as tgm
-    from hmu_export.token_rules import TokenRules
-    from hmu_export.triton_generate import decoding_parameter
+    import hmu_export.shipped.generate_model as tgm
+    from hmu_export.shipped.token_rules import TokenRules
+    from hmu_export.deploy.triton.generation import decoding_parameter
 
     rules = TokenRules(repetition_penalty=1.6, no_repeat_ngram_size=2, bad_words_ids=((5,), (7, 8)),
                        min_new_tokens=2, forced_eos_id=23, suppress_tokens=(9,))
@@ -417,8 +417,8 @@ def test_cancelled_stream_leaves_the_others_running(server, ref):
 def test_graphs_it_cannot_drive_give_no_generation_models(gen_build, small_cfg, tmp_path):
     """A build whose split graphs are not the encoder / decoder-step pair (here the full graph
     in decoder.onnx's place) keeps its other Triton models and gets no generation models."""
-    from hmu_export.artifacts import BuildLayout
-    from hmu_export.triton_generate import NotServable, cache_geometry, generation_models
+    from hmu_export.core.layout import BuildLayout
+    from hmu_export.deploy.triton.generation import NotServable, cache_geometry, generation_models
 
     root = tmp_path / "b"
     root.mkdir()

@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 import torch
 
-from hmu_export.io_contract import make_feeds
-from hmu_export.triton import repository_from_artifacts
-from hmu_export.triton_client import HMUTritonClient, TritonRequestError, make_noise
-from hmu_export.triton_server import TritonServerError, serve
+from hmu_export.core.io_contract import make_feeds
+from hmu_export.deploy.triton.repository import repository_from_artifacts
+from hmu_export.deploy.triton.client import HMUTritonClient, TritonRequestError, make_noise
+from hmu_export.deploy.triton.server import TritonServerError, serve
 
 FP32_ATOL = 1e-4
 PY_MODEL = "hmu-tiny_python"
@@ -219,7 +219,7 @@ def test_unloadable_model_is_a_clean_error(repo):
 
 
 def test_command_smoke(small_export, tmp_path, capsys):
-    from hmu_export.cli import main
+    from hmu_export.commands.cli import main
 
     assert main(["triton", "--artifacts", str(small_export.root), "--out", str(tmp_path / "r"),
                  "--smoke"]) == 0

@@ -28,8 +28,8 @@ def reference_graph(kind: str, tmp_path_factory) -> Path:
     """Build folder (model.onnx only) of the ``kind`` graph, exported on first use."""
     if kind in _made:
         return _made[kind]
-    from hmu_export.config import config_from_dict
-    from hmu_export.export import export_graph
+    from hmu_export.core.config import config_from_dict
+    from hmu_export.export.onnx_export import export_graph
     from hmu_export.model import sources
 
     name, flags = KINDS[kind]

@@ -20,11 +20,11 @@ from typing import Mapping
 
 import numpy as np
 
-from ..artifacts import BuildLayout
-from ..config import BuildConfig
-from ..errors import ArtifactError, BackendUnavailable, InputError
-from ..generate import CacheSpec, CachedStepper, Stepper
-from ..io_contract import (DECODER, ENCODER, FULL, LOGITS, NOISE, SRC_IDS, SRC_MASK,
+from ..core.layout import BuildLayout
+from ..core.config import BuildConfig
+from ..core.errors import ArtifactError, BackendUnavailable, InputError
+from ..generate.generator import CacheSpec, CachedStepper, Stepper
+from ..core.io_contract import (DECODER, ENCODER, FULL, LOGITS, NOISE, SRC_IDS, SRC_MASK,
                            TGT_IDS, GraphContract, past_key, past_value, present_key,
                            present_value)
 
@@ -231,7 +231,7 @@ class OrtStepBackend:
 
 # --------------------------------------------------------------------------- from a build
 def cpu_count() -> int:
-    from ..optimize import cpu_threads
+    from ..export.optimize import cpu_threads
     return cpu_threads()
 
 
@@ -244,7 +244,7 @@ def generation_threads() -> int:
 def stepper_from_build(root: str | Path, backend: str, *, threads: int | None = None
                        ) -> tuple[Stepper, BuildConfig]:
     """(stepper, build config) for ``backend`` over a build folder."""
-    from ..build_folder import open_build
+    from ..core.build_folder import open_build
 
     if backend not in BACKENDS:
         raise InputError(f"unknown generation backend {backend!r} (use {', '.join(BACKENDS)})")
@@ -279,7 +279,7 @@ def make_stepper(root: Path, cfg: BuildConfig, backend: str, *, threads: int | N
         if backend == "torch":
             return CachedStepper(TorchStepBackend(source))
         return TorchNoCacheStepper(source)
-    from ..optimize import tuned_session_options
+    from ..export.optimize import tuned_session_options
 
     threads = threads or generation_threads()
     # Spinning pool workers preempt the Python loop between steps when they take every core:

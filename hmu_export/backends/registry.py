@@ -19,9 +19,9 @@ import importlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Union
 
-from ..artifacts import BuildLayout
-from ..config import BuildConfig
-from ..io_contract import GraphContract
+from ..core.layout import BuildLayout
+from ..core.config import BuildConfig
+from ..core.io_contract import GraphContract
 from ..runners import OnnxRuntimeRunner, Runner, TorchRunner
 
 if TYPE_CHECKING:
@@ -39,7 +39,7 @@ BENCH_ONLY = frozenset({BENCH})
 TORCH = "torch"  # this module's torch_backends, in CONTRIBUTORS' order
 #: after ONNX Runtime: modules contributing entries through their ``backends`` function, and
 #: the source model's PyTorch backends, in report order
-CONTRIBUTORS = ("hmu_export.optimize", "hmu_export.fp16", TORCH, "hmu_export.engine")
+CONTRIBUTORS = ("hmu_export.export.optimize", "hmu_export.export.fp16", TORCH, "hmu_export.deploy.tensorrt")
 #: ONNX Runtime execution providers run on the primary graph where this onnxruntime has them
 ORT_DEVICE_PROVIDERS = {"onnxruntime-cuda": "CUDAExecutionProvider",
                         "onnxruntime-tensorrt": "TensorrtExecutionProvider"}

@@ -5,10 +5,10 @@ import argparse
 import os
 from pathlib import Path
 
-from .. import ui
-from ..bench import DEFAULT_BACKENDS, BenchSettings, run_bench, speedups, write_outputs
-from ..config import parse_shapes
-from ..errors import ConfigError
+from . import ui
+from ..bench.forward import DEFAULT_BACKENDS, BenchSettings, run_bench, speedups, write_outputs
+from ..core.config import parse_shapes
+from ..core.errors import ConfigError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
                            hmu_overhead=not args.no_hmu_overhead, progress=tick)
     paths = write_outputs(report, out_dir, args.json)
     if (args.artifacts / "manifest.json").is_file():  # list what bench wrote inside the build
-        from ..manifest import update_manifest
+        from ..core.manifest import update_manifest
         update_manifest(args.artifacts, None, None, written=list(paths.values()))
 
     shape_col = report.shape_label.replace("×", "x")
@@ -115,9 +115,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_generate(args: argparse.Namespace, backends: list[str] | None) -> int:
-    from ..bench_generation import (DEFAULT_GENERATION_BACKENDS, fmt, ratios,
+    from ..bench.generation import (DEFAULT_GENERATION_BACKENDS, fmt, ratios,
                                     run_generation_bench, write_outputs as write_generation)
-    from ..bench_peers import peer_ratios
+    from ..bench.peers import peer_ratios
 
     try:
         batches = [int(b) for b in args.batches.split(",") if b.strip()]
@@ -141,7 +141,7 @@ def run_generate(args: argparse.Namespace, backends: list[str] | None) -> int:
     out_dir = args.out or (args.artifacts / "bench")
     paths = write_generation(report, out_dir, args.json)
     if (args.artifacts / "manifest.json").is_file():
-        from ..manifest import update_manifest
+        from ..core.manifest import update_manifest
         update_manifest(args.artifacts, None, None, written=list(paths.values()))
     rat = {(r["backend"], r["batch"]): r for r in ratios(report.results)}
     rows = [(r["backend"], str(r["batch"]), fmt(r["ttft_ms"]), fmt(r["per_token_p50_ms"], 3),

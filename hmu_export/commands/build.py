@@ -4,11 +4,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .. import ui
-from ..artifacts import DEFAULT_ROOT
-from ..config import load_config
-from ..manifest import StageResult
-from ..pipeline import STAGES, lock_output, preflight, resolve_out, run_build
+from . import ui
+from ..core.layout import DEFAULT_ROOT
+from ..core.config import load_config
+from ..core.manifest import StageResult
+from ..build.pipeline import STAGES, lock_output, preflight, resolve_out, run_build
 
 
 def register(sub: argparse._SubParsersAction) -> None:

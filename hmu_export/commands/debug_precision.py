@@ -26,15 +26,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from .. import ui
-    from ..build_folder import open_build
-    from ..config import parse_shapes
-    from ..errors import ConfigError
-    from ..fileio import write_json
-    from ..io_contract import LOGITS, make_feeds
-    from ..pins import pin_names, select_pins
-    from ..precision_debug import debug_precision
-    from ..tolerance import tolerance_for
+    from . import ui
+    from ..core.build_folder import open_build
+    from ..core.config import parse_shapes
+    from ..core.errors import ConfigError
+    from ..core.fileio import write_json
+    from ..core.io_contract import LOGITS, make_feeds
+    from ..core.pins import pin_names, select_pins
+    from ..verify.precision_debug import debug_precision
+    from ..core.tolerance import tolerance_for
 
     build = open_build(args.artifacts)
     layout, proto, cfg = build.layout, build.proto, build.cfg
@@ -68,6 +68,6 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         write_json(args.json, res.to_dict() | {"tolerance": tol.to_dict(), "shapes": shapes})
         if (Path(args.artifacts) / "manifest.json").is_file():  # a report written inside the build
-            from ..manifest import update_manifest
+            from ..core.manifest import update_manifest
             update_manifest(args.artifacts, None, None, written=[args.json])
     return 0

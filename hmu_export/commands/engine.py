@@ -16,10 +16,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def rebuild_engine(root: Path, require_engine: bool = False):  # type: ignore[no-untyped-def]
     """Re-run the engine stage on ``root`` and record it in its manifest; returns the result."""
-    from ..build_folder import open_build
-    from ..engine import RECORD_FILE, engine_stage
-    from ..manifest import read_manifest, update_manifest
-    from ..pipeline import BuildContext
+    from ..core.build_folder import open_build
+    from ..deploy.tensorrt import RECORD_FILE, engine_stage
+    from ..core.manifest import read_manifest, update_manifest
+    from ..build.pipeline import BuildContext
 
     read_manifest(Path(root))  # a build folder, not a bare export
     build = open_build(root)  # every file matches the manifest, model.onnx included
@@ -33,7 +33,7 @@ def rebuild_engine(root: Path, require_engine: bool = False):  # type: ignore[no
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import ui
+    from . import ui
 
     result = rebuild_engine(args.artifacts, args.require_engine)
     rows = [("engine", result.status, result.reason or "-")]

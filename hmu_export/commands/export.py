@@ -5,13 +5,13 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from .. import ui
-from ..artifacts import DEFAULT_ROOT, BuildLayout
-from ..config import load_config
-from ..build_folder import open_build
-from ..export import export_onnx, sensitive_nodes
-from ..fileio import sha256_file
-from ..manifest import OK, StageResult, update_manifest
+from . import ui
+from ..core.layout import DEFAULT_ROOT, BuildLayout
+from ..core.config import load_config
+from ..core.build_folder import open_build
+from ..export.onnx_export import export_onnx, sensitive_nodes
+from ..core.fileio import sha256_file
+from ..core.manifest import OK, StageResult, update_manifest
 from ..model import build_model, save_checkpoint
 from ..model.checkpoint import WEIGHTS_FILE
 

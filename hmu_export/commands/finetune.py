@@ -4,13 +4,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .. import ui
+from . import ui
 from .argtypes import finite as _float
 from .argtypes import integer as _int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..finetune import FinetuneOptions
+    from ..train.finetune import FinetuneOptions
 
     d = FinetuneOptions()
     p = sub.add_parser("finetune", help="fine-tune only the HMU of a frozen model (cross-entropy "
@@ -37,8 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..config import load_config
-    from ..finetune import FinetuneOptions, finetune
+    from ..core.config import load_config
+    from ..train.finetune import FinetuneOptions, finetune
 
     cfg = load_config(args.config).validate()
     opts = FinetuneOptions(steps=args.steps, lr=args.lr, batch_size=args.batch_size,

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .. import ui
-from ..errors import InputError
+from . import ui
+from ..core.errors import InputError
 from .argtypes import finite as _finite
 from .argtypes import integer as _int
 from .argtypes import positive_int as _positive_int
@@ -15,7 +15,7 @@ from .argtypes import positive_int as _positive_int
 
 def register(sub: argparse._SubParsersAction) -> None:
     from ..backends.generation import BACKENDS
-    from ..generate import STRATEGIES
+    from ..generate.generator import STRATEGIES
 
     p = sub.add_parser("generate", help="generate tokens with a build's encoder + decoder-step "
                                         "graphs (or PyTorch)")
@@ -65,17 +65,17 @@ def read_input(path: Path) -> list[list[int]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..fileio import write_json
-    from ..generate import Generator
+    from ..core.fileio import write_json
+    from ..generate.generator import Generator
 
     if args.threads is not None:
-        from ..optimize import cpu_threads
+        from ..export.optimize import cpu_threads
         if args.threads > cpu_threads():
             raise InputError(f"--threads {args.threads} exceeds this machine's "
                              f"{cpu_threads()} cores")
     tok = None
     if args.text is not None:
-        from ..text import load_tokenizer
+        from ..model.tokenizer import load_tokenizer
         tok = load_tokenizer(args.artifacts)
         rows = tok.encode(args.text)
     else:

@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .. import ui
-from ..manifest import read_manifest, verify_artifacts
+from . import ui
+from ..core.manifest import read_manifest, verify_artifacts
 
 
 def register(sub: argparse._SubParsersAction) -> None:

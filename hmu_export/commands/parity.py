@@ -4,12 +4,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .. import ui
-from ..build_folder import open_build
-from ..config import parse_shapes
-from ..errors import ConfigError
-from ..manifest import FAILED, OK, StageResult, update_manifest
-from ..parity import layout_backends, run_parity, summary, write_reports
+from . import ui
+from ..core.build_folder import open_build
+from ..core.config import parse_shapes
+from ..core.errors import ConfigError
+from ..core.manifest import FAILED, OK, StageResult, update_manifest
+from ..verify.parity import layout_backends, run_parity, summary, write_reports
 
 
 def shapes_arg(text: str) -> list[tuple[int, int, int]]:
@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
                             on_step=lambda s: bar.update(task, description=s, advance=1))
     write_reports(report, layout.parity_dir)
     if args.json:
-        from ..fileio import write_json
+        from ..core.fileio import write_json
         write_json(args.json, report.to_dict())
     if layout.manifest.is_file():
         update_manifest(layout.root, "parity", StageResult(

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .. import ui
+from . import ui
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,10 +30,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..build_folder import open_build
-    from ..errors import ConfigError
-    from ..manifest import OK, StageResult, update_manifest
-    from ..triton import TritonOptions, repository_from_artifacts
+    from ..core.build_folder import open_build
+    from ..core.errors import ConfigError
+    from ..core.manifest import OK, StageResult, update_manifest
+    from ..deploy.triton.repository import TritonOptions, repository_from_artifacts
 
     artifacts: Path = args.artifacts
     if (args.instances is not None and args.instances < 1) or \
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
             "validated": "schema+semantic"}), written=[res.root])
     if args.smoke:
         if "python" not in res.models:  # the bundled tritonserver serves python models only
-            from ..errors import BackendUnavailable
+            from ..core.errors import BackendUnavailable
             why = next((n for n in res.notes if n.startswith("no python model")),
                        "no python model")
             raise BackendUnavailable(f"--smoke serves the python model, and this repository "
@@ -74,13 +74,13 @@ def _smoke(artifacts: Path, repo: Path, model: str) -> int:
     graph's own inputs and first output: logits, or class_logits of a classifier)."""
     import numpy as np
 
-    from ..build_folder import open_build
-    from ..errors import ParityFailure
-    from ..io_contract import AXIS_TO_PROFILE, BATCH
-    from ..parity import contract_feeds, primary_output
+    from ..core.build_folder import open_build
+    from ..core.errors import ParityFailure
+    from ..core.io_contract import AXIS_TO_PROFILE, BATCH
+    from ..verify.parity import contract_feeds, primary_output
     from ..runners import OnnxRuntimeRunner
-    from ..triton_client import HMUTritonClient
-    from ..triton_server import serve
+    from ..deploy.triton.client import HMUTritonClient
+    from ..deploy.triton.server import serve
 
     build = open_build(artifacts, verify=False)  # verified by run() a moment ago
     cfg, contract = build.cfg, build.contract

@@ -7,9 +7,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..config import ModelConfig, _build
-from ..errors import CheckpointError, ConfigError
-from ..fileio import atomic_path, read_json_object, write_json
+from ..core.config import ModelConfig, _build
+from ..core.errors import CheckpointError, ConfigError
+from ..core.fileio import atomic_path, read_json_object, write_json
 from .transformer import HMUTransformer
 
 if TYPE_CHECKING:

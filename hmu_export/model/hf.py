@@ -33,9 +33,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import ModelConfig
-from ..errors import CheckpointError, ConfigError
-from ..io_contract import DECODER, ENCODER, FULL, CacheLayout
+from ..core.config import ModelConfig
+from ..core.errors import CheckpointError, ConfigError
+from ..core.io_contract import DECODER, ENCODER, FULL, CacheLayout
 from .hmu import HMU, IdentityHMU
 from .interface import ModelSource
 

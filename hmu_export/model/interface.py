@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import ModelConfig
-from ..io_contract import (CLASSIFIER, DECODER, ENCODER, FULL, CacheLayout, GraphContract,
+from ..core.config import ModelConfig
+from ..core.io_contract import (CLASSIFIER, DECODER, ENCODER, FULL, CacheLayout, GraphContract,
                            classifier_contract, decoder_contract, encoder_contract,
                            full_contract)
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..config import ModelConfig
-from ..io_contract import DECODER, ENCODER, FULL, CacheLayout
+from ..core.config import ModelConfig
+from ..core.io_contract import DECODER, ENCODER, FULL, CacheLayout
 from .interface import ModelSource
 from .transformer import DiagnosticsWrapper, HMUTransformer
 

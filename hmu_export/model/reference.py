@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ModelConfig
-from ..errors import CheckpointError, ConfigError
-from ..io_contract import CLASSIFIER, FULL
+from ..core.config import ModelConfig
+from ..core.errors import CheckpointError, ConfigError
+from ..core.io_contract import CLASSIFIER, FULL
 from .checkpoint import read_state_dict
 from .interface import ModelSource
 

@@ -11,7 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
-from ..config import ModelConfig
+from ..core.config import ModelConfig
 from .interface import ModelSource
 
 # name -> "module:function" for (resolve, load): sources are imported only when used.

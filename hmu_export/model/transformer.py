@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..config import ModelConfig
+from ..core.config import ModelConfig
 from .hmu import HMU, IdentityHMU
 
 

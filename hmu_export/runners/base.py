@@ -18,9 +18,9 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from ..config import ProfileConfig
-from ..errors import HMUExportError
-from ..io_contract import GraphContract, feed_shape, validate_feeds
+from ..core.config import ProfileConfig
+from ..core.errors import HMUExportError
+from ..core.io_contract import GraphContract, feed_shape, validate_feeds
 
 
 class NonFiniteOutput(HMUExportError):

@@ -7,9 +7,9 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from ..config import ProfileConfig
-from ..errors import ArtifactError, BackendUnavailable, InputError
-from ..io_contract import LOGITS, GraphContract
+from ..core.config import ProfileConfig
+from ..core.errors import ArtifactError, BackendUnavailable, InputError
+from ..core.io_contract import LOGITS, GraphContract
 from .base import Runner
 
 CONFIG_METADATA_KEY = "hmu_export.config"  # export.py's META_PREFIX + "config"

@@ -17,11 +17,11 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ..artifacts import BuildLayout
-from ..config import ProfileConfig
-from ..errors import ArtifactError, BackendUnavailable, InputError
-from ..fileio import read_json_object, sha256_file
-from ..io_contract import GraphContract, feed_shape
+from ..core.layout import BuildLayout
+from ..core.config import ProfileConfig
+from ..core.errors import ArtifactError, BackendUnavailable, InputError
+from ..core.fileio import read_json_object, sha256_file
+from ..core.io_contract import GraphContract, feed_shape
 from .base import Runner
 
 RECORD_FILE = "engine.json"

@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from ..config import ProfileConfig
-from ..errors import BackendUnavailable, InputError
-from ..io_contract import GraphContract
+from ..core.config import ProfileConfig
+from ..core.errors import BackendUnavailable, InputError
+from ..core.io_contract import GraphContract
 from ..model import HMUTransformer
 from .base import Runner
 

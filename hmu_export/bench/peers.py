@@ -1,0 +1,402 @@
+"""Third-party generators timed beside our backends by ``bench --generate`` on an hf build.
+
+One job: make each peer generate exactly ``new_tokens`` tokens (greedy, EOS held back until
+then) from the same source ids as our loop, and time it the same way (time to first token,
+every later step, tokens/s over the whole request).
+
+Peers (each skipped with a one-line reason when its package is missing or it fails to load):
+- ``transformers``: Transformers' own ``model.generate`` in PyTorch on the build's base model,
+  default attention; with the build's HMU applied to the encoder output when the build has one
+  (the encoder, the HMU and ``generate`` are all inside the timed region).
+- ``optimum``: Optimum's ``ORTModelForSeq2SeqLM.generate`` on the same base model exported by
+  Optimum (HMU off: Optimum has no place for it).
+- ``ctranslate2-fp32`` / ``ctranslate2-int8``: CTranslate2's Translator on the same base model
+  converted by its Transformers converter (HMU off).
+
+The base model's weights come from the build (``checkpoint/``), saved with ``save_pretrained``
+into a temporary folder that the converters read.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from ..core.build_folder import BuildFolder
+
+#: what ``--peers`` accepts; ctranslate2 gives two rows (fp32 and int8)
+PEERS = ("transformers", "optimum", "ctranslate2")
+#: the backend of ours that the peer ratios are computed for
+OURS = "onnxruntime-opt"
+#: issue 10's targets: our tokens/s over the peer's (batch 1); peers not listed have none
+TARGETS = {"transformers": 3.0, "optimum": 1.5}
+
+
+class PeerUnavailable(Exception):
+    """A peer cannot run here (package missing, conversion failed); the message is the reason."""
+
+
+@dataclass
+class PeerRun:
+    sequences: list[list[int]]  # new tokens only (no decoder start token)
+    seconds: float  # the whole request
+    ttft_s: float | None  # None where the peer gives no per-token hook
+    token_latencies_s: list[float] | None
+
+
+class _TokenClock:
+    """Wall time of every generated step of one request (first = time to first token)."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.stamps: list[float] = []
+
+    def tick(self) -> None:
+        self.stamps.append(time.perf_counter())
+
+    def run(self, sequences: list[list[int]]) -> PeerRun:
+        end = time.perf_counter()
+        if not self.stamps:
+            return PeerRun(sequences, end - self.t0, None, None)
+        marks = [self.t0, *self.stamps]
+        return PeerRun(sequences, end - self.t0, self.stamps[0] - self.t0,
+                       [b - a for a, b in zip(marks[1:], marks[2:])])
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class Peer(ABC):
+    name: str
+    hmu: str = "off"  # "applied" where the peer runs the build's HMU too
+
+    @abstractmethod
+    def generate(self, ids: np.ndarray, mask: np.ndarray, new_tokens: int) -> PeerRun:
+        """Exactly ``new_tokens`` greedy tokens per row of ``ids`` [B, Ls] (mask all ones)."""
+
+
+@dataclass(frozen=True)
+class Ids:
+    bos: int  # decoder start token
+    eos: int
+    pad: int
+
+
+def _noise(batch: int, src_len: int, latent: int, scale: float) -> np.ndarray:
+    """The generation loop's draw (Generator.noise, seed 0): zeros for the mean path."""
+    if not scale:
+        return np.zeros((batch, src_len, latent), np.float32)
+    rng = np.random.default_rng(0)
+    return (rng.standard_normal((batch, src_len, latent)) * scale).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- transformers
+def _streamer(clock: _TokenClock) -> Any:
+    from transformers.generation.streamers import BaseStreamer
+
+    class Streamer(BaseStreamer):  # type: ignore[misc]
+        """generate() puts the decoder start tokens first, then each step's tokens."""
+
+        def __init__(self) -> None:
+            self.first = True
+
+        def put(self, value: Any) -> None:
+            if self.first:
+                self.first = False
+            else:
+                clock.tick()
+
+        def end(self) -> None:
+            pass
+
+    return Streamer()
+
+
+def _hf_generate(model: Any, ids: np.ndarray, mask: np.ndarray, new_tokens: int, i: Ids,
+                 encode: Callable[[Any, Any], Any] | None = None) -> PeerRun:
+    """``model.generate`` forced to ``new_tokens`` greedy tokens (EOS held back until then);
+    ``encode(src, mask)`` gives the encoder outputs when the caller computes them itself."""
+    import torch
+
+    clock = _TokenClock()
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+              num_beams=1, decoder_start_token_id=i.bos, eos_token_id=i.eos, pad_token_id=i.pad,
+              forced_bos_token_id=None, forced_eos_token_id=None, streamer=_streamer(clock))
+    with torch.no_grad():
+        src, att = torch.from_numpy(ids), torch.from_numpy(mask)
+        if encode is None:
+            out = model.generate(input_ids=src, attention_mask=att, **kw)
+        else:
+            out = model.generate(encoder_outputs=encode(src, att), attention_mask=att, **kw)
+    return clock.run(out[:, 1:].tolist())  # without the decoder start token
+
+
+class TransformersPeer(Peer):
+    name = "transformers"
+
+    def __init__(self, folder: Path, ids: Ids, hmu: Any = None, latent: int = 0,
+                 noise_scale: float = 0.0) -> None:
+        import torch
+        import transformers
+
+        self.model = transformers.AutoModelForSeq2SeqLM.from_pretrained(
+            str(folder), dtype=torch.float32, local_files_only=True).eval()
+        self.ids, self.hmu_module, self.latent, self.noise_scale = ids, hmu, latent, noise_scale
+        self.hmu = "applied" if hmu is not None else "off"
+
+    def _encode(self, src: Any, att: Any) -> Any:
+        import torch
+        from transformers.modeling_outputs import BaseModelOutput
+
+        enc = self.model.get_encoder()(input_ids=src, attention_mask=att).last_hidden_state
+        noise = _noise(src.shape[0], src.shape[1], self.latent, self.noise_scale)
+        return BaseModelOutput(last_hidden_state=self.hmu_module(enc, torch.from_numpy(noise)))
+
+    def generate(self, ids: np.ndarray, mask: np.ndarray, new_tokens: int) -> PeerRun:
+        return _hf_generate(self.model, ids, mask, new_tokens, self.ids,
+                            None if self.hmu_module is None else self._encode)
+
+
+# ----------------------------------------------------------------------------- optimum
+class OptimumPeer(Peer):
+    name = "optimum"
+
+    def __init__(self, folder: Path, ids: Ids, threads: int) -> None:
+        try:
+            from optimum.onnxruntime import ORTModelForSeq2SeqLM
+        except ImportError as exc:
+            raise PeerUnavailable(f"optimum-onnx is not installed ({_first_line(exc)}); it pins "
+                                  "transformers < 4.58: see docs/huggingface.md") from None
+        from ..runners.onnxruntime_runner import session_options
+
+        try:  # Optimum's own export of the base model (its default files and decoder)
+            model = ORTModelForSeq2SeqLM.from_pretrained(
+                str(folder), export=True, provider="CPUExecutionProvider",
+                session_options=session_options(threads), local_files_only=True)
+        except Exception as exc:  # Optimum raises many types
+            raise PeerUnavailable(f"Optimum could not export the base model: "
+                                  f"{_first_line(exc)}") from None
+        self.model, self.ids = model, ids
+
+    def generate(self, ids: np.ndarray, mask: np.ndarray, new_tokens: int) -> PeerRun:
+        return _hf_generate(self.model, ids, mask, new_tokens, self.ids)
+
+
+# ----------------------------------------------------------------------------- ctranslate2
+class _IdTokenizer:
+    """What CTranslate2's Transformers converter reads from a tokenizer, with one token string
+    per id (``<i>``), so the converted model takes the same ids as our loop as strings."""
+
+    def __init__(self, vocab: int, ids: Ids, unk: int) -> None:
+        self.vocab = vocab
+        self.pad_token, self.eos_token = self.tok(ids.pad), self.tok(ids.eos)
+        self.unk_token, self.bos_token = self.tok(unk), self.tok(ids.bos)
+
+    @staticmethod
+    def tok(i: int) -> str:
+        return f"<{i}>"
+
+    def get_vocab(self) -> dict[str, int]:
+        return {self.tok(i): i for i in range(self.vocab)}
+
+    def convert_ids_to_tokens(self, i: Any) -> Any:
+        return [self.tok(int(x)) for x in i] if isinstance(i, (list, tuple)) else self.tok(int(i))
+
+    def __len__(self) -> int:
+        return self.vocab
+
+
+def convert_ctranslate2(folder: Path, out: Path, vocab: int, ids: Ids, unk: int) -> Path:
+    try:
+        from ctranslate2.converters import TransformersConverter
+    except ImportError as exc:
+        raise PeerUnavailable(f"ctranslate2 is not installed ({_first_line(exc)}); "
+                              "install it with the project's peers extra") from None
+
+    class Converter(TransformersConverter):  # type: ignore[misc]
+        def load_tokenizer(self, tokenizer_class: Any, path: Any, **kw: Any) -> Any:
+            return _IdTokenizer(vocab, ids, unk)
+
+    try:
+        Converter(str(folder)).convert(str(out), quantization=None, force=True)
+    except Exception as exc:  # the converter raises many types
+        raise PeerUnavailable(f"CTranslate2 could not convert the base model: "
+                              f"{_first_line(exc)}") from None
+    return out
+
+
+class CTranslate2Peer(Peer):
+    def __init__(self, model_dir: Path, compute_type: str, threads: int) -> None:
+        import ctranslate2
+
+        self.name = f"ctranslate2-{'fp32' if compute_type == 'float32' else compute_type}"
+        try:
+            self.translator = ctranslate2.Translator(str(model_dir), device="cpu",
+                                                     compute_type=compute_type,
+                                                     intra_threads=threads, inter_threads=1)
+        except Exception as exc:
+            raise PeerUnavailable(f"CTranslate2 cannot load the model as {compute_type}: "
+                                  f"{_first_line(exc)}") from None
+
+    def generate(self, ids: np.ndarray, mask: np.ndarray, new_tokens: int) -> PeerRun:
+        clock = _TokenClock()
+        seen = [-1]
+
+        def on_token(step: Any) -> bool:  # once per row and step: tick on a new step
+            if step.step > seen[0]:
+                seen[0] = step.step
+                clock.tick()
+            return False
+
+        source = [[_IdTokenizer.tok(int(t)) for t, m in zip(row, mrow) if m]
+                  for row, mrow in zip(ids, mask)]
+        res = self.translator.translate_batch(
+            source, beam_size=1, max_decoding_length=new_tokens, min_decoding_length=new_tokens,
+            return_end_token=True, callback=on_token, max_batch_size=0)
+        seqs = [[int(t[1:-1]) for t in r.hypotheses[0]] for r in res]
+        return clock.run(seqs)
+
+
+# ----------------------------------------------------------------------------- running
+def versions() -> dict[str, str | None]:
+    """Installed versions of the peers' packages (None: not installed)."""
+    from importlib import metadata
+
+    out: dict[str, str | None] = {}
+    for dist in ("transformers", "optimum-onnx", "optimum", "ctranslate2"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def _available(name: str) -> str:
+    """'' when the peer's package imports, else the reason it does not."""
+    mod = {"transformers": "transformers", "optimum": "optimum.onnxruntime",
+           "ctranslate2": "ctranslate2"}[name]
+    try:
+        __import__(mod)
+    except ImportError as exc:
+        extra = {"optimum": "; optimum-onnx pins transformers < 4.58, so it lives in a separate "
+                            "venv: see docs/huggingface.md",
+                 "ctranslate2": "; install it with the project's peers extra"}.get(name, "")
+        return f"{mod} is not importable ({_first_line(exc)}){extra}"
+    return ""
+
+
+def load_peers(source: Any, cfg: Any, names: Sequence[str], work: Path, threads: int,
+               progress: Callable[[str], None] | None = None
+               ) -> tuple[list[Peer], list[dict[str, str]]]:
+    """(peers ready to time, skipped rows) for ``names`` over the build's base model."""
+    import torch
+
+    peers: list[Peer] = []
+    skipped: list[dict[str, str]] = []
+    gen = cfg.generation
+    ids = Ids(int(gen.bos_id), int(gen.eos_id), int(cfg.model.pad_id))
+    folder = work / "base"
+    reasons = {n: _available(n) for n in names}
+    if any(not r for r in reasons.values()):
+        if progress:
+            progress("peers: saving the base model")
+        source.hf_model.save_pretrained(str(folder))
+    for name in names:
+        if reasons[name]:
+            rows = ["ctranslate2-fp32", "ctranslate2-int8"] if name == "ctranslate2" else [name]
+            skipped += [{"backend": r, "reason": reasons[name]} for r in rows]
+            continue
+        if progress:
+            progress(f"peers: preparing {name}")
+        try:
+            if name == "transformers":
+                hmu = source.model.hmu if source.cfg.use_hmu else None
+                with torch.no_grad():
+                    peers.append(TransformersPeer(folder, ids, hmu, source.cfg.latent_dim,
+                                                  gen.noise_scale))
+            elif name == "optimum":
+                peers.append(OptimumPeer(folder, ids, threads))
+            else:
+                hc = source.hf_model.config
+                unk = getattr(hc, "unk_token_id", None)
+                model_dir = convert_ctranslate2(folder, work / "ct2", cfg.model.vocab_size, ids,
+                                                2 if unk is None else int(unk))
+                for compute in ("float32", "int8"):
+                    try:
+                        peers.append(CTranslate2Peer(model_dir, compute, threads))
+                    except PeerUnavailable as exc:
+                        skipped.append({"backend": f"ctranslate2-{compute}", "reason": str(exc)})
+        except PeerUnavailable as exc:
+            rows = ["ctranslate2-fp32", "ctranslate2-int8"] if name == "ctranslate2" else [name]
+            skipped += [{"backend": r, "reason": str(exc)} for r in rows]
+    return peers, skipped
+
+
+def time_peer(peer: Peer, ids: np.ndarray, new_tokens: int, runs: int, warmup: int
+              ) -> list[PeerRun] | str:
+    """``runs`` timed requests after ``warmup``; a reason string when the peer did not make
+    exactly ``new_tokens`` tokens on every row (its figures would not compare)."""
+    mask = np.ones_like(ids)
+    out = []
+    for k in range(warmup + runs):
+        res = peer.generate(ids, mask, new_tokens)
+        made = sorted({len(s) for s in res.sequences})
+        if made != [new_tokens] or len(res.sequences) != ids.shape[0]:
+            return f"made {made} tokens per row, not {new_tokens}: not comparable"
+        if k >= warmup:
+            out.append(res)
+    return out
+
+
+def run_peers(build: "BuildFolder", names: Sequence[str], batches: Sequence[int],
+              sources: Callable[[int], list[list[int]]], *, src_len: int, new_tokens: int,
+              runs: int, warmup: int, threads: int, row: Callable[..., dict[str, Any]],
+              progress: Callable[[str], None] | None = None
+              ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """Result rows (made by ``row``, the bench's own row builder) and skipped peers of the
+    (already opened and verified) ``build``."""
+    source = build.load_source()
+    results: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="hmu-peers-") as tmp:
+        peers, skipped = load_peers(source, build.cfg, names, Path(tmp), threads, progress)
+        for peer in peers:
+            for b in batches:
+                if progress:
+                    progress(f"{peer.name} batch {b}")
+                ids = np.asarray(sources(b), dtype=np.int64)
+                got = time_peer(peer, ids, new_tokens, runs, warmup)
+                if isinstance(got, str):
+                    skipped.append({"backend": peer.name, "reason": f"batch {b}: {got}"})
+                    continue
+                ttft = [r.ttft_s for r in got]
+                lat = [x for r in got for x in (r.token_latencies_s or [])]
+                tps = [b * new_tokens / r.seconds for r in got]
+                results.append({**row(peer.name, b, src_len, new_tokens,
+                                      None if None in ttft else ttft, lat or None, tps, runs),
+                                "peer": True, "hmu": peer.hmu})
+    return results, skipped
+
+
+def peer_ratios(results: Sequence[dict[str, Any]], ours: str = OURS) -> list[dict[str, Any]]:
+    """tokens/s of ``ours`` over each peer row's, per batch, with the issue's target."""
+    mine = {r["batch"]: r for r in results if r["backend"] == ours}
+    out = []
+    for r in results:
+        if not r.get("peer") or r["batch"] not in mine:
+            continue
+        base = r["backend"].split("-")[0]
+        target = TARGETS.get(base)
+        ratio = mine[r["batch"]]["tokens_per_s"] / r["tokens_per_s"]
+        out.append({"ours": ours, "peer": r["backend"], "batch": r["batch"],
+                    "ours_tokens_per_s": mine[r["batch"]]["tokens_per_s"],
+                    "peer_tokens_per_s": r["tokens_per_s"], "ratio": ratio, "target": target,
+                    "meets_target": None if target is None else ratio >= target})
+    return out

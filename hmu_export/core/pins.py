@@ -1,0 +1,78 @@
+"""FP32 pin policy: which nodes of the exported graph stay in FP32 when the rest runs in FP16.
+
+The policy is chosen by node *name* from the exported graph (export.py names nodes after the
+module path, e.g. ``hmu/norm_input/LayerNormalization``), so the same list drives the TensorRT
+build (``--layerPrecisions``), the FP16-emulation graph (``node_block_list``) and the manifest.
+
+Why these nodes (docs/fp16.md has the measurements):
+- HMU LayerNorms: the mean of squares of large activations overflows FP16 (65504); TensorRT
+  computes normalization in FP32 by default, pinning makes it a checked constraint and keeps
+  the normalized output in FP32 for the gate.
+- ``hmu/vae/Exp`` (exp(0.5 * logvar)): FP16 overflows for 0.5 * logvar > 11.09.
+- ``hmu/gate_mlp/1/Sigmoid``: the gate g and 1 - g are both used; near saturation FP16 keeps
+  only ~3 decimal digits of 1 - g.
+- Softmax (attention) only when ``engine.pin_softmax``: the measurements did not need it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import onnx
+
+from .config import EngineConfig
+from .errors import ConfigError
+
+REASONS = {
+    "LayerNormalization": "normalization of large activations overflows FP16",
+    "Exp": "exp(0.5*logvar) overflows FP16 above 11.09",
+    "Sigmoid": "saturated gate: FP16 loses 1-g",
+    "Softmax": "attention softmax pinned by engine.pin_softmax",
+}
+
+
+@dataclass(frozen=True)
+class Pin:
+    name: str  # ONNX node name == TensorRT layer name (the ONNX parser keeps node names)
+    op_type: str
+    reason: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"name": self.name, "op_type": self.op_type, "reason": self.reason}
+
+
+def _hmu_sensitive(model: onnx.ModelProto) -> list[str]:
+    from ..export.onnx_export import sensitive_nodes
+    return sensitive_nodes(model)
+
+
+def select_pins(model: onnx.ModelProto, engine: EngineConfig | None = None,
+                extra: Iterable[str] = ()) -> list[Pin]:
+    """The FP32 pins for ``model``: HMU-sensitive nodes, softmax if configured, plus ``extra``.
+
+    ``extra`` names (e.g. found by ``debug-precision``) must exist in the graph, so a typo
+    cannot silently pin nothing.
+    """
+    engine = engine or EngineConfig()
+    by_name = {n.name: n for n in model.graph.node}
+    names = list(_hmu_sensitive(model))
+    if engine.pin_softmax:
+        names += [n.name for n in model.graph.node if n.op_type == "Softmax"]
+    missing = [e for e in extra if e not in by_name]
+    if missing:
+        raise ConfigError(f"FP32 pin '{missing[0]}' is not a node of the graph "
+                          "(node names look like hmu/norm_input/LayerNormalization)")
+    names += list(extra)
+    seen: set[str] = set()
+    pins = []
+    for name in names:
+        if name in seen:
+            continue
+        seen.add(name)
+        op = by_name[name].op_type
+        pins.append(Pin(name, op, REASONS.get(op, "pinned by request")))
+    return pins
+
+
+def pin_names(pins: Iterable[Pin]) -> list[str]:
+    return [p.name for p in pins]

@@ -1,0 +1,1 @@
+"""Floor 3: deployment targets: TensorRT recipes and engines, Triton repositories."""

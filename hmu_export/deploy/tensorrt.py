@@ -1,0 +1,406 @@
+"""TensorRT FP16 engine: optimization profiles, FP32 pins, timing cache, and a trtexec recipe.
+
+Every build writes ``build_engine.sh``: the equivalent ``trtexec`` call, so the engine can be
+built on the target GPU box with no Python (engines are tied to the GPU and TensorRT version
+that build them). Where TensorRT and a GPU exist, the stage also builds the engine itself
+through Polygraphy's loaders; elsewhere it is skipped with the reason, and ``--require-engine``
+turns that into a failure (pipeline.py).
+
+Both paths write ``engine.json`` beside the engine (TensorRT version, GPU, compute capability,
+flags, profiles, pins, ONNX sha256); runners/tensorrt_runner.py refuses an engine whose record
+does not match. The same record goes to manifest.json under ``engine``.
+"""
+from __future__ import annotations
+
+import shlex
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from .. import __version__
+from ..core.config import BuildConfig, ProfileConfig
+from ..core.errors import BackendUnavailable, HMUExportError
+from ..core.fileio import atomic_path, sha256_file, write_json, write_text
+from ..core.io_contract import AXIS_TO_PROFILE, GraphContract
+from ..core.manifest import FAILED, OK, SKIPPED, StageResult
+from ..runners.tensorrt_runner import RECORD_FILE, RuntimeInfo, probe_runtime
+
+if TYPE_CHECKING:
+    import tensorrt as trt
+
+    from ..core.layout import BuildLayout
+    from ..model import HMUTransformer
+    from ..backends.registry import Backend
+    from ..core.pins import Pin
+    from ..build.pipeline import BuildContext
+
+Shape = tuple[int, ...]
+# trtexec spells hardware compatibility differently from the config.
+TRTEXEC_HW = {"ampere_plus": "ampere+", "same_compute_capability": "sameComputeCapability"}
+
+
+def engine_profiles(cfg: BuildConfig) -> list[ProfileConfig]:
+    """The optimization profiles: ``[profile]`` first, then ``engine.extra_profiles``."""
+    return [cfg.profile, *cfg.engine.extra_profiles]
+
+
+def input_shapes(contract: GraphContract, profile: ProfileConfig
+                 ) -> dict[str, tuple[Shape, Shape, Shape]]:
+    """min / opt / max shape of every dynamic input of ``contract`` under ``profile``."""
+    out: dict[str, tuple[Shape, Shape, Shape]] = {}
+    for spec in contract.inputs:
+        if not any(isinstance(d, str) for d in spec.dims):
+            continue
+        rows: list[list[int]] = [[], [], []]
+        for dim in spec.dims:
+            triple = ([dim] * 3 if isinstance(dim, int)
+                      else profile.axis(AXIS_TO_PROFILE[dim]).as_list())
+            for row, value in zip(rows, triple):
+                row.append(value)
+        out[spec.name] = (tuple(rows[0]), tuple(rows[1]), tuple(rows[2]))
+    return out
+
+
+def graph_profiles(cfg: BuildConfig, graph: str) -> list[ProfileConfig]:
+    """Optimization profiles of one graph. The decoder step gets a first-step profile (past 0,
+    an empty cache tensor) and a step profile (past >= 1) for every configured profile, so the
+    step kernels are tuned for a real cache and the first call never needs an If."""
+    from dataclasses import replace
+
+    base = engine_profiles(cfg)
+    if graph != "decoder":
+        return base
+    out: list[ProfileConfig] = []
+    for p in base:
+        lo, opt, hi = p.past_len  # type: ignore[misc]
+        if lo == 0:
+            out.append(replace(p, past_len=(0, 0, 0)))
+        if hi >= 1:
+            out.append(replace(p, past_len=(max(1, lo), max(1, opt), hi)))
+    return out
+
+
+def profile_rows(contract: GraphContract, profiles: Sequence[ProfileConfig]
+                 ) -> list[dict[str, list[int]]]:
+    """Profiles restricted to the axes ``contract`` uses (what the engine record stores)."""
+    axes = [AXIS_TO_PROFILE[a] for a in contract.axes if a in AXIS_TO_PROFILE]
+    return [{a: list(getattr(p, a)) for a in axes} for p in profiles]
+
+
+def split_engine_name(graph: str) -> str:
+    return f"{graph}.fp16.plan"
+
+
+def render_split_recipe(cfg: BuildConfig, layout: "BuildLayout",
+                        graphs: Sequence[tuple[str, GraphContract, Sequence[str]]]) -> str:
+    """The generation engines' part of build_engine.sh (appended after the full graph's)."""
+    import json
+
+    blocks = []
+    for graph, contract, pins in graphs:
+        args = " \\\n  ".join(shlex.quote(a) for a in trtexec_args(cfg, contract, pins, layout,
+                                                                     graph))
+        rec = json.dumps({"graph": graph, "onnx": layout.graph(graph).name,
+                          "engine": split_engine_name(graph), "pins": list(pins),
+                          "profiles": profile_rows(contract, graph_profiles(cfg, graph)),
+                          "flags": flags(cfg, pins)}, sort_keys=True)
+        blocks.append(f"""
+# {graph} graph ({'FP32 pins: ' + ', '.join(pins) if pins else 'no FP32 pins'})
+"$TRTEXEC" \\
+  {args} \\
+  2>&1 | tee build_engine.{graph}.log
+onnx_sha=$(sha256sum {shlex.quote(layout.graph(graph).name)} | cut -d ' ' -f 1)
+engine_sha=$(sha256sum {shlex.quote(split_engine_name(graph))} | cut -d ' ' -f 1)
+static={shlex.quote(rec[1:-1])}
+printf '{{"tensorrt": "%s", "gpu": {{"name": "%s", "compute_capability": "%s"}}, "onnx_sha256": "%s", "engine_sha256": "%s", %s}}\\n' \\
+  "$trt_version" "$gpu_name" "$compute_cap" "$onnx_sha" "$engine_sha" "$static" > {graph}.engine.json.tmp
+mv {graph}.engine.json.tmp {graph}.engine.json
+echo "engine: $(pwd)/{split_engine_name(graph)}"
+""")
+    return "\n# Generation engines: encoder once per request, decoder step with its KV cache.\n" \
+        + "".join(blocks)
+
+
+def shape_spec(shapes: dict[str, tuple[Shape, Shape, Shape]], which: int) -> str:
+    """trtexec's ``name:AxBxC,name2:...`` for min (0), opt (1) or max (2)."""
+    return ",".join(f"{name}:{'x'.join(str(d) for d in triple[which])}"
+                    for name, triple in shapes.items())
+
+
+def flags(cfg: BuildConfig, pins: Sequence[str]) -> dict[str, Any]:
+    e = cfg.engine
+    return {"fp16": e.fp16, "precision_constraints": "obey" if pins else "none",
+            "builder_optimization_level": e.builder_optimization_level,
+            "workspace_mib": e.workspace_mib, "version_compatible": e.version_compatible,
+            "hardware_compatibility": e.hardware_compatibility}
+
+
+def trtexec_args(cfg: BuildConfig, contract: GraphContract, pins: Sequence[str],
+                 layout: "BuildLayout", graph: str = "full") -> list[str]:
+    """The trtexec arguments equivalent to the Python build of one graph (paths relative to
+    the build folder): model.onnx -> model.fp16.plan, <graph>.onnx -> <graph>.fp16.plan."""
+    e = cfg.engine
+    full = graph == "full"
+    args = [f"--onnx={(layout.onnx if full else layout.graph(graph)).name}"]
+    if e.fp16:
+        args.append("--fp16")
+    profiles = graph_profiles(cfg, graph)
+    for i, profile in enumerate(profiles):
+        shapes = input_shapes(contract, profile)
+        if len(profiles) > 1:
+            args.append(f"--profile={i}")  # TensorRT 10: one --profile=N per min/opt/max set
+        args += [f"--minShapes={shape_spec(shapes, 0)}", f"--optShapes={shape_spec(shapes, 1)}",
+                 f"--maxShapes={shape_spec(shapes, 2)}"]
+    if pins:
+        args += ["--precisionConstraints=obey",
+                 "--layerPrecisions=" + ",".join(f"{p}:fp32" for p in pins),
+                 "--layerOutputTypes=" + ",".join(f"{p}:fp32" for p in pins)]
+    args += [f"--timingCacheFile={layout.timing_cache.name}",
+             f"--builderOptimizationLevel={e.builder_optimization_level}",
+             f"--memPoolSize=workspace:{e.workspace_mib}M"]
+    if e.version_compatible:
+        args.append("--versionCompatible")
+    if e.hardware_compatibility != "none":
+        args.append(f"--hardwareCompatibilityLevel={TRTEXEC_HW[e.hardware_compatibility]}")
+    engine = layout.engine.name if full else split_engine_name(graph)
+    args += [f"--saveEngine={engine}", "--skipInference"]
+    return args
+
+
+def render_recipe(cfg: BuildConfig, contract: GraphContract, pins: Sequence[str],
+                  layout: "BuildLayout", onnx_sha256: str) -> str:
+    """``build_engine.sh``: trtexec build + an engine.json record, runnable from any folder."""
+    args = trtexec_args(cfg, contract, pins, layout)
+    lines = " \\\n  ".join(shlex.quote(a) for a in args)
+    profiles = profile_rows(contract, engine_profiles(cfg))
+    import json
+    static = json.dumps({"source": "build_engine.sh", "flags": flags(cfg, pins),
+                         "profiles": profiles, "pins": list(pins),
+                         "engine": layout.engine.name,
+                         "timing_cache": layout.timing_cache.name}, sort_keys=True)
+    return f"""#!/usr/bin/env bash
+# TensorRT engine for '{cfg.model.name}', generated by hmu_export {__version__}.
+# Run it on the GPU machine that will serve: an engine (and timing.cache) only runs on the
+# TensorRT version and GPU that built it. Needs trtexec (set TRTEXEC=/path/to/trtexec) and
+# sha256sum; no Python. Built from model.onnx sha256 {onnx_sha256}.
+# FP32 pins (precision constraints obeyed): {', '.join(pins) or 'none'}
+set -euo pipefail
+cd "$(dirname "$0")"
+TRTEXEC="${{TRTEXEC:-trtexec}}"
+"$TRTEXEC" \\
+  {lines} \\
+  2>&1 | tee build_engine.log
+
+# engine.json: what the engine is tied to; the TensorRT runner refuses a mismatch.
+field() {{ sed -n "s/.*$1: *//p" build_engine.log | head -n 1 | tr -d '\\r"'; }}
+trt_version=$(field "TensorRT version")
+gpu_name=$(field "Selected Device")
+compute_cap=$(field "Compute Capability")
+onnx_sha=$(sha256sum {shlex.quote(layout.onnx.name)} | cut -d ' ' -f 1)
+engine_sha=$(sha256sum {shlex.quote(layout.engine.name)} | cut -d ' ' -f 1)
+static={shlex.quote(static[1:-1])}
+printf '{{"tensorrt": "%s", "gpu": {{"name": "%s", "compute_capability": "%s"}}, "onnx_sha256": "%s", "engine_sha256": "%s", %s}}\\n' \\
+  "$trt_version" "$gpu_name" "$compute_cap" "$onnx_sha" "$engine_sha" "$static" > {RECORD_FILE}.tmp
+mv {RECORD_FILE}.tmp {RECORD_FILE}
+echo "engine: $(pwd)/{layout.engine.name} (TensorRT $trt_version, $gpu_name, sm $compute_cap)"
+"""
+
+
+def load_contract_of(path: Path) -> GraphContract:
+    from ..export.onnx_export import load_graph_contract
+    return load_graph_contract(path)[2]
+
+
+def apply_pins(network: "trt.INetworkDefinition", pins: Sequence[str]) -> list[str]:
+    """Run the pinned layers in FP32 with FP32 outputs; returns the layer names it found.
+
+    The ONNX parser names each layer after its node, so pins (node names) address layers.
+    """
+    import tensorrt as trt
+
+    wanted = set(pins)
+    found: list[str] = []
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if layer.name not in wanted:
+            continue
+        layer.precision = trt.float32
+        for k in range(layer.num_outputs):
+            if layer.get_output(k).dtype in (trt.float32, trt.float16):
+                layer.set_output_type(k, trt.float32)
+        found.append(layer.name)
+    return found
+
+
+def _hardware_level(name: str) -> "trt.HardwareCompatibilityLevel | None":
+    import tensorrt as trt
+
+    return {"none": None, "ampere_plus": trt.HardwareCompatibilityLevel.AMPERE_PLUS,
+            "same_compute_capability": trt.HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY
+            }[name]
+
+
+def build_engine(layout: "BuildLayout", cfg: BuildConfig, contract: GraphContract,
+                 pins: Sequence[str], graph: str = "full") -> dict[str, Any]:
+    """Build ``model.fp16.plan`` (or ``<graph>.fp16.plan`` of a split graph) with Polygraphy's
+    loaders; reuses and updates timing.cache."""
+    import tensorrt as trt
+    from polygraphy.backend.trt import (CreateConfig, EngineBytesFromNetwork,
+                                        NetworkFromOnnxPath, PostprocessNetwork, Profile)
+
+    onnx_path = layout.onnx if graph == "full" else layout.graph(graph)
+    engine_path = layout.engine if graph == "full" else layout.root / split_engine_name(graph)
+    profiles = []
+    for p in graph_profiles(cfg, graph):
+        prof = Profile()
+        for name, (lo, opt, hi) in input_shapes(contract, p).items():
+            prof.add(name, min=lo, opt=opt, max=hi)
+        profiles.append(prof)
+    applied: list[str] = []
+
+    def pin_layers(network: trt.INetworkDefinition) -> None:
+        applied.extend(apply_pins(network, pins))
+
+    network = PostprocessNetwork(NetworkFromOnnxPath(str(onnx_path)), pin_layers,
+                                 name="fp32-pins")
+    config = CreateConfig(
+        fp16=cfg.engine.fp16, profiles=profiles,
+        precision_constraints="obey" if pins else None,
+        load_timing_cache=str(layout.timing_cache) if layout.timing_cache.is_file() else None,
+        memory_pool_limits={trt.MemoryPoolType.WORKSPACE: cfg.engine.workspace_mib << 20},
+        builder_optimization_level=cfg.engine.builder_optimization_level,
+        hardware_compatibility_level=_hardware_level(cfg.engine.hardware_compatibility),
+        version_compatible=cfg.engine.version_compatible or None)
+    t0 = time.perf_counter()
+    data = EngineBytesFromNetwork(network, config=config,
+                                  save_timing_cache=str(layout.timing_cache))()
+    seconds = time.perf_counter() - t0
+    with atomic_path(engine_path) as tmp:
+        tmp.write_bytes(bytes(data))
+    missing = sorted(set(pins) - set(applied))
+    return {"build_seconds": round(seconds, 3), "pins_applied": applied,
+            "pins_not_found": missing, "engine_sha256": sha256_file(engine_path)}
+
+
+def engine_record(cfg: BuildConfig, layout: "BuildLayout", pins: Sequence["Pin"],
+                  onnx_sha256: str, contract: GraphContract) -> dict[str, Any]:
+    names = [p.name for p in pins]
+    return {"recipe": layout.recipe.name, "engine": layout.engine.name,
+            "timing_cache": layout.timing_cache.name, "onnx": layout.onnx.name,
+            "onnx_sha256": onnx_sha256, "pins": [p.to_dict() for p in pins],
+            "profiles": profile_rows(contract, engine_profiles(cfg)),
+            "flags": flags(cfg, names), "built": False}
+
+
+def engine_stage(ctx: "BuildContext") -> StageResult:
+    """Write the recipe always; build the engine where TensorRT and a GPU exist."""
+    import onnx
+
+    from ..core.io_contract import full_contract
+    from ..core.pins import select_pins
+
+    cfg, layout = ctx.cfg, ctx.layout
+    contract = ctx.contract or full_contract(cfg.model, cfg.export.diagnostics)
+    pins = select_pins(onnx.load(str(layout.onnx), load_external_data=False), cfg.engine)
+    names = [p.name for p in pins]
+    onnx_sha = sha256_file(layout.onnx)
+    split = [(g, ctx.contracts[g] if g in getattr(ctx, "contracts", {}) else
+              load_contract_of(layout.graph(g)),
+              [p.name for p in select_pins(onnx.load(str(layout.graph(g)),
+                                                     load_external_data=False), cfg.engine)])
+             for g in layout.split_graphs()]
+    recipe = render_recipe(cfg, contract, names, layout, onnx_sha)
+    if split:
+        recipe += render_split_recipe(cfg, layout, split)
+    write_text(layout.recipe, recipe)
+    layout.recipe.chmod(0o755)
+    record = engine_record(cfg, layout, pins, onnx_sha, contract)
+    if split:
+        record["generation_engines"] = {g: {"engine": split_engine_name(g), "pins": list(pn),
+                                            "profiles": profile_rows(c, graph_profiles(cfg, g))}
+                                        for g, c, pn in split}
+    ctx.data["engine"] = record
+    details = {"recipe": layout.recipe.name, "pins": names,
+               "profiles": record["profiles"]}
+    try:
+        runtime: RuntimeInfo = probe_runtime()
+    except BackendUnavailable as exc:
+        record["skip_reason"] = str(exc)
+        reason = f"{exc}; {layout.recipe.name} builds it on a GPU machine"
+        if ctx.require_engine:  # --require-engine / engine.require: a missing engine fails
+            return StageResult(FAILED, reason=f"engine required: {reason}", details=details)
+        return StageResult(SKIPPED, reason=reason, details=details)
+    record.update(runtime.to_dict())
+    try:
+        record.update(build_engine(layout, cfg, contract, names))
+        for g, c, pn in split:
+            built = build_engine(layout, cfg, c, pn, graph=g)
+            built.update(runtime.to_dict(), onnx_sha256=sha256_file(layout.graph(g)),
+                         **record["generation_engines"][g], flags=flags(cfg, pn))
+            write_json(layout.root / f"{g}.engine.json", built)
+    except HMUExportError:
+        raise
+    except Exception as exc:  # TensorRT/Polygraphy raise many types (PolygraphyException...)
+        record["error"] = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+        return StageResult(FAILED, reason=f"TensorRT build failed: {record['error']}",
+                           details=details)
+    record["built"] = True
+    write_json(layout.root / RECORD_FILE, {k: v for k, v in record.items() if k != "built"})
+    details.update({k: record[k] for k in ("tensorrt", "gpu", "build_seconds",
+                                           "pins_not_found")})
+    return StageResult(OK, details=details)
+
+
+def backends(layout: "BuildLayout", cfg: BuildConfig, model: "HMUTransformer | Any",
+             contract: GraphContract, *, threads: int | None = None) -> list["Backend"]:
+    """The TensorRT engine as a registry entry (parity and bench), or the reason it cannot run
+    here (any graph: a graph without tgt_ids, the classifier, picks its profile by the axes it
+    has)."""
+    from ..backends.registry import Backend
+    from ..runners.tensorrt_runner import TrtRunner
+
+    runner_cls: Any = TrtRunner if "tgt_ids" in contract.input_names else _contract_trt_runner()
+
+    precision = "fp16" if cfg.engine.fp16 else "fp32"
+    if not layout.engine.is_file():
+        return [Backend("tensorrt", precision, None, f"no engine ({layout.engine.name} not built)")]
+    try:
+        runtime = probe_runtime()
+    except BackendUnavailable as exc:
+        return [Backend("tensorrt", precision, None, str(exc))]
+    root: Path = layout.root
+    return [Backend("tensorrt", precision, lambda: runner_cls(
+        root, contract, vocab_size=cfg.model.vocab_size, runtime=runtime))]
+
+
+def _contract_trt_runner() -> type:
+    """TrtRunner choosing its optimization profile from the axes the contract's inputs have
+    (the base class reads batch / src_len / tgt_len of a full-graph feed)."""
+    import numpy as np
+
+    from ..core.errors import InputError
+    from ..runners.tensorrt_runner import TrtRunner
+
+    class ContractTrtRunner(TrtRunner):
+        def _infer(self, feeds):  # type: ignore[no-untyped-def]
+            sizes: dict[str, int] = {}
+            for spec in self.contract.inputs:
+                for d, n in zip(spec.dims, feeds[spec.name].shape):
+                    if isinstance(d, str) and d in ("batch", "src_len", "tgt_len"):
+                        sizes[d] = int(n)
+            fits = [i for i, p in enumerate(self.profiles)
+                    if all(p.axis(a).contains(v) for a, v in sizes.items())]
+            if not fits:
+                raise InputError(f"shape {sizes} is outside every engine profile")
+            index = min(fits, key=lambda i: (self.profiles[i].batch[2]
+                                             * self.profiles[i].src_len[2], i))
+            if index != self._profile:
+                self._runner.set_profile(index)
+                self._profile = index
+            feed = dict(feeds)
+            with self.timed():
+                out = self._runner.infer(feed)
+            return {name: np.asarray(out[name], dtype=np.float32)
+                    for name in self.contract.output_names}
+
+    return ContractTrtRunner

@@ -1,0 +1,1 @@
+"""Triton Inference Server: model configs, the repository writer, generation models, client, server."""

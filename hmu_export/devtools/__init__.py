@@ -1,0 +1,1 @@
+"""Floor 5: developer tools (the GPU device check, the layer checker)."""

@@ -1,0 +1,154 @@
+"""FP16-emulation graph and backends: measure the FP16 budget on a machine without a GPU.
+
+``model.fp16.onnx`` is ``model.onnx`` converted by onnxconverter-common with FP32 graph I/O
+(``keep_io_types``) and the policy's pins (pins.py) kept in FP32 (``node_block_list``), so it
+carries the same precision decisions as the TensorRT build. ONNX Runtime CPU runs it by
+casting FP16 tensors to FP32 around most kernels: it emulates FP16 *storage* (every
+intermediate rounded to FP16, overflow above 65504), not FP16 accumulation. PyTorch ``.half()``
+on CPU is the second, independent FP16 stand-in (no pins: every op in half).
+See docs/fp16.md for what each one measures and the figures.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import onnx
+
+from ..core.errors import ArtifactError
+from ..core.fileio import atomic_path
+from ..core.manifest import OK, SKIPPED, StageResult
+
+if TYPE_CHECKING:
+    from ..core.layout import BuildLayout
+    from ..core.config import BuildConfig
+    from ..core.io_contract import GraphContract
+    from ..model import HMUTransformer
+    from ..backends.registry import Backend
+    from ..build.pipeline import BuildContext
+
+# Clamp like TensorRT does (weights outside FP16's range are clamped to +-65504), not to the
+# converter's default 1e4, so the emulation fails where the engine would.
+FP16_MAX = 65504.0
+FP16_MIN_POSITIVE = 5.960464477539063e-08  # smallest FP16 subnormal
+
+
+def _detach_consumed_outputs(model: onnx.ModelProto) -> None:
+    """Give graph outputs that other nodes also read (the diagnostic ``encoder_out``) their own
+    Identity. The converter keeps such a tensor FP32 for the output *and* its internal readers,
+    which then mix FP32 and FP16 inputs (ORT: "Type parameter (T) ... bound to different types")."""
+    outputs = {o.name for o in model.graph.output}
+    read = {i for n in model.graph.node for i in n.input}
+    for name in sorted(outputs & read):
+        inner = f"{name}__internal"
+        for node in model.graph.node:
+            node.output[:] = [inner if o == name else o for o in node.output]
+            node.input[:] = [inner if i == name else i for i in node.input]
+        model.graph.node.append(onnx.helper.make_node("Identity", [inner], [name],
+                                                      name=f"output/{name}/Identity"))
+
+
+def convert_to_fp16(model: onnx.ModelProto, keep_fp32: Sequence[str] = ()) -> onnx.ModelProto:
+    """An FP16 copy of ``model`` with FP32 inputs/outputs and the named nodes kept in FP32."""
+    import warnings
+
+    from onnxconverter_common import float16
+
+    missing = sorted(set(keep_fp32) - {n.name for n in model.graph.node})
+    if missing:
+        raise ArtifactError(f"cannot keep '{missing[0]}' in FP32: no such node in the graph")
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    _detach_consumed_outputs(copy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the converter warns on every clamped value
+        # op_block_list is left at None: passing a list REPLACES the converter's default list.
+        return float16.convert_float_to_float16(
+            copy, min_positive_val=FP16_MIN_POSITIVE, max_finite_val=FP16_MAX,
+            keep_io_types=True, node_block_list=list(keep_fp32) + _casts_to_fp32(copy))
+
+
+def _casts_to_fp32(model: onnx.ModelProto) -> list[str]:
+    """Cast nodes that make FP32 (Transformers' masks: bool -> float). The converter retypes
+    their outputs to FP16 but leaves ``to = FLOAT``, a graph ONNX Runtime refuses ("Type
+    (tensor(float16)) of output arg ... of node (Cast) does not match"); kept in FP32, they are
+    followed by the converter's own cast to FP16."""
+    names = []
+    for node in model.graph.node:
+        if node.op_type == "Cast" and any(a.name == "to" and a.i == onnx.TensorProto.FLOAT
+                                          for a in node.attribute):
+            if not node.name:
+                node.name = f"cast_to_fp32/{node.output[0]}"
+            names.append(node.name)
+    return names
+
+
+def write_fp16_model(src: Path, dst: Path, keep_fp32: Sequence[str]) -> Path:
+    """Convert the graph at ``src`` and write it atomically to ``dst`` (one file, no external data)."""
+    model = onnx.load(str(src))
+    return save_fp16_model(convert_to_fp16(model, keep_fp32), Path(dst))
+
+
+def save_fp16_model(fp16: onnx.ModelProto, dst: Path) -> Path:
+    """Write a converted graph atomically, only once ONNX Runtime loads it (build and command)."""
+    with atomic_path(Path(dst)) as tmp:
+        onnx.save_model(fp16, str(tmp), save_as_external_data=False)
+        _check_loads(tmp)
+    return Path(dst)
+
+
+def _check_loads(path: Path) -> None:
+    """Verify before the rename: a converted graph that ONNX Runtime rejects is never written."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    try:
+        ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises Fail / InvalidGraph / RuntimeException
+        raise ArtifactError(f"the FP16 graph does not load in ONNX Runtime: "
+                            f"{str(exc).splitlines()[0]}") from None
+
+
+def fp16_stage(ctx: "BuildContext") -> StageResult:
+    """Write ``model.fp16.onnx`` with the FP32 pins; skipped when parity.fp16 is off."""
+    from ..core.pins import pin_names, select_pins
+
+    if not ctx.cfg.parity.fp16:
+        return StageResult(SKIPPED, reason="parity.fp16 is false")
+    t0 = time.perf_counter()
+    model = onnx.load(str(ctx.layout.onnx))
+    pins = select_pins(model, ctx.cfg.engine)
+    names = pin_names(pins)
+    fp16 = convert_to_fp16(model, names)
+    save_fp16_model(fp16, ctx.layout.onnx_fp16)
+    ctx.data.setdefault("pins", [p.to_dict() for p in pins])
+    details: dict = {"path": ctx.layout.onnx_fp16.name, "fp32_nodes": names,
+                     "casts": sum(1 for n in fp16.graph.node if n.op_type == "Cast")}
+    for graph in ctx.layout.split_graphs():
+        # Each graph keeps its own pins: the HMU (and so every pin) lives in the encoder graph.
+        split = onnx.load(str(ctx.layout.graph(graph)))
+        split_pins = pin_names(select_pins(split, ctx.cfg.engine))
+        save_fp16_model(convert_to_fp16(split, split_pins), ctx.layout.graph(graph, "fp16"))
+        details[graph] = {"path": ctx.layout.graph(graph, "fp16").name, "fp32_nodes": split_pins}
+    details["seconds"] = round(time.perf_counter() - t0, 3)
+    return StageResult(OK, details=details)
+
+
+def backends(layout: "BuildLayout", cfg: "BuildConfig", model: "HMUTransformer | Any",
+             contract: "GraphContract", *, threads: int | None = None) -> list["Backend"]:
+    """ORT on the FP16 graph (a stand-in for GPU FP16: it emulates FP16 storage) as a registry
+    entry; parity runs it when ``[parity] fp16`` is on. (The PyTorch half-precision backends
+    of the source model are the registry's own.)"""
+    from ..backends.registry import BENCH_ONLY, EVERYWHERE, Backend
+    from ..runners import OnnxRuntimeRunner
+
+    label, uses = "onnxruntime-fp16emu", EVERYWHERE if cfg.parity.fp16 else BENCH_ONLY
+    path = layout.onnx_fp16
+    if not path.is_file():
+        return [Backend(label, "fp16", None, f"{path.name} not found (fp16 stage skipped?)",
+                        uses=uses)]
+    return [Backend(label, "fp16", lambda: OnnxRuntimeRunner(
+        path, contract, [cfg.profile], precision="fp16", vocab_size=cfg.model.vocab_size,
+        label=label, threads=threads), uses=uses)]

@@ -1,0 +1,485 @@
+"""The fast CPU path: an ONNX Runtime-optimized copy of the graph, saved once at build time.
+
+Three steps, each checked by parity against the unoptimized graph:
+
+1. **Attention fusion** (ours). The dynamo exporter writes ``nn.MultiheadAttention`` with
+   ``batch_first=True`` as ~50 nodes (transposes to sequence-first, head reshapes, two batched
+   MatMuls, a float mask built from ``src_mask``). ONNX Runtime's transformer optimizer does not
+   recognise that pattern, so each module's region (found by its stable node-name scope, e.g.
+   ``encoder/layers/0/self_attn/``) is replaced by ONNX Runtime's contrib ops: ``Attention``
+   (packed QKV projection inside the op) for self-attention, ``MultiHeadAttention`` for
+   cross-attention, with the key-padding mask taken straight from the ``src_mask`` input and the
+   decoder's causal mask as ``unidirectional=1``. Weights come from the PyTorch model, not from
+   the graph, so the fusion never depends on how the exporter happened to fold them.
+2. **ONNX Runtime graph optimizations** at the *extended* level (LayerNorm / SkipLayerNorm /
+   Gelu / BiasGelu / MatMul+Add fusions, constant folding), saved through
+   ``SessionOptions.optimized_model_filepath``. The *all* level is not saved: its NCHWc layout
+   transforms are tied to the CPU that built them (ORT warns about it); it is applied at load.
+3. **Parity** of the optimized graph against model.onnx on padded feeds at the profile's corners
+   (max abs on logits <= the FP32 budget).
+
+A module whose region does not match what the fusion expects is left as it was (counted in the
+stage details), so an unusual model still gets step 2.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+from ..core.errors import ArtifactError, ParityFailure
+from ..core.fileio import atomic_path
+from ..core.io_contract import SRC_MASK
+from ..core.manifest import FAILED, OK, SKIPPED, StageResult
+
+if TYPE_CHECKING:
+    import onnx
+
+    from ..core.layout import BuildLayout
+    from ..core.config import BuildConfig
+    from ..core.io_contract import GraphContract
+    from ..model import HMUTransformer
+    from ..backends.registry import Backend
+    from ..build.pipeline import BuildContext
+
+MS_DOMAIN = "com.microsoft"
+FUSED_OPS = ("Attention", "MultiHeadAttention", "SkipLayerNormalization", "LayerNormalization",
+             "BiasGelu", "Gelu", "FastGelu", "FusedMatMul", "FusedGemm", "BiasAdd")
+
+
+# --------------------------------------------------------------------------- session options
+def cpu_threads() -> int:
+    """Cores this process may run on (cgroup/affinity aware), the default intra-op threads."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def tuned_session_options(threads: int | None = None, *, spinning: bool = True,
+                          optimization: str = "all"):  # type: ignore[no-untyped-def]
+    """Session options measured fastest here for one request at a time (docs/performance.md).
+
+    intra-op threads = cores (ORT's default also counts hyper-threads), one inter-op thread and
+    sequential execution (this graph has no parallel branches worth a second pool), full graph
+    optimization at load (layout transforms are CPU-specific, so they happen at load, never in
+    the saved file), memory patterns and the CPU arena on (shapes repeat in serving loops).
+    ``spinning=False`` lets idle workers sleep: slower per request, kinder to a shared machine.
+    """
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[optimization]
+    opts.intra_op_num_threads = threads or cpu_threads()
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.enable_mem_pattern = True
+    opts.enable_cpu_mem_arena = True
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    return opts
+
+
+# --------------------------------------------------------------------------- attention fusion
+def _mha_modules(model: "HMUTransformer") -> list[tuple[str, Any, str]]:
+    """(module path, module, mask kind) of every attention module, kind: 'padding' | 'causal'.
+
+    HMUTransformer's masks: encoder self-attention and decoder cross-attention mask padded
+    source tokens (src_mask); decoder self-attention is causal with no padding mask.
+    """
+    from torch import nn
+
+    out = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.MultiheadAttention):
+            causal = name.startswith("decoder.") and name.endswith(".self_attn")
+            out.append((name, mod, "causal" if causal else "padding"))
+    return out
+
+
+def _region(graph: "onnx.GraphProto", scope: str) -> list[int]:
+    return [i for i, n in enumerate(graph.node) if n.name.startswith(scope + "/")]
+
+
+def _is_transpose_102(node: "onnx.NodeProto") -> bool:
+    return node.op_type == "Transpose" and any(
+        a.name == "perm" and list(a.ints) == [1, 0, 2] for a in node.attribute)
+
+
+def _fuse_one(graph: "onnx.GraphProto", path: str, mha: Any, kind: str, mask_i32: str,
+              consumers: dict[str, list[int]], all_scoped: set[int]
+              ) -> tuple[list["onnx.NodeProto"], list[Any], set[int]] | str:
+    """New nodes + initializers replacing one module's region, or a reason it was left alone."""
+    from onnx import helper, numpy_helper
+
+    scope = path.replace(".", "/")
+    idx = _region(graph, scope)
+    if not idx:
+        return "no nodes under this scope"
+    nodes = [graph.node[i] for i in idx]
+    produced = {o for n in nodes for o in n.output}
+    inits = {t.name for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    # Batch-first inputs: what the module's (batch-first -> sequence-first) transposes read.
+    # The exporter may share one transpose of the decoder memory between layers (CSE), so a
+    # transpose outside this region that feeds it counts too. First one = query.
+    entry: list[str] = []
+    for n in nodes:
+        if _is_transpose_102(n) and n.input[0] not in produced and n.input[0] not in inits:
+            src = n.input[0]
+        else:
+            outer = [producer[i] for i in n.input if i and i not in produced and i in producer]
+            src = next((p.input[0] for p in outer if _is_transpose_102(p)), "")
+        if src and src not in entry:
+            entry.append(src)
+    graph_outputs = {o.name for o in graph.output}
+    leaving = [o for o in produced if o in graph_outputs
+               or any(c not in all_scoped for c in consumers.get(o, []))]
+    if len(leaving) != 1:
+        return f"expected one tensor leaving the region, found {len(leaving)}"
+    cross = path.startswith("decoder.") and path.endswith(".multihead_attn")
+    self_attn = not cross
+    if len(entry) != (2 if cross else 1):
+        return f"expected {2 if cross else 1} batch-first input(s), found {len(entry)}"
+    if mha.in_proj_weight is None or mha.in_proj_bias is None or not mha.batch_first:
+        return "module without packed in-projection weights and bias"
+    d, heads = mha.embed_dim, mha.num_heads
+    w_in = mha.in_proj_weight.detach().float().numpy()  # [3d, d]
+    b_in = mha.in_proj_bias.detach().float().numpy()
+    w_out = mha.out_proj.weight.detach().float().numpy()  # [d, d]
+    b_out = mha.out_proj.bias.detach().float().numpy()
+    pre = f"hmu_opt/{scope}"
+    new_inits = [numpy_helper.from_array(b_in, f"{pre}/in_bias"),
+                 numpy_helper.from_array(np.ascontiguousarray(w_out.T), f"{pre}/out_w"),
+                 numpy_helper.from_array(b_out, f"{pre}/out_b")]
+    attn_out = f"{pre}/attn_out"
+    new_nodes = []
+    mask = mask_i32 if kind == "padding" else ""
+    if self_attn:
+        new_inits.append(numpy_helper.from_array(np.ascontiguousarray(w_in.T), f"{pre}/qkv_w"))
+        new_nodes.append(helper.make_node(
+            "Attention", [entry[0], f"{pre}/qkv_w", f"{pre}/in_bias", mask], [attn_out],
+            name=f"{pre}/Attention", domain=MS_DOMAIN, num_heads=heads,
+            unidirectional=1 if kind == "causal" else 0))
+    else:
+        query, memory = entry
+        new_inits += [numpy_helper.from_array(np.ascontiguousarray(w_in[:d].T), f"{pre}/q_w"),
+                      numpy_helper.from_array(np.ascontiguousarray(w_in[d:].T), f"{pre}/kv_w"),
+                      numpy_helper.from_array(np.array([d, d], np.int64), f"{pre}/split")]
+        new_nodes += [
+            helper.make_node("MatMul", [query, f"{pre}/q_w"], [f"{pre}/q"], name=f"{pre}/MatMul_q"),
+            helper.make_node("MatMul", [memory, f"{pre}/kv_w"], [f"{pre}/kv"],
+                             name=f"{pre}/MatMul_kv"),
+            helper.make_node("Split", [f"{pre}/kv", f"{pre}/split"], [f"{pre}/k", f"{pre}/v"],
+                             name=f"{pre}/Split", axis=-1),
+            helper.make_node("MultiHeadAttention",
+                             [f"{pre}/q", f"{pre}/k", f"{pre}/v", f"{pre}/in_bias", mask],
+                             [attn_out], name=f"{pre}/MultiHeadAttention", domain=MS_DOMAIN,
+                             num_heads=heads)]
+    new_nodes += [
+        helper.make_node("MatMul", [attn_out, f"{pre}/out_w"], [f"{pre}/proj"],
+                         name=f"{pre}/MatMul_out"),
+        helper.make_node("Add", [f"{pre}/proj", f"{pre}/out_b"], [leaving[0]], name=f"{pre}/Add_out")]
+    return new_nodes, new_inits, set(idx)
+
+
+def _prune(graph: "onnx.GraphProto") -> None:
+    """Drop nodes and initializers nothing reaches from the graph outputs (dead after fusion)."""
+    needed = {o.name for o in graph.output}
+    keep = []
+    for node in reversed(graph.node):
+        if any(o in needed for o in node.output):
+            keep.append(node)
+            needed.update(i for i in node.input if i)
+    keep.reverse()
+    del graph.node[:]
+    graph.node.extend(keep)
+    live = [t for t in graph.initializer if t.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(live)
+
+
+def fuse_attention(proto: "onnx.ModelProto", model: "HMUTransformer") -> dict[str, str]:
+    """Replace every attention module's region in place; returns {module path: 'fused' | reason}."""
+    from onnx import TensorProto, helper
+
+    graph = proto.graph
+    if SRC_MASK not in {i.name for i in graph.input}:
+        return {"*": f"graph has no '{SRC_MASK}' input"}
+    consumers: dict[str, list[int]] = {}
+    for k, n in enumerate(graph.node):
+        for i in n.input:
+            consumers.setdefault(i, []).append(k)
+    modules = _mha_modules(model)
+    all_scoped = {k for path, _, _ in modules for k in _region(graph, path.replace(".", "/"))}
+    mask_i32 = "hmu_opt/src_mask_i32"
+    outcome: dict[str, str] = {}
+    plans: list[tuple[set[int], list[Any], list[Any]]] = []
+    for path, mha, kind in modules:
+        res = _fuse_one(graph, path, mha, kind, mask_i32, consumers, all_scoped)
+        if isinstance(res, str):
+            outcome[path] = res
+            continue
+        new_nodes, new_inits, idx = res
+        plans.append((idx, new_nodes, new_inits))
+        outcome[path] = "fused"
+    if not plans or len(plans) != len(modules):
+        # All or nothing: a region left alone may read tensors a fused region no longer makes.
+        return {k: (v if v != "fused" else "not fused: another module did not match")
+                for k, v in outcome.items()}
+    for _, _, new_inits in plans:
+        graph.initializer.extend(new_inits)
+    if not plans:
+        return outcome
+    # Emit each module's new nodes where its region's last node stood: every input of the region
+    # exists by then, and every consumer of its output comes later.
+    emit_at = {max(idx): nodes for idx, nodes, _ in plans}
+    drop = set().union(*(idx for idx, _, _ in plans))
+    rebuilt = [helper.make_node("Cast", [SRC_MASK], [mask_i32], name="hmu_opt/Cast_src_mask",
+                                to=TensorProto.INT32)]
+    for i, node in enumerate(graph.node):
+        if i in emit_at:
+            rebuilt.extend(emit_at[i])
+        elif i not in drop:
+            rebuilt.append(node)
+    del graph.node[:]
+    graph.node.extend(rebuilt)
+    _prune(graph)
+    if not any(o.domain == MS_DOMAIN for o in proto.opset_import):
+        proto.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    return outcome
+
+
+# --------------------------------------------------------------------------- optimize + parity
+@dataclass
+class OptimizeReport:
+    attention: dict[str, str]
+    ops_before: dict[str, int]
+    ops_after: dict[str, int]
+    parity_max_abs: float
+    parity_shapes: list[list[int]] = field(default_factory=list)
+
+    @property
+    def fused_ops(self) -> dict[str, int]:
+        return {k: v for k, v in self.ops_after.items() if k in FUSED_OPS and v}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"attention": self.attention, "fused_ops": self.fused_ops,
+                "nodes_before": sum(self.ops_before.values()),
+                "nodes_after": sum(self.ops_after.values()),
+                "parity_max_abs": self.parity_max_abs, "parity_shapes": self.parity_shapes}
+
+
+def op_counts(proto: "onnx.ModelProto") -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for n in proto.graph.node:
+        counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def parity_shapes(cfg: "BuildConfig") -> list[tuple[int, int, int]]:
+    """Profile corners and opt point (padded rows appear wherever batch >= 2)."""
+    p = cfg.profile
+    shapes = {(p.batch[0], p.src_len[0], p.tgt_len[0]), (p.batch[1], p.src_len[1], p.tgt_len[1]),
+              (p.batch[2], p.src_len[2], p.tgt_len[2]), (p.batch[2], p.src_len[2], p.tgt_len[0])}
+    return sorted(s for s in shapes if cfg.profile.contains(*s))
+
+
+def compare_graphs(ref_path: Path, opt_path: Path, cfg: "BuildConfig",
+                   shapes: Sequence[tuple[int, int, int]], seed: int = 0) -> float:
+    """Max abs difference of all outputs between two graphs over ``shapes`` (plain CPU ORT).
+
+    Feeds follow the contract recorded in ``ref_path`` (any graph: full with noise over the
+    source or the target, classifier); ``shapes`` are BxLsxLt, cut down to the graph's axes."""
+    import onnxruntime as ort
+
+    from .onnx_export import load_graph_contract
+    from ..verify.parity import contract_feeds, grid_axes, project
+
+    try:
+        _, _, contract = load_graph_contract(Path(ref_path))
+    except ArtifactError:  # a graph without our metadata: the config's full graph
+        from ..core.io_contract import full_contract
+        contract = full_contract(cfg.model, cfg.export.diagnostics)
+    axes = grid_axes(contract)
+    plain = ort.SessionOptions()
+    plain.log_severity_level = 3
+    ref = ort.InferenceSession(str(ref_path), plain, providers=["CPUExecutionProvider"])
+    opt = ort.InferenceSession(str(opt_path), tuned_session_options(),
+                               providers=["CPUExecutionProvider"])
+    positional = {s.name for s in contract.outputs if s.src_positional}
+    worst = 0.0
+    for shape in dict.fromkeys(project(s, axes) for s in shapes):
+        sizes = dict(zip(axes, shape))
+        feeds = contract_feeds(contract, cfg, sizes, seed=seed,
+                               noise_scale=cfg.parity.noise_scale)
+        names = [o.name for o in ref.get_outputs()]
+        for name, x, y in zip(names, ref.run(names, feeds), opt.run(names, feeds)):
+            if x.shape != y.shape:
+                where = ", ".join(f"{a}={v}" for a, v in sizes.items())
+                raise ParityFailure(f"optimized graph output '{name}' has shape {y.shape}, "
+                                    f"expected {x.shape} at {where}")
+            if name in positional:  # diagnostic outputs: compare real source positions only
+                m = feeds[SRC_MASK].astype(bool)
+                x, y = x[m], y[m]
+            worst = max(worst, float(np.max(np.abs(x.astype(np.float64) - y))))
+    return worst
+
+
+def optimize_graph(src: Path, dst: Path, cfg: "BuildConfig", model: "HMUTransformer | None",
+                   *, fuse: bool = True) -> OptimizeReport:
+    """Write the optimized copy of ``src`` to ``dst`` (atomically, only if parity holds)."""
+    import onnx
+    import onnxruntime as ort
+
+    proto = onnx.load(str(src))
+    before = op_counts(proto)
+    attention = fuse_attention(proto, model) if (fuse and model is not None) else {}
+    with tempfile.TemporaryDirectory(prefix="hmu-opt-") as tmp:
+        fused_path = Path(tmp) / "fused.onnx"
+        onnx.save_model(proto, str(fused_path))
+        opts = tuned_session_options(optimization="extended")
+        saved = Path(tmp) / "ort.onnx"
+        opts.optimized_model_filepath = str(saved)
+        try:
+            ort.InferenceSession(str(fused_path), opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
+            raise ArtifactError("ONNX Runtime rejected the fused graph: "
+                                f"{str(exc).splitlines()[0]}") from None
+        out = onnx.load(str(saved))
+        # ORT drops nothing we need, but keep the exporter's metadata (config, contract) for sure.
+        have = {p.key for p in out.metadata_props}
+        for p in proto.metadata_props:
+            if p.key not in have:
+                out.metadata_props.add(key=p.key, value=p.value)
+        out.producer_name = proto.producer_name or out.producer_name
+        with atomic_path(Path(dst)) as tmp_dst:
+            onnx.save_model(out, str(tmp_dst))
+            shapes = parity_shapes(cfg)
+            err = compare_graphs(Path(src), tmp_dst, cfg, shapes, seed=cfg.parity.seed)
+            if not err <= cfg.parity.fp32_max_abs:
+                raise ParityFailure(f"optimized graph disagrees with model.onnx: max abs {err:.3g}"
+                                    f" > {cfg.parity.fp32_max_abs:g}")
+    return OptimizeReport(attention, before, op_counts(out), err, [list(s) for s in shapes])
+
+
+def split_parity_sizes(contract: "GraphContract", cfg: "BuildConfig") -> list[dict[str, int]]:
+    """Axis sizes at which a split graph is checked: profile corners, past 0 and new 1 included."""
+    p = cfg.profile
+    rows = [{"batch": p.batch[0], "src_len": p.src_len[0], "past_len": 0, "new_len": 1},
+            {"batch": p.batch[1], "src_len": p.src_len[1], "past_len": p.past_len[1],
+             "new_len": p.new_len[1]},
+            {"batch": p.batch[2], "src_len": p.src_len[2], "past_len": p.past_len[2],
+             "new_len": p.new_len[0]},
+            {"batch": p.batch[2], "src_len": p.src_len[2], "past_len": 0,
+             "new_len": p.new_len[2]}]
+    axes = set(contract.axes)
+    out = []
+    for r in rows:
+        row = {k: v for k, v in r.items() if k in axes}
+        if row not in out:
+            out.append(row)
+    return out
+
+
+def compare_split_graphs(ref_path: Path, opt_path: Path, contract: "GraphContract",
+                         cfg: "BuildConfig", seed: int = 0) -> float:
+    """Max abs difference of every output of two variants of a split graph (plain CPU ORT);
+    outputs over source positions are compared at real positions only."""
+    import onnxruntime as ort
+
+    from ..core.io_contract import spec_feeds
+
+    plain = ort.SessionOptions()
+    plain.log_severity_level = 3
+    ref = ort.InferenceSession(str(ref_path), plain, providers=["CPUExecutionProvider"])
+    opt = ort.InferenceSession(str(opt_path), tuned_session_options(),
+                               providers=["CPUExecutionProvider"])
+    worst = 0.0
+    for sizes in split_parity_sizes(contract, cfg):
+        feeds = spec_feeds(contract, cfg.model, sizes, seed=seed)
+        for spec, x, y in zip(contract.outputs, ref.run(contract.output_names, feeds),
+                              opt.run(contract.output_names, feeds)):
+            if x.shape != y.shape:
+                raise ParityFailure(f"{Path(opt_path).name}: output '{spec.name}' has shape "
+                                    f"{list(y.shape)}, expected {list(x.shape)} at {sizes}")
+            if spec.src_positional:
+                m = feeds[SRC_MASK].astype(bool)
+                keep = m[:, None, :, None] if x.ndim == 4 else m[:, :, None]
+                x, y = np.where(keep, x, 0), np.where(keep, y, 0)
+            if x.size:
+                worst = max(worst, float(np.max(np.abs(x.astype(np.float64) - y))))
+    return worst
+
+
+def optimize_split_graph(src: Path, dst: Path, contract: "GraphContract", cfg: "BuildConfig"
+                         ) -> dict[str, Any]:
+    """ONNX Runtime's own fusions, saved offline, for an encoder or decoder-step graph
+    (written atomically, only if it matches the exported graph)."""
+    import onnx
+    import onnxruntime as ort
+
+    proto = onnx.load(str(src))
+    with atomic_path(Path(dst)) as tmp_dst:
+        opts = tuned_session_options(optimization="extended")
+        opts.optimized_model_filepath = str(tmp_dst)
+        try:
+            ort.InferenceSession(str(src), opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
+            raise ArtifactError(f"ONNX Runtime rejected {Path(src).name}: "
+                                f"{str(exc).splitlines()[0]}") from None
+        out = onnx.load(str(tmp_dst))
+        have = {p.key for p in out.metadata_props}
+        for p in proto.metadata_props:
+            if p.key not in have:
+                out.metadata_props.add(key=p.key, value=p.value)
+        onnx.save_model(out, str(tmp_dst))
+        err = compare_split_graphs(Path(src), tmp_dst, contract, cfg, seed=cfg.parity.seed)
+        if not err <= cfg.parity.fp32_max_abs:
+            raise ParityFailure(f"{Path(dst).name} disagrees with {Path(src).name}: max abs "
+                                f"{err:.3g} > {cfg.parity.fp32_max_abs:g}")
+    return {"path": Path(dst).name, "ops_before": op_counts(proto), "ops_after": op_counts(out),
+            "max_abs_vs_exported": err}
+
+
+def optimize_stage(ctx: "BuildContext") -> StageResult:
+    """Build stage: model.opt.onnx (attention fused, parity-checked against model.onnx) and
+    the ORT-optimized encoder / decoder-step graphs."""
+    if not ctx.cfg.export.optimize:
+        return StageResult(SKIPPED, reason="export.optimize = false")
+    if not ctx.layout.onnx.is_file():
+        return StageResult(FAILED, reason=f"{ctx.layout.onnx.name} not found")
+    report = optimize_graph(ctx.layout.onnx, ctx.layout.onnx_optimized, ctx.cfg, ctx.model)
+    details = report.to_dict()
+    for graph, contract in getattr(ctx, "contracts", {}).items():
+        if graph in ("encoder", "decoder"):
+            details[graph] = optimize_split_graph(ctx.layout.graph(graph),
+                                                  ctx.layout.graph(graph, "opt"), contract,
+                                                  ctx.cfg)
+    ctx.data["optimize"] = details
+    return StageResult(OK, details=details)
+
+
+def backends(layout: "BuildLayout", cfg: "BuildConfig", model: "HMUTransformer | Any",
+             contract: "GraphContract", *, threads: int | None = None) -> list["Backend"]:
+    """The optimized graph, run with the tuned session options, as an FP32 backend (registry
+    entry: parity and bench)."""
+    from ..backends.registry import Backend
+    from ..runners import OnnxRuntimeRunner
+
+    label = "onnxruntime-opt"
+    if not cfg.export.optimize:
+        return [Backend(label, "fp32", None, "export.optimize = false")]
+    if not layout.onnx_optimized.is_file():
+        return [Backend(label, "fp32", None, f"{layout.onnx_optimized.name} not found")]
+    return [Backend(label, "fp32", lambda: OnnxRuntimeRunner(
+        layout.onnx_optimized, contract, [cfg.profile], vocab_size=cfg.model.vocab_size,
+        label=label, sess_options=tuned_session_options(threads)))]

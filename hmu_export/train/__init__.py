@@ -1,0 +1,1 @@
+"""Floor 5: training: HMU-only fine-tuning."""

@@ -1,0 +1,1 @@
+"""Floor 3: proofs that artifacts compute what the source model computes (parity, precision debug)."""
