@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from hmu_export.core.config import BuildConfig, ModelConfig
 from hmu_export.core.io_contract import make_feeds
 from hmu_export.model import HMU, HMUTransformer, save_checkpoint
-from hmu_export.verify.parity import derive_grid
+from hmu_export.core.grid import derive_grid
 from hmu_export.build.pipeline import run_build
 from hmu_export.core.tolerance import FP16, FP32
 

@@ -73,7 +73,8 @@ def hf_t5_build(tmp_path_factory) -> tuple[Path, Path]:
     pytest.importorskip("transformers")
     import test_hf_source as HF
 
-    from hmu_export.build.pipeline import preflight, run_build
+    from hmu_export.build.preflight import preflight
+    from hmu_export.build.pipeline import run_build
 
     root = tmp_path_factory.mktemp("hf_build")
     HF._t5().save_pretrained(root / "t5")

@@ -184,7 +184,7 @@ def test_runner_time_covers_a_slow_session_run(small_export, small_cfg):
 def test_runner_time_excludes_feed_checks(small_export, small_cfg):
     """A fake clock: feed validation 'takes' 100 s, the session run 0.25 s; the runner
     reports the run alone, and bench's samples are the runner's times, not its own clock."""
-    from hmu_export.bench.forward import BenchSettings, runner_step, time_calls
+    from hmu_export.bench.timing import BenchSettings, runner_step, time_calls
 
     runner = _ort_runner(small_export, small_cfg)
     clock = runner.clock = _FakeClock()

@@ -13,6 +13,7 @@ import pytest
 pytest.importorskip("transformers")
 
 from hmu_export.commands.cli import main  # noqa: E402
+from hmu_export.model.checkpoint import load_build_source
 
 ROW_KEYS = {"backend", "batch", "src_len", "new_tokens", "ttft_ms", "per_token_p50_ms",
             "per_token_p99_ms", "tokens_per_s", "runs"}
@@ -110,7 +111,7 @@ def test_transformers_peer_makes_n_tokens_of_the_same_model(hf_t5_build, tmp_pat
 
     _, out = hf_t5_build
     build = open_build(out)
-    peers, skipped = load_peers(build.load_source(), build.cfg, ["transformers"], tmp_path, 1)
+    peers, skipped = load_peers(load_build_source(build), build.cfg, ["transformers"], tmp_path, 1)
     assert skipped == [] and [p.name for p in peers] == ["transformers"]
     rng = np.random.default_rng(5)
     ids = rng.integers(3, build.cfg.model.vocab_size, size=(3, 9))
@@ -152,7 +153,7 @@ def test_installed_peer_makes_n_tokens(hf_t5_build, tmp_path, peer, module):
 
     _, out = hf_t5_build
     build = open_build(out)
-    peers, skipped = load_peers(build.load_source(), build.cfg, [peer], tmp_path, 1)
+    peers, skipped = load_peers(load_build_source(build), build.cfg, [peer], tmp_path, 1)
     assert skipped == [], skipped
     ids = np.random.default_rng(6).integers(3, build.cfg.model.vocab_size, size=(2, 7))
     for p in peers:

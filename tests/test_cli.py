@@ -212,7 +212,7 @@ def test_build_exports_the_configured_checkpoint(tmp_path, small_cfg, monkeypatc
     from dataclasses import replace
 
     from hmu_export.build import pipeline
-    from hmu_export.export.onnx_export import graph_metadata
+    from hmu_export.core.graph_meta import graph_metadata
     from hmu_export.core.io_contract import make_feeds
     from hmu_export.model import build_model, load_checkpoint
 
@@ -277,7 +277,7 @@ def test_diagnostic_build_end_to_end(tmp_path):
     node names (pins, fusions), FP16 copy that loads, per-output parity rows."""
     import onnx
 
-    from hmu_export.export.onnx_export import sensitive_nodes
+    from hmu_export.core.pins import sensitive_nodes
 
     cfg = _toml(tmp_path, "[export]\ndiagnostics = true\n")
     out = tmp_path / "o"

@@ -36,7 +36,7 @@ MULTI = {
 CONFIGS = {"small": SMALL, "multi": MULTI}
 
 
-def _build(build_dir: Path, *flags: str) -> Path:
+def build_section(build_dir: Path, *flags: str) -> Path:
     configure = _run(["cmake", "-S", str(CPP), "-B", str(build_dir),
                       "-DCMAKE_BUILD_TYPE=Release", *flags])
     assert configure.returncode == 0, configure.stdout[-3000:] + configure.stderr[-3000:]
@@ -55,7 +55,7 @@ def hmu_generate(tmp_path_factory) -> Path:
         pytest.fail("npm is needed to fetch ONNX Runtime for the C++ build (cpp/fetch_deps.sh)")
     fetched = _fetch("ort")
     assert fetched.returncode == 0, f"cpp/fetch_deps.sh ort failed: {fetched.stderr[-2000:]}"
-    return _build(tmp_path_factory.mktemp("cpp_generate_build"))
+    return build_section(tmp_path_factory.mktemp("cpp_generate_build"))
 
 
 @pytest.fixture(scope="session", params=sorted(CONFIGS))
@@ -350,7 +350,7 @@ def test_tensorrt_generator_compiles_and_links(hmu_generate, graphs, tmp_path_fa
     if fetched.returncode != 0:
         pytest.skip("TensorRT/CUDA headers could not be fetched from PyPI: "
                     + (fetched.stderr.strip().splitlines() or ["?"])[-1])
-    exe = _build(tmp_path_factory.mktemp("cpp_generate_build_trt"), "-DHMU_WITH_TENSORRT=ON")
+    exe = build_section(tmp_path_factory.mktemp("cpp_generate_build_trt"), "-DHMU_WITH_TENSORRT=ON")
     feeds = _ragged(cfg, [6, 3], seed=8)
     gen = cfg.generation
     ref = oracle(folder / "model.onnx", feeds, gen.bos_id, gen.eos_id,

@@ -45,7 +45,7 @@ def folder(small_export, tmp_path, monkeypatch):
 
 def _ctx(cfg, root):
     from hmu_export.core.io_contract import full_contract
-    from hmu_export.build.pipeline import BuildContext
+    from hmu_export.build.context import BuildContext
     return BuildContext(cfg, BuildLayout(root), contract=full_contract(cfg.model))
 
 

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from hmu_export.core.config import config_from_dict
-from hmu_export.export.onnx_export import (RANDOM_OPS, export_onnx, graph_metadata, load_graph_contract,
-                               sensitive_nodes)
+from hmu_export.export.onnx_export import RANDOM_OPS, export_onnx
+from hmu_export.core.pins import sensitive_nodes
+from hmu_export.core.graph_meta import graph_metadata, load_graph_contract
 from hmu_export.core.fileio import sha256_file
 from hmu_export.core.io_contract import make_feeds
 from hmu_export.model import build_model
@@ -100,7 +101,8 @@ def test_diagnostic_outputs(small_cfg, small_model, tmp_path):
 def test_issue_config_matches_on_the_whole_parity_grid(tmp_path):
     """Issue #2's example config: ORT FP32 within 1e-4 of PyTorch at every grid point."""
     from hmu_export.core.layout import BuildLayout
-    from hmu_export.verify.parity import derive_grid, layout_backends, run_parity
+    from hmu_export.core.grid import derive_grid
+    from hmu_export.verify.parity import layout_backends, run_parity
 
     cfg = config_from_dict(ISSUE_CONFIG)
     model = build_model(cfg.model)

@@ -77,7 +77,7 @@ def test_finetune_lowers_eval_loss(trained):
 def test_only_hmu_changes_and_output_keys(trained):
     from safetensors.torch import load_file
 
-    from hmu_export.model.checkpoint import read_state_dict
+    from hmu_export.model.weights import read_state_dict
 
     res, before, _ = trained
     saved = load_file(str(res.out))

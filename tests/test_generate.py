@@ -17,8 +17,8 @@ import torch
 from conftest import SMALL
 from hmu_export.core.config import config_from_dict
 from hmu_export.core.errors import BackendUnavailable, HMUExportError, InputError
-from hmu_export.generate.generator import (CacheSpec, GenerationOptions, Generator, log_softmax,
-                                 sample_tokens)
+from hmu_export.generate.stepper import CacheSpec
+from hmu_export.generate.generator import GenerationOptions, Generator, log_softmax, sample_tokens
 from hmu_export.model import build_model
 from hmu_export.model.native import NativeSource
 

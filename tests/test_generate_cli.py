@@ -15,6 +15,7 @@ import pytest
 
 from hmu_export.commands.cli import main
 from hmu_export.core.config import config_from_dict
+from hmu_export.model.checkpoint import load_build_source
 
 UNSEEN = {  # head_dim 16 (not 32), 2 decoder layers, odd vocabulary
     "model": {"name": "gen-unseen", "vocab_size": 37, "d_model": 48, "n_heads": 3,
@@ -187,7 +188,7 @@ def test_device_stepper_keeps_state_on_the_device_and_matches(unseen_build):
     from hmu_export.generate.generator import Generator
 
     build = open_build(unseen_build)
-    dev = Generator(TorchDeviceStepper(build.load_source(), "cpu", torch.float32, "torch-dev"),
+    dev = Generator(TorchDeviceStepper(load_build_source(build), "cpu", torch.float32, "torch-dev"),
                     build.cfg)
     ref = Generator.from_build(unseen_build, "torch-nocache")
     assert dev.generate(RAGGED).sequences == ref.generate(RAGGED).sequences
@@ -216,7 +217,7 @@ def test_graphs_exported_in_worker_processes_equal_an_in_process_export(unseen_b
 
     from hmu_export.export.onnx_export import export_graph
     from hmu_export.model import sources
-    from hmu_export.build.pipeline import export_workers
+    from hmu_export.build.stages.export import export_workers
 
     cfg = config_from_dict(UNSEEN)
     assert export_workers(cfg, 3) >= 1 or __import__("os").cpu_count() == 1

@@ -431,7 +431,7 @@ def test_engine_require_engine_says_why(build_copy, capsys, monkeypatch):
 
 
 def test_a_malicious_pickle_is_refused_without_warnings(tmp_path):
-    from hmu_export.model.checkpoint import read_state_dict
+    from hmu_export.model.weights import read_state_dict
 
     class Evil:
         def __reduce__(self):  # type: ignore[no-untyped-def]
@@ -445,7 +445,7 @@ def test_a_malicious_pickle_is_refused_without_warnings(tmp_path):
 
 
 def test_checkpoints_that_are_not_files_say_what_they_are(tmp_path, capsys):
-    from hmu_export.model.checkpoint import read_state_dict
+    from hmu_export.model.weights import read_state_dict
     (tmp_path / "dir.safetensors").mkdir()
     os.mkfifo(tmp_path / "fifo.safetensors")
     for path, needle in ((Path("/dev/zero"), "not a regular file (it is a character device)"),
@@ -471,7 +471,7 @@ def test_stage_details_are_formatted_for_people():
 
 def test_the_fp16_stage_checks_its_graph_loads(mini_build, small_cfg, tmp_path, monkeypatch):
     from hmu_export.export import fp16
-    from hmu_export.build.pipeline import BuildContext
+    from hmu_export.build.context import BuildContext
 
     shutil.copy(mini_build / "model.onnx", tmp_path / "model.onnx")
 

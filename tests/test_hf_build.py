@@ -12,6 +12,7 @@ pytest.importorskip("transformers")
 import test_hf_source as HF  # noqa: E402  (its tiny-model builders and Transformers oracle)
 
 from hmu_export.commands.cli import main  # noqa: E402
+from hmu_export.model.checkpoint import load_build_source
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +67,7 @@ def test_a_rebuilt_source_equals_the_original(t5_build):
     from hmu_export.core.build_folder import open_build
 
     root, out = t5_build
-    rebuilt = open_build(out).load_source()
+    rebuilt = load_build_source(open_build(out))
     from hmu_export.model import hf as H
     orig = H.load_source(H.resolve_config(HF.ModelConfig(source="hf", path=str(root / "t5"))))
     x = HF._batch(orig, b=2)

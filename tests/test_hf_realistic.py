@@ -60,7 +60,8 @@ def realistic_config(folder: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def realistic(tmp_path_factory):
-    from hmu_export.build.pipeline import preflight, run_build
+    from hmu_export.build.preflight import preflight
+    from hmu_export.build.pipeline import run_build
 
     keep = os.environ.get("HMU_REALISTIC_OUT")
     root = Path(keep) if keep else tmp_path_factory.mktemp("t5_small")

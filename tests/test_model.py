@@ -5,7 +5,7 @@ import torch
 from hmu_export.core.config import ModelConfig
 from hmu_export.core.errors import CheckpointError
 from hmu_export.model import HMU, HMUTransformer, build_model, load_checkpoint, save_checkpoint
-from hmu_export.model.checkpoint import load_weights
+from hmu_export.model.weights import load_weights
 
 CFG = ModelConfig(vocab_size=37, d_model=16, n_heads=2, n_encoder_layers=1, n_decoder_layers=1,
                   d_ff=32, latent_dim=8, max_len=20, seed=1)

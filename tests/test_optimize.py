@@ -91,8 +91,8 @@ def test_parity_backend(optimized, small_cfg, small_model):
 
 
 def test_stage_skips_when_disabled(small_cfg, tmp_path):
-    from hmu_export.export.optimize import optimize_stage
-    from hmu_export.build.pipeline import BuildContext
+    from hmu_export.build.stages.optimize import optimize_stage
+    from hmu_export.build.context import BuildContext
 
     cfg = dataclasses.replace(small_cfg, export=dataclasses.replace(small_cfg.export,
                                                                     optimize=False))

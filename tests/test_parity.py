@@ -10,8 +10,8 @@ from hmu_export.core.layout import BuildLayout
 from hmu_export.core.config import ProfileConfig
 from hmu_export.core.errors import InputError
 from hmu_export.core.io_contract import full_contract
-from hmu_export.verify.parity import (axis_values, compare_arrays, derive_grid, hmu_checks,
-                               layout_backends, run_parity, write_reports)
+from hmu_export.core.grid import axis_values, derive_grid
+from hmu_export.verify.parity import compare_arrays, hmu_checks, layout_backends, run_parity, write_reports
 from hmu_export.backends.registry import Backend
 from hmu_export.runners import TorchRunner
 from hmu_export.core.tolerance import FP32, Tolerance

@@ -194,8 +194,8 @@ def test_bench_backends_of_a_classifier_are_the_registry_entries_parity_runs(bui
     """The torch and onnxruntime entries run the classifier graph: class_logits [B, classes],
     the two agreeing, each with its own inference time."""
     from hmu_export.backends.registry import discover_backends
-    from hmu_export.bench.forward import load_build
-    from hmu_export.verify.parity import contract_feeds
+    from hmu_export.bench.timing import load_build
+    from hmu_export.core.grid import contract_feeds
 
     _, out, _ = built["glue-HMU"]
     loaded = load_build(out)

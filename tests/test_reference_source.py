@@ -231,7 +231,7 @@ def _check_onnx(made, case: Case, sess, shapes) -> float:
 def test_onnx_export_equals_the_reference_forward(made, case):
     """The exported graph (the module export_graph exports) in ONNX Runtime vs the oracle at
     several shapes, all-ones mask (the reference's own behaviour); the HMU's pins are found."""
-    from hmu_export.export.onnx_export import sensitive_nodes
+    from hmu_export.core.pins import sensitive_nodes
 
     src = _source(made, case)
     graph = "classifier" if case.classifier else "full"

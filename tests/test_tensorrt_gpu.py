@@ -48,8 +48,8 @@ def built(small_export, small_cfg, tmp_path_factory):
     runtime = _runtime()
     from hmu_export.core.layout import BuildLayout
     from hmu_export.core.config import ProfileConfig
-    from hmu_export.deploy.tensorrt import engine_stage
-    from hmu_export.build.pipeline import BuildContext
+    from hmu_export.build.stages.engine import engine_stage
+    from hmu_export.build.context import BuildContext
     root = tmp_path_factory.mktemp("trt") / "build"
     shutil.copytree(small_export.root, root)
     short = ProfileConfig(batch=(1, 1, 2), src_len=(1, 4, 8), tgt_len=(1, 2, 4))

@@ -41,7 +41,8 @@ def _tokenizer(vocab_size: int, specials=("<pad>", "</s>", "<unk>"), template="$
 
 @pytest.fixture(scope="module")
 def t5_text_build(tmp_path_factory):
-    from hmu_export.build.pipeline import preflight, run_build
+    from hmu_export.build.preflight import preflight
+    from hmu_export.build.pipeline import run_build
 
     root = tmp_path_factory.mktemp("hf_text")
     model = HF._t5()
@@ -214,7 +215,8 @@ def test_bart_and_marian_folders_build_and_generate_text_as_transformers(family,
     toml.write_text(f'[model]\nsource = "hf"\npath = "{folder}"\n\n[profile]\n'
                     "batch = [1, 2, 4]\nsrc_len = [1, 8, 12]\ntgt_len = [1, 4, 10]\n")
     from hmu_export.core.config import load_config
-    from hmu_export.build.pipeline import preflight, run_build
+    from hmu_export.build.preflight import preflight
+    from hmu_export.build.pipeline import run_build
     cfg, out = load_config(toml), tmp_path / "out"
     outcome = run_build(cfg, out, model=preflight(cfg, out), only=["checkpoint", "export"])
     assert outcome.ok, outcome.failure

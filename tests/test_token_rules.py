@@ -126,9 +126,10 @@ def bart_folders(tmp_path_factory):
 
 def _generator(folder):
     from hmu_export.backends.generation import TorchStepBackend
-    from hmu_export.generate.generator import CachedStepper, Generator
+    from hmu_export.generate.stepper import CachedStepper
+    from hmu_export.generate.generator import Generator
     from hmu_export.model import hf as H
-    from hmu_export.build.pipeline import model_generation
+    from hmu_export.build.preflight import model_generation
 
     src = H.load_source(H.resolve_config(HF.ModelConfig(source="hf", path=str(folder))))
     cfg = BuildConfig(model=src.cfg, profile=ProfileConfig(batch=(1, 4, 12), src_len=(1, 8, 16),
@@ -176,7 +177,7 @@ def test_request_options_override_the_folder(bart_folders):
 
 
 def test_unimplemented_options_are_refused_before_building(bart_folders, tmp_path):
-    from hmu_export.build.pipeline import preflight
+    from hmu_export.build.preflight import preflight
 
     folder = tmp_path / "div"
     shutil.copytree(bart_folders["plain"], folder)

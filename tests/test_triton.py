@@ -22,8 +22,9 @@ from hmu_export.core.config import ProfileConfig
 from hmu_export.core.errors import ArtifactError
 from hmu_export.core.io_contract import full_contract
 from hmu_export.core.manifest import OK, SKIPPED, StageResult, read_manifest, write_manifest
-from hmu_export.deploy.triton.repository import (TritonConfigError, TritonOptions, check_config_text,
-                               repository_from_artifacts, triton_stage, write_repository)
+from hmu_export.deploy.triton.config import TritonConfigError, TritonOptions, check_config_text
+from hmu_export.deploy.triton.repository import repository_from_artifacts, write_repository
+from hmu_export.build.stages.triton import triton_stage
 from hmu_export.deploy.triton.client import make_noise
 from hmu_export.shipped.python_model import RequestError, complete_feeds
 
@@ -195,7 +196,7 @@ def test_bad_options_write_nothing(small_cfg, small_export, tmp_path):
 # ---------------------------------------------------------------------------- stage + command
 
 def test_stage_writes_into_the_build(build_copy, small_cfg, small_model):
-    from hmu_export.build.pipeline import BuildContext
+    from hmu_export.build.context import BuildContext
 
     ctx = BuildContext(small_cfg, build_copy, model=small_model,
                        contract=full_contract(small_cfg.model))
@@ -380,7 +381,7 @@ def test_every_graph_gets_a_python_model_that_follows_its_contract(ref_repos, ki
 def test_every_model_states_the_noise_axes_and_the_client_reads_them(ref_repos):
     """An after-decoder build's noise spans tgt_len: its onnx (and tensorrt) configs say so too,
     so a client of those models needs no noise_axis; a wrong statement is refused."""
-    from hmu_export.export.onnx_export import load_graph_contract
+    from hmu_export.core.graph_meta import load_graph_contract
     from hmu_export.deploy.triton.client import HMUTritonClient
 
     build, repo = ref_repos["after_decoder"]
@@ -414,7 +415,7 @@ def test_every_model_states_the_noise_axes_and_the_client_reads_them(ref_repos):
 ])
 def test_python_model_parameters_are_checked_against_the_contract(ref_repos, kind, old, new,
                                                                   match):
-    from hmu_export.export.onnx_export import load_graph_contract
+    from hmu_export.core.graph_meta import load_graph_contract
 
     build, repo = ref_repos[kind]
     _, cfg, contract = load_graph_contract(build / "model.onnx")

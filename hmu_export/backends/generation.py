@@ -23,10 +23,13 @@ import numpy as np
 from ..core.layout import BuildLayout
 from ..core.config import BuildConfig
 from ..core.errors import ArtifactError, BackendUnavailable, InputError
-from ..generate.generator import CacheSpec, CachedStepper, Stepper
+from ..generate.stepper import CacheSpec, CachedStepper, Stepper
 from ..core.io_contract import (DECODER, ENCODER, FULL, LOGITS, NOISE, SRC_IDS, SRC_MASK,
                            TGT_IDS, GraphContract, past_key, past_value, present_key,
                            present_value)
+from ..generate.stepper import cache_spec_from_dims
+from ..runners.onnxruntime_runner import cpu_count, generation_threads
+from ..model.checkpoint import load_build_source
 
 BACKENDS = ("torch", "torch-nocache", "onnxruntime", "onnxruntime-opt", "onnxruntime-fp16emu",
             "torch-cuda", "torch-cuda-fp16")
@@ -36,22 +39,7 @@ def spec_from_contracts(encoder: GraphContract, decoder: GraphContract) -> Cache
     """Cache geometry from declared input dims (past_key.i: [batch, heads, past, head_dim])."""
     dec = {s.name: s.dims for s in decoder.inputs}
     enc = {s.name: s.dims for s in encoder.inputs}
-    return _spec(dec, enc)
-
-
-def _spec(dec: Mapping[str, tuple], enc: Mapping[str, tuple]) -> CacheSpec:
-    layers = 0
-    while past_key(layers) in dec:
-        layers += 1
-    if not layers:
-        raise ArtifactError("decoder graph declares no past_key.0 input")
-    dims = dec[past_key(0)]
-    heads, head_dim = dims[1], dims[3]
-    latent = enc[NOISE][2] if NOISE in enc else None
-    for name, value in (("heads", heads), ("head_dim", head_dim), ("noise latent", latent)):
-        if not isinstance(value, int):
-            raise ArtifactError(f"generation graphs must declare a fixed {name}, got {value!r}")
-    return CacheSpec(layers, heads, head_dim, latent)  # type: ignore[arg-type]
+    return cache_spec_from_dims(dec, enc)
 
 
 # --------------------------------------------------------------------------- torch
@@ -214,7 +202,7 @@ class OrtStepBackend:
                 raise ArtifactError(f"{path} lacks generation input(s) {', '.join(missing)}")
         if LOGITS not in self._dec_out:
             raise ArtifactError(f"{self.paths[1]} has no '{LOGITS}' output")
-        self._spec = _spec({i.name: tuple(i.shape) for i in self.dec.get_inputs()},
+        self._spec = cache_spec_from_dims({i.name: tuple(i.shape) for i in self.dec.get_inputs()},
                            {i.name: tuple(i.shape) for i in self.enc.get_inputs()})
 
     def cache_spec(self) -> CacheSpec:
@@ -229,18 +217,6 @@ class OrtStepBackend:
         return dict(zip(self._dec_out, outs))
 
 
-# --------------------------------------------------------------------------- from a build
-def cpu_count() -> int:
-    from ..export.optimize import cpu_threads
-    return cpu_threads()
-
-
-def generation_threads() -> int:
-    """Default runtime threads for generation: every core but one, which the loop itself needs
-    between steps (sampling, cache bookkeeping); at least one."""
-    return max(1, cpu_count() - 1)
-
-
 def stepper_from_build(root: str | Path, backend: str, *, threads: int | None = None
                        ) -> tuple[Stepper, BuildConfig]:
     """(stepper, build config) for ``backend`` over a build folder."""
@@ -250,7 +226,7 @@ def stepper_from_build(root: str | Path, backend: str, *, threads: int | None = 
         raise InputError(f"unknown generation backend {backend!r} (use {', '.join(BACKENDS)})")
     folder = open_build(root)
     return make_stepper(folder.layout.root, folder.cfg, backend, threads=threads,
-                        load_source=folder.load_source), folder.cfg
+                        load_source=lambda: load_build_source(folder)), folder.cfg
 
 
 def make_stepper(root: Path, cfg: BuildConfig, backend: str, *, threads: int | None = None,
@@ -279,7 +255,7 @@ def make_stepper(root: Path, cfg: BuildConfig, backend: str, *, threads: int | N
         if backend == "torch":
             return CachedStepper(TorchStepBackend(source))
         return TorchNoCacheStepper(source)
-    from ..export.optimize import tuned_session_options
+    from ..runners.onnxruntime_runner import tuned_session_options
 
     threads = threads or generation_threads()
     # Spinning pool workers preempt the Python loop between steps when they take every core:

@@ -20,53 +20,25 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import platform
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from ..core.layout import BuildLayout
 from ..backends.registry import BENCH, Backend, discover_backends
 from ..core.config import BuildConfig
 from ..core.errors import ConfigError
 from ..core.fileio import atomic_path, write_json, write_text
 from .flops import matmul_flop_counter, model_flops
-from ..core.io_contract import BATCH, SRC_LEN, GraphContract
-from ..verify.parity import AXIS_LABEL, GRID_AXES, _in_profile, contract_feeds, grid_axes, profile_ranges
+from ..core.io_contract import BATCH, SRC_LEN
+from ..core.grid import AXIS_LABEL, GRID_AXES, in_profile, contract_feeds, profile_ranges
 from ..runners import Runner
+from .timing import BenchSettings, Loaded, Stats, load_build, runner_step, time_calls
+from .machine import machine_info, sgemm_peak
 
 DEFAULT_BACKENDS = ("torch", "onnxruntime", "onnxruntime-opt", "torch-cuda-fp16",
                     "onnxruntime-cuda", "onnxruntime-tensorrt", "tensorrt")
-
-
-@dataclass(frozen=True)
-class BenchSettings:
-    warmup: int = 10
-    min_iters: int = 50
-    min_seconds: float = 2.0
-    max_iters: int = 5000
-    threads: int = 0  # 0 = every core this process may use
-    seed: int = 0
-    peak_seconds: float = 1.5  # time spent measuring the sgemm peak
-
-    @classmethod
-    def quick(cls) -> "BenchSettings":
-        return cls(warmup=1, min_iters=3, min_seconds=0.0, max_iters=3, peak_seconds=0.1)
-
-
-@dataclass
-class Stats:
-    times_ms: np.ndarray
-
-    def row(self) -> dict[str, float]:
-        t = self.times_ms
-        p = np.percentile(t, [50, 90, 95, 99])
-        return {"p50_ms": float(p[0]), "p90_ms": float(p[1]), "p95_ms": float(p[2]),
-                "p99_ms": float(p[3]), "mean_ms": float(t.mean()), "std_ms": float(t.std()),
-                "iters": int(t.size)}
 
 
 @dataclass
@@ -94,152 +66,6 @@ class BenchReport:
     def shape_label(self) -> str:
         """Column title of a shape: "B×Ls×Lt", "B×Ls" for a classifier."""
         return "×".join(AXIS_LABEL[a] for a in self.axes)
-
-
-# --------------------------------------------------------------------------- machine
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_info(threads: int) -> dict[str, Any]:
-    """What a reader needs to compare figures: CPU, cores, GPU, library versions, load."""
-    import onnx
-    import onnxruntime as ort
-    import torch
-
-    from .. import __version__
-    info: dict[str, Any] = {
-        "cpu": _cpu_model(), "logical_cores": os.cpu_count(),
-        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "threads": threads, "torch_threads": torch.get_num_threads(), "ort_intra_op_threads": threads,
-        "platform": platform.platform(), "python": platform.python_version(),
-        "versions": {"hmu_export": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
-                     "onnxruntime": ort.__version__, "numpy": np.__version__},
-        "ort_providers": ort.get_available_providers(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
-    try:
-        info["loadavg_start"] = list(os.getloadavg())
-    except OSError:  # pragma: no cover
-        pass
-    try:
-        import tensorrt  # type: ignore[import-not-found]
-        info["versions"]["tensorrt"] = tensorrt.__version__
-    except Exception:  # noqa: BLE001 - absent or broken TensorRT is the normal case here
-        info["versions"]["tensorrt"] = None
-    return info
-
-
-def sgemm_peak(threads: int, seconds: float = 1.5) -> dict[str, Any]:
-    """Best FP32 matmul GFLOP/s of torch, numpy (BLAS) and ONNX Runtime (MLAS) on square matrices,
-    with the same thread count as the benchmark: the machine's practical compute ceiling."""
-    import torch
-
-    torch.set_num_threads(threads)
-    best: dict[str, Any] = {"gflops": 0.0, "library": "", "n": 0}
-    rng = np.random.default_rng(0)
-    per = max(seconds / 6, 0.01)
-    for n in (256, 512, 1024):
-        a = rng.standard_normal((n, n), dtype=np.float32)
-        b = rng.standard_normal((n, n), dtype=np.float32)
-        ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-        libs: list[tuple[str, Callable[[], Any]]] = [("torch", lambda: torch.mm(ta, tb)),
-                                                    ("numpy", lambda: a @ b)]
-        ort_mm = _ort_matmul(b, threads)  # MLAS, the kernels ONNX Runtime itself uses
-        if ort_mm is not None:
-            libs.append(("onnxruntime", lambda: ort_mm(a)))
-        for lib, fn in libs:
-            fn()
-            reps, t0 = 0, time.perf_counter()
-            best_t = float("inf")
-            while reps < 3 or time.perf_counter() - t0 < per:
-                s = time.perf_counter()
-                fn()
-                best_t = min(best_t, time.perf_counter() - s)
-                reps += 1
-            g = 2 * n ** 3 / best_t / 1e9
-            if g > best["gflops"]:
-                best = {"gflops": round(g, 2), "library": lib, "n": n}
-    return best
-
-
-def _ort_matmul(b: np.ndarray, threads: int) -> Callable[[np.ndarray], Any] | None:
-    """x -> x @ b as a one-node ONNX Runtime graph (b a constant), or None if it fails."""
-    try:
-        import onnxruntime as ort
-        from onnx import TensorProto, helper, numpy_helper
-
-        n = b.shape[0]
-        graph = helper.make_graph(
-            [helper.make_node("MatMul", ["x", "b"], ["y"])], "sgemm",
-            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n, n])],
-            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [n, n])],
-            [numpy_helper.from_array(b, "b")])
-        proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-        from ..export.optimize import tuned_session_options
-        sess = ort.InferenceSession(proto.SerializeToString(), tuned_session_options(threads),
-                                    providers=["CPUExecutionProvider"])
-        return lambda x: sess.run(None, {"x": x})
-    except Exception:  # noqa: BLE001 - the peak then comes from torch / numpy alone
-        return None
-
-
-# --------------------------------------------------------------------------- timing
-def time_calls(step: Callable[[], float], s: BenchSettings) -> np.ndarray:
-    """Per-call milliseconds after warm-up, until min_iters and min_seconds are both reached;
-    ``step`` runs one call and returns its time in ms (a runner's own inference time, or a
-    device timer's)."""
-    for _ in range(s.warmup):
-        step()
-    times: list[float] = []
-    t_start = time.perf_counter()
-    while len(times) < s.max_iters and (len(times) < s.min_iters
-                                         or time.perf_counter() - t_start < s.min_seconds):
-        times.append(float(step()))
-    return np.asarray(times, dtype=np.float64)
-
-
-def runner_step(runner: Runner, feeds: dict[str, np.ndarray]) -> Callable[[], float]:
-    """One unchecked inference; its time is the runner's own (around the runtime call)."""
-    def step() -> float:
-        runner.infer(feeds, check=False)
-        return runner.last_inference_time() * 1e3
-    return step
-
-
-# --------------------------------------------------------------------------- build
-@dataclass
-class Loaded:
-    cfg: BuildConfig
-    layout: BuildLayout
-    contract: GraphContract
-    model: Any  # the native HMUTransformer, or the ModelSource of any other source
-
-    @property
-    def native(self) -> bool:
-        return self.cfg.model.source == "native"
-
-    @property
-    def axes(self) -> tuple[str, ...]:
-        """The profile axes of the build's graph: (batch, src_len, tgt_len), or (batch, src_len)
-        for a classifier."""
-        return grid_axes(self.contract)
-
-
-def load_build(artifacts: Path) -> Loaded:
-    """Config, contract and PyTorch source model of a build folder (any model source)."""
-    from ..core.build_folder import open_build
-
-    build = open_build(artifacts)
-    if build.cfg.model.source == "native":
-        return Loaded(build.cfg, build.layout, build.contract, build.load_model())
-    return Loaded(build.cfg, build.layout, build.contract, build.load_source())
 
 
 def resolve_backends(names: Sequence[str], loaded: Loaded, threads: int
@@ -274,7 +100,7 @@ def check_shapes(cfg: BuildConfig, shapes: Iterable[Sequence[int]],
         if len(shape) != len(axes):
             raise ConfigError(f"shape {shape_text(shape)} has {len(shape)} size(s), the build's "
                               f"graph has {len(axes)} axes ({', '.join(axes)}): give {form}")
-        if not _in_profile(p, axes, shape):
+        if not in_profile(p, axes, shape):
             raise ConfigError(f"shape {shape_text(shape)} lies outside the build's profile "
                               f"({profile_ranges(p, axes)}); rebuild with a [profile] that "
                               "covers it")
@@ -332,7 +158,7 @@ def run_bench(artifacts: Path, shapes: Sequence[Sequence[int]] | None = None,
     axes = loaded.axes
     shapes = [tuple(x) for x in shapes] if shapes else default_shapes(loaded.cfg, quick, axes)
     check_shapes(loaded.cfg, shapes, axes)
-    from ..export.optimize import cpu_threads
+    from ..runners.onnxruntime_runner import cpu_threads
     threads = s.threads or cpu_threads()
     torch.set_num_threads(threads)
     report = BenchReport(machine_info(threads), axes=axes)

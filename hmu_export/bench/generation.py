@@ -47,7 +47,7 @@ def run_generation_bench(root: Path, *, backends: Sequence[str] = DEFAULT_GENERA
                          ) -> GenerationBenchReport:
     """``peers``: third-party generators to time too (bench_peers.PEERS); None = all of them
     on an hf build, none otherwise."""
-    from .forward import machine_info
+    from .machine import machine_info
     from ..core.build_folder import open_build
     from ..generate.generator import Generator
 
@@ -73,7 +73,7 @@ def run_generation_bench(root: Path, *, backends: Sequence[str] = DEFAULT_GENERA
     elif set(peers) - set(PEERS):
         raise InputError(f"unknown peer(s) {', '.join(sorted(set(peers) - set(PEERS)))} "
                          f"(use {', '.join(PEERS)})")
-    from ..backends.generation import generation_threads
+    from ..runners.onnxruntime_runner import generation_threads
 
     threads = threads or generation_threads()
     import torch

@@ -20,7 +20,7 @@ from ..core.io_contract import full_contract, make_feeds
 from ..runners import OnnxRuntimeRunner, Runner, TorchRunner
 
 if TYPE_CHECKING:
-    from .forward import BenchSettings, Loaded
+    from .timing import BenchSettings, Loaded
 
 
 def _without_hmu(loaded: "Loaded") -> Any:
@@ -53,7 +53,7 @@ def _optimized_pair(loaded: "Loaded", model_nohmu: Any, workdir: Path
 
 def _runner_pairs(loaded: "Loaded", nohmu: Any, pair: tuple[Path, Path] | None, threads: int
                   ) -> list[tuple[str, Runner, Runner]]:
-    from ..export.optimize import tuned_session_options
+    from ..runners.onnxruntime_runner import tuned_session_options
 
     contract = loaded.contract
     pairs: list[tuple[str, Runner, Runner]] = [
@@ -75,7 +75,7 @@ def measure_hmu_overhead(loaded: "Loaded", shapes: Sequence[Sequence[int]],
                          progress: Callable[[str, int], None] | None = None
                          ) -> list[dict[str, Any]]:
     """% latency (p50, with vs identity) per backend and shape, runs interleaved A/B."""
-    from .forward import runner_step
+    from .timing import runner_step
 
     nohmu = _without_hmu(loaded)
     hmu_params, total = loaded.model.hmu_parameter_share()

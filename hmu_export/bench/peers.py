@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
+from ..model.checkpoint import load_build_source
 
 if TYPE_CHECKING:
     from ..core.build_folder import BuildFolder
@@ -363,7 +364,7 @@ def run_peers(build: "BuildFolder", names: Sequence[str], batches: Sequence[int]
               ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     """Result rows (made by ``row``, the bench's own row builder) and skipped peers of the
     (already opened and verified) ``build``."""
-    source = build.load_source()
+    source = load_build_source(build)
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="hmu-peers-") as tmp:
         peers, skipped = load_peers(source, build.cfg, names, Path(tmp), threads, progress)

@@ -6,7 +6,8 @@ import os
 from pathlib import Path
 
 from . import ui
-from ..bench.forward import DEFAULT_BACKENDS, BenchSettings, run_bench, speedups, write_outputs
+from ..bench.forward import DEFAULT_BACKENDS, run_bench, speedups, write_outputs
+from ..bench.timing import BenchSettings
 from ..core.config import parse_shapes
 from ..core.errors import ConfigError
 

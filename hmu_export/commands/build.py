@@ -8,7 +8,9 @@ from . import ui
 from ..core.layout import DEFAULT_ROOT
 from ..core.config import load_config
 from ..core.manifest import StageResult
-from ..build.pipeline import STAGES, lock_output, preflight, resolve_out, run_build
+from ..build.pipeline import STAGES, run_build
+from ..build.preflight import preflight
+from ..build.folder import lock_output, resolve_out
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -17,9 +17,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 def rebuild_engine(root: Path, require_engine: bool = False):  # type: ignore[no-untyped-def]
     """Re-run the engine stage on ``root`` and record it in its manifest; returns the result."""
     from ..core.build_folder import open_build
-    from ..deploy.tensorrt import RECORD_FILE, engine_stage
+    from ..runners.tensorrt_runner import RECORD_FILE
+    from ..build.stages.engine import engine_stage
     from ..core.manifest import read_manifest, update_manifest
-    from ..build.pipeline import BuildContext
+    from ..build.context import BuildContext
 
     read_manifest(Path(root))  # a build folder, not a bare export
     build = open_build(root)  # every file matches the manifest, model.onnx included

@@ -9,11 +9,13 @@ from . import ui
 from ..core.layout import DEFAULT_ROOT, BuildLayout
 from ..core.config import load_config
 from ..core.build_folder import open_build
-from ..export.onnx_export import export_onnx, sensitive_nodes
+from ..export.onnx_export import export_onnx
+from ..core.pins import sensitive_nodes
 from ..core.fileio import sha256_file
 from ..core.manifest import OK, StageResult, update_manifest
 from ..model import build_model, save_checkpoint
-from ..model.checkpoint import WEIGHTS_FILE
+from ..model.weights import WEIGHTS_FILE
+from ..model.weights import load_checkpoint
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.artifacts:
         build = open_build(args.artifacts)
-        layout, model = build.layout, build.load_model()
+        layout, model = build.layout, load_checkpoint(build.layout.checkpoint_dir)
         cfg = build.cfg
         cfg = dataclasses.replace(cfg, model=model.cfg)
     else:

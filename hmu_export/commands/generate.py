@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     from ..generate.generator import Generator
 
     if args.threads is not None:
-        from ..export.optimize import cpu_threads
+        from ..runners.onnxruntime_runner import cpu_threads
         if args.threads > cpu_threads():
             raise InputError(f"--threads {args.threads} exceeds this machine's "
                              f"{cpu_threads()} cores")

@@ -10,6 +10,8 @@ from ..core.config import parse_shapes
 from ..core.errors import ConfigError
 from ..core.manifest import FAILED, OK, StageResult, update_manifest
 from ..verify.parity import layout_backends, run_parity, summary, write_reports
+from ..model.checkpoint import load_build_source
+from ..model.native import reference_model
 
 
 def shapes_arg(text: str) -> list[tuple[int, int, int]]:
@@ -34,9 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     build = open_build(args.artifacts)
     layout, cfg, contract = build.layout, build.cfg, build.contract
-    source = build.load_source()
+    source = load_build_source(build)
     # The native HMUTransformer keeps its own reference path; other sources run their graphs.
-    model = getattr(source, "model", None) if source.source == "native" else source
+    model = reference_model(source)
     backends = layout_backends(layout.root, cfg, model, contract, args.backends)
     with ui.progress() as bar:
         task = bar.add_task("parity", total=None)

@@ -33,7 +33,8 @@ def run(args: argparse.Namespace) -> int:
     from ..core.build_folder import open_build
     from ..core.errors import ConfigError
     from ..core.manifest import OK, StageResult, update_manifest
-    from ..deploy.triton.repository import TritonOptions, repository_from_artifacts
+    from ..deploy.triton.config import TritonOptions
+    from ..deploy.triton.repository import repository_from_artifacts
 
     artifacts: Path = args.artifacts
     if (args.instances is not None and args.instances < 1) or \
@@ -77,7 +78,7 @@ def _smoke(artifacts: Path, repo: Path, model: str) -> int:
     from ..core.build_folder import open_build
     from ..core.errors import ParityFailure
     from ..core.io_contract import AXIS_TO_PROFILE, BATCH
-    from ..verify.parity import contract_feeds, primary_output
+    from ..core.grid import contract_feeds, primary_output
     from ..runners import OnnxRuntimeRunner
     from ..deploy.triton.client import HMUTritonClient
     from ..deploy.triton.server import serve

@@ -3,20 +3,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import onnx
 
 from .layout import BuildLayout
 from .config import BuildConfig
 from .errors import ArtifactError
-from ..export.onnx_export import load_graph_contract
+from .graph_meta import load_graph_contract
 from .io_contract import GraphContract
-from ..model import HMUTransformer, load_checkpoint
 
-
-if TYPE_CHECKING:
-    from ..model.interface import ModelSource
 
 
 @dataclass(frozen=True)
@@ -25,15 +20,6 @@ class BuildFolder:
     cfg: BuildConfig
     contract: GraphContract
     proto: onnx.ModelProto  # model.onnx, loaded without external weights
-
-    def load_model(self) -> HMUTransformer:
-        """The PyTorch reference from the build's checkpoint/."""
-        return load_checkpoint(self.layout.checkpoint_dir)
-
-    def load_source(self) -> "ModelSource":
-        """The build's model source (any source) from its checkpoint/."""
-        from ..model.checkpoint import load_source_checkpoint
-        return load_source_checkpoint(self.layout.checkpoint_dir)
 
 
 def open_build(root: str | Path, verify: bool = True) -> BuildFolder:

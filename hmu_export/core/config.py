@@ -369,7 +369,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where} must be a table, got {type(value).__name__}")
-        return _build(tp, value, where)
+        return build_section(tp, value, where)
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
@@ -408,7 +408,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported type {_type_name(tp)}")  # pragma: no cover
 
 
-def _build(cls: Any, data: dict[str, Any], where: str) -> Any:
+def build_section(cls: Any, data: dict[str, Any], where: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     kwargs = {}
@@ -423,7 +423,7 @@ def _build(cls: Any, data: dict[str, Any], where: str) -> Any:
 
 def config_from_dict(data: dict[str, Any]) -> BuildConfig:
     """Validated config from a plain dict (as parsed from TOML or JSON)."""
-    return _build(BuildConfig, data, "").validate()
+    return build_section(BuildConfig, data, "").validate()
 
 
 def load_config(path: str | Path | None) -> BuildConfig:

@@ -26,7 +26,7 @@ def atomic_path(target: Path) -> Iterator[Path]:
     try:
         yield tmp
         # mkstemp creates 0600 files; artifacts get the usual umask-derived mode instead.
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, target)
     except OSError as exc:  # disk full, quota, I/O error: one line, nothing half-written
         raise ArtifactError(f"cannot write {target}: {exc.strerror or exc}") from None
@@ -35,7 +35,7 @@ def atomic_path(target: Path) -> Iterator[Path]:
             tmp.unlink()
 
 
-def _umask() -> int:
+def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask

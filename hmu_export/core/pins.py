@@ -41,11 +41,6 @@ class Pin:
         return {"name": self.name, "op_type": self.op_type, "reason": self.reason}
 
 
-def _hmu_sensitive(model: onnx.ModelProto) -> list[str]:
-    from ..export.onnx_export import sensitive_nodes
-    return sensitive_nodes(model)
-
-
 def select_pins(model: onnx.ModelProto, engine: EngineConfig | None = None,
                 extra: Iterable[str] = ()) -> list[Pin]:
     """The FP32 pins for ``model``: HMU-sensitive nodes, softmax if configured, plus ``extra``.
@@ -55,7 +50,7 @@ def select_pins(model: onnx.ModelProto, engine: EngineConfig | None = None,
     """
     engine = engine or EngineConfig()
     by_name = {n.name: n for n in model.graph.node}
-    names = list(_hmu_sensitive(model))
+    names = list(sensitive_nodes(model))
     if engine.pin_softmax:
         names += [n.name for n in model.graph.node if n.op_type == "Softmax"]
     missing = [e for e in extra if e not in by_name]
@@ -76,3 +71,11 @@ def select_pins(model: onnx.ModelProto, engine: EngineConfig | None = None,
 
 def pin_names(pins: Iterable[Pin]) -> list[str]:
     return [p.name for p in pins]
+
+
+def sensitive_nodes(model: onnx.ModelProto, scope: str = "hmu") -> list[str]:
+    """HMU nodes whose FP16 error matters most: its LayerNorms, the VAE's exp, the gate sigmoid.
+    ``scope`` is the HMU's module path ("hmu", or "encoder/hmu" inside a wrapper)."""
+    ops = {"LayerNormalization", "Exp", "Sigmoid"}
+    prefix = scope.replace(".", "/") + "/"
+    return [n.name for n in model.graph.node if n.name.startswith(prefix) and n.op_type in ops]

@@ -19,11 +19,10 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from .. import __version__
 from ..core.config import BuildConfig, ProfileConfig
-from ..core.errors import BackendUnavailable, HMUExportError
-from ..core.fileio import atomic_path, sha256_file, write_json, write_text
+from ..core.errors import BackendUnavailable
+from ..core.fileio import atomic_path, sha256_file
 from ..core.io_contract import AXIS_TO_PROFILE, GraphContract
-from ..core.manifest import FAILED, OK, SKIPPED, StageResult
-from ..runners.tensorrt_runner import RECORD_FILE, RuntimeInfo, probe_runtime
+from ..runners.tensorrt_runner import RECORD_FILE, probe_runtime
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -32,7 +31,6 @@ if TYPE_CHECKING:
     from ..model import HMUTransformer
     from ..backends.registry import Backend
     from ..core.pins import Pin
-    from ..build.pipeline import BuildContext
 
 Shape = tuple[int, ...]
 # trtexec spells hardware compatibility differently from the config.
@@ -207,7 +205,7 @@ echo "engine: $(pwd)/{layout.engine.name} (TensorRT $trt_version, $gpu_name, sm 
 
 
 def load_contract_of(path: Path) -> GraphContract:
-    from ..export.onnx_export import load_graph_contract
+    from ..core.graph_meta import load_graph_contract
     return load_graph_contract(path)[2]
 
 
@@ -290,65 +288,6 @@ def engine_record(cfg: BuildConfig, layout: "BuildLayout", pins: Sequence["Pin"]
             "onnx_sha256": onnx_sha256, "pins": [p.to_dict() for p in pins],
             "profiles": profile_rows(contract, engine_profiles(cfg)),
             "flags": flags(cfg, names), "built": False}
-
-
-def engine_stage(ctx: "BuildContext") -> StageResult:
-    """Write the recipe always; build the engine where TensorRT and a GPU exist."""
-    import onnx
-
-    from ..core.io_contract import full_contract
-    from ..core.pins import select_pins
-
-    cfg, layout = ctx.cfg, ctx.layout
-    contract = ctx.contract or full_contract(cfg.model, cfg.export.diagnostics)
-    pins = select_pins(onnx.load(str(layout.onnx), load_external_data=False), cfg.engine)
-    names = [p.name for p in pins]
-    onnx_sha = sha256_file(layout.onnx)
-    split = [(g, ctx.contracts[g] if g in getattr(ctx, "contracts", {}) else
-              load_contract_of(layout.graph(g)),
-              [p.name for p in select_pins(onnx.load(str(layout.graph(g)),
-                                                     load_external_data=False), cfg.engine)])
-             for g in layout.split_graphs()]
-    recipe = render_recipe(cfg, contract, names, layout, onnx_sha)
-    if split:
-        recipe += render_split_recipe(cfg, layout, split)
-    write_text(layout.recipe, recipe)
-    layout.recipe.chmod(0o755)
-    record = engine_record(cfg, layout, pins, onnx_sha, contract)
-    if split:
-        record["generation_engines"] = {g: {"engine": split_engine_name(g), "pins": list(pn),
-                                            "profiles": profile_rows(c, graph_profiles(cfg, g))}
-                                        for g, c, pn in split}
-    ctx.data["engine"] = record
-    details = {"recipe": layout.recipe.name, "pins": names,
-               "profiles": record["profiles"]}
-    try:
-        runtime: RuntimeInfo = probe_runtime()
-    except BackendUnavailable as exc:
-        record["skip_reason"] = str(exc)
-        reason = f"{exc}; {layout.recipe.name} builds it on a GPU machine"
-        if ctx.require_engine:  # --require-engine / engine.require: a missing engine fails
-            return StageResult(FAILED, reason=f"engine required: {reason}", details=details)
-        return StageResult(SKIPPED, reason=reason, details=details)
-    record.update(runtime.to_dict())
-    try:
-        record.update(build_engine(layout, cfg, contract, names))
-        for g, c, pn in split:
-            built = build_engine(layout, cfg, c, pn, graph=g)
-            built.update(runtime.to_dict(), onnx_sha256=sha256_file(layout.graph(g)),
-                         **record["generation_engines"][g], flags=flags(cfg, pn))
-            write_json(layout.root / f"{g}.engine.json", built)
-    except HMUExportError:
-        raise
-    except Exception as exc:  # TensorRT/Polygraphy raise many types (PolygraphyException...)
-        record["error"] = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-        return StageResult(FAILED, reason=f"TensorRT build failed: {record['error']}",
-                           details=details)
-    record["built"] = True
-    write_json(layout.root / RECORD_FILE, {k: v for k, v in record.items() if k != "built"})
-    details.update({k: record[k] for k in ("tensorrt", "gpu", "build_seconds",
-                                           "pins_not_found")})
-    return StageResult(OK, details=details)
 
 
 def backends(layout: "BuildLayout", cfg: BuildConfig, model: "HMUTransformer | Any",

@@ -209,7 +209,8 @@ def parity_section(cfg: Any, device: str, scales: Sequence[float], grid: str,
     """Per init_scale and backend: worst figures over the grid, pass/fail, first failures."""
     from ..core.io_contract import full_contract
     from ..model import build_model
-    from ..verify.parity import derive_grid, run_parity
+    from ..core.grid import derive_grid
+    from ..verify.parity import run_parity
 
     out: dict[str, Any] = {"grid": grid, "models": []}
     for scale in scales:
@@ -348,7 +349,7 @@ def pytest_section(timeout: float) -> dict[str, Any]:
     return out
 
 
-def build_section(timeout: float, config: str | None) -> dict[str, Any]:
+def _build(timeout: float, config: str | None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="hmu-device-build-") as tmp:
         dest = Path(tmp) / "hmu-default"
         cmd = [sys.executable, "-m", "hmu_export", "build", "--out", str(dest)]
@@ -401,7 +402,7 @@ def _run_checks(args: argparse.Namespace, log: Callable[[str], None]) -> dict[st
     # (name, wanted, minimum seconds it needs, share of what is left, run)
     plan: list[tuple[str, bool, float, float, Callable[[float], dict[str, Any]]]] = [
         ("pytest", args.pytest, 20, 0.35, lambda t: pytest_section(t)),
-        ("build", args.build, 40, 0.45, lambda t: build_section(t, args.config)),
+        ("build", args.build, 40, 0.45, lambda t: _build(t, args.config)),
         ("parity", True, 10, 1.0, lambda t: parity_section(cfg, args.device, args.init_scales,
                                                            args.grid, log)),
         ("bench", True, 5, 1.0, lambda t: bench_section(

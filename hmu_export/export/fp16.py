@@ -10,7 +10,6 @@ See docs/fp16.md for what each one measures and the figures.
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -18,7 +17,6 @@ import onnx
 
 from ..core.errors import ArtifactError
 from ..core.fileio import atomic_path
-from ..core.manifest import OK, SKIPPED, StageResult
 
 if TYPE_CHECKING:
     from ..core.layout import BuildLayout
@@ -26,7 +24,6 @@ if TYPE_CHECKING:
     from ..core.io_contract import GraphContract
     from ..model import HMUTransformer
     from ..backends.registry import Backend
-    from ..build.pipeline import BuildContext
 
 # Clamp like TensorRT does (weights outside FP16's range are clamped to +-65504), not to the
 # converter's default 1e4, so the emulation fails where the engine would.
@@ -109,31 +106,6 @@ def _check_loads(path: Path) -> None:
     except Exception as exc:  # ORT raises Fail / InvalidGraph / RuntimeException
         raise ArtifactError(f"the FP16 graph does not load in ONNX Runtime: "
                             f"{str(exc).splitlines()[0]}") from None
-
-
-def fp16_stage(ctx: "BuildContext") -> StageResult:
-    """Write ``model.fp16.onnx`` with the FP32 pins; skipped when parity.fp16 is off."""
-    from ..core.pins import pin_names, select_pins
-
-    if not ctx.cfg.parity.fp16:
-        return StageResult(SKIPPED, reason="parity.fp16 is false")
-    t0 = time.perf_counter()
-    model = onnx.load(str(ctx.layout.onnx))
-    pins = select_pins(model, ctx.cfg.engine)
-    names = pin_names(pins)
-    fp16 = convert_to_fp16(model, names)
-    save_fp16_model(fp16, ctx.layout.onnx_fp16)
-    ctx.data.setdefault("pins", [p.to_dict() for p in pins])
-    details: dict = {"path": ctx.layout.onnx_fp16.name, "fp32_nodes": names,
-                     "casts": sum(1 for n in fp16.graph.node if n.op_type == "Cast")}
-    for graph in ctx.layout.split_graphs():
-        # Each graph keeps its own pins: the HMU (and so every pin) lives in the encoder graph.
-        split = onnx.load(str(ctx.layout.graph(graph)))
-        split_pins = pin_names(select_pins(split, ctx.cfg.engine))
-        save_fp16_model(convert_to_fp16(split, split_pins), ctx.layout.graph(graph, "fp16"))
-        details[graph] = {"path": ctx.layout.graph(graph, "fp16").name, "fp32_nodes": split_pins}
-    details["seconds"] = round(time.perf_counter() - t0, 3)
-    return StageResult(OK, details=details)
 
 
 def backends(layout: "BuildLayout", cfg: "BuildConfig", model: "HMUTransformer | Any",

@@ -26,14 +26,13 @@ from .. import __version__
 from ..core.config import BuildConfig
 from ..core.errors import HMUExportError
 from ..core.fileio import atomic_path, sha256_file
-from ..core.io_contract import (AXIS_TO_PROFILE, FULL, SRC_MASK, GraphContract, full_contract,
-                          spec_feeds)
+from ..core.io_contract import (AXIS_TO_PROFILE, FULL, SRC_MASK, GraphContract, spec_feeds)
 from ..model import HMUTransformer
 from ..model.interface import ModelSource
+from ..core.graph_meta import META_PREFIX
 
 RANDOM_OPS = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike",
                         "Multinomial", "Bernoulli", "Dropout"})
-META_PREFIX = "hmu_export."
 
 
 class ExportError(HMUExportError):
@@ -175,19 +174,6 @@ def _name_dims(model: onnx.ModelProto, contract: GraphContract) -> None:
                 raise ExportError(f"'{value.name}' has a dim of {dim.dim_value}, contract says {want}")
 
 
-def graph_metadata(model: onnx.ModelProto) -> dict[str, str]:
-    return {p.key[len(META_PREFIX):]: p.value for p in model.metadata_props
-            if p.key.startswith(META_PREFIX)}
-
-
-def sensitive_nodes(model: onnx.ModelProto, scope: str = "hmu") -> list[str]:
-    """HMU nodes whose FP16 error matters most: its LayerNorms, the VAE's exp, the gate sigmoid.
-    ``scope`` is the HMU's module path ("hmu", or "encoder/hmu" inside a wrapper)."""
-    ops = {"LayerNormalization", "Exp", "Sigmoid"}
-    prefix = scope.replace(".", "/") + "/"
-    return [n.name for n in model.graph.node if n.name.startswith(prefix) and n.op_type in ops]
-
-
 def _check_graph(model: onnx.ModelProto, contract: GraphContract) -> onnx.ModelProto:
     random_ops = sorted({n.op_type for n in model.graph.node if n.op_type in RANDOM_OPS})
     if random_ops:
@@ -318,29 +304,3 @@ def export_onnx(model: HMUTransformer, cfg: BuildConfig, out_path: Path, *,
                         checkpoint_sha256=checkpoint_sha256, diagnostics=cfg.export.diagnostics)
 
 
-def load_graph_contract(path: Path) -> tuple[onnx.ModelProto, BuildConfig, GraphContract]:
-    """Model, build config and contract recorded in an exported graph's metadata."""
-    from ..core.config import config_from_dict
-    from ..core.errors import ArtifactError
-
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # onnx raises DecodeError / OSError for corrupt or missing files
-        raise ArtifactError(f"cannot read ONNX graph {path}: {exc}") from None
-    meta = graph_metadata(proto)
-    if "config" not in meta:
-        raise ArtifactError(f"{path} was not exported by hmu_export (no {META_PREFIX}config)")
-    try:
-        data = json.loads(meta["config"])
-        if not isinstance(data, dict):
-            raise ValueError(f"not a JSON object but {type(data).__name__}")
-        cfg = config_from_dict(data)
-    except (ValueError, HMUExportError) as exc:  # JSONDecodeError is a ValueError
-        raise ArtifactError(f"corrupt metadata in {path}: {META_PREFIX}config: {exc}") from None
-    if "contract" in meta:
-        try:
-            return proto, cfg, GraphContract.from_dict(json.loads(meta["contract"]))
-        except (ValueError, TypeError, KeyError, AttributeError, HMUExportError) as exc:
-            raise ArtifactError(f"corrupt metadata in {path}: {META_PREFIX}contract: "
-                                f"{type(exc).__name__}: {exc}") from None
-    return proto, cfg, full_contract(cfg.model, cfg.export.diagnostics)

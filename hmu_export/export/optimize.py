@@ -23,7 +23,6 @@ stage details), so an unusual model still gets step 2.
 """
 from __future__ import annotations
 
-import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +33,7 @@ import numpy as np
 from ..core.errors import ArtifactError, ParityFailure
 from ..core.fileio import atomic_path
 from ..core.io_contract import SRC_MASK
-from ..core.manifest import FAILED, OK, SKIPPED, StageResult
+from ..runners.onnxruntime_runner import tuned_session_options
 
 if TYPE_CHECKING:
     import onnx
@@ -44,48 +43,10 @@ if TYPE_CHECKING:
     from ..core.io_contract import GraphContract
     from ..model import HMUTransformer
     from ..backends.registry import Backend
-    from ..build.pipeline import BuildContext
 
 MS_DOMAIN = "com.microsoft"
 FUSED_OPS = ("Attention", "MultiHeadAttention", "SkipLayerNormalization", "LayerNormalization",
              "BiasGelu", "Gelu", "FastGelu", "FusedMatMul", "FusedGemm", "BiasAdd")
-
-
-# --------------------------------------------------------------------------- session options
-def cpu_threads() -> int:
-    """Cores this process may run on (cgroup/affinity aware), the default intra-op threads."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - non-Linux
-        return max(1, os.cpu_count() or 1)
-
-
-def tuned_session_options(threads: int | None = None, *, spinning: bool = True,
-                          optimization: str = "all"):  # type: ignore[no-untyped-def]
-    """Session options measured fastest here for one request at a time (docs/performance.md).
-
-    intra-op threads = cores (ORT's default also counts hyper-threads), one inter-op thread and
-    sequential execution (this graph has no parallel branches worth a second pool), full graph
-    optimization at load (layout transforms are CPU-specific, so they happen at load, never in
-    the saved file), memory patterns and the CPU arena on (shapes repeat in serving loops).
-    ``spinning=False`` lets idle workers sleep: slower per request, kinder to a shared machine.
-    """
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.graph_optimization_level = {
-        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[optimization]
-    opts.intra_op_num_threads = threads or cpu_threads()
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.enable_mem_pattern = True
-    opts.enable_cpu_mem_arena = True
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    return opts
 
 
 # --------------------------------------------------------------------------- attention fusion
@@ -301,8 +262,8 @@ def compare_graphs(ref_path: Path, opt_path: Path, cfg: "BuildConfig",
     source or the target, classifier); ``shapes`` are BxLsxLt, cut down to the graph's axes."""
     import onnxruntime as ort
 
-    from .onnx_export import load_graph_contract
-    from ..verify.parity import contract_feeds, grid_axes, project
+    from ..core.graph_meta import load_graph_contract
+    from ..core.grid import contract_feeds, grid_axes, project
 
     try:
         _, _, contract = load_graph_contract(Path(ref_path))
@@ -448,24 +409,6 @@ def optimize_split_graph(src: Path, dst: Path, contract: "GraphContract", cfg: "
                                 f"{err:.3g} > {cfg.parity.fp32_max_abs:g}")
     return {"path": Path(dst).name, "ops_before": op_counts(proto), "ops_after": op_counts(out),
             "max_abs_vs_exported": err}
-
-
-def optimize_stage(ctx: "BuildContext") -> StageResult:
-    """Build stage: model.opt.onnx (attention fused, parity-checked against model.onnx) and
-    the ORT-optimized encoder / decoder-step graphs."""
-    if not ctx.cfg.export.optimize:
-        return StageResult(SKIPPED, reason="export.optimize = false")
-    if not ctx.layout.onnx.is_file():
-        return StageResult(FAILED, reason=f"{ctx.layout.onnx.name} not found")
-    report = optimize_graph(ctx.layout.onnx, ctx.layout.onnx_optimized, ctx.cfg, ctx.model)
-    details = report.to_dict()
-    for graph, contract in getattr(ctx, "contracts", {}).items():
-        if graph in ("encoder", "decoder"):
-            details[graph] = optimize_split_graph(ctx.layout.graph(graph),
-                                                  ctx.layout.graph(graph, "opt"), contract,
-                                                  ctx.cfg)
-    ctx.data["optimize"] = details
-    return StageResult(OK, details=details)
 
 
 def backends(layout: "BuildLayout", cfg: "BuildConfig", model: "HMUTransformer | Any",

@@ -1,4 +1,4 @@
-from .checkpoint import build_model, load_checkpoint, save_checkpoint
+from .weights import build_model, load_checkpoint, save_checkpoint
 from .hmu import HMU, IdentityHMU, TokenVAE
 from .transformer import DiagnosticsWrapper, HMUTransformer
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -156,7 +155,7 @@ def geometry(arch: str, hc: Any) -> Geometry:
 
 
 def _hmu_state(path: Path) -> dict[str, torch.Tensor]:
-    from .checkpoint import read_state_dict
+    from .weights import read_state_dict
     if not path.is_file():
         raise CheckpointError(f"HMU checkpoint not found: {path}")
     state = read_state_dict(path)
@@ -634,6 +633,13 @@ class HFSource(ModelSource):
         self.hmu_trained = hmu_trained
 
     @property
+    def save(self, folder: Path) -> tuple[Path, Path]:
+        """The generic checkpoint plus the base model's config.json and the folder's tokenizer
+        (``load_saved`` rebuilds the architecture from them)."""
+        out = super().save(folder)
+        save_hf_config(self, folder)
+        return out
+
     def hmu_status(self) -> str:
         if not self.cfg.use_hmu:
             return "off"
@@ -730,7 +736,7 @@ def load_saved(cfg: ModelConfig, weights: Path) -> HFSource:
     every weight (base model and HMU) from ``model.safetensors``."""
     import transformers
 
-    from .checkpoint import read_state_dict
+    from .weights import read_state_dict
 
     conf = Path(weights).parent / HF_CONFIG_DIR / "config.json"
     if not conf.is_file():

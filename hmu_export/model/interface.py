@@ -10,6 +10,7 @@ so the exporter and the torch runners treat every graph and every source alike.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -91,6 +92,12 @@ class ModelSource(ABC):
         """Moves the model in place (callers copy first when they must keep the original)."""
         self.torch_module().to(device=device, dtype=dtype)
         return self
+
+    def save(self, folder: Path) -> tuple[Path, Path]:
+        """Write the build's ``checkpoint/`` (weights, resolved config, and whatever else
+        ``sources.load_saved`` needs to rebuild this source); returns (weights, config)."""
+        from .weights import save_source_state
+        return save_source_state(self, folder)
 
     def eval(self) -> "ModelSource":
         self.torch_module().eval()

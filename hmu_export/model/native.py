@@ -1,6 +1,8 @@
 """The project's own HMUTransformer as a model source."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from torch import nn
 
 from ..core.config import ModelConfig
@@ -76,6 +78,10 @@ class NativeSource(ModelSource):
     def torch_module(self) -> nn.Module:
         return self.model
 
+    def save(self, folder: Path) -> tuple[Path, Path]:
+        from .weights import save_checkpoint
+        return save_checkpoint(self.model, folder)
+
     def cache_layout(self) -> CacheLayout:
         return CacheLayout(self.cfg.n_decoder_layers, self.cfg.heads,
                            self.cfg.d_model // self.cfg.heads)
@@ -88,3 +94,27 @@ class NativeSource(ModelSource):
         if graph == DECODER:
             return _decoder_class(self.cfg.n_decoder_layers)(self.model)
         raise KeyError(f"native source has no '{graph}' graph")
+
+
+# ------------------------------------------------------------------ registry functions
+def resolve_config(cfg: ModelConfig) -> ModelConfig:
+    """The native config names every size itself: nothing to read from files."""
+    return cfg
+
+
+def load_source(cfg: ModelConfig) -> NativeSource:
+    from .weights import build_model
+    return NativeSource(cfg, build_model(cfg))
+
+
+def load_saved(cfg: ModelConfig, weights: Path) -> NativeSource:
+    """The native source saved in a build's checkpoint/ (its own config.json beside)."""
+    from .weights import load_checkpoint
+    model = load_checkpoint(Path(weights).parent)
+    return NativeSource(model.cfg, model)
+
+
+def reference_model(source: ModelSource) -> "HMUTransformer | ModelSource":
+    """What parity and bench run as the PyTorch reference: the native HMUTransformer itself
+    (its own path: ``forward_all``, diagnostics, analytic FLOPs), any other source as it is."""
+    return source.model if isinstance(source, NativeSource) else source

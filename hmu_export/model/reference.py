@@ -34,7 +34,7 @@ from torch import nn
 from ..core.config import ModelConfig
 from ..core.errors import CheckpointError, ConfigError
 from ..core.io_contract import CLASSIFIER, FULL
-from .checkpoint import read_state_dict
+from .weights import read_state_dict
 from .interface import ModelSource
 
 HMU_PLAIN, HMU_GATED = "HMU", "HMU_mod"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -112,3 +113,52 @@ def graph_vocab_size(session) -> int | None:  # type: ignore[no-untyped-def]
                 and out.shape[-1] >= 1:
             return int(out.shape[-1])
     return None
+
+
+# --------------------------------------------------------------------------- session options
+def cpu_threads() -> int:
+    """Cores this process may run on (cgroup/affinity aware), the default intra-op threads."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def tuned_session_options(threads: int | None = None, *, spinning: bool = True,
+                          optimization: str = "all"):  # type: ignore[no-untyped-def]
+    """Session options measured fastest here for one request at a time (docs/performance.md).
+
+    intra-op threads = cores (ORT's default also counts hyper-threads), one inter-op thread and
+    sequential execution (this graph has no parallel branches worth a second pool), full graph
+    optimization at load (layout transforms are CPU-specific, so they happen at load, never in
+    the saved file), memory patterns and the CPU arena on (shapes repeat in serving loops).
+    ``spinning=False`` lets idle workers sleep: slower per request, kinder to a shared machine.
+    """
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[optimization]
+    opts.intra_op_num_threads = threads or cpu_threads()
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.enable_mem_pattern = True
+    opts.enable_cpu_mem_arena = True
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    return opts
+
+
+# --------------------------------------------------------------------------- from a build
+def cpu_count() -> int:
+    from .onnxruntime_runner import cpu_threads
+    return cpu_threads()
+
+
+def generation_threads() -> int:
+    """Default runtime threads for generation: every core but one, which the loop itself needs
+    between steps (sampling, cache bookkeeping); at least one."""
+    return max(1, cpu_count() - 1)

@@ -40,7 +40,7 @@ class TorchRunner(Runner):
         self.device = torch.device(device)
         self.dtype = torch.float16 if precision == "fp16" else torch.float32
         self.graph = graph_of(contract)
-        native = _native_model(model, self.graph)
+        native = native_model(model, self.graph)
         self.module: torch.nn.Module | None = None
         if native is not None:
             # A private copy, so FP16 casting never touches the caller's reference model.
@@ -114,13 +114,13 @@ def graph_of(contract: GraphContract) -> str:
     return contract.name[len("hmu_"):] if contract.name.startswith("hmu_") else contract.name
 
 
-def _native_model(model: "HMUTransformer | ModelSource", graph: str) -> HMUTransformer | None:
+def native_model(model: "HMUTransformer | ModelSource", graph: str) -> HMUTransformer | None:
     """The native HMUTransformer when ``model`` is one (or wraps one) and the graph is the full
     one: then the runner keeps its original path (``forward_all``, diagnostics included)."""
     if isinstance(model, HMUTransformer):
         return model
-    inner = getattr(model, "model", None)
-    if getattr(model, "source", "") == "native" and graph == "full" and \
-            isinstance(inner, HMUTransformer):
-        return inner
+    from ..model.native import NativeSource
+
+    if isinstance(model, NativeSource) and graph == "full":
+        return model.model
     return None

@@ -117,7 +117,7 @@ def format_tensor(dtype: str, dims: tuple) -> str:
     return f"{dtype}[{','.join(str(d) for d in dims)}]"
 
 
-def _parse_tensor(name: str, text: str) -> tuple[str, tuple]:
+def parse_tensor(name: str, text: str) -> tuple[str, tuple]:
     dtype, sep, rest = str(text).strip().partition("[")
     if not sep or not rest.endswith("]") or dtype not in TRITON_TO_NP.values():
         raise ValueError(f"parameter '{INPUT_PREFIX}{name}' must read like int64[batch,src_len], "
@@ -142,7 +142,7 @@ class Spec:
     def from_parameters(cls, params: Mapping[str, Any]) -> "Spec":
         """From the config's parameters (string values; ints accepted). ValueError, one line,
         when they cannot describe a servable graph."""
-        inputs = {k[len(INPUT_PREFIX):]: _parse_tensor(k[len(INPUT_PREFIX):], v)
+        inputs = {k[len(INPUT_PREFIX):]: parse_tensor(k[len(INPUT_PREFIX):], v)
                   for k, v in params.items() if k.startswith(INPUT_PREFIX)}
         if NOISE in inputs:  # the optional input last: the others bind the axes it is sized by
             inputs[NOISE] = inputs.pop(NOISE)

@@ -310,7 +310,7 @@ def finetune(cfg: BuildConfig, data: Path, out: Path, eval_data: Path | None = N
                                                "latent_dim": str(mcfg.latent_dim)})
     merged = None
     if merge_into is not None:
-        from ..model.checkpoint import save_checkpoint
+        from ..model.weights import save_checkpoint
         merged, _ = save_checkpoint(model, Path(merge_into))  # type: ignore[arg-type]
 
     eval_on = "eval" if eval_data is not None else "train"

@@ -283,12 +283,3 @@ def write_generation_reports(report: GenerationParityReport, folder: Path) -> No
     write_text(Path(folder) / "generation.md", markdown(report))
 
 
-def generation_parity_stage(ctx: Any) -> dict[str, Any] | None:
-    """The build's generation parity (None when the build has no split graphs)."""
-    if not ctx.layout.split_graphs() == [ENCODER, DECODER]:
-        return None
-    source = ctx.source
-    report = run_generation_parity(ctx.layout.root, ctx.cfg, lambda: source)
-    write_generation_reports(report, ctx.layout.parity_dir)
-    ctx.data["generation_parity"] = report.summary()
-    return ctx.data["generation_parity"]

@@ -14,79 +14,32 @@ path, and padding never changes real positions. Element-wise checks go through P
 """
 from __future__ import annotations
 
-import itertools
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from ..core.layout import BuildLayout
-from ..core.config import BuildConfig, ProfileConfig
+from ..core.config import BuildConfig
 from ..core.errors import InputError
 from ..core.fileio import atomic_path, write_json, write_text
-from ..core.io_contract import (BATCH, CLASS_LOGITS, FULL, LOGITS, NOISE, SRC_IDS, SRC_LEN, SRC_MASK,
-                          TGT_IDS, TGT_LEN, GraphContract, make_feeds, spec_feeds)
-from ..core.manifest import FAILED, OK, StageResult
+from ..core.io_contract import (BATCH, CLASS_LOGITS, LOGITS, NOISE, SRC_IDS, SRC_LEN, SRC_MASK,
+                          TGT_IDS, GraphContract)
 from ..model import HMUTransformer
 from ..backends.registry import Backend, discover_backends
 from ..runners import Runner, TorchRunner
-from ..runners.torch_runner import _native_model, graph_of
+from ..runners.torch_runner import native_model, graph_of
 from ..core.tolerance import Tolerance, tolerance_for
-
-Shape = tuple[int, ...]  # sizes of the contract's grid axes, in GRID_AXES order
-GRID_AXES = (BATCH, SRC_LEN, TGT_LEN)
-AXIS_LABEL = {BATCH: "B", SRC_LEN: "Ls", TGT_LEN: "Lt"}
-TOP1_OUTPUTS = (LOGITS, CLASS_LOGITS)  # outputs with a class / vocabulary axis last
-
-
-# ----------------------------------------------------------------------------- contract
-def grid_axes(contract: GraphContract) -> tuple[str, ...]:
-    """The profile axes a graph's inputs use (batch, src_len, tgt_len; a classifier has no
-    tgt_len), in GRID_AXES order."""
-    used = set(contract.axes)
-    return tuple(a for a in GRID_AXES if a in used)
-
-
-def project(shape: Sequence[int], axes: Sequence[str]) -> Shape:
-    """A shape over ``axes``: a BxLsxLt triple is cut down to them, a shape already over them
-    is kept."""
-    if len(shape) == len(axes):
-        return tuple(int(v) for v in shape)
-    return tuple(int(shape[GRID_AXES.index(a)]) for a in axes)
-
-
-def primary_output(contract: GraphContract) -> str:
-    """The output a report leads with: logits, class_logits, else the first one."""
-    for name in TOP1_OUTPUTS:
-        if name in contract.output_names:
-            return name
-    return contract.output_names[0]
-
-
-def _native_full_feeds(contract: GraphContract) -> bool:
-    """The native full graph's inputs (noise over the source): make_feeds applies as it is."""
-    noise = next((s for s in contract.inputs if s.name == NOISE), None)
-    return (contract.input_names == [SRC_IDS, SRC_MASK, TGT_IDS, NOISE] and noise is not None
-            and tuple(noise.dims[:2]) == (BATCH, SRC_LEN))
-
-
-def contract_feeds(contract: GraphContract, cfg: BuildConfig, sizes: Mapping[str, int], *,
-                   seed: int, noise_scale: float = 1.0) -> dict[str, np.ndarray]:
-    """Feeds of any graph at the named axis sizes: ``make_feeds`` for the full graph with noise
-    over the source (so the native model's figures never change), ``spec_feeds`` otherwise."""
-    if _native_full_feeds(contract):
-        return make_feeds(cfg.model, sizes[BATCH], sizes[SRC_LEN], sizes[TGT_LEN], seed=seed,
-                          noise_scale=noise_scale)
-    return spec_feeds(contract, cfg.model, sizes, seed=seed, noise_scale=noise_scale)
+from ..core.grid import AXIS_LABEL, GRID_AXES, Shape, TOP1_OUTPUTS, contract_feeds, derive_grid, grid_axes, in_profile, primary_output, profile_ranges, project
 
 
 def describe_reference(model: Any, cfg: BuildConfig, contract: GraphContract) -> str:
     """What the parity reference is, for the report: e.g. "torch-cpu fp32 (reference
     implementation: HMU_mod, after_encoder)"."""
-    if _native_model(model, graph_of(contract)) is not None:
+    if native_model(model, graph_of(contract)) is not None:
         return "torch-cpu fp32 (native HMUTransformer)"
     layout = getattr(model, "layout", None)
     if getattr(model, "source", "") == "reference" and layout is not None:
@@ -97,48 +50,6 @@ def describe_reference(model: Any, cfg: BuildConfig, contract: GraphContract) ->
         return f"torch-cpu fp32 (reference implementation: {what})"
     return f"torch-cpu fp32 ({getattr(model, 'source', '') or type(model).__name__} source, " \
            f"{graph_of(contract)} graph)"
-
-
-def _in_profile(profile: ProfileConfig, axes: Sequence[str], shape: Shape) -> bool:
-    return all(profile.axis(a).contains(v) for a, v in zip(axes, shape))
-
-
-def profile_ranges(profile: ProfileConfig, axes: Sequence[str]) -> str:
-    """``batch 1..4, src_len 1..16``: the profile's range of each axis, for error lines."""
-    return ", ".join(f"{a} {profile.axis(a).min}..{profile.axis(a).max}" for a in axes)
-
-
-# ----------------------------------------------------------------------------- grid
-def _odd_between(a: int, b: int) -> int | None:
-    """An odd size strictly between a and b, nearest their middle (None if there is none)."""
-    mid = (a + b) // 2
-    for c in (mid, mid + 1, mid - 1, mid + 2, mid - 2):
-        if a < c < b and c % 2:
-            return c
-    return None
-
-
-def axis_values(lo: int, opt: int, hi: int) -> list[int]:
-    """min, opt, max, 1 when inside, and an odd size between min and opt (else opt and max):
-    odd sizes catch kernels that only work on even or aligned lengths."""
-    vals = {lo, opt, hi}
-    if lo <= 1 <= hi:
-        vals.add(1)
-    odd = _odd_between(lo, opt)
-    if odd is None:
-        odd = _odd_between(opt, hi)
-    if odd is not None:
-        vals.add(odd)
-    return sorted(vals)
-
-
-def derive_grid(profile: ProfileConfig, extra: Iterable[Sequence[int]] = (),
-                axes: Sequence[str] = GRID_AXES) -> list[Shape]:
-    """Full product of each axis's values, plus any extra shapes (BxLsxLt, cut down to
-    ``axes``), deduplicated and sorted."""
-    values = [axis_values(*getattr(profile, a)) for a in axes]
-    grid = set(itertools.product(*values)) | {project(s, axes) for s in extra}
-    return sorted(grid)
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -277,7 +188,7 @@ def hmu_checks(runner: Runner, model: "HMUTransformer | Any", cfg: BuildConfig, 
     axes = grid_axes(contract)
     sizes = dict(zip(axes, project(shape, axes)))
     out = primary_output(contract)
-    native = _native_model(model, graph_of(contract))
+    native = native_model(model, graph_of(contract))
     if native is None and reference is None:
         reference = TorchRunner(model, contract, [cfg.profile], label="torch-cpu")
 
@@ -381,7 +292,7 @@ def run_parity(model: "HMUTransformer | Any", cfg: BuildConfig, backends: list[B
     else:
         grid = list(dict.fromkeys(project(s, axes) for s in shapes))
     for shape in grid:
-        if not _in_profile(cfg.profile, axes, shape):
+        if not in_profile(cfg.profile, axes, shape):
             raise InputError(f"parity shape {'x'.join(map(str, shape))} lies outside the profile "
                              f"({profile_ranges(cfg.profile, axes)})")
     reference = TorchRunner(model, contract, [cfg.profile], label="torch-cpu")
@@ -549,29 +460,6 @@ def summary(report: ParityReport) -> dict[str, Any]:
     return {"passed": report.passed, "reference": report.reference, "shapes": len(report.grid),
             "worst_logits_max_abs": worst, "skipped": report.skipped,
             "failures": report.failures()[:10]}
-
-
-def parity_stage(ctx: Any) -> StageResult:
-    """Build stage: the grid over every backend the build produced; reports under parity/."""
-    assert ctx.contract is not None
-    # The native HMUTransformer keeps its own path; any other source is run through its graphs.
-    model = ctx.model if ctx.model is not None else ctx.source
-    assert model is not None
-    backends = discover_backends(ctx.layout, ctx.cfg, model, ctx.contract)
-    report = run_parity(model, ctx.cfg, backends, ctx.contract)
-    write_reports(report, ctx.layout.parity_dir)
-    ctx.data["parity"] = summary(report)
-    if not report.passed:
-        first = report.failures()[0] if report.failures() else "no backend ran"
-        return StageResult(FAILED, reason=f"parity failed: {first}", details=ctx.data["parity"])
-    from .generation_parity import generation_parity_stage
-
-    gen = generation_parity_stage(ctx)
-    details = dict(ctx.data["parity"], generation=gen) if gen is not None else ctx.data["parity"]
-    if gen is not None and not gen["passed"]:
-        return StageResult(FAILED, reason=f"generation parity failed: {gen['failures'][0]}",
-                           details=details)
-    return StageResult(OK, details=details)
 
 
 def load_report(path: Path) -> dict[str, Any]:

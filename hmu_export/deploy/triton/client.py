@@ -17,7 +17,7 @@ import numpy as np
 
 from ...core.errors import BackendUnavailable, HMUExportError
 from ...core.io_contract import NOISE, SRC_IDS, SRC_MASK, SRC_LEN, TGT_IDS, TGT_LEN
-from ...shipped.python_model import (INPUT_PREFIX, RequestError, _parse_tensor, check_seed,
+from ...shipped.python_model import (INPUT_PREFIX, RequestError, parse_tensor, check_seed,
                                   check_temperature, noise_from_seed)
 
 PROTOCOLS = ("http", "grpc")
@@ -119,7 +119,7 @@ class HMUTritonClient:
                 k: {"string_value": v.string_value} for k, v in conf.config.parameters.items()}}
             text = conf.get("parameters", {}).get(INPUT_PREFIX + NOISE, {}).get("string_value")
             try:
-                dims = _parse_tensor(NOISE, text)[1] if text else ()
+                dims = parse_tensor(NOISE, text)[1] if text else ()
             except ValueError:  # not a parameter this tool wrote: keep the default
                 dims = ()
             if dims[1:2] == (TGT_LEN,):

@@ -31,7 +31,7 @@ from ...core.io_contract import (BATCH, DECODER, ENCODER, GRAPH_FILES, NEW_LEN, 
 if TYPE_CHECKING:
     from tritonclient.grpc import model_config_pb2
 
-    from .repository import TritonModel, TritonOptions
+    from .config import TritonModel, TritonOptions
 
 GENERATE, GENERATE_STREAM, ENCODER_KIND, DECODER_KIND = ("generate", "generate_stream",
                                                           "encoder", "decoder")
@@ -98,9 +98,9 @@ class NotServable(ArtifactError):
 def cache_geometry(enc: Path, dec: Path) -> dict[str, int]:
     """layers / heads / head_dim / latent_dim as the graphs declare them; NotServable when the
     graphs' I/O is not exactly what triton_generate_model.py feeds and reads."""
-    from .repository import _graph_io
+    from .config import graph_io
 
-    dio, eio = _graph_io(dec), _graph_io(enc)
+    dio, eio = graph_io(dec), graph_io(enc)
     layers = 0
     while past_key(layers) in dio:
         layers += 1
@@ -137,11 +137,11 @@ def generate_config(name: str, cfg: BuildConfig, geo: dict[str, int], opts: "Tri
                     tokenizer: bool = False) -> "model_config_pb2.ModelConfig":
     from tritonclient.grpc import model_config_pb2 as mc
 
-    from .repository import _base_config, preferred_batch_sizes
+    from .config import base_config, preferred_batch_sizes
 
     max_batch = cfg.profile.batch[2]
     contract = TEXT_CONTRACT if tokenizer else GENERATION_CONTRACT
-    conf = _base_config(name, contract, max_batch,
+    conf = base_config(name, contract, max_batch,
                         preferred_batch_sizes(cfg.profile, max_batch), opts)
     for t in conf.input:
         t.allow_ragged_batch = t.name == SRC_IDS
@@ -184,9 +184,9 @@ def graph_config(name: str, cfg: BuildConfig, contract: GraphContract, opts: "Tr
     sends whole batches, and decoder steps of different past lengths must not be merged)."""
     from tritonclient.grpc import model_config_pb2 as mc
 
-    from .repository import _base_config
+    from .config import base_config
 
-    conf = _base_config(name, contract, cfg.profile.batch[2], [], opts)
+    conf = base_config(name, contract, cfg.profile.batch[2], [], opts)
     conf.ClearField("dynamic_batching")
     conf.platform = "onnxruntime_onnx"
     conf.default_model_filename = "model.onnx"
@@ -198,7 +198,7 @@ def check_generate_config(conf: "model_config_pb2.ModelConfig", cfg: BuildConfig
                           streaming: bool) -> None:
     """validate_config's checks on the generation I/O, plus what only this model has: the
     optional max_new_tokens, the ragged src_ids, the decoupled policy and its parameters."""
-    from .repository import TritonConfigError, engine_profiles, validate_config
+    from .config import TritonConfigError, engine_profiles, validate_config
 
     def fail(msg: str) -> None:
         raise TritonConfigError(f"model '{conf.name}': {msg}")
@@ -255,8 +255,8 @@ def tokenizer_files(layout: BuildLayout) -> list[Path]:
 def generation_models(layout: BuildLayout, cfg: BuildConfig, opts: "TritonOptions", *,
                       step_backend: str = "onnxruntime") -> list["TritonModel"]:
     """The four models, or none when the build has no generation graphs (or is a classifier)."""
-    from ...export.onnx_export import load_graph_contract
-    from .repository import TritonConfigError, TritonModel, _graph_io, engine_profiles, \
+    from ...core.graph_meta import load_graph_contract
+    from .config import TritonConfigError, TritonModel, graph_io, engine_profiles, \
         validate_config
 
     if step_backend not in STEP_BACKENDS:
@@ -290,7 +290,7 @@ def generation_models(layout: BuildLayout, cfg: BuildConfig, opts: "TritonOption
     for kind, path in ((ENCODER_KIND, enc), (DECODER_KIND, dec)):
         _, _, contract = load_graph_contract(path)
         conf = graph_config(names[kind], cfg, contract, opts)
-        graph_io = _graph_io(path)
+        graph_io = graph_io(path)
         check = (lambda c, ct=contract, gio=graph_io:
                  validate_config(c, ct, engine_profiles(cfg), graph_io=gio))
         mfiles = {"1/model.onnx": path}
@@ -306,7 +306,7 @@ def generation_models(layout: BuildLayout, cfg: BuildConfig, opts: "TritonOption
 
 def with_step_backend(text: str, step_backend: str) -> str:
     """A generation model's config.pbtxt text with ``step_backend`` switched (docs, tests)."""
-    from .repository import parse_config, render_config
+    from .config import parse_config, render_config
 
     conf = parse_config(text)
     conf.parameters["step_backend"].string_value = step_backend
