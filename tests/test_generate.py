@@ -42,7 +42,7 @@ def tiny():
 
 
 def _torch(tiny, nocache: bool = False) -> Generator:
-    from hmu_export.backends.generation import TorchNoCacheStepper, TorchStepBackend
+    from hmu_export.backends.pytorch import TorchNoCacheStepper, TorchStepBackend
 
     cfg, source = tiny
     return Generator(TorchNoCacheStepper(source) if nocache else TorchStepBackend(source), cfg)
@@ -323,7 +323,7 @@ def test_backends_from_build_equal_nocache(tiny_build, backend):
 
 
 def test_onnx_cache_geometry_read_from_graph(tiny_build):
-    from hmu_export.backends.generation import OrtStepBackend
+    from hmu_export.backends.ort import OrtStepBackend
 
     b = OrtStepBackend(tiny_build / "encoder.onnx", tiny_build / "decoder.onnx")
     cfg = config_from_dict(TWO_LAYER)

@@ -183,7 +183,7 @@ def test_device_stepper_keeps_state_on_the_device_and_matches(unseen_build):
     run on the CPU here: same greedy and beam tokens as the numpy-state torch backend."""
     import torch
 
-    from hmu_export.backends.generation import TorchDeviceStepper
+    from hmu_export.backends.pytorch import TorchDeviceStepper
     from hmu_export.core.build_folder import open_build
     from hmu_export.generate.generator import Generator
 

@@ -13,7 +13,8 @@ from hmu_export.core.layout import BuildLayout
 from hmu_export.core.errors import ParityFailure
 from hmu_export.core.io_contract import full_contract, make_feeds
 from hmu_export.model import HMUTransformer
-from hmu_export.export.optimize import backends, optimize_graph
+from hmu_export.backends.ort_opt import forward_backends as backends
+from hmu_export.export.optimize import optimize_graph
 
 
 @pytest.fixture(scope="module")

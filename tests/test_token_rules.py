@@ -125,7 +125,7 @@ def bart_folders(tmp_path_factory):
 
 
 def _generator(folder):
-    from hmu_export.backends.generation import TorchStepBackend
+    from hmu_export.backends.pytorch import TorchStepBackend
     from hmu_export.generate.stepper import CachedStepper
     from hmu_export.generate.generator import Generator
     from hmu_export.model import hf as H

@@ -1,32 +1,39 @@
-"""The one backend registry: every way to run a build's primary graph, for parity and bench.
+"""The one backend registry: every way to run a build, for parity, bench, generate and Triton.
 
-``discover_backends(layout, cfg, model, contract)`` lists named backends, each with a label,
-a precision, whether it can run here (else why not) and a factory for its Runner. The PyTorch
-backends of the source model and ONNX Runtime on the exported graph are listed here; a stage
-module that writes a runnable artifact adds its own through a
-``backends(layout, cfg, model, contract, *, threads=None)`` function (optimize.py:
-onnxruntime-opt, fp16.py: onnxruntime-fp16emu, engine.py: tensorrt), so a new backend never
-means editing parity or bench. Stage modules are imported here lazily and import this module
-lazily, so there is no import cycle.
+A backend is one module of this package. At import it registers what it runs:
 
-``uses`` says which consumers want an entry: parity leaves out its own reference (torch FP32),
-FP16 stand-ins when ``[parity] fp16 = false``, and GPU backends this machine lacks (bench lists
-those as skipped, because its default set names them).
+- ``@forward(order)``: a function ``(layout, cfg, model, contract, *, threads) -> [Backend]``
+  listing named runners of the build's primary graph (parity and bench), each with its label,
+  precision, device and whether it can run here (else why not);
+- ``step(StepEntry(...))``: a named step backend for the generation loop (generate, generation
+  parity and bench), with its precision, device and what it needs.
+
+The registry imports every module of the package once, when first asked, so adding a backend
+is one new module and nothing else. Forward entries come in ``order`` (the report order);
+step names in theirs (the CLI's ``--backend`` choices).
+
+``uses`` says which consumers want a forward entry: parity leaves out its own reference (torch
+FP32), FP16 stand-ins when ``[parity] fp16 = false``, and GPU backends this machine lacks (bench
+lists those as skipped, because its default set names them).
 """
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Union
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Union
 
-from ..core.layout import BuildLayout
 from ..core.config import BuildConfig
+from ..core.errors import InputError
 from ..core.io_contract import GraphContract
-from ..runners import OnnxRuntimeRunner, Runner, TorchRunner
+from ..core.layout import BuildLayout
+from ..runners import Runner
 
 if TYPE_CHECKING:
-    from ..model import HMUTransformer
+    from ..generate.stepper import Stepper
     from ..model.interface import ModelSource
+    from ..model.transformer import HMUTransformer
 
 #: the source model: the native HMUTransformer (its full graph, diagnostics included) or any
 #: ModelSource (the graph module the contract names)
@@ -36,17 +43,11 @@ PARITY, BENCH = "parity", "bench"
 EVERYWHERE = frozenset({PARITY, BENCH})
 BENCH_ONLY = frozenset({BENCH})
 
-TORCH = "torch"  # this module's torch_backends, in CONTRIBUTORS' order
-#: after ONNX Runtime: modules contributing entries through their ``backends`` function, and
-#: the source model's PyTorch backends, in report order
-CONTRIBUTORS = ("hmu_export.export.optimize", "hmu_export.export.fp16", TORCH, "hmu_export.deploy.tensorrt")
-#: ONNX Runtime execution providers run on the primary graph where this onnxruntime has them
-ORT_DEVICE_PROVIDERS = {"onnxruntime-cuda": "CUDAExecutionProvider",
-                        "onnxruntime-tensorrt": "TensorrtExecutionProvider"}
-
 
 @dataclass
 class Backend:
+    """One forward backend of one build, ready to make its Runner (or why it cannot)."""
+
     label: str  # unique in a report, e.g. "onnxruntime", "onnxruntime-fp16emu", "tensorrt"
     precision: str  # "fp32" | "fp16": selects the tolerance policy
     make: Callable[[], Runner] | None  # None when unavailable
@@ -59,68 +60,127 @@ class Backend:
         return self.make is not None
 
 
+ForwardFn = Callable[..., list[Backend]]
+
+
+@dataclass(frozen=True)
+class StepRequest:
+    """What a step backend gets: the graphs' folder, the build config, runtime threads, and
+    how to load the source model (torch backends)."""
+
+    root: Path
+    cfg: BuildConfig
+    name: str
+    threads: int
+    load_source: Callable[[], Any] | None
+
+    @property
+    def layout(self) -> BuildLayout:
+        return BuildLayout(self.root)
+
+    def source(self) -> Any:
+        if self.load_source is None:
+            raise InputError(f"backend {self.name} needs the build's checkpoint")
+        return self.load_source()
+
+
+@dataclass(frozen=True)
+class StepEntry:
+    """A named step backend: declared capabilities and its factory."""
+
+    name: str
+    order: int  # place in the CLI's --backend choices
+    precision: str  # fp32 | fp16
+    device: str  # cpu | cuda
+    needs: str  # what it runs on, for docs and error lines
+    make: Callable[[StepRequest], "Stepper"]
+    #: runs on ONNX Runtime's threads (the loop leaves a core for itself); torch ones do not
+    ort_threads: bool = False
+
+
+_FORWARD: list[tuple[int, ForwardFn]] = []
+_STEP: dict[str, StepEntry] = {}
+_LOADED = False
+
+
+def forward(order: int) -> Callable[[ForwardFn], ForwardFn]:
+    """Register a forward contributor; ``order`` places its entries in reports."""
+    def deco(fn: ForwardFn) -> ForwardFn:
+        _FORWARD.append((order, fn))
+        return fn
+    return deco
+
+
+def step(entry: StepEntry) -> StepEntry:
+    """Register a step backend under its name."""
+    if entry.name in _STEP and _STEP[entry.name] is not entry:
+        raise ValueError(f"step backend {entry.name!r} registered twice")
+    _STEP[entry.name] = entry
+    return entry
+
+
+def _load_all() -> None:
+    global _LOADED
+    if _LOADED:
+        return
+    _LOADED = True
+    pkg = importlib.import_module(__package__)
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if info.name != "registry":
+            importlib.import_module(f"{__package__}.{info.name}")
+
+
 def discover_backends(layout: BuildLayout, cfg: BuildConfig, model: SourceModel,
                       contract: GraphContract, *, use: str | None = PARITY,
                       threads: int | None = None) -> list[Backend]:
-    """Every backend of the build for ``use`` (``None``: all of them), in report order.
-    ``threads`` sets ONNX Runtime's intra-op threads (None: its default)."""
-    found = onnxruntime_backends(layout, cfg, contract, threads=threads)
-    for name in CONTRIBUTORS:
-        if name == TORCH:
-            found += torch_backends(cfg, model, contract, fp16=cfg.parity.fp16)
-            continue
-        contribute = getattr(importlib.import_module(name), "backends", None)
-        if contribute is not None:
-            found.extend(contribute(layout, cfg, model, contract, threads=threads))
+    """Every forward backend of the build for ``use`` (``None``: all of them), in report
+    order. ``threads`` sets ONNX Runtime's intra-op threads (None: its default)."""
+    _load_all()
+    found: list[Backend] = []
+    for _, contribute in sorted(_FORWARD, key=lambda e: e[0]):
+        found.extend(contribute(layout, cfg, model, contract, threads=threads))
     return [b for b in found if use is None or use in b.uses]
 
 
-def torch_backends(cfg: BuildConfig, model: SourceModel, contract: GraphContract, *,
-                   fp16: bool = True) -> list[Backend]:
-    """The source model in PyTorch: FP32 on the CPU (parity's reference), FP16 on the CPU (a
-    stand-in for GPU half precision), FP32 / FP16 on CUDA where PyTorch sees a GPU. ``fp16``
-    false keeps the FP16 ones out of parity."""
-    import torch
-
-    def make(precision: str, device: str, label: str) -> Callable[[], Runner]:
-        return lambda: TorchRunner(model, contract, [cfg.profile], precision=precision,
-                                   device=device, label=label)
-
-    half = EVERYWHERE if fp16 else BENCH_ONLY
-    out = [Backend("torch", "fp32", make("fp32", "cpu", "torch"), uses=BENCH_ONLY),
-           Backend("torch-fp16", "fp16", make("fp16", "cpu", "torch-fp16"), uses=half)]
-    for precision in ("fp32", "fp16"):
-        label = f"torch-cuda-{precision}"
-        if torch.cuda.is_available():
-            out.append(Backend(label, precision, make(precision, "cuda", label), device="cuda",
-                               uses=half if precision == "fp16" else EVERYWHERE))
-        else:
-            out.append(Backend(label, precision, None, "no CUDA GPU visible to PyTorch",
-                               device="cuda", uses=BENCH_ONLY))
-    return out
+def step_entries() -> list[StepEntry]:
+    _load_all()
+    return sorted(_STEP.values(), key=lambda e: e.order)
 
 
-def onnxruntime_backends(layout: BuildLayout, cfg: BuildConfig, contract: GraphContract, *,
-                         threads: int | None = None) -> list[Backend]:
-    """ONNX Runtime on the primary graph as a user gets it (all graph optimizations): the CPU,
-    then CUDA / TensorRT execution providers where this onnxruntime build has them."""
-    import onnxruntime as ort
+def step_names() -> tuple[str, ...]:
+    """Every step backend's name, in the CLI's order."""
+    return tuple(e.name for e in step_entries())
 
-    path = layout.onnx
-    if not path.is_file():
-        return [Backend("onnxruntime", "fp32", None, f"{path.name} not found")]
 
-    def make(label: str, *providers: str) -> Callable[[], Runner]:
-        return lambda: OnnxRuntimeRunner(path, contract, [cfg.profile], providers=providers,
-                                         vocab_size=cfg.model.vocab_size, label=label,
-                                         threads=threads)
+def step_entry(name: str) -> StepEntry:
+    names = step_names()
+    if name not in names:
+        raise InputError(f"unknown generation backend {name!r} (use {', '.join(names)})")
+    return _STEP[name]
 
-    out = [Backend("onnxruntime", "fp32", make("onnxruntime", "cpu"))]
-    have = ort.get_available_providers()
-    for label, provider in ORT_DEVICE_PROVIDERS.items():
-        if provider in have:
-            out.append(Backend(label, "fp32", make(label, provider, "cpu"), device="cuda"))
-        else:
-            out.append(Backend(label, "fp32", None, f"{provider} not in this onnxruntime build "
-                               f"(have: {', '.join(have)})", device="cuda", uses=BENCH_ONLY))
-    return out
+
+def make_stepper(root: Path, cfg: BuildConfig, backend: str, *, threads: int | None = None,
+                 load_source: Callable[[], Any] | None = None) -> "Stepper":
+    """A stepper over the graphs in ``root`` (any folder: the build stage uses its staging
+    folder) or, for torch backends, over the source ``load_source()`` returns."""
+    from ..model.sources import generation_refusal
+    from ..runners.onnxruntime_runner import generation_threads
+
+    entry = step_entry(backend)
+    refusal = generation_refusal(cfg.model)
+    if refusal:
+        raise InputError(f"cannot generate: {refusal}")
+    req = StepRequest(Path(root), cfg, backend, threads or generation_threads(), load_source)
+    return entry.make(req)
+
+
+def stepper_from_build(root: str | Path, backend: str, *, threads: int | None = None
+                       ) -> tuple["Stepper", BuildConfig]:
+    """(stepper, build config) for ``backend`` over a build folder."""
+    from ..core.build_folder import open_build
+    from ..model.checkpoint import load_build_source
+
+    step_entry(backend)
+    folder = open_build(root)
+    return make_stepper(folder.layout.root, folder.cfg, backend, threads=threads,
+                        load_source=lambda: load_build_source(folder)), folder.cfg

@@ -11,7 +11,8 @@ from ..core.config import BuildConfig
 from ..core.io_contract import GraphContract
 from ..core.grid import grid_axes
 from ..runners import Runner
-from ..model.native import HMUTransformer, reference_model
+from ..model.native import reference_model
+from ..model.transformer import HMUTransformer
 from ..model.checkpoint import load_build_source
 
 

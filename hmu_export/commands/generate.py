@@ -14,7 +14,7 @@ from .argtypes import positive_int as _positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..backends.generation import BACKENDS
+    from ..backends.registry import step_names
     from ..generate.generator import STRATEGIES
 
     p = sub.add_parser("generate", help="generate tokens with a build's encoder + decoder-step "
@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="source text (repeat for a batch): tokenized with the build's "
                           "tokenizer, output decoded (builds from a Hugging Face folder with "
                           "a tokenizer)")
-    p.add_argument("--backend", default="onnxruntime-opt", choices=BACKENDS,
+    p.add_argument("--backend", default="onnxruntime-opt", choices=step_names(),
                    help="default: onnxruntime-opt")
     p.add_argument("--max-new-tokens", type=_positive_int,
                    help="default: [generation].max_new_tokens of the build")

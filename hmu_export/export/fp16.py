@@ -11,7 +11,7 @@ See docs/fp16.md for what each one measures and the figures.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import onnx
 
@@ -19,11 +19,7 @@ from ..core.errors import ArtifactError
 from ..core.fileio import atomic_path
 
 if TYPE_CHECKING:
-    from ..core.layout import BuildLayout
-    from ..core.config import BuildConfig
-    from ..core.io_contract import GraphContract
-    from ..model import HMUTransformer
-    from ..backends.registry import Backend
+    pass
 
 # Clamp like TensorRT does (weights outside FP16's range are clamped to +-65504), not to the
 # converter's default 1e4, so the emulation fails where the engine would.
@@ -106,21 +102,3 @@ def _check_loads(path: Path) -> None:
     except Exception as exc:  # ORT raises Fail / InvalidGraph / RuntimeException
         raise ArtifactError(f"the FP16 graph does not load in ONNX Runtime: "
                             f"{str(exc).splitlines()[0]}") from None
-
-
-def backends(layout: "BuildLayout", cfg: "BuildConfig", model: "HMUTransformer | Any",
-             contract: "GraphContract", *, threads: int | None = None) -> list["Backend"]:
-    """ORT on the FP16 graph (a stand-in for GPU FP16: it emulates FP16 storage) as a registry
-    entry; parity runs it when ``[parity] fp16`` is on. (The PyTorch half-precision backends
-    of the source model are the registry's own.)"""
-    from ..backends.registry import BENCH_ONLY, EVERYWHERE, Backend
-    from ..runners import OnnxRuntimeRunner
-
-    label, uses = "onnxruntime-fp16emu", EVERYWHERE if cfg.parity.fp16 else BENCH_ONLY
-    path = layout.onnx_fp16
-    if not path.is_file():
-        return [Backend(label, "fp16", None, f"{path.name} not found (fp16 stage skipped?)",
-                        uses=uses)]
-    return [Backend(label, "fp16", lambda: OnnxRuntimeRunner(
-        path, contract, [cfg.profile], precision="fp16", vocab_size=cfg.model.vocab_size,
-        label=label, threads=threads), uses=uses)]

@@ -38,11 +38,9 @@ from ..runners.onnxruntime_runner import tuned_session_options
 if TYPE_CHECKING:
     import onnx
 
-    from ..core.layout import BuildLayout
     from ..core.config import BuildConfig
     from ..core.io_contract import GraphContract
     from ..model import HMUTransformer
-    from ..backends.registry import Backend
 
 MS_DOMAIN = "com.microsoft"
 FUSED_OPS = ("Attention", "MultiHeadAttention", "SkipLayerNormalization", "LayerNormalization",
@@ -409,20 +407,3 @@ def optimize_split_graph(src: Path, dst: Path, contract: "GraphContract", cfg: "
                                 f"{err:.3g} > {cfg.parity.fp32_max_abs:g}")
     return {"path": Path(dst).name, "ops_before": op_counts(proto), "ops_after": op_counts(out),
             "max_abs_vs_exported": err}
-
-
-def backends(layout: "BuildLayout", cfg: "BuildConfig", model: "HMUTransformer | Any",
-             contract: "GraphContract", *, threads: int | None = None) -> list["Backend"]:
-    """The optimized graph, run with the tuned session options, as an FP32 backend (registry
-    entry: parity and bench)."""
-    from ..backends.registry import Backend
-    from ..runners import OnnxRuntimeRunner
-
-    label = "onnxruntime-opt"
-    if not cfg.export.optimize:
-        return [Backend(label, "fp32", None, "export.optimize = false")]
-    if not layout.onnx_optimized.is_file():
-        return [Backend(label, "fp32", None, f"{layout.onnx_optimized.name} not found")]
-    return [Backend(label, "fp32", lambda: OnnxRuntimeRunner(
-        layout.onnx_optimized, contract, [cfg.profile], vocab_size=cfg.model.vocab_size,
-        label=label, sess_options=tuned_session_options(threads)))]

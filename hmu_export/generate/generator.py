@@ -168,7 +168,7 @@ class Generator:
     def from_build(cls, root: str | Path, backend: str = "onnxruntime", *,
                    threads: int | None = None) -> "Generator":
         """A generator over a build folder's graphs (or its checkpoint, for torch backends)."""
-        from ..backends.generation import stepper_from_build
+        from ..backends.registry import stepper_from_build
 
         stepper, cfg = stepper_from_build(root, backend, threads=threads)
         return cls(stepper, cfg)

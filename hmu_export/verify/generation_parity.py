@@ -204,7 +204,7 @@ def run_token_parity(root: Path, cfg: BuildConfig, load_source: Callable[[], Any
                      backends: Sequence[str] | None = None,
                      on_step: Callable[[str], None] | None = None
                      ) -> tuple[list[TokenRow], dict[str, str]]:
-    from ..backends.generation import make_stepper
+    from ..backends.registry import make_stepper
     from ..core.errors import HMUExportError
     from ..generate.generator import Generator
 
