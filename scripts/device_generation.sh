@@ -19,9 +19,9 @@ B=$(mktemp -d)/hmu-default
 timeout 200 "$PY" - "$B" "$DEST" <<'PYEOF' || exit 1
 import json, sys
 from hmu_export.config import BuildConfig
-from hmu_export.pipeline import run_build
-from hmu_export.generate import Generator
-from hmu_export.parity_generation import compare_tokens, token_inputs
+from hmu_export.build.pipeline import run_build
+from hmu_export.generate.generator import Generator
+from hmu_export.verify.generation_parity import compare_tokens, token_inputs
 out = run_build(BuildConfig().validate(), sys.argv[1], only=["checkpoint", "export", "optimize"])
 print("build", out.ok, out.failure, round(out.seconds, 1))
 cfg = BuildConfig().validate()

@@ -2,7 +2,7 @@
 
 The build fetches ONNX Runtime from npm (cpp/fetch_deps.sh) once per session into the git-ignored
 cpp/third_party/ and compiles into a temporary folder. Error cases are checked against the
-Python validator's own messages (hmu_export.io_contract.validate_feeds), so the two cannot drift.
+Python validator's own messages (hmu_export.core.io_contract.validate_feeds), so the two cannot drift.
 """
 from __future__ import annotations
 

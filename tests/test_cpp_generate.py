@@ -1,6 +1,6 @@
 """The C++ program cpp/hmu_generate: greedy generation over encoder.onnx + decoder.onnx.
 
-The oracle is written here, independently of hmu_export.generate and of the split graphs: a
+The oracle is written here, independently of hmu_export.generate.generator and of the split graphs: a
 greedy loop over the FULL graph (model.onnx) in onnxruntime, re-running the whole prefix each
 step, taking the argmax of the last position, appending, and stopping each row at its EOS.
 hmu_generate must give the same tokens exactly, at batch 1 and with ragged padded batches.

@@ -1,6 +1,6 @@
 """The generation loop: strategies, per-row EOS, validation, and every backend's tokens.
 
-Oracles written here, independently of hmu_export.generate: a plain greedy loop over the full
+Oracles written here, independently of hmu_export.generate.generator: a plain greedy loop over the full
 model's forward (one row at a time, no padding, no cache), and an exhaustive search over every
 sequence of a tiny vocabulary for beam search.
 """

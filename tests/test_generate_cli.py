@@ -2,7 +2,7 @@
 
 The oracle is a greedy loop written here over the *full* graph (model.onnx) in ONNX Runtime:
 re-run the whole prefix, take the argmax of the last position, stop at EOS. It shares no code
-with the cached loop, the split graphs or hmu_export.generate.
+with the cached loop, the split graphs or hmu_export.generate.generator.
 """
 from __future__ import annotations
 

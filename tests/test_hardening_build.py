@@ -470,7 +470,7 @@ def test_stage_details_are_formatted_for_people():
 # ------------------------------------------------------------------ 19, 21, 22
 
 def test_the_fp16_stage_checks_its_graph_loads(mini_build, small_cfg, tmp_path, monkeypatch):
-    from hmu_export.export import fp16
+    from hmu_export.export.onnx_export import fp16
     from hmu_export.build.context import BuildContext
 
     shutil.copy(mini_build / "model.onnx", tmp_path / "model.onnx")

@@ -57,7 +57,7 @@ bool TokenRules::active() const {
          !suppress_tokens.empty() || !begin_suppress_tokens.empty();
 }
 
-// The order and semantics of hmu_export/token_rules.py (Transformers' processors).
+// The order and semantics of hmu_export/shipped/token_rules.py (Transformers' processors).
 void TokenRules::apply(std::vector<double>& s, const std::vector<int64_t>& prefix,
                        int64_t max_new, int64_t eos_id) const {
   const double ninf = -std::numeric_limits<double>::infinity();
@@ -130,7 +130,7 @@ GenerateOptions resolve_options(const GeneratorInfo& info, const GenerateOptions
     o.max_new_tokens = info.max_new_tokens > 0 ? info.max_new_tokens
                                                : std::min<int64_t>(32, info.tgt_len_max);
   const int64_t vocab = info.encoder.vocab_size;
-  // Python's words (hmu_export.generate.Generator.options).
+  // Python's words (hmu_export.generate.generator.Generator.options).
   for (const auto& [key, v] : {std::pair<const char*, int64_t>{"bos_id", o.bos_id},
                                std::pair<const char*, int64_t>{"eos_id", o.eos_id}})
     if (vocab > 0 && (v < 0 || v >= vocab))

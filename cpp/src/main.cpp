@@ -1,7 +1,7 @@
 // hmu_infer --model FILE --inputs DIR --outputs DIR [--backend ort|trt] [--threads N]
 //
 // Reads DIR/<input name>.npy for every graph input, validates the feeds against the I/O
-// contract and shape profile (the checks of hmu_export/io_contract.py), runs, and writes
+// contract and shape profile (the checks of hmu_export/core/io_contract.py), runs, and writes
 // <outputs>/<output name>.npy. Every failure prints one line on stderr and exits 2.
 #include <sys/stat.h>
 

@@ -20,7 +20,7 @@ from ..core.layout import BuildLayout
 from ..generate.stepper import CacheSpec, CachedStepper, cache_spec_from_dims
 from ..runners import OnnxRuntimeRunner, Runner
 from ..runners.onnxruntime_runner import cpu_count, session_options
-from .registry import BENCH_ONLY, Backend, StepEntry, forward, step
+from .registry import BENCH_ONLY, Backend, SourceModel, StepEntry, forward, step
 
 #: ONNX Runtime execution providers run on the primary graph where this onnxruntime has them
 ORT_DEVICE_PROVIDERS = {"onnxruntime-cuda": "CUDAExecutionProvider",
@@ -101,7 +101,6 @@ def spinning(threads: int) -> bool:
 
 
 # --------------------------------------------------------------------------- registry
-@forward(order=10)
 def onnxruntime_backends(layout: BuildLayout, cfg: BuildConfig, contract: GraphContract, *,
                          threads: int | None = None) -> list[Backend]:
     """ONNX Runtime on the primary graph as a user gets it (all graph optimizations): the CPU,
@@ -126,6 +125,12 @@ def onnxruntime_backends(layout: BuildLayout, cfg: BuildConfig, contract: GraphC
             out.append(Backend(label, "fp32", None, f"{provider} not in this onnxruntime build "
                                f"(have: {', '.join(have)})", device="cuda", uses=BENCH_ONLY))
     return out
+
+
+@forward(order=10)
+def forward_backends(layout: BuildLayout, cfg: BuildConfig, model: SourceModel,
+                     contract: GraphContract, *, threads: int | None = None) -> list[Backend]:
+    return onnxruntime_backends(layout, cfg, contract, threads=threads)
 
 
 step(StepEntry("onnxruntime", 20, "fp32", "cpu", "encoder.onnx + decoder.onnx",

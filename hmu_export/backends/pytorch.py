@@ -18,6 +18,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from ..core.config import BuildConfig
+from ..core.layout import BuildLayout
 from ..core.errors import BackendUnavailable
 from ..core.io_contract import (DECODER, ENCODER, FULL, LOGITS, NOISE, SRC_IDS, SRC_MASK,
                                 TGT_IDS, GraphContract, past_key, past_value, present_key,
@@ -159,7 +160,6 @@ class TorchNoCacheStepper(Stepper):
 
 
 # --------------------------------------------------------------------------- registry
-@forward(order=40)
 def torch_backends(cfg: BuildConfig, model: SourceModel, contract: GraphContract, *,
                    fp16: bool = True) -> list[Backend]:
     """The source model in PyTorch: FP32 on the CPU (parity's reference), FP16 on the CPU (a
@@ -183,6 +183,12 @@ def torch_backends(cfg: BuildConfig, model: SourceModel, contract: GraphContract
             out.append(Backend(label, precision, None, "no CUDA GPU visible to PyTorch",
                                device="cuda", uses=BENCH_ONLY))
     return out
+
+
+@forward(order=40)
+def forward_backends(layout: BuildLayout, cfg: BuildConfig, model: SourceModel,
+                     contract: GraphContract, *, threads: int | None = None) -> list[Backend]:
+    return torch_backends(cfg, model, contract, fp16=cfg.parity.fp16)
 
 
 def _cuda_stepper(req: StepRequest) -> Stepper:

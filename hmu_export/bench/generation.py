@@ -1,9 +1,9 @@
 """`bench --generate`: time to first token, per-token latency and tokens/s of the generation loop.
 
-Every backend runs the same loop (hmu_export/generate.py) on the same sources. Greedy decoding
+Every backend runs the same loop (hmu_export/generate/generator.py) on the same sources. Greedy decoding
 with EOS ignored, so every run makes exactly ``new_tokens`` tokens on every backend and the
 figures compare like with like. On an hf build the same run also times third-party generators
-(hmu_export/bench_peers.py) on the same sources, and reports our ``onnxruntime-opt`` over each.
+(hmu_export/bench/peers.py) on the same sources, and reports our ``onnxruntime-opt`` over each.
 """
 from __future__ import annotations
 

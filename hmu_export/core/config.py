@@ -263,7 +263,7 @@ class TritonConfig:
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    """Defaults of the generation loop (hmu_export/generate.py); CLI flags override them."""
+    """Defaults of the generation loop (hmu_export/generate/generator.py); CLI flags override them."""
 
     bos_id: int = 1
     eos_id: int = 2
@@ -280,7 +280,7 @@ class GenerationConfig:
     temperature: float = 1.0  # sampling
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
-    # Token rules (hmu_export/token_rules.py, Transformers' semantics); neutral by default.
+    # Token rules (hmu_export/shipped/token_rules.py, Transformers' semantics); neutral by default.
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
     bad_words_ids: tuple[tuple[int, ...], ...] = ()

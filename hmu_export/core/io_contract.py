@@ -21,10 +21,8 @@ AXIS_TO_PROFILE = {BATCH: "batch", SRC_LEN: "src_len", TGT_LEN: "tgt_len", PAST_
                    NEW_LEN: "new_len"}
 EMPTY_OK = frozenset({PAST_LEN})  # a zero-length past is the first decoder call
 
-# Graph names (one spec each) and the files they are exported to.
+# Graph names (one spec each: core/graph_kinds.py declares their files, axes and pins).
 FULL, ENCODER, DECODER, CLASSIFIER = "full", "encoder", "decoder", "classifier"
-GRAPH_FILES = {FULL: "model.onnx", CLASSIFIER: "model.onnx", ENCODER: "encoder.onnx",
-               DECODER: "decoder.onnx"}
 MEMORY, CLASS_LOGITS = "memory", "class_logits"
 
 

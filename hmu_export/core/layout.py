@@ -21,7 +21,7 @@ class BuildLayout:
 
     def graph(self, name: str, variant: str = "") -> Path:
         """``<stem>[.<variant>].onnx`` of a graph: variant "" (exported), "opt", "fp16"."""
-        from .io_contract import GRAPH_FILES
+        from .graph_kinds import GRAPH_FILES
 
         stem = GRAPH_FILES[name][:-len(".onnx")]
         return self.root / (f"{stem}.{variant}.onnx" if variant else f"{stem}.onnx")

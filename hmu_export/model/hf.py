@@ -48,7 +48,7 @@ T5_MAX_LEN = 512
 #: that sets any other value keeps it (an explicit 64 cannot be told from the default).
 _DEFAULT_LATENT = next(f.default for f in dataclasses.fields(ModelConfig) if f.name == "latent_dim")
 #: generation_config.json options that change tokens and that every loop honours:
-#: Transformers' name -> our [generation] key (hmu_export/token_rules.py for the token rules).
+#: Transformers' name -> our [generation] key (hmu_export/shipped/token_rules.py for the token rules).
 HONOURED_OPTIONS: dict[str, str] = {
     "num_beams": "num_beams", "length_penalty": "length_penalty",
     "early_stopping": "early_stopping", "repetition_penalty": "repetition_penalty",

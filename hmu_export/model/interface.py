@@ -17,9 +17,8 @@ import torch
 from torch import nn
 
 from ..core.config import ModelConfig
-from ..core.io_contract import (CLASSIFIER, DECODER, ENCODER, FULL, CacheLayout, GraphContract,
-                           classifier_contract, decoder_contract, encoder_contract,
-                           full_contract)
+from ..core.graph_kinds import GRAPH_KINDS, graph_contract
+from ..core.io_contract import CLASSIFIER, DECODER, ENCODER, FULL, CacheLayout, GraphContract
 
 
 class ModelSource(ABC):
@@ -43,15 +42,9 @@ class ModelSource(ABC):
         return (FULL, ENCODER, DECODER)
 
     def contract(self, graph: str, diagnostics: bool = False) -> GraphContract:
-        if graph == FULL:
-            return full_contract(self.cfg, diagnostics)
-        if graph == CLASSIFIER:
-            return classifier_contract(self.cfg)
-        if graph == ENCODER:
-            return encoder_contract(self.cfg, self.cache_layout())
-        if graph == DECODER:
-            return decoder_contract(self.cfg, self.cache_layout())
-        raise KeyError(graph)
+        kind = GRAPH_KINDS[graph]
+        return graph_contract(graph, self.cfg, self.cache_layout() if kind.needs_cache else None,
+                              diagnostics)
 
     @abstractmethod
     def module(self, graph: str, diagnostics: bool = False) -> nn.Module:

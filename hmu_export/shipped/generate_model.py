@@ -6,7 +6,7 @@ Copied verbatim to ``<repository>/<name>_generate/1/model.py`` and to
 the repository alone: it imports only numpy, onnxruntime (in-process mode) and Triton's
 ``triton_python_backend_utils``; the pure functions are importable outside Triton and tested.
 
-The loop is the one of ``hmu_export.generate.Generator`` (greedy, sampling, beam search), ported
+The loop is the one of ``hmu_export.generate.generator.Generator`` (greedy, sampling, beam search), ported
 here because the server has no hmu_export package; tests/test_triton_generate.py serves it and
 checks that every strategy gives exactly the Generator's tokens. One request is one source
 sequence (``src_ids`` [1, L]); its result equals ``Generator.generate([row], ...)`` with the same
@@ -41,7 +41,7 @@ except ImportError:  # pragma: no cover - outside Triton (unit tests)
 
 
 def _load_token_rules() -> Any:
-    """hmu_export/token_rules.py: the package's module in tests, else the copy beside this file
+    """hmu_export/shipped/token_rules.py: the package's module in tests, else the copy beside this file
     (the server has no hmu_export package)."""
     try:
         from . import token_rules  # type: ignore[attr-defined]
@@ -86,7 +86,7 @@ class RequestError(ValueError):
 # --------------------------------------------------------------------------- request checks
 @dataclass(frozen=True)
 class Options:
-    """One request's settings (GenerationOptions of hmu_export.generate, resolved)."""
+    """One request's settings (GenerationOptions of hmu_export.generate.generator, resolved)."""
 
     strategy: str = "greedy"
     max_new_tokens: int = 1
@@ -210,7 +210,7 @@ def check_source(src: np.ndarray | None, spec: Mapping[str, int]) -> list[int]:
 
 
 def load_tokenizer(folder: str) -> Any:
-    """The build's tokenizer (copied beside model.py), as hmu_export.text loads it."""
+    """The build's tokenizer (copied beside model.py), as hmu_export.model.tokenizer loads it."""
     try:
         import transformers
     except ImportError:
@@ -251,7 +251,7 @@ def check_max_new_tokens(arr: np.ndarray | None) -> int | None:
 
 
 # --------------------------------------------------------------------------- token choice
-# These three are hmu_export.generate's own (log_softmax, sample_tokens, _Hypotheses); the
+# These three are hmu_export.generate.generator's own (log_softmax, sample_tokens, _Hypotheses); the
 # served tests compare tokens with the Generator, so a change there shows up here.
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     x = logits.astype(np.float64)
@@ -319,7 +319,7 @@ Run = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
 
 class Steps:
-    """Encoder once, then decoder steps with the KV cache (CachedStepper of hmu_export.generate).
+    """Encoder once, then decoder steps with the KV cache (CachedStepper of hmu_export.generate.generator).
 
     ``encode`` / ``decode`` run the graphs (in-process ONNX Runtime, or BLS)."""
 

@@ -7,7 +7,7 @@ functions below are unit-tested and reused by the client helper), so the noise r
 exactly one place.
 
 The graph is described by the config's ``parameters`` (written from the build's I/O contract by
-``hmu_export.triton.python_config``), not by names known here: ``input.<name>`` = ``"int64[batch,
+``hmu_export.deploy.triton.config.python_config``), not by names known here: ``input.<name>`` = ``"int64[batch,
 src_len]"`` (dtype and dims, a name is a dynamic axis), ``<axis>_min`` / ``<axis>_max`` = the
 profile's range of each dynamic axis other than batch, ``vocab_size``. Int64 inputs named
 ``*_mask`` are padding masks (0/1, at least one 1 per row); other int64 inputs are token ids
@@ -19,7 +19,7 @@ Noise: ``noise`` is an optional input here. A request that sends it gets exactly
 A request that omits it gets zeros (the VAE's mean path), or, when the request parameters carry
 ``temperature`` > 0, seeded noise ``default_rng(seed).standard_normal((B, L, latent)) *
 temperature`` (float32), L being the length of the axis the noise spans (its dims say which,
-and another input carries it), the same array ``hmu_export.triton_client.make_noise`` builds.
+and another input carries it), the same array ``hmu_export.deploy.triton.client.make_noise`` builds.
 
 ``seed`` must be an integer in [0, 2**63 - 1] and ``temperature`` a number in [0, 1e4] (judged
 after the cast to float32, so 1e39, inf in float32, is refused).

@@ -1,4 +1,4 @@
-// The I/O contract (names, dtypes, dims) and the shape validation of hmu_export/io_contract.py.
+// The I/O contract (names, dtypes, dims) and the shape validation of hmu_export/core/io_contract.py.
 //
 // Messages match Python's validate_feeds word for word where the concepts are the same, so a
 // user sees the same error from the CLI, the Python runners and this program.

@@ -26,7 +26,7 @@ struct CacheLayout {
   int64_t head_dim = 0;
 };
 
-// Token rules of the build's [generation] config (hmu_export/token_rules.py; for a Hugging
+// Token rules of the build's [generation] config (hmu_export/shipped/token_rules.py; for a Hugging
 // Face source, its generation_config.json): Transformers' semantics and order, applied to the
 // raw logits of the greedy loop (in double, as Python does on float64).
 struct TokenRules {

@@ -15,7 +15,8 @@ def stage_export(ctx: BuildContext) -> StageResult:
     import onnx
 
     from ...core.pins import sensitive_nodes
-    from ...core.io_contract import ENCODER, GRAPH_FILES
+    from ...core.graph_kinds import GRAPH_FILES
+    from ...core.io_contract import ENCODER
 
     assert ctx.source is not None
     graphs: dict[str, Any] = {}
@@ -59,7 +60,7 @@ def _export_all(ctx: BuildContext, names: list[str]) -> dict[str, Any]:
     import multiprocessing
 
     from ...export.onnx_export import export_graph
-    from ...core.io_contract import GRAPH_FILES
+    from ...core.graph_kinds import GRAPH_FILES
 
     assert ctx.source is not None
     ckpt = ctx.layout.checkpoint_dir

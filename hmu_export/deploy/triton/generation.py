@@ -7,7 +7,7 @@
     <name>_encoder/          config.pbtxt  1/model.onnx   (onnxruntime_onnx: BLS target, GPU hosts)
     <name>_decoder/          config.pbtxt  1/model.onnx   (onnxruntime_onnx: BLS target, GPU hosts)
 
-``model.py`` is hmu_export/triton_generate_model.py (and ``token_rules.py`` the package's own,
+``model.py`` is hmu_export/shipped/generate_model.py (and ``token_rules.py`` the package's own,
 loaded by it). The build's decoding defaults and token rules travel in the ``decoding``
 parameter (JSON). The two python models take ``src_ids``
 INT64 [1, L] per request (``allow_ragged_batch``: requests of different lengths share an
@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Callable
 from ...core.layout import BuildLayout
 from ...core.config import BuildConfig
 from ...core.errors import ArtifactError
-from ...core.io_contract import (BATCH, DECODER, ENCODER, GRAPH_FILES, NEW_LEN, NOISE, SRC_LEN,
+from ...core.graph_kinds import GRAPH_FILES
+from ...core.io_contract import (BATCH, DECODER, ENCODER, NEW_LEN, NOISE, SRC_LEN,
                           GraphContract, TensorSpec, past_key)
 
 if TYPE_CHECKING:

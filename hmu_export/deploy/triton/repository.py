@@ -64,7 +64,7 @@ def _readme(models: list[TritonModel], cfg: BuildConfig, contract: GraphContract
         noise_text = (
             f"Noise: `noise` (float32 [{dims}]) is required by the TensorRT and ONNX\n"
             "models: send zeros for the mean path, or seeded noise from\n"
-            f"`hmu_export.triton_client.make_noise(B, {noise.dims[1]}, {noise.dims[2]}, seed, "
+            f"`hmu_export.deploy.triton.client.make_noise(B, {noise.dims[1]}, {noise.dims[2]}, seed, "
             "temperature)`.")
         if has_python:
             noise_text += ("\nThe python model also accepts requests without it: zeros, or the "
