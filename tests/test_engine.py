@@ -12,6 +12,7 @@ from pathlib import Path
 import onnx
 import pytest
 
+from hmu_export.build.stages import engine as stage_mod
 from hmu_export.deploy import tensorrt as engine_mod
 from hmu_export.core.layout import BuildLayout
 from hmu_export.core.config import ProfileConfig
@@ -39,7 +40,7 @@ def folder(small_export, tmp_path, monkeypatch):
     root = tmp_path / "build"
     shutil.copytree(small_export.root, root)
     write_manifest(root, stages={}, profile={}, versions={})
-    monkeypatch.setattr(engine_mod, "probe_runtime", _no_trt)
+    monkeypatch.setattr(stage_mod, "probe_runtime", _no_trt)
     return root
 
 
@@ -72,7 +73,7 @@ def test_pins_chosen_by_name_from_the_exported_graph(small_export, small_cfg):
 
 def test_stage_skips_with_reason_and_writes_recipe(folder, small_cfg):
     ctx = _ctx(small_cfg, folder)
-    res = engine_mod.engine_stage(ctx)
+    res = stage_mod.engine_stage(ctx)
     assert res.status == SKIPPED and "TensorRT is not installed" in res.reason
     recipe = folder / "build_engine.sh"
     assert recipe.stat().st_mode & stat.S_IXUSR
@@ -103,7 +104,7 @@ def test_extra_profiles_and_build_options_reach_the_recipe(folder, small_cfg):
                               version_compatible=True, hardware_compatibility="ampere_plus",
                               builder_optimization_level=5, workspace_mib=512)
     cfg = dataclasses.replace(small_cfg, engine=eng).validate()
-    engine_mod.engine_stage(_ctx(cfg, folder))
+    stage_mod.engine_stage(_ctx(cfg, folder))
     text = (folder / "build_engine.sh").read_text()
     assert "--profile=0" in text and "--profile=1" in text
     assert "--maxShapes=src_ids:1x8,src_mask:1x8,tgt_ids:1x2,noise:1x8x16" in text
@@ -126,7 +127,7 @@ for a in "$@"; do case "$a" in --saveEngine=*) echo plan > "${a#--saveEngine=}";
 @pytest.fixture
 def recipe_built(folder, small_cfg, tmp_path):
     """The folder after running build_engine.sh with a stand-in trtexec (no GPU needed)."""
-    engine_mod.engine_stage(_ctx(small_cfg, folder))
+    stage_mod.engine_stage(_ctx(small_cfg, folder))
     fake = tmp_path / "trtexec"
     fake.write_text(FAKE_TRTEXEC)
     fake.chmod(0o755)
@@ -226,7 +227,7 @@ def test_engine_command_refuses_a_changed_graph(folder, capsys):
 
 
 def test_recipe_json_is_valid_even_with_odd_gpu_names(folder, small_cfg, tmp_path):
-    engine_mod.engine_stage(_ctx(small_cfg, folder))
+    stage_mod.engine_stage(_ctx(small_cfg, folder))
     fake = tmp_path / "trtexec"
     fake.write_text(FAKE_TRTEXEC.replace("NVIDIA H100 80GB HBM3", 'GPU "quoted" name'))
     fake.chmod(0o755)

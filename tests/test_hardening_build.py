@@ -298,7 +298,7 @@ def test_malformed_graph_metadata_is_one_line(mini_build, small_cfg, tmp_path, c
 
 
 def test_commands_on_a_build_keep_info_passing(build_copy, monkeypatch):
-    from hmu_export.deploy import tensorrt as engine_mod
+    from hmu_export.build.stages import engine as engine_mod
 
     def no_trt():  # type: ignore[no-untyped-def]
         raise BackendUnavailable("TensorRT is not installed")
@@ -420,7 +420,7 @@ def test_the_build_works_without_tritonclient(small_cfg, tmp_path, monkeypatch):
 # ------------------------------------------------------------------- 18: smaller
 
 def test_engine_require_engine_says_why(build_copy, capsys, monkeypatch):
-    from hmu_export.deploy import tensorrt as engine_mod
+    from hmu_export.build.stages import engine as engine_mod
 
     def no_trt():  # type: ignore[no-untyped-def]
         raise BackendUnavailable("TensorRT is not installed")
@@ -470,8 +470,9 @@ def test_stage_details_are_formatted_for_people():
 # ------------------------------------------------------------------ 19, 21, 22
 
 def test_the_fp16_stage_checks_its_graph_loads(mini_build, small_cfg, tmp_path, monkeypatch):
-    from hmu_export.export.onnx_export import fp16
     from hmu_export.build.context import BuildContext
+    from hmu_export.build.stages.fp16 import fp16_stage
+    from hmu_export.export import fp16
 
     shutil.copy(mini_build / "model.onnx", tmp_path / "model.onnx")
 
@@ -479,7 +480,7 @@ def test_the_fp16_stage_checks_its_graph_loads(mini_build, small_cfg, tmp_path, 
         raise ArtifactError("the FP16 graph does not load in ONNX Runtime: planted")
     monkeypatch.setattr(fp16, "_check_loads", rejects)
     with pytest.raises(ArtifactError, match="planted"):
-        fp16.fp16_stage(BuildContext(small_cfg, BuildLayout(tmp_path)))
+        fp16_stage(BuildContext(small_cfg, BuildLayout(tmp_path)))
     assert not (tmp_path / "model.fp16.onnx").exists()
 
 

@@ -23,7 +23,7 @@ from hmu_export.core.errors import ArtifactError
 from hmu_export.core.io_contract import full_contract
 from hmu_export.core.manifest import OK, SKIPPED, StageResult, read_manifest, write_manifest
 from hmu_export.deploy.triton.config import TritonConfigError, TritonOptions, check_config_text
-from hmu_export.deploy.triton.config import repository_from_artifacts, write_repository
+from hmu_export.deploy.triton.repository import repository_from_artifacts, write_repository
 from hmu_export.build.stages.triton import triton_stage
 from hmu_export.deploy.triton.client import make_noise
 from hmu_export.shipped.python_model import RequestError, complete_feeds

@@ -20,7 +20,7 @@ import pytest
 
 from hmu_export.generate.generator import Generator
 from hmu_export.deploy.triton.config import TritonConfigError, TritonOptions, parse_config
-from hmu_export.deploy.triton.config import repository_from_artifacts
+from hmu_export.deploy.triton.repository import repository_from_artifacts
 from hmu_export.deploy.triton.generation import check_generate_config, generation_names
 from hmu_export.deploy.triton.server import serve
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from hmu_export.core.io_contract import make_feeds
-from hmu_export.deploy.triton.config import repository_from_artifacts
+from hmu_export.deploy.triton.repository import repository_from_artifacts
 from hmu_export.deploy.triton.client import HMUTritonClient, TritonRequestError, make_noise
 from hmu_export.deploy.triton.server import TritonServerError, serve
 
