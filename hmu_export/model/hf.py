@@ -632,7 +632,6 @@ class HFSource(ModelSource):
         #: False when the HMU was seeded (no hmu_checkpoint): manifests say "untrained"
         self.hmu_trained = hmu_trained
 
-    @property
     def save(self, folder: Path) -> tuple[Path, Path]:
         """The generic checkpoint plus the base model's config.json and the folder's tokenizer
         (``load_saved`` rebuilds the architecture from them)."""
@@ -640,6 +639,7 @@ class HFSource(ModelSource):
         save_hf_config(self, folder)
         return out
 
+    @property
     def hmu_status(self) -> str:
         if not self.cfg.use_hmu:
             return "off"
