@@ -292,7 +292,7 @@ def _kind_of(conf: "model_config_pb2.ModelConfig") -> str:
                             f"{conf.platform or conf.backend!r}")
 
 
-def graph_io(onnx_path: Path) -> dict[str, tuple[str, list[str | int]]]:
+def onnx_graph_io(onnx_path: Path) -> dict[str, tuple[str, list[str | int]]]:
     """name -> (Triton dtype, dims with dim_param names / values) of the graph's inputs+outputs."""
     import onnx
 
@@ -462,7 +462,7 @@ def check_config_text(text: str, contract: GraphContract, profiles: Sequence[Pro
     """Schema + semantic validation of one config.pbtxt text (what is written is what is checked)."""
     conf = parse_config(text, where)
     validate_config(conf, contract, profiles,
-                    graph_io=graph_io(onnx_path) if onnx_path is not None else None)
+                    graph_io=onnx_graph_io(onnx_path) if onnx_path is not None else None)
     return conf
 
 

@@ -99,9 +99,9 @@ class NotServable(ArtifactError):
 def cache_geometry(enc: Path, dec: Path) -> dict[str, int]:
     """layers / heads / head_dim / latent_dim as the graphs declare them; NotServable when the
     graphs' I/O is not exactly what triton_generate_model.py feeds and reads."""
-    from .config import graph_io
+    from .config import onnx_graph_io
 
-    dio, eio = graph_io(dec), graph_io(enc)
+    dio, eio = onnx_graph_io(dec), onnx_graph_io(enc)
     layers = 0
     while past_key(layers) in dio:
         layers += 1
@@ -257,7 +257,7 @@ def generation_models(layout: BuildLayout, cfg: BuildConfig, opts: "TritonOption
                       step_backend: str = "onnxruntime") -> list["TritonModel"]:
     """The four models, or none when the build has no generation graphs (or is a classifier)."""
     from ...core.graph_meta import load_graph_contract
-    from .config import TritonConfigError, TritonModel, graph_io, engine_profiles, \
+    from .config import TritonConfigError, TritonModel, onnx_graph_io, engine_profiles, \
         validate_config
 
     if step_backend not in STEP_BACKENDS:
@@ -291,7 +291,7 @@ def generation_models(layout: BuildLayout, cfg: BuildConfig, opts: "TritonOption
     for kind, path in ((ENCODER_KIND, enc), (DECODER_KIND, dec)):
         _, _, contract = load_graph_contract(path)
         conf = graph_config(names[kind], cfg, contract, opts)
-        graph_io = graph_io(path)
+        graph_io = onnx_graph_io(path)
         check = (lambda c, ct=contract, gio=graph_io:
                  validate_config(c, ct, engine_profiles(cfg), graph_io=gio))
         mfiles = {"1/model.onnx": path}

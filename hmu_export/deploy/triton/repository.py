@@ -9,7 +9,7 @@ from ...core.config import BuildConfig
 from ...core.errors import ArtifactError
 from ...core.fileio import atomic_path, write_text
 from ...core.io_contract import AXIS_TO_PROFILE, BATCH, NOISE, GraphContract
-from .config import ONNXRUNTIME, PYTHON, TENSORRT, HEADER, PYTHON_MODEL_SOURCE, RepositoryResult, TritonModel, TritonOptions, engine_profiles, graph_io, model_names, onnx_config, parse_config, python_config, python_model_refusal, render_config, require_schema, tensorrt_config, validate_config
+from .config import ONNXRUNTIME, PYTHON, TENSORRT, HEADER, PYTHON_MODEL_SOURCE, RepositoryResult, TritonModel, TritonOptions, engine_profiles, onnx_graph_io, model_names, onnx_config, parse_config, python_config, python_model_refusal, render_config, require_schema, tensorrt_config, validate_config
 if TYPE_CHECKING:
     pass
 
@@ -129,7 +129,7 @@ def write_repository(layout: BuildLayout, cfg: BuildConfig, contract: GraphContr
     _check_replaceable(out_dir)
     models = plan_models(layout, cfg, contract, opts)
     profiles = engine_profiles(cfg)
-    graph_io = graph_io(layout.onnx)
+    graph_io = onnx_graph_io(layout.onnx)
     texts = {}
     for m in models:  # validate everything before the first byte is written
         text = render_config(m.config, m.header or HEADER[m.kind])
