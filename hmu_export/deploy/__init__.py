@@ -1,1 +1,2 @@
-"""Floor 3: deployment targets: TensorRT recipes and engines, Triton repositories."""
+"""Floor 3: deployment targets: TensorRT recipes and engines, Triton repositories, Kubernetes /
+KServe manifests."""
