@@ -118,7 +118,7 @@ def test_generation_parity_passes_and_names_its_reference(unseen_build):
     from hmu_export.verify.generation_parity import run_generation_parity
 
     build = open_build(unseen_build)
-    report = run_generation_parity(unseen_build, build.cfg, build.load_source)
+    report = run_generation_parity(unseen_build, build.cfg, lambda: load_build_source(build))
     assert report.passed, report.failures()
     assert report.reference == "torch-nocache"
     cases = {(r.variant, tuple(r.chunks)) for r in report.steps}
