@@ -16,6 +16,10 @@ if TYPE_CHECKING:
     from .interface import ModelSource
 
 WEIGHTS_FILE = "model.safetensors"
+#: One key only: safetensors writes its metadata map in a random order per process, so two keys
+#: made the same weights hash differently from one build to the next (seen on the default build:
+#: 33 header bytes differed), and with them every graph that records the checkpoint's sha256.
+METADATA = {"format": "pt"}
 CONFIG_FILE = "config.json"
 
 
@@ -27,7 +31,7 @@ def save_checkpoint(model: HMUTransformer, folder: Path) -> tuple[Path, Path]:
     weights, config = folder / WEIGHTS_FILE, folder / CONFIG_FILE
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(weights) as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt", "producer": "hmu_export"})
+        save_file(state, str(tmp), metadata=METADATA)
     cfg = replace(model.cfg, checkpoint="")
     write_json(config, asdict(cfg))
     return weights, config
@@ -182,7 +186,6 @@ def save_source_state(source: "ModelSource", folder: Path) -> tuple[Path, Path]:
         state[k] = (v.detach().clone() if ptr in seen else v.detach()).contiguous()
         seen.add(ptr)
     with atomic_path(weights) as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt", "producer": "hmu_export",
-                                             "source": source.source})
+        save_file(state, str(tmp), metadata=METADATA)
     write_json(config, asdict(replace(source.cfg, checkpoint="", path="", hmu_checkpoint="")))
     return weights, config
