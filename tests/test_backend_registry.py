@@ -38,9 +38,11 @@ def planted(tmp_path, monkeypatch):
 
 def test_the_shipped_backends_and_their_order():
     assert registry.step_names() == ("torch", "torch-nocache", "onnxruntime", "onnxruntime-opt",
-                                     "onnxruntime-fp16emu", "torch-cuda", "torch-cuda-fp16")
+                                     "onnxruntime-fp16emu", "onnxruntime-int8",
+                                     "onnxruntime-int4", "torch-cuda", "torch-cuda-fp16")
     entries = {e.name: e for e in registry.step_entries()}
     assert entries["onnxruntime-fp16emu"].precision == "fp16"
+    assert entries["onnxruntime-int8"].precision == "int8"
     assert entries["torch-cuda"].device == "cuda" and entries["onnxruntime"].device == "cpu"
 
 

@@ -13,14 +13,14 @@ from typing import Callable, Mapping
 import numpy as np
 
 from ..core.config import BuildConfig
-from ..core.errors import ArtifactError
-from ..core.io_contract import (DECODER, ENCODER, LOGITS, NOISE, SRC_IDS, SRC_MASK, GraphContract,
+from ..core.errors import ArtifactError, BackendUnavailable
+from ..core.io_contract import (DECODER, ENCODER, FULL, LOGITS, NOISE, SRC_IDS, SRC_MASK, GraphContract,
                                 past_key)
 from ..core.layout import BuildLayout
-from ..generate.stepper import CacheSpec, CachedStepper, cache_spec_from_dims
+from ..generate.stepper import CacheSpec, CachedStepper, Stepper, cache_spec_from_dims
 from ..runners import OnnxRuntimeRunner, Runner
-from ..runners.onnxruntime_runner import cpu_count, session_options
-from .registry import BENCH_ONLY, Backend, SourceModel, StepEntry, forward, step
+from ..runners.onnxruntime_runner import cpu_count, session_options, tuned_session_options
+from .registry import BENCH_ONLY, Backend, SourceModel, StepEntry, StepRequest, forward, step
 
 #: ONNX Runtime execution providers run on the primary graph where this onnxruntime has them
 ORT_DEVICE_PROVIDERS = {"onnxruntime-cuda": "CUDAExecutionProvider",
@@ -98,6 +98,34 @@ def spinning(threads: int) -> bool:
     measured p99/p50 of 13 with spinning on 2 threads / 2 cores, 1.6 without
     (docs/generation.md)."""
     return threads < cpu_count()
+
+
+def variant_forward(layout: BuildLayout, cfg: BuildConfig, contract: GraphContract, *,
+                    label: str, variant: str, precision: str, threads: int | None,
+                    uses: frozenset[str], why_missing: str, tuned: bool = True) -> list[Backend]:
+    """ORT on ``model.<variant>.onnx`` (a converted primary graph), with the tuned session
+    options (else ORT's defaults with ``threads``)."""
+    path = layout.graph(FULL, variant)
+    if not path.is_file():
+        return [Backend(label, precision, None, f"{path.name} not found ({why_missing})",
+                        uses=uses)]
+    return [Backend(label, precision, lambda: OnnxRuntimeRunner(
+        path, contract, [cfg.profile], precision=precision, vocab_size=cfg.model.vocab_size,
+        label=label, threads=None if tuned else threads,
+        sess_options=tuned_session_options(threads) if tuned else None), uses=uses)]
+
+
+def variant_stepper(variant: str, why_missing: str) -> Callable[[StepRequest], Stepper]:
+    """A step backend over ``encoder.<variant>.onnx`` + ``decoder.<variant>.onnx``."""
+    def make(req: StepRequest) -> Stepper:
+        split_graphs(req.layout)
+        enc, dec = split_graphs(req.layout, variant)
+        if not (enc.is_file() and dec.is_file()):
+            raise BackendUnavailable(f"{req.root} has no {enc.name} / {dec.name} ({why_missing})")
+        return CachedStepper(OrtStepBackend(enc, dec, name=req.name,
+                                            sess_options=tuned_session_options(
+                                                req.threads, spinning=spinning(req.threads))))
+    return make
 
 
 # --------------------------------------------------------------------------- registry

@@ -31,7 +31,7 @@ from .preflight import check_generation_options, model_generation, preflight
 
 
 #: the build, in order: each name is a module of build/stages/ that declares its ``STAGE``
-PIPELINE = ("checkpoint", "export", "optimize", "fp16", "engine", "parity", "triton")
+PIPELINE = ("checkpoint", "export", "optimize", "fp16", "quantize", "engine", "parity", "triton")
 
 
 def _stage(name: str) -> Stage:
@@ -140,7 +140,7 @@ def _run_stages(cfg: BuildConfig, out_dir: Path, staging: Path,
              "build_seconds": round(time.perf_counter() - t0, 3)}
     extra.update({k: v for k, v in ctx.data.items() if k in ("parameters", "sensitive_nodes",
                                                               "engine", "parity", "graphs",
-                                                              "graph_pins", "generation_parity",
+                                                              "graph_pins", "generation_parity", "quantize",
                                                               "hmu_status")})
     write_manifest(staging, stages=ctx.stages, profile=cfg.profile.to_dict(),
                    versions=_versions(), extra=extra)

@@ -216,6 +216,39 @@ class ParityConfig:
 
 
 @dataclass(frozen=True)
+class Int8Config:
+    """The quantized CPU graphs (int8 weights, int4 weight-only) and the quality they must keep."""
+
+    enabled: bool = True  # write *.int8.onnx (dynamic int8, per-channel weights)
+    int4: bool = True  # also *.int4.onnx (MatMulNBits, weight-only)
+    keep_hmu: bool = True  # the HMU's MatMuls stay FP32 (its nodes are the FP16 pins too)
+    keep_lm_head: bool = True  # the output projection stays FP32 (every logit goes through it)
+    exclude: tuple[str, ...] = ()  # more node names (or "prefix/") kept FP32
+    reduce_range: str = "auto"  # auto (7-bit weights unless the CPU has VNNI) | on | off
+    int4_block_size: int = 32
+    int4_accuracy_level: int = 4  # MatMulNBits: 4 = int8 compute of the activations
+    #: quality budget: exact-match drop (points) vs FP32 on the task set; over it the stage
+    #: fails and the quantized graphs are not shipped
+    max_exact_match_drop: float = 0.5
+
+    def validate(self) -> None:
+        if self.reduce_range not in ("auto", "on", "off"):
+            raise ConfigError(f"int8.reduce_range must be auto, on or off, got {self.reduce_range!r}")
+        if self.int4_block_size < 16 or self.int4_block_size & (self.int4_block_size - 1):
+            raise ConfigError("int8.int4_block_size must be a power of two >= 16, got "
+                              f"{self.int4_block_size}")
+        if self.int4_accuracy_level not in (0, 1, 2, 3, 4):
+            raise ConfigError("int8.int4_accuracy_level must be 0..4, got "
+                              f"{self.int4_accuracy_level}")
+        if not (0 <= self.max_exact_match_drop <= 100):
+            raise ConfigError("int8.max_exact_match_drop must be in [0, 100] (points), got "
+                              f"{self.max_exact_match_drop}")
+        for name in self.exclude:
+            if not name.strip():
+                raise ConfigError("int8.exclude holds an empty node name")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """TensorRT engine options (used where TensorRT exists; the recipe is always written)."""
 
@@ -333,6 +366,7 @@ class BuildConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     triton: TritonConfig = field(default_factory=TritonConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    int8: Int8Config = field(default_factory=Int8Config)
 
     def validate(self) -> "BuildConfig":
         self.model.validate()
@@ -342,6 +376,7 @@ class BuildConfig:
         self.engine.validate(self.profile)
         self.triton.validate()
         self.generation.validate(self.model, self.profile)
+        self.int8.validate()
         return self
 
     def to_dict(self) -> dict[str, Any]:
