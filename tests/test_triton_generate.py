@@ -124,7 +124,8 @@ def test_repository_has_the_generation_models(repo, small_cfg):
     for kind, name in names.items():
         files = sorted(p.relative_to(repo / name).as_posix()
                        for p in (repo / name).rglob("*") if p.is_file())
-        want = (["1/decoder.onnx", "1/encoder.onnx", "1/model.py", "1/token_rules.py"]
+        want = (["1/decoder.onnx", "1/encoder.onnx", "1/model.py", "1/request_options.py",
+                 "1/token_rules.py"]
                 if kind.startswith("generate") else ["1/model.onnx"])
         assert files == sorted(want + ["config.pbtxt"]), (name, files)
     gen = parse_config((repo / GEN / "config.pbtxt").read_text())
@@ -194,7 +195,7 @@ def test_mixed_batch_with_bad_requests(client, ref):
             assert result == ref.generate([row], **kw).sequences[0], (row, kw)
     msgs = [str(r) for r in got if isinstance(r, Exception)]
     assert any("token id 61 outside [0, 61)" in m for m in msgs), msgs
-    assert any("'temperature' must be a float" in m for m in msgs), msgs
+    assert any("temperature must be a number, got 'hot'" in m for m in msgs), msgs
     assert any("max_new_tokens must be in [1, 8]" in m for m in msgs), msgs
 
 
@@ -202,8 +203,13 @@ BAD = [
     ([], {}, "empty"),
     (list(range(17)), {}, "outside the profile"),
     ([5, -1], {}, "outside [0, 61)"),
-    ([5], {"strategy": "nucleus"}, "unknown strategy"),
-    ([5], {"temperature": "0"}, "temperature must be > 0"),
+    ([5], {"strategy": "nucleus"}, "strategy must be one of"),
+    ([5], {"temperature": "0"}, "temperature must be in"),
+    ([5], {"temperature": "1e-320", "strategy": "sample"}, "temperature must be in"),
+    ([5], {"length_penalty": "400", "strategy": "beam", "num_beams": 2},
+     "length_penalty must be in"),
+    ([5], {"noise_scale": "1e39"}, "noise_scale must be in"),
+    ([5], {"seed": str(2**64)}, "seed must be in"),
     ([5], {"top_p": "1.5"}, "top_p"),
     ([5], {"num_beams": 8, "strategy": "beam"}, "batch max"),
     ([5], {"seed": -3}, "seed must be in"),
@@ -226,6 +232,28 @@ def test_bad_requests_get_errors_and_the_server_keeps_serving(client, server, re
     with pytest.raises(InferenceServerException, match="one source sequence"):
         client.infer(GEN, [inp])
     assert server.alive()
+
+
+def test_client_mistakes_are_invalid_argument_not_internal(server, client):
+    """A bad shape or parameter is the client's mistake: gRPC INVALID_ARGUMENT and HTTP 400,
+    so retry policies and alerts do not count it as a server fault (it was INTERNAL / 500)."""
+    import tritonclient.http as httpclient
+
+    two_rows = np.asarray([ROWS[1], ROWS[1]], dtype=np.int64)
+    for proto, mod, url, want in (("grpc", grpcclient, server.grpc_url, "INVALID_ARGUMENT"),
+                                  ("http", httpclient, server.http_url, "400")):
+        c = client if proto == "grpc" else httpclient.InferenceServerClient(url)
+        shaped = mod.InferInput("src_ids", list(two_rows.shape), "INT64")
+        shaped.set_data_from_numpy(two_rows)
+        one = mod.InferInput("src_ids", [1, 2], "INT64")
+        one.set_data_from_numpy(two_rows[:1])
+        for inputs, params in (([shaped], {}), ([one], {"temperature": "hot"}),
+                               ([one], {"seed": -1}), ([one], {"noise_scale": "1e39"})):
+            with pytest.raises(InferenceServerException) as info:
+                c.infer(GEN, inputs, parameters=params)
+            assert want in str(info.value.status()), (proto, params, info.value.status())
+        if proto == "http":
+            c.close()
 
 
 def test_eight_concurrent_clients(server, ref):
@@ -430,3 +458,4 @@ def test_graphs_it_cannot_drive_give_no_generation_models(gen_build, small_cfg, 
     assert generation_models(BuildLayout(root), small_cfg, TritonOptions()) == []
     assert cache_geometry(gen_build / "encoder.onnx", gen_build / "decoder.onnx") == {
         "layers": 1, "heads": 4, "head_dim": 8, "latent_dim": 16}
+
