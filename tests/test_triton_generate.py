@@ -459,3 +459,53 @@ def test_graphs_it_cannot_drive_give_no_generation_models(gen_build, small_cfg, 
     assert cache_geometry(gen_build / "encoder.onnx", gen_build / "decoder.onnx") == {
         "layers": 1, "heads": 4, "head_dim": 8, "latent_dim": 16}
 
+
+def test_a_killed_stub_is_not_left_ready(server, client, ref):
+    """Issue 21: `kill -9` of the generation model's stub. Triton 2.51 alone keeps answering
+    ready (200) while every request fails ("Stub process ... is not healthy"); the stub
+    watchdog that serve() runs (shipped/stub_watchdog.py) unloads the model at once (ready
+    400) and loads it with a fresh stub: ready 200 again, and the same tokens."""
+    import os
+    import signal
+
+    from hmu_export.deploy.triton.server import _get
+    from hmu_export.shipped.stub_watchdog import stub_processes
+
+    assert server.watchdog is not None and server.watchdog.is_alive()
+    want = ref.generate([ROWS[0]]).sequences[0]
+    assert generate(client, ROWS[0]) == want
+    stubs = {pid: model for pid, (state, model) in stub_processes(server.process.pid).items()
+             if state != "Z"}
+    (pid,) = [p for p, m in stubs.items() if m == GEN]
+    restarts = len(server.watchdog.restarts)
+    os.kill(pid, signal.SIGKILL)
+    seen: list[tuple[int, bool]] = []  # (readiness code, request served) over time
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        ready = _get(f"http://{server.http_url}/v2/models/{GEN}/ready")
+        try:
+            ok = generate(client, ROWS[0]) == want
+        except InferenceServerException as exc:
+            ok = False
+            assert "not healthy" in str(exc) or "unknown model" in str(exc) or \
+                "unavailable" in str(exc).lower(), exc
+        seen.append((ready, ok))
+        if ok and len(server.watchdog.restarts) > restarts:
+            break
+        time.sleep(0.05)
+    log = server.workdir / "watchdog.log"
+    assert seen[-1] == (200, True), (seen[-3:], log.read_text() if log.is_file() else "no log",
+                                     server.watchdog.models, server.watchdog.zombie_since,
+                                     stub_processes(server.process.pid))
+    model, seconds, reloaded = server.watchdog.restarts[-1]
+    assert model == GEN and reloaded, server.watchdog.restarts
+    # Triton's own answer right after the kill: ready, yet failing (what the watchdog fixes)
+    assert seen[0] == (200, False), seen[:5]
+    # then not ready while the model reloads: readiness told the truth
+    assert any(code != 200 for code, _ in seen), seen
+    fresh = {p for p, (state, m) in stub_processes(server.process.pid).items()
+             if m == GEN and state != "Z"}
+    assert fresh and pid not in fresh
+    assert generate(client, ROWS[1]) == ref.generate([ROWS[1]]).sequences[0]
+    print(f"\nstub killed: ready 200 while failing for {sum(1 for c, o in seen if c == 200 and not o)}"
+          f" polls, reloaded in {seconds:.1f} s")
