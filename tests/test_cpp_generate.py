@@ -112,14 +112,17 @@ def oracle(model: Path, feeds, bos: int, eos: int, max_new: int, rules=None
 
 
 def _generate(exe: Path, folder: Path, feeds, work: Path, *extra: str,
-              env: dict | None = None) -> subprocess.CompletedProcess:
+              env: dict | None = None, verify: bool = False) -> subprocess.CompletedProcess:
+    """hmu_generate over folder's graphs; ``verify``: against the manifest.json beside them
+    (the graph folders of this module are bare exports: --no-verify unless asked)."""
     inputs = work / "in"
     inputs.mkdir(parents=True, exist_ok=True)
     for name, arr in feeds.items():
         np.save(inputs / f"{name}.npy", arr)
     return _run([str(exe), "--encoder", str(folder / "encoder.onnx"), "--decoder",
                  str(folder / "decoder.onnx"), "--inputs", str(inputs), "--outputs",
-                 str(work / "out"), *extra], timeout=120, env=env)
+                 str(work / "out"), *([] if verify else ["--no-verify"]), *extra],
+                timeout=120, env=env)
 
 
 def _tokens(res: subprocess.CompletedProcess, work: Path) -> tuple[list[list[int]], dict]:
@@ -369,7 +372,7 @@ def test_tensorrt_generator_compiles_and_links(hmu_generate, graphs, tmp_path_fa
     env = dict(os.environ, HMU_NVINFER_LIB="libnvinfer-absent.so.10")
     res = _run([str(exe), "--encoder", str(plans / "encoder.fp16.plan"), "--decoder",
                 str(plans / "decoder.fp16.plan"), "--inputs", str(inputs), "--outputs",
-                str(tmp_path / "out")], env=env)
+                str(tmp_path / "out"), "--no-verify"], env=env)
     assert "TensorRT runtime not found" in _one_line_error(res, tmp_path)
 
 
@@ -386,7 +389,117 @@ def test_hf_t5_build_gives_transformers_tokens(hmu_generate, hf_t5_build, tmp_pa
     x = HF._batch(src, b=3, ls=7, noise_scale=0.0)
     want = HF._hf_greedy(src, x, max_new=8)
     feeds = {"src_ids": x["src_ids"].numpy(), "src_mask": x["src_mask"].numpy()}
-    got, summary = _tokens(_generate(hmu_generate, out, feeds, tmp_path, "--max-new-tokens", "8"),
-                           tmp_path)
+    got, summary = _tokens(_generate(hmu_generate, out, feeds, tmp_path, "--max-new-tokens", "8",
+                                     verify=True), tmp_path)  # a real build: its manifest
     assert got == want
     assert summary["cache"]["head_dim"] == 12
+
+
+# ---- issues 19 / 21: the build's own graphs, finite logits, the request schema's limits --------
+
+def _manifested(folder: Path, out: Path) -> Path:
+    """A copy of the graphs with a manifest.json listing them, as a build writes it."""
+    from hmu_export.core.manifest import write_manifest
+
+    out.mkdir()
+    for name in ("encoder.onnx", "decoder.onnx", "model.onnx"):
+        shutil.copy(folder / name, out / name)
+    write_manifest(out, stages={}, profile={}, versions={})
+    return out
+
+
+@pytest.mark.parametrize("graphs", ["small"], indirect=True)
+def test_graphs_are_checked_against_their_builds_manifest(hmu_generate, graphs, tmp_path):
+    """`hmu_generate` ran a changed decoder.onnx unchecked: the sha256 the manifest lists must
+    match both graphs (--no-verify is the documented, explicit way round)."""
+    import onnx
+
+    cfg, folder = graphs
+    feeds = _ragged(cfg, [5, 2], seed=4)
+    gen = cfg.generation
+    want = oracle(folder / "model.onnx", feeds, gen.bos_id, gen.eos_id,
+                  gen.new_tokens(cfg.profile))
+    build = _manifested(folder, tmp_path / "build")
+    got, _ = _tokens(_generate(hmu_generate, build, feeds, tmp_path / "a", verify=True),
+                     tmp_path / "a")
+    assert got == want
+    # a decoder changed after the build (one weight): refused before it runs
+    proto = onnx.load(str(build / "decoder.onnx"))
+    init = max(proto.graph.initializer, key=lambda t: len(t.raw_data))
+    raw = bytearray(init.raw_data)
+    raw[0] ^= 1
+    init.raw_data = bytes(raw)
+    onnx.save(proto, str(build / "decoder.onnx"))
+    msg = _one_line_error(_generate(hmu_generate, build, feeds, tmp_path / "b", verify=True),
+                          tmp_path / "b")
+    assert "decoder.onnx does not match" in msg and "changed after the build" in msg, msg
+    # no manifest at all: refused, naming the way round
+    (build / "manifest.json").unlink()
+    msg = _one_line_error(_generate(hmu_generate, build, feeds, tmp_path / "c", verify=True),
+                          tmp_path / "c")
+    assert msg.startswith("no manifest.json next to ") and "--no-verify" in msg, msg
+    res = _generate(hmu_generate, build, feeds, tmp_path / "d")  # --no-verify: it runs
+    assert res.returncode == 0, res.stderr
+    # a graph the manifest does not list
+    build2 = _manifested(folder, tmp_path / "build2")
+    shutil.copy(build2 / "encoder.onnx", build2 / "enc2.onnx")
+    res = _run([str(hmu_generate), "--encoder", str(build2 / "enc2.onnx"), "--decoder",
+                str(build2 / "decoder.onnx"), "--inputs", str(tmp_path / "a" / "in"),
+                "--outputs", str(tmp_path / "e" / "out")])
+    assert "enc2.onnx is not listed in" in _one_line_error(res, tmp_path / "e")
+
+
+@pytest.mark.parametrize("graphs", ["small"], indirect=True)
+def test_non_finite_logits_fail_the_run(hmu_generate, graphs, tmp_path):
+    """NaN logits gave all-0 sequences with exit 0 (noise 1e38): now one error line naming the
+    row and the step; noise beyond the request schema's bound is refused before it runs."""
+    import onnx
+    from onnx import numpy_helper
+
+    cfg, folder = graphs
+    feeds = _ragged(cfg, [4, 3], seed=6)
+    msg = _one_line_error(_generate(hmu_generate, folder, dict(
+        feeds, noise=np.full_like(feeds["noise"], 1e38)), tmp_path / "a"), tmp_path / "a")
+    assert msg.startswith("input 'noise' has values beyond +-10000 (largest |noise| 1e+38"), msg
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    shutil.copy(folder / "encoder.onnx", broken / "encoder.onnx")
+    proto = onnx.load(str(folder / "decoder.onnx"))
+    for init in proto.graph.initializer:  # every float weight NaN: the logits are NaN
+        arr = numpy_helper.to_array(init)
+        if arr.dtype == np.float32 and arr.size > 1:
+            init.CopyFrom(numpy_helper.from_array(np.full_like(arr, np.nan), init.name))
+    onnx.save(proto, str(broken / "decoder.onnx"))
+    msg = _one_line_error(_generate(hmu_generate, broken, feeds, tmp_path / "b"), tmp_path / "b")
+    assert msg.startswith("row 0: the model's logits hold NaN or infinity at step 1"), msg
+
+
+@pytest.mark.parametrize("graphs", ["small"], indirect=True)
+@pytest.mark.parametrize("key,value,words", [
+    ("temperature", 1e-310, "generation.temperature must be in [0.001, 1000] (for the argmax"),
+    ("length_penalty", 400.0, "generation.length_penalty must be in [-10, 10], got 400"),
+    ("noise_scale", 1e39, "generation.noise_scale must be in [0, 100]"),
+])
+def test_build_defaults_outside_the_request_schema_are_refused(hmu_generate, graphs, key,
+                                                               value, words, tmp_path):
+    """The one rule of the request schema in C++ too (a tiny temperature is refused, never
+    turned into greedy decoding): a build config that says otherwise is refused in one line."""
+    cfg, folder = graphs
+    changed = _with_generation(folder, tmp_path / "g", **{key: value})
+    msg = _one_line_error(_generate(hmu_generate, changed, _ragged(cfg, [3], seed=1),
+                                    tmp_path), tmp_path)
+    assert words in msg, msg
+
+
+def test_cpp_limits_are_the_request_schemas():
+    """generator.cpp's constants equal hmu_export/shipped/request_options.py's (one rule)."""
+    import re
+
+    from hmu_export.shipped import request_options as ro
+
+    text = (CPP / "src" / "generator.cpp").read_text()
+    got = {m.group(1): float(m.group(2)) for m in
+           re.finditer(r"constexpr double k(\w+) = ([0-9.e+-]+);", text)}
+    assert got == {"TemperatureMin": ro.TEMPERATURE_MIN, "TemperatureMax": ro.TEMPERATURE_MAX,
+                   "LengthPenaltyMax": ro.LENGTH_PENALTY_MAX,
+                   "NoiseScaleMax": ro.NOISE_SCALE_MAX, "NoiseAbsMax": ro.NOISE_ABS_MAX}

@@ -121,7 +121,19 @@ def test_empty_text_is_one_error_line(t5_text_build, capsys):
     capsys.readouterr()
     assert main(["generate", "--artifacts", str(out), "--text", "a b", "--text", "  "]) != 0
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
-    assert lines == ["error: text 1 is empty"]
+    assert lines == ["error: --text 1 is empty"]
+
+
+def test_text_that_is_not_utf8_is_one_error_line(t5_text_build, capsys):
+    """Command-line bytes that are not UTF-8 reach Python as a lone surrogate: that was the
+    tokenizer's TypeError (TextEncodeInput must be Union[...]); now one line naming the byte."""
+    _, out = t5_text_build
+    capsys.readouterr()
+    assert main(["generate", "--artifacts", str(out), "--text", "a b",
+                 "--text", "c \udcff d"]) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert lines == ["error: --text 1 is not valid Unicode text: character 2 is the byte 0xff, "
+                     "which is not UTF-8"]
 
 
 def test_text_on_a_build_without_tokenizer_is_one_error_line(small_export, capsys):
@@ -171,10 +183,14 @@ def test_triton_generation_models_take_text(t5_text_build):
         ids_in.set_data_from_numpy(np.asarray([tok.encode([texts[0]])[0]], dtype=np.int64))
         res = client.infer("t5-hmu_generate", [ids_in] + text_input(texts[0])[1:])
         assert res.as_numpy("tokens")[0].tolist() == want[0]  # ids still work
+        not_utf8 = grpcclient.InferInput("text", [1, 1], "BYTES")
+        not_utf8.set_data_from_numpy(np.asarray([[b"a \xff b"]], dtype=np.object_))
         for bad, words in (([ids_in] + text_input("a b")[:1], "not both"),
-                           (text_input("   ")[:1], "empty")):
-            with pytest.raises(InferenceServerException, match=words):
+                           (text_input("   ")[:1], "empty"), ([not_utf8], "not valid UTF-8")):
+            with pytest.raises(InferenceServerException, match=words) as info:
                 client.infer("t5-hmu_generate", bad)
+            # the client's mistake: INVALID_ARGUMENT, not INTERNAL
+            assert info.value.status() == "StatusCode.INVALID_ARGUMENT", info.value
         pieces: list = []
         client.start_stream(callback=lambda result, error: pieces.append(error or result))
         client.async_stream_infer("t5-hmu_generate_stream", text_input(texts[2]))

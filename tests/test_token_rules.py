@@ -218,3 +218,91 @@ def test_beam_search_equals_transformers_generate(name, tmp_path_factory):
         got = gen.generate(rows, max_new_tokens=10, strategy="beam", num_beams=3,
                            length_penalty=lp).sequences
         assert got == want, (lp, got, want)
+
+
+# ----------------------------------------------------------------------------- issues 19 / 21
+def _folder_with(bart_folders, tmp_path, **options):
+    folder = tmp_path / "f"
+    shutil.copytree(bart_folders["plain"], folder)
+    path = folder / "generation_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **options}))
+    return folder
+
+
+def _preflight(folder, tmp_path):
+    from hmu_export.build.preflight import preflight
+
+    cfg = config_from_dict({"model": {"source": "hf", "path": str(folder)},
+                            "profile": {"batch": [1, 2, 4], "src_len": [1, 8, 16],
+                                        "tgt_len": [1, 8, 16]}})
+    return preflight(cfg, tmp_path / "out")
+
+
+@pytest.mark.parametrize("options,words", [
+    ({"suppress_tokens": "abc"}, "suppress_tokens must be a list, got str"),
+    ({"bad_words_ids": "oops"}, "bad_words_ids must be a list, got str"),
+    ({"bad_words_ids": [["x"]]}, "bad_words_ids[0][0] must be an integer, got 'x'"),
+    ({"begin_suppress_tokens": [1.5]}, "begin_suppress_tokens[0] must be an integer"),
+    ({"suppress_tokens": [500]}, "suppress_tokens holds token id 500, outside [0, 100)"),
+    ({"bad_words_ids": [[5, -3]]}, "bad_words_ids holds token id -3, outside [0, 100)"),
+    ({"num_beams": "x"}, "num_beams must be an integer, got 'x'"),
+    ({"num_beams": 3, "length_penalty": 400}, "length_penalty must be in [-10, 10], got 400"),
+    ({"num_beams": 3, "length_penalty": 1e308}, "length_penalty must be in [-10, 10]"),
+    ({"do_sample": True, "temperature": 1e-310}, "temperature must be in [0.001, 1000]"),
+    ({"repetition_penalty": "high"}, "repetition_penalty must be a number"),
+    ({"decoder_start_token_id": 500}, "decoder_start_token_id 500 is outside the vocabulary"),
+    ({"eos_token_id": "2"}, "eos_token_id must be a token id (an integer)"),
+    ({"max_length": 1}, "max_length 1 leaves no token to generate"),
+    ({"num_beams": 8}, "num_beams 8 exceeds the profile's batch max (4)"),
+    ({"eos_token_id": [2, 77]}, "eos_token_id = [2, 77]"),
+])
+def test_bad_generation_config_is_one_config_error_naming_the_key(bart_folders, tmp_path,
+                                                                  options, words):
+    """generation_config.json values of the wrong type, outside the vocabulary or the request
+    schema's ranges were ValueErrors (or built "ok" and failed every generate): one ConfigError
+    naming the key, before the build writes anything."""
+    folder = _folder_with(bart_folders, tmp_path, **options)
+    with pytest.raises(ConfigError) as info:
+        _preflight(folder, tmp_path)
+    msg = str(info.value)
+    assert words in msg and "\n" not in msg, msg
+    assert "generation_config.json" in msg or "generation settings" in msg, msg
+    assert not (tmp_path / "out").exists()
+
+
+def test_max_length_follows_transformers(bart_folders, tmp_path):
+    """max_length counts the decoder start token of an encoder-decoder model: max_length 5 is 4
+    new tokens in Transformers (it gave 8 here); max_new_tokens, when set, wins."""
+    folder = _folder_with(bart_folders, tmp_path, max_length=5)
+    src, gen, cfg = _generator(folder)
+    assert cfg.generation.max_new_tokens == 4
+    x = HF._batch(src, b=2, ls=8, seed=4, noise_scale=0.0)
+    rows = [r[:int(m.sum())] for r, m in zip(x["src_ids"].tolist(), x["src_mask"])]
+    from transformers.modeling_outputs import BaseModelOutput
+    with torch.no_grad():  # Transformers' generate with the folder's own length limit
+        mem = BaseModelOutput(last_hidden_state=HF._memory(src, x))
+        out = src.hf_model.generate(encoder_outputs=mem, attention_mask=x["src_mask"])
+    want = [r[:r.index(EOS) + 1] if EOS in r else r for r in out[:, 1:].tolist()]
+    assert max(len(r) for r in want) == 4
+    assert gen.generate(rows).sequences == want
+    both = _folder_with(bart_folders, tmp_path / "b", max_length=5, max_new_tokens=6)
+    assert _generator(both)[2].generation.max_new_tokens == 6
+    with pytest.raises(ConfigError, match="max_new_tokens must be in \\[1, profile.tgt_len "
+                                          "max = 16\\], got 19 .*max_new_tokens = 19"):
+        _preflight(_folder_with(bart_folders, tmp_path / "c", max_length=20), tmp_path / "c")
+
+
+def test_generation_toml_meets_the_request_schema():
+    base = {"profile": {"batch": [1, 2, 4], "src_len": [1, 8, 16], "tgt_len": [1, 8, 16]}}
+    for gen, words in (({"length_penalty": 400.0}, "generation.length_penalty must be in"),
+                       ({"temperature": 1e-310}, "generation.temperature must be in"),
+                       ({"noise_scale": 1e39}, "generation.noise_scale must be in"),
+                       ({"strategy": "beam", "num_beams": 8},
+                        "generation.num_beams 8 exceeds the profile's batch max (4)"),
+                       ({"top_k": -1}, "generation.top_k must be in"),
+                       ({"suppress_tokens": [512]}, "generation.suppress_tokens holds token id "
+                                                    "512")):
+        with pytest.raises(ConfigError) as info:
+            config_from_dict({**base, "generation": gen})
+        assert words in str(info.value), str(info.value)
+    config_from_dict({**base, "generation": {"num_beams": 8}})  # greedy: beams unused

@@ -58,7 +58,8 @@ def build_copy(small_export, tmp_path) -> BuildLayout:
 
 
 def test_repository_layout(repo, small_export):
-    assert sorted(p.name for p in repo.iterdir()) == sorted(["README.md", TRT, ORT, PY])
+    assert sorted(p.name for p in repo.iterdir()) == sorted(["README.md", TRT, ORT, PY,
+                                                             "stub_watchdog.py"])
     assert (repo / ORT / "1" / "model.onnx").read_bytes() == small_export.onnx.read_bytes()
     assert (repo / PY / "1" / "model.onnx").read_bytes() == small_export.onnx.read_bytes()
     assert "class TritonPythonModel" in (repo / PY / "1" / "model.py").read_text()

@@ -124,7 +124,8 @@ def test_repository_has_the_generation_models(repo, small_cfg):
     for kind, name in names.items():
         files = sorted(p.relative_to(repo / name).as_posix()
                        for p in (repo / name).rglob("*") if p.is_file())
-        want = (["1/decoder.onnx", "1/encoder.onnx", "1/model.py", "1/token_rules.py"]
+        want = (["1/decoder.onnx", "1/encoder.onnx", "1/model.py", "1/request_options.py",
+                 "1/token_rules.py"]
                 if kind.startswith("generate") else ["1/model.onnx"])
         assert files == sorted(want + ["config.pbtxt"]), (name, files)
     gen = parse_config((repo / GEN / "config.pbtxt").read_text())
@@ -194,7 +195,7 @@ def test_mixed_batch_with_bad_requests(client, ref):
             assert result == ref.generate([row], **kw).sequences[0], (row, kw)
     msgs = [str(r) for r in got if isinstance(r, Exception)]
     assert any("token id 61 outside [0, 61)" in m for m in msgs), msgs
-    assert any("'temperature' must be a float" in m for m in msgs), msgs
+    assert any("temperature must be a number, got 'hot'" in m for m in msgs), msgs
     assert any("max_new_tokens must be in [1, 8]" in m for m in msgs), msgs
 
 
@@ -202,8 +203,13 @@ BAD = [
     ([], {}, "empty"),
     (list(range(17)), {}, "outside the profile"),
     ([5, -1], {}, "outside [0, 61)"),
-    ([5], {"strategy": "nucleus"}, "unknown strategy"),
-    ([5], {"temperature": "0"}, "temperature must be > 0"),
+    ([5], {"strategy": "nucleus"}, "strategy must be one of"),
+    ([5], {"temperature": "0"}, "temperature must be in"),
+    ([5], {"temperature": "1e-320", "strategy": "sample"}, "temperature must be in"),
+    ([5], {"length_penalty": "400", "strategy": "beam", "num_beams": 2},
+     "length_penalty must be in"),
+    ([5], {"noise_scale": "1e39"}, "noise_scale must be in"),
+    ([5], {"seed": str(2**64)}, "seed must be in"),
     ([5], {"top_p": "1.5"}, "top_p"),
     ([5], {"num_beams": 8, "strategy": "beam"}, "batch max"),
     ([5], {"seed": -3}, "seed must be in"),
@@ -226,6 +232,28 @@ def test_bad_requests_get_errors_and_the_server_keeps_serving(client, server, re
     with pytest.raises(InferenceServerException, match="one source sequence"):
         client.infer(GEN, [inp])
     assert server.alive()
+
+
+def test_client_mistakes_are_invalid_argument_not_internal(server, client):
+    """A bad shape or parameter is the client's mistake: gRPC INVALID_ARGUMENT and HTTP 400,
+    so retry policies and alerts do not count it as a server fault (it was INTERNAL / 500)."""
+    import tritonclient.http as httpclient
+
+    two_rows = np.asarray([ROWS[1], ROWS[1]], dtype=np.int64)
+    for proto, mod, url, want in (("grpc", grpcclient, server.grpc_url, "INVALID_ARGUMENT"),
+                                  ("http", httpclient, server.http_url, "400")):
+        c = client if proto == "grpc" else httpclient.InferenceServerClient(url)
+        shaped = mod.InferInput("src_ids", list(two_rows.shape), "INT64")
+        shaped.set_data_from_numpy(two_rows)
+        one = mod.InferInput("src_ids", [1, 2], "INT64")
+        one.set_data_from_numpy(two_rows[:1])
+        for inputs, params in (([shaped], {}), ([one], {"temperature": "hot"}),
+                               ([one], {"seed": -1}), ([one], {"noise_scale": "1e39"})):
+            with pytest.raises(InferenceServerException) as info:
+                c.infer(GEN, inputs, parameters=params)
+            assert want in str(info.value.status()), (proto, params, info.value.status())
+        if proto == "http":
+            c.close()
 
 
 def test_eight_concurrent_clients(server, ref):
@@ -430,3 +458,54 @@ def test_graphs_it_cannot_drive_give_no_generation_models(gen_build, small_cfg, 
     assert generation_models(BuildLayout(root), small_cfg, TritonOptions()) == []
     assert cache_geometry(gen_build / "encoder.onnx", gen_build / "decoder.onnx") == {
         "layers": 1, "heads": 4, "head_dim": 8, "latent_dim": 16}
+
+
+def test_a_killed_stub_is_not_left_ready(server, client, ref):
+    """Issue 21: `kill -9` of the generation model's stub. Triton 2.51 alone keeps answering
+    ready (200) while every request fails ("Stub process ... is not healthy"); the stub
+    watchdog that serve() runs (shipped/stub_watchdog.py) unloads the model at once (ready
+    400) and loads it with a fresh stub: ready 200 again, and the same tokens."""
+    import os
+    import signal
+
+    from hmu_export.deploy.triton.server import _get
+    from hmu_export.shipped.stub_watchdog import stub_processes
+
+    assert server.watchdog is not None and server.watchdog.is_alive()
+    want = ref.generate([ROWS[0]]).sequences[0]
+    assert generate(client, ROWS[0]) == want
+    stubs = {pid: model for pid, (state, model) in stub_processes(server.process.pid).items()
+             if state != "Z"}
+    (pid,) = [p for p, m in stubs.items() if m == GEN]
+    restarts = len(server.watchdog.restarts)
+    os.kill(pid, signal.SIGKILL)
+    seen: list[tuple[int, bool]] = []  # (readiness code, request served) over time
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        ready = _get(f"http://{server.http_url}/v2/models/{GEN}/ready")
+        try:
+            ok = generate(client, ROWS[0]) == want
+        except InferenceServerException as exc:
+            ok = False
+            assert "not healthy" in str(exc) or "unknown model" in str(exc) or \
+                "unavailable" in str(exc).lower(), exc
+        seen.append((ready, ok))
+        if ok and len(server.watchdog.restarts) > restarts:
+            break
+        time.sleep(0.05)
+    log = server.workdir / "watchdog.log"
+    assert seen[-1] == (200, True), (seen[-3:], log.read_text() if log.is_file() else "no log",
+                                     server.watchdog.models, server.watchdog.zombie_since,
+                                     stub_processes(server.process.pid))
+    model, seconds, reloaded = server.watchdog.restarts[-1]
+    assert model == GEN and reloaded, server.watchdog.restarts
+    # Triton's own answer right after the kill: ready, yet failing (what the watchdog fixes)
+    assert seen[0] == (200, False), seen[:5]
+    # then not ready while the model reloads: readiness told the truth
+    assert any(code != 200 for code, _ in seen), seen
+    fresh = {p for p, (state, m) in stub_processes(server.process.pid).items()
+             if m == GEN and state != "Z"}
+    assert fresh and pid not in fresh
+    assert generate(client, ROWS[1]) == ref.generate([ROWS[1]]).sequences[0]
+    print(f"\nstub killed: ready 200 while failing for {sum(1 for c, o in seen if c == 200 and not o)}"
+          f" polls, reloaded in {seconds:.1f} s")

@@ -112,14 +112,21 @@ def _bad_requests(cfg) -> dict[str, dict[str, np.ndarray]]:
 def test_bad_requests_get_clean_errors(clients, server, small_cfg, small_model, protocol):
     c = clients[protocol]
     good = make_feeds(small_cfg.model, 2, 4, 3, seed=1)
+    answered = 0
     for what, feeds in _bad_requests(small_cfg).items():
         with pytest.raises(TritonRequestError) as info:
             c.infer_feeds(feeds)
         msg = str(info.value)
         assert "\n" not in msg and msg.startswith(PY_MODEL), (what, msg)
+        # a client mistake the server answered: INVALID_ARGUMENT / 400, never INTERNAL / 500
+        # (retry policies); status None: the client refused it before sending
+        assert info.value.status is None or info.value.invalid_argument, \
+            (what, info.value.status, msg)
+        answered += info.value.status is not None
         # the server keeps serving, correctly, after every rejected request
         got = c.infer_feeds(good)["logits"]
         np.testing.assert_allclose(got, torch_logits(small_model, good), rtol=0, atol=FP32_ATOL)
+    assert answered >= 5  # most of them reach the server
     assert server.alive()
 
 
@@ -311,6 +318,7 @@ def test_bad_request_fails_alone_in_a_dynamic_batch(repo, server, small_cfg, sma
                                    atol=FP32_ATOL)
         for result, words in zip(got[1:], expect_errors):
             assert isinstance(result, TritonRequestError), result
+            assert result.status == "400", (result.status, str(result))
             msg = str(result)
             assert words in msg and "\n" not in msg and "internal error" not in msg, msg
     assert server.alive()

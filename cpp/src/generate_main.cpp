@@ -6,6 +6,8 @@
 // then decoder steps with the KV cache kept in the runtime's own buffers. Writes
 // <outputs>/tokens.npy (int64 [batch, longest], padded with -1) and <outputs>/lengths.npy
 // (int64 [batch]) and prints one JSON line. Every failure prints one line on stderr and exits 2.
+// The graphs are checked against the sha256 their build's manifest.json lists first
+// (--no-verify skips it); NaN or infinite logits fail the run, naming the row and the step.
 #include <sys/stat.h>
 
 #include <algorithm>
@@ -17,6 +19,7 @@
 
 #include "hmu/error.hpp"
 #include "hmu/generator.hpp"
+#include "hmu/verify.hpp"
 
 namespace {
 
@@ -25,7 +28,7 @@ constexpr int kUserError = 2;
 const char* const kUsage =
     "usage: hmu_generate --encoder FILE --decoder FILE --inputs DIR --outputs DIR\n"
     "                    [--backend ort|trt] [--max-new-tokens N] [--eos-id N] [--bos-id N]\n"
-    "                    [--threads N] [--greedy]\n"
+    "                    [--threads N] [--greedy] [--no-verify]\n"
     "  --encoder / --decoder  encoder.onnx + decoder.onnx (ort) or their TensorRT plans (trt)\n"
     "                         from one hmu_export build\n"
     "  --inputs    folder with src_ids.npy, src_mask.npy (int64 [batch, src_len]) and noise.npy\n"
@@ -35,6 +38,8 @@ const char* const kUsage =
     "  --max-new-tokens / --eos-id / --bos-id  override the graph's [generation] config\n"
     "  --threads   intra-op threads for ONNX Runtime (default: its own choice)\n"
     "  --greedy    decode greedily even if the build's default strategy is beam / sample\n"
+    "  --no-verify run graphs that have no manifest.json beside them, or that differ from it\n"
+    "              (default: both files must match the sha256 their build's manifest lists)\n"
     "  The build's token rules ([generation]: repetition penalty, no-repeat n-grams, bad\n"
     "  words, min / forced tokens, suppressed tokens) always apply, as in Python.\n";
 
@@ -42,6 +47,7 @@ struct Args {
   std::string encoder, decoder, inputs, outputs, backend;
   hmu::GenerateOptions gen;
   int threads = 0;
+  bool verify = true;
 };
 
 bool is_dir(const std::string& p) {
@@ -76,6 +82,10 @@ Args parse_args(int argc, char** argv) {
     }
     if (flag == "--greedy") {
       a.gen.greedy_anyway = true;
+      continue;
+    }
+    if (flag == "--no-verify") {
+      a.verify = false;
       continue;
     }
     std::string* slot = flag == "--encoder"   ? &a.encoder
@@ -115,6 +125,9 @@ int run(const Args& a) {
   if (!is_file(a.encoder)) throw hmu::Error("encoder file not found: " + a.encoder);
   if (!is_file(a.decoder)) throw hmu::Error("decoder file not found: " + a.decoder);
   if (!is_dir(a.inputs)) throw hmu::Error("inputs folder not found: " + a.inputs);
+  // The graphs must be the build's own (manifest.json beside them lists their sha256) before
+  // anything runs them; --no-verify is the explicit way round.
+  if (a.verify) hmu::verify_against_manifest({a.encoder, a.decoder}, "--no-verify");
   std::unique_ptr<hmu::StepRunner> runner =
       a.backend == "trt" ? hmu::make_trt_step_runner(a.encoder, a.decoder)
                          : hmu::make_ort_step_runner(a.encoder, a.decoder, a.threads);

@@ -3,7 +3,9 @@
 #include "hmu/generator.hpp"
 
 #include <algorithm>
+#include <charconv>
 #include <chrono>
+#include <cmath>
 #include <limits>
 
 #include "hmu/error.hpp"
@@ -12,6 +14,33 @@
 namespace hmu {
 
 namespace {
+
+// The request schema's limits (hmu_export/shipped/request_options.py; tests/test_cpp_generate.py
+// checks that these equal Python's): one rule in Python, Triton and here.
+constexpr double kTemperatureMin = 1e-3;  // below: refused, never turned into greedy decoding
+constexpr double kTemperatureMax = 1e3;
+constexpr double kLengthPenaltyMax = 10.0;
+constexpr double kNoiseScaleMax = 100.0;
+constexpr double kNoiseAbsMax = 1e4;  // |noise| given as values (noise.npy)
+
+// Shortest text that reads back as the same number (Python's repr of a float, digits-wise).
+template <typename T>
+std::string num(T v) {
+  char buf[64];
+  const auto res = std::to_chars(buf, buf + sizeof buf, v);
+  return std::string(buf, res.ptr);
+}
+
+// A [generation] number the request schema bounds: Python's words on a value outside [lo, hi].
+void check_range(const Json& gen, const char* key, double lo, double hi, const std::string& rule,
+                 const std::string& where) {
+  const Json* v = gen.find(key);
+  if (!v) return;
+  if (!v->is_number() || !std::isfinite(v->number))
+    throw Error(where + "." + key + " must be a finite number");
+  if (!(v->number >= lo && v->number <= hi))
+    throw Error(where + "." + key + " must be in " + rule + ", got " + num(v->number));
+}
 
 std::vector<int64_t> int_list(const Json& v, const std::string& where) {
   if (!v.is_array()) throw Error(where + " must be a list of token ids");
@@ -119,6 +148,14 @@ void read_build_config(const Json& config, const std::string& where, GeneratorIn
     if (const Json* v = gen->find("num_beams"))
       info->num_beams = v->as_int(where + ".generation.num_beams");
     read_token_rules(*gen, where + ".generation", &info->rules);
+    // The build's decoding defaults meet the request schema here too (this program decodes
+    // greedily, but a build whose defaults Python and Triton refuse is refused here as well).
+    const std::string w = where + ".generation";
+    check_range(*gen, "temperature", kTemperatureMin, kTemperatureMax,
+                "[0.001, 1000] (for the argmax, use strategy greedy)", w);
+    check_range(*gen, "length_penalty", -kLengthPenaltyMax, kLengthPenaltyMax, "[-10, 10]", w);
+    check_range(*gen, "noise_scale", 0.0, kNoiseScaleMax, "[0, 100] (0 = the HMU's mean path)",
+                w);
   }
 }
 
@@ -162,6 +199,16 @@ GenerateResult generate_greedy(StepRunner& runner, const Feeds& encoder_feeds,
   const GeneratorInfo& info = runner.info();
   const GenerateOptions opts = resolve_options(info, requested);
   validate_feeds(info.encoder, encoder_feeds);
+  if (const auto it = encoder_feeds.find("noise"); it != encoder_feeds.end() &&
+                                                    it->second.dtype == "float32") {
+    const float* v = reinterpret_cast<const float*>(it->second.data.data());
+    const int64_t n = it->second.numel();
+    float worst = 0.0f;
+    for (int64_t i = 0; i < n; ++i) worst = std::max(worst, std::fabs(v[i]));
+    if (static_cast<double>(worst) > kNoiseAbsMax)
+      throw Error("input 'noise' has values beyond +-10000 (largest |noise| " + num(worst) +
+                  "): the HMU noise is N(0, noise_scale^2) with noise_scale at most 100");
+  }
   const int64_t batch = encoder_feeds.begin()->second.shape.at(0);
   const int64_t vocab = info.encoder.vocab_size;
 
@@ -188,6 +235,11 @@ GenerateResult generate_greedy(StepRunner& runner, const Feeds& encoder_feeds,
         continue;
       }
       const float* row = logits + r * vocab;
+      for (int64_t v = 0; v < vocab; ++v)
+        if (!std::isfinite(row[v]))
+          throw Error("row " + std::to_string(r) + ": the model's logits hold NaN or infinity "
+                      "at step " + std::to_string(t + 1) + " (the noise, or the graphs' "
+                      "weights, drive the model's float32 arithmetic out of range)");
       int64_t best = 0;  // first maximum, like numpy's argmax
       if (rules.active()) {
         scores.assign(row, row + vocab);

@@ -1,12 +1,14 @@
 // hmu_core_test: checks of the core library that need no runtime and no GPU (CTest, and
-// tests/test_cpp.py runs it). Today: pick_profile, the profile choice of the TensorRT backend,
-// must take the tightest profile that holds a shape, as Python's select_profile does.
+// tests/test_cpp.py runs it). pick_profile, the profile choice of the TensorRT backend, must
+// take the tightest profile that holds a shape, as Python's select_profile does; sha256_hex
+// (the manifest check of hmu_generate) must give the standard's digests.
 #include <cstdio>
 #include <string>
 #include <vector>
 
 #include "hmu/contract.hpp"
 #include "hmu/error.hpp"
+#include "hmu/verify.hpp"
 
 namespace {
 
@@ -100,10 +102,27 @@ void test_pick_profile() {
   expect(threw, "a shape outside every profile is a one-line hmu::Error naming the profiles");
 }
 
+void test_sha256() {
+  // FIPS 180-4 / NIST example vectors.
+  expect(hmu::sha256_hex("") ==
+             "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+         "sha256 of the empty string");
+  expect(hmu::sha256_hex("abc") ==
+             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad",
+         "sha256 of abc");
+  expect(hmu::sha256_hex("abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq") ==
+             "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1",
+         "sha256 of the 448-bit message (padding across a block)");
+  expect(hmu::sha256_hex(std::string(1000000, 'a')) ==
+             "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0",
+         "sha256 of a million a");
+}
+
 }  // namespace
 
 int main() {
   test_pick_profile();
+  test_sha256();
   if (failures) {
     std::fprintf(stderr, "hmu_core_test: %d of %d checks failed\n", failures, checks);
     return 1;

@@ -34,6 +34,7 @@ def preflight(cfg: BuildConfig, out_dir: Path, force: bool = False) -> ModelSour
     ensure_writable_dir(out.parent)
     source = sources.load(resolved)
     check_generation_options(cfg, source)
+    model_generation(cfg, source)  # the model's own generation settings meet the schema now
     return source
 
 
@@ -44,7 +45,15 @@ def model_generation(cfg: BuildConfig, source: ModelSource) -> GenerationConfig:
     fixed = {k: v for k, v in source.generation_defaults().items()
              if k in ("bos_id", "eos_id") or getattr(cfg.generation, k) == getattr(base, k)}
     gen = replace(cfg.generation, **fixed)
-    gen.validate(source.cfg, cfg.profile)
+    try:
+        gen.validate(source.cfg, cfg.profile)
+    except ConfigError as exc:
+        own = {k: v for k, v in fixed.items() if k not in ("bos_id", "eos_id")}
+        if not own:
+            raise
+        named = ", ".join(f"{k} = {v!r}" for k, v in own.items())
+        raise ConfigError(f"{exc} (with the model's own generation settings: {named}; set the "
+                          "key in [generation] to override it)") from None
     return gen
 
 

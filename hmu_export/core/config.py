@@ -340,19 +340,16 @@ class GenerationConfig:
         if self.max_new_tokens and not 1 <= self.max_new_tokens <= profile.tgt_len[2]:
             raise ConfigError(f"generation.max_new_tokens must be in [1, profile.tgt_len max = "
                               f"{profile.tgt_len[2]}], got {self.max_new_tokens}")
-        if not self.noise_scale >= 0:
-            raise ConfigError(f"generation.noise_scale must be >= 0, got {self.noise_scale}")
-        if self.strategy not in ("greedy", "sample", "beam"):
-            raise ConfigError(f"generation.strategy must be greedy, sample or beam, got "
-                              f"{self.strategy!r}")
-        if self.num_beams < 1:
-            raise ConfigError(f"generation.num_beams must be >= 1, got {self.num_beams}")
-        if not self.temperature > 0:
-            raise ConfigError(f"generation.temperature must be > 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ConfigError(f"generation.top_k must be >= 0 (0 = off), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"generation.top_p must be in (0, 1], got {self.top_p}")
+        # The request schema every entry point shares (CLI, Python API, Triton parameters).
+        from ..shipped import request_options as ro
+
+        values = {k: getattr(self, k) for k in ("strategy", "num_beams", "length_penalty",
+                                                "early_stopping", "temperature", "top_k",
+                                                "top_p", "noise_scale")}
+        try:
+            ro.validate(values, batch_max=profile.batch[2])
+        except ro.OptionError as exc:
+            raise ConfigError(f"generation.{exc}") from None
         for problem in self.token_rules().problems(model.vocab_size):
             raise ConfigError(f"generation.{problem}")
 
@@ -441,6 +438,16 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where} must be a string, got {value!r}")
         return value
     raise ConfigError(f"{where}: unsupported type {_type_name(tp)}")  # pragma: no cover
+
+
+def coerce_field(cls: Any, key: str, value: Any, where: str) -> Any:
+    """``value`` checked against the type of field ``key`` of config dataclass ``cls`` (lists
+    become tuples); a one-line ConfigError naming ``where`` otherwise. For values that come from
+    other files (a model's generation_config.json) and must meet the TOML's types."""
+    hints = typing.get_type_hints(cls)
+    if key not in hints:
+        raise ConfigError(f"unknown key '{where}'")
+    return _coerce(value, hints[key], where)
 
 
 def build_section(cls: Any, data: dict[str, Any], where: str) -> Any:

@@ -28,6 +28,11 @@ class BackendUnavailable(HMUExportError):
     """A backend (TensorRT, CUDA, a provider) is not present on this machine."""
 
 
+class GenerationError(HMUExportError):
+    """Generation cannot go on: the model's logits hold NaN or infinity, or the token rules
+    leave no token possible."""
+
+
 class ParityFailure(HMUExportError):
     """A parity or correctness check failed."""
 

@@ -25,11 +25,12 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..core.config import BuildConfig
-from ..core.errors import InputError
+from ..core.errors import GenerationError, InputError
+from ..shipped import request_options
 from ..shipped.token_rules import TokenRules
 from .stepper import CachedStepper, StepBackend, Stepper
 
-STRATEGIES = ("greedy", "sample", "beam")
+STRATEGIES = request_options.STRATEGIES
 
 
 # --------------------------------------------------------------------------- options / result
@@ -54,25 +55,26 @@ class GenerationOptions:
     eos_id: int | None = None
     ignore_eos: bool = False  # benchmarks: always max_new_tokens tokens, EOS or not
 
-    def validate(self) -> None:
-        """Checks a resolved set (every ``None`` filled by Generator.options)."""
-        assert None not in (self.num_beams, self.temperature, self.top_k, self.top_p,
-                            self.length_penalty)
-        if self.strategy not in STRATEGIES:
-            raise InputError(f"unknown strategy {self.strategy!r} (use {', '.join(STRATEGIES)})")
-        if self.num_beams < 1:
-            raise InputError(f"num_beams must be >= 1, got {self.num_beams}")
-        if not (self.temperature > 0 and math.isfinite(self.temperature)):
-            raise InputError(f"temperature must be > 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise InputError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not math.isfinite(self.length_penalty):
-            raise InputError(f"length_penalty must be finite, got {self.length_penalty}")
-        if self.noise_scale is not None and not (self.noise_scale >= 0
-                                                 and math.isfinite(self.noise_scale)):
-            raise InputError(f"noise_scale must be >= 0, got {self.noise_scale}")
+    def validate(self, *, max_new_tokens_max: int | None = None,
+                 batch_max: int | None = None) -> None:
+        """Checks a resolved set (every ``None`` filled by Generator.options) with the request
+        schema every entry point shares (hmu_export/shipped/request_options.py)."""
+        values = {name: getattr(self, name) for name in request_options.KINDS}
+        try:
+            parsed = request_options.validate(values, max_new_tokens_max=max_new_tokens_max,
+                                              batch_max=batch_max)
+        except request_options.OptionError as exc:
+            raise InputError(str(exc)) from None
+        missing = [k for k in request_options.KINDS if k not in parsed]
+        assert not missing, missing
+        for key in ("bos_id", "eos_id"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise InputError(f"{key} must be an integer, got {request_options.show(v)}")
+        if not isinstance(self.ignore_eos, bool):
+            raise InputError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+        if not isinstance(self.rules, TokenRules):
+            raise InputError(f"rules must be TokenRules, got {type(self.rules).__name__}")
 
 
 @dataclass
@@ -95,6 +97,19 @@ class GenerationResult:
 
 
 # --------------------------------------------------------------------------- token choice
+def check_logits(logits: np.ndarray, rows: Sequence[int], step: int, noise_scale: float) -> None:
+    """GenerationError when a row's logits hold NaN or infinity: a request never "succeeds" with
+    tokens chosen from garbage (the argmax of a NaN row is token 0)."""
+    finite = np.isfinite(logits).all(axis=-1)
+    if finite.all():
+        return
+    r = int(np.flatnonzero(~finite)[0])
+    why = (f"noise_scale {noise_scale:g} drives the model's float32 arithmetic out of range: "
+           "use a smaller one" if noise_scale else "the model's weights or graphs are broken")
+    raise GenerationError(f"row {rows[r]}: the model's logits hold NaN or infinity at step "
+                          f"{step + 1} ({why})")
+
+
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     x = logits.astype(np.float64)
     x = x - x.max(axis=-1, keepdims=True)
@@ -176,6 +191,12 @@ class Generator:
     # ------------------------------------------------------------------ inputs
     def options(self, options: GenerationOptions | None = None, **overrides: Any
                 ) -> GenerationOptions:
+        unknown = sorted(set(overrides) - set(GenerationOptions.__dataclass_fields__))
+        if unknown:
+            raise InputError(f"unknown generation option(s) {', '.join(map(repr, unknown))} "
+                             f"(known: {', '.join(GenerationOptions.__dataclass_fields__)})")
+        if options is not None and not isinstance(options, GenerationOptions):
+            raise InputError(f"options must be GenerationOptions, got {type(options).__name__}")
         opts = replace(options or GenerationOptions(), **overrides)
         gen = self.cfg.generation
         opts = replace(opts, max_new_tokens=(gen.new_tokens(self.cfg.profile)
@@ -186,7 +207,8 @@ class Generator:
                     "top_k", "top_p", "noise_scale", "bos_id", "eos_id"):
             if getattr(opts, key) is None:
                 opts = replace(opts, **{key: getattr(gen, key)})
-        opts.validate()
+        opts.validate(max_new_tokens_max=self.cfg.profile.tgt_len[2],
+                      batch_max=self.cfg.profile.batch[2])
         vocab = self.cfg.model.vocab_size
         assert opts.rules is not None
         for problem in opts.rules.problems(vocab):
@@ -194,11 +216,6 @@ class Generator:
         for key in ("bos_id", "eos_id"):
             if not 0 <= getattr(opts, key) < vocab:
                 raise InputError(f"{key} {getattr(opts, key)} is outside [0, {vocab})")
-        tgt_max = self.cfg.profile.tgt_len[2]
-        assert opts.max_new_tokens is not None
-        if not 1 <= opts.max_new_tokens <= tgt_max:
-            raise InputError(f"max_new_tokens must be in [1, {tgt_max}] (the profile's tgt_len "
-                             f"max), got {opts.max_new_tokens}")
         return opts
 
     def pad(self, src_ids: Sequence[Sequence[int]] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -284,6 +301,7 @@ class Generator:
         rules = opts.rules if opts.rules.active else None  # options() always sets rules
         for t in range(opts.max_new_tokens):
             logits = self.stepper.step(cur)
+            check_logits(logits, live.tolist(), t, opts.noise_scale)
             if rules is not None:  # on raw logits, as Transformers' greedy / sample loop
                 logits = rules.apply(logits.astype(np.float64),
                                      [[opts.bos_id] + seqs[row] for row in live.tolist()],
@@ -325,7 +343,10 @@ class Generator:
         cur = np.full((n_rows * k, 1), opts.bos_id, dtype=np.int64)
         rules = opts.rules if opts.rules.active else None  # options() always sets rules
         for t in range(max_new):
-            logp = log_softmax(self.stepper.step(cur))
+            logits = self.stepper.step(cur)
+            check_logits(logits, [live[i // k] for i in range(len(live) * k)], t,
+                         opts.noise_scale)
+            logp = log_softmax(logits)
             if rules is not None:  # on log-probs, as Transformers' beam search
                 logp = rules.apply(logp, [[opts.bos_id] + h for h in history],
                                    max_new=max_new, eos_ids=[opts.eos_id])

@@ -227,47 +227,85 @@ class HFGeneration:
 def generation_settings(cfg: ModelConfig) -> HFGeneration:
     """Generation ids for ``[generation]`` (bos_id = decoder_start_token_id, eos_id) and the
     folder's decoding defaults, read from generation_config.json when the folder has one, else
-    from config.json."""
+    from config.json. Every value is checked where it enters: a wrong type or a token id outside
+    the vocabulary is one ConfigError naming the file and the key."""
     from transformers import GenerationConfig
     path = _folder(cfg)
     hc = _hf_config(path)
+    file = path / "generation_config.json"
     try:
         gc = (GenerationConfig.from_pretrained(str(path), local_files_only=True)
-              if (path / "generation_config.json").is_file()
-              else GenerationConfig.from_model_config(hc))
+              if file.is_file() else GenerationConfig.from_model_config(hc))
     except Exception as exc:
-        raise ConfigError(f"cannot read {path / 'generation_config.json'}: {exc}") from None
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"cannot read {file}: {first}") from None
+    where = str(file) if file.is_file() else str(path / "config.json")
 
     def pick(name: str) -> Any:
         v = getattr(gc, name, None)
         return v if v is not None else getattr(hc, name, None)
 
+    def token(name: str, v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ConfigError(f"{where}: {name} must be a token id (an integer), got {v!r}")
+        vocab = getattr(hc, "vocab_size", None)
+        if isinstance(vocab, int) and not 0 <= v < vocab:
+            raise ConfigError(f"{where}: {name} {v} is outside the vocabulary [0, {vocab})")
+        return v
+
     start = pick("decoder_start_token_id")
+    start_key = "decoder_start_token_id"
     if start is None:
-        start = pick("bos_token_id")
+        start, start_key = pick("bos_token_id"), "bos_token_id"
     eos = pick("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
     pad = pick("pad_token_id")
     if start is None or not eos_ids:
         raise ConfigError(f"{path}: the config names no decoder_start_token_id or eos_token_id")
-    defaults, refused = _decoding_defaults(gc)
-    return HFGeneration(int(start), int(eos_ids[0]), tuple(int(e) for e in eos_ids),
-                        int(pad if pad is not None else 0), defaults, refused)
+    start = token(start_key, start)
+    eos_ids = tuple(token("eos_token_id", e) for e in eos_ids)
+    pad = 0 if pad is None else token("pad_token_id", pad)
+    defaults, refused = _decoding_defaults(gc, where, getattr(hc, "vocab_size", None))
+    if len(set(eos_ids)) > 1:
+        # Transformers stops on any of them; the loops here (Python, Triton, C++) stop on one.
+        refused["eos_token_id"] = list(eos_ids)
+    return HFGeneration(start, eos_ids[0], eos_ids, pad, defaults, refused)
 
 
-def _decoding_defaults(gc: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-    """([generation] values, refused options) of a Transformers GenerationConfig."""
+def _decoding_defaults(gc: Any, where: str = "generation_config.json",
+                       vocab: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """([generation] values, refused options) of a Transformers GenerationConfig. Each value
+    meets the [generation] TOML's types and the request schema's ranges
+    (hmu_export/shipped/request_options.py); a bad one is a ConfigError naming ``where`` and its
+    key, never a traceback."""
+    from ..core.config import GenerationConfig, coerce_field
+    from ..shipped import request_options as ro
+    from ..shipped.token_rules import TokenRules
+
+    def typed(hf_key: str, key: str, v: Any) -> Any:
+        v = coerce_field(GenerationConfig, key, v, f"{where}: {hf_key}")
+        if key in ro.KINDS:
+            try:
+                ro.check(key, v)
+            except ro.OptionError as exc:
+                raise ConfigError(f"{where}: {exc}" if hf_key == key
+                                  else f"{where}: {hf_key}: {exc}") from None
+        return v
+
     out: dict[str, Any] = {}
     refused = {k: getattr(gc, k) for k, neutral in REFUSED_OPTIONS.items()
                if getattr(gc, k, neutral) not in (neutral, None)}
-    beams = int(getattr(gc, "num_beams", 1) or 1)
-    if getattr(gc, "do_sample", False):
+    beams = typed("num_beams", "num_beams", getattr(gc, "num_beams", None) or 1)
+    do_sample = getattr(gc, "do_sample", None) or False
+    if not isinstance(do_sample, bool):
+        raise ConfigError(f"{where}: do_sample must be true or false, got {do_sample!r}")
+    if do_sample:
         if beams > 1:
             refused["do_sample"] = f"True with num_beams = {beams} (beam sampling)"
         out["strategy"] = "sample"
         for key in SAMPLING_HONOURED:
             if getattr(gc, key, None) is not None:
-                out[key] = getattr(gc, key)
+                out[key] = typed(key, key, getattr(gc, key))
         refused.update({k: getattr(gc, k) for k, neutral in SAMPLING_REFUSED.items()
                         if getattr(gc, k, neutral) not in (neutral, None)})
     elif beams > 1:
@@ -284,14 +322,25 @@ def _decoding_defaults(gc: Any) -> tuple[dict[str, Any], dict[str, Any]]:
                 refused[hf_key] = v
                 continue
             v = v[0]
-        if hf_key == "bad_words_ids":
-            v = tuple(tuple(int(t) for t in seq) for seq in v)
-        elif hf_key in ("suppress_tokens", "begin_suppress_tokens"):
-            v = tuple(int(t) for t in v)
-        out[key] = v
-    min_length = int(getattr(gc, "min_length", 0) or 0)
+        out[key] = typed(hf_key, key, v)
+    min_length = typed("min_length", "min_new_tokens", getattr(gc, "min_length", None) or 0)
     if min_length > 1:  # counts the decoder start token: min_length L = L - 1 new tokens
         out["min_new_tokens"] = max(int(out.get("min_new_tokens", 0)), min_length - 1)
+    # Transformers' length limit: max_new_tokens when set, else max_length, which counts the
+    # decoder start token of an encoder-decoder model (max_length 5 = 4 new tokens).
+    max_new = getattr(gc, "max_new_tokens", None)
+    max_length = getattr(gc, "max_length", None)
+    if max_new is not None:
+        out["max_new_tokens"] = typed("max_new_tokens", "max_new_tokens", max_new)
+    elif max_length is not None:
+        length = typed("max_length", "max_new_tokens", max_length)
+        if length < 2:
+            raise ConfigError(f"{where}: max_length {length} leaves no token to generate (it "
+                              "counts the decoder start token)")
+        out["max_new_tokens"] = length - 1
+    rules = TokenRules.from_mapping(out)
+    for problem in rules.problems(vocab) if isinstance(vocab, int) else []:
+        raise ConfigError(f"{where}: {problem}")
     return out, refused
 
 

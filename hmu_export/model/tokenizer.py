@@ -10,6 +10,26 @@ from ..core.errors import InputError
 TOKENIZER_DIR = Path("checkpoint") / "hf"
 
 
+def check_texts(texts: Sequence[str], what: str = "text") -> None:
+    """Source texts a tokenizer can take: strings of valid Unicode (no lone surrogate: Python
+    turns command-line bytes that are not UTF-8 into them), not blank; one InputError."""
+    if isinstance(texts, (str, bytes)) or not isinstance(texts, Sequence):
+        raise InputError(f"{what} must be a list of strings, got {type(texts).__name__}")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise InputError(f"{what} {i} must be a string, got {type(t).__name__}")
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            bad = ord(t[exc.start])
+            byte = (f"the byte {bad - 0xDC00:#04x}, which is not UTF-8" if 0xDC80 <= bad <= 0xDCFF
+                    else f"a lone surrogate U+{bad:04X}")
+            raise InputError(f"{what} {i} is not valid Unicode text: character {exc.start} is "
+                             f"{byte}") from None
+        if not t.strip():  # as the Triton model refuses it: special tokens alone are no source
+            raise InputError(f"{what} {i} is empty")
+
+
 class Tokenizer:
     """Texts to encoder ids (special tokens added as Transformers adds them for the encoder
     input) and generated ids back to texts (special tokens skipped)."""
@@ -18,9 +38,7 @@ class Tokenizer:
         self.tok = tok
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
-        empty = [i for i, t in enumerate(texts) if not t.strip()]
-        if empty:  # as the Triton model refuses it: special tokens alone are not a source
-            raise InputError(f"text {empty[0]} is empty")
+        check_texts(texts)
         return [list(map(int, ids)) for ids in self.tok(list(texts))["input_ids"]]
 
     def decode(self, seqs: Sequence[Sequence[int]]) -> list[str]:

@@ -40,47 +40,64 @@ except ImportError:  # pragma: no cover - outside Triton (unit tests)
     pb_utils = None
 
 
-def _load_token_rules() -> Any:
-    """hmu_export/shipped/token_rules.py: the package's module in tests, else the copy beside this file
-    (the server has no hmu_export package)."""
-    try:
-        from . import token_rules  # type: ignore[attr-defined]
-        return token_rules
-    except ImportError:
-        import importlib.util
-        import sys
+def _sibling(module: str) -> Any:
+    """hmu_export/shipped/<module>.py: the package's module in tests, else the copy beside this
+    file (the server has no hmu_export package)."""
+    if __package__:
+        import importlib
 
-        name = "hmu_generate_token_rules"
-        if name in sys.modules:
-            return sys.modules[name]
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "token_rules.py")
-        spec = importlib.util.spec_from_file_location(name, path)
-        if spec is None or spec.loader is None:
-            raise ImportError(f"cannot load {path}") from None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses resolve their module while being created
-        spec.loader.exec_module(module)
-        return module
+        try:
+            return importlib.import_module("." + module, __package__)
+        except ImportError:
+            pass
+    return _from_file(module)
 
 
-TokenRules = _load_token_rules().TokenRules
+def _from_file(module: str) -> Any:
+    import importlib.util
+    import sys
+
+    name = f"hmu_generate_{module}"
+    if name in sys.modules:
+        return sys.modules[name]
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{module}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path}") from None
+    loaded = importlib.util.module_from_spec(spec)
+    sys.modules[name] = loaded  # dataclasses resolve their module while being created
+    spec.loader.exec_module(loaded)
+    return loaded
+
+
+TokenRules = _sibling("token_rules").TokenRules
+request_options = _sibling("request_options")
 
 SRC_IDS, MAX_NEW_TOKENS, TOKENS = "src_ids", "max_new_tokens", "tokens"
 TEXT, GENERATED_TEXT = "text", "generated_text"  # models of builds that carry a tokenizer
-STRATEGIES = ("greedy", "sample", "beam")
-MAX_SEED = 2**63 - 1
-# Request parameters and their types (numbers may arrive as strings: the python backend's stub
-# passes bool / int / str only, so clients send floats as strings).
-PARAMETERS = {"strategy": str, "num_beams": int, "temperature": float, "top_k": int,
-              "top_p": float, "seed": int, "noise_scale": float, "noise_seed": int,
-              "length_penalty": float, "early_stopping": bool}
+STRATEGIES = request_options.STRATEGIES
+MAX_SEED = request_options.SEED_MAX
+# Request parameters (the request schema's options but max_new_tokens, which is an input).
+# Numbers may arrive as strings: the python backend's stub passes bool / int / str only, so
+# clients send floats as strings.
+PARAMETERS = tuple(k for k in request_options.KINDS if k != "max_new_tokens")
 SPEC_KEYS = ("vocab_size", "latent_dim", "pad_id", "bos_id", "eos_id", "batch_max",
              "src_len_min", "src_len_max", "max_new_tokens_max", "max_new_tokens_default",
              "layers", "heads", "head_dim")
 
 
 class RequestError(ValueError):
-    """A request the model cannot serve; becomes that request's own error response."""
+    """A request the model cannot serve because of what it asks (shape, parameter, text):
+    becomes that request's own error response, INVALID_ARGUMENT (gRPC) / 400 (HTTP)."""
+
+
+class NonFiniteLogits(RuntimeError):
+    """The model's logits for one request hold NaN or infinity: that request fails alone
+    (INVALID_ARGUMENT when its own noise_scale caused it, INTERNAL on the mean path)."""
+
+    def __init__(self, message: str, client: bool) -> None:
+        super().__init__(message)
+        self.client = client
 
 
 # --------------------------------------------------------------------------- request checks
@@ -105,36 +122,6 @@ class Options:
         return self.strategy == "beam" and self.num_beams > 1
 
 
-def _as(key: str, value: Any, kind: type) -> Any:
-    what = "an integer" if kind is int else "a " + kind.__name__
-    bad = RequestError(f"request parameter '{key}' must be {what}, got {value!r}")
-    if kind is str:
-        if not isinstance(value, str):
-            raise bad
-        return value.strip()
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
-            return value.strip().lower() in ("true", "1")
-        raise bad
-    if isinstance(value, bool):
-        raise bad
-    if kind is int:
-        if isinstance(value, (int, np.integer)):
-            return int(value)
-        if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
-            return int(value.strip())
-        raise bad
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        raise bad from None
-    if not math.isfinite(out):
-        raise RequestError(f"request parameter '{key}' must be finite, got {value!r}")
-    return out
-
-
 #: Options fields whose defaults the build's [generation] sets (parameter "decoding")
 DECODING_KEYS = ("strategy", "num_beams", "length_penalty", "early_stopping", "temperature",
                  "top_k", "top_p")
@@ -146,38 +133,23 @@ def parse_options(params: Mapping[str, Any], max_new_tokens: int | None,
     """Validated Options from request parameters (and the optional max_new_tokens input);
     ``defaults``: the build's decoding defaults for what the request leaves out."""
     if not isinstance(params, Mapping):
-        raise RequestError(f"request parameters must be a JSON object, got {params!r}")
-    unknown = sorted(k for k in params if k not in PARAMETERS)
+        raise RequestError(f"request parameters must be a JSON object, got "
+                           f"{request_options.show(params)}")
+    unknown = sorted(str(k) for k in params if k not in PARAMETERS)
     if unknown:
-        raise RequestError(f"unknown request parameter(s) {', '.join(map(repr, unknown))} "
+        raise RequestError(f"unknown request parameter(s) "
+                           f"{', '.join(request_options.show(k) for k in unknown[:5])} "
                            f"(known: {', '.join(PARAMETERS)})")
-    values = {k: _as(k, v, PARAMETERS[k]) for k, v in params.items()}
-    hi = spec["max_new_tokens_max"]
     n = spec["max_new_tokens_default"] if max_new_tokens is None else max_new_tokens
-    values["max_new_tokens"] = n
     base = {k: v for k, v in (defaults or {}).items() if k in DECODING_KEYS}
-    opts = Options(**{**base, **values})
-    if opts.strategy not in STRATEGIES:
-        raise RequestError(f"unknown strategy {opts.strategy!r} (use {', '.join(STRATEGIES)})")
-    if not 1 <= n <= hi:
-        raise RequestError(f"max_new_tokens must be in [1, {hi}] (the profile's tgt_len max), "
-                           f"got {n}")
-    if opts.num_beams < 1:
-        raise RequestError(f"num_beams must be >= 1, got {opts.num_beams}")
-    if opts.beam and opts.num_beams > spec["batch_max"]:
-        raise RequestError(f"num_beams {opts.num_beams} exceeds the profile's batch max "
-                           f"({spec['batch_max']})")
-    if not opts.temperature > 0:
-        raise RequestError(f"temperature must be > 0, got {opts.temperature}")
-    if opts.top_k < 0:
-        raise RequestError(f"top_k must be >= 0 (0 = off), got {opts.top_k}")
-    if not 0 < opts.top_p <= 1:
-        raise RequestError(f"top_p must be in (0, 1], got {opts.top_p}")
-    if not opts.noise_scale >= 0:
-        raise RequestError(f"noise_scale must be >= 0, got {opts.noise_scale}")
-    for key in ("seed", "noise_seed"):
-        if not 0 <= getattr(opts, key) <= MAX_SEED:
-            raise RequestError(f"{key} must be in [0, {MAX_SEED}], got {getattr(opts, key)}")
+    try:  # the request schema every entry point shares (request_options.py)
+        values = request_options.validate(dict(params), text=True)
+        opts = Options(**{**base, **values, "max_new_tokens": n})
+        request_options.validate({k: getattr(opts, k) for k in request_options.KINDS},
+                                 max_new_tokens_max=spec["max_new_tokens_max"],
+                                 batch_max=spec["batch_max"])
+    except request_options.OptionError as exc:
+        raise RequestError(str(exc)) from None
     if streaming and opts.beam:
         raise RequestError("strategy 'beam' cannot stream (a beam's tokens are only final when "
                            "the search ends): use the non-streaming generate model, or greedy "
@@ -359,6 +331,24 @@ class Job:
     opts: Options
     tokens: list[int] = field(default_factory=list)
     rng: np.random.Generator | None = None
+    error: Exception | None = None  # this job failed alone (non-finite logits)
+
+
+def bad_logits(logits: np.ndarray, jobs: Sequence[Job], rows: Sequence[int], step: int
+               ) -> list[int]:
+    """Batch rows whose logits hold NaN or infinity; their jobs get NonFiniteLogits (the
+    Generator's check_logits, per request: the others of the batch go on)."""
+    finite = np.isfinite(logits).all(axis=-1)
+    bad = np.flatnonzero(~finite).tolist()
+    for r in bad:
+        job = jobs[rows[r]]
+        if job.error is None:
+            scale = job.opts.noise_scale
+            why = (f"noise_scale {scale:g} drives the model's float32 arithmetic out of range: "
+                   "use a smaller one" if scale else "the model's weights or graphs are broken")
+            job.error = NonFiniteLogits(f"the model's logits hold NaN or infinity at step "
+                                        f"{step + 1} ({why})", client=bool(scale))
+    return bad
 
 
 def pad_jobs(jobs: Sequence[Job], spec: Mapping[str, int]
@@ -395,6 +385,10 @@ def generate_sequential(steps: Steps, jobs: Sequence[Job], spec: Mapping[str, in
     t = 0
     while True:
         logits = steps.step(cur)
+        failed = bad_logits(logits, jobs, live.tolist(), t)
+        if failed:  # those rows leave the batch below; their numbers must not reach sampling
+            logits = np.array(logits, dtype=np.float64)
+            logits[failed] = 0.0
         if rules is not None:
             logits = rules.apply(logits.astype(np.float64),
                                  [[bos] + jobs[j].tokens for j in live.tolist()],
@@ -408,6 +402,9 @@ def generate_sequential(steps: Steps, jobs: Sequence[Job], spec: Mapping[str, in
                                        top_k=o.top_k, top_p=o.top_p)[0]
         going = np.ones(len(live), dtype=bool)
         for r, j in enumerate(live.tolist()):
+            if jobs[j].error is not None:
+                going[r] = False
+                continue
             tok = int(nxt[r])
             jobs[j].tokens.append(tok)
             last = tok == eos or t == jobs[j].opts.max_new_tokens - 1
@@ -443,7 +440,12 @@ def generate_beam(steps: Steps, jobs: Sequence[Job], spec: Mapping[str, int],
     history: list[list[int]] = [[] for _ in range(n_rows * k)]
     cur = np.full((n_rows * k, 1), spec["bos_id"], dtype=np.int64)
     for t in range(max_new):
-        logp = log_softmax(steps.step(cur))
+        logits = steps.step(cur)
+        failed = bad_logits(logits, jobs, [live[i // k] for i in range(len(live) * k)], t)
+        if failed:  # those rows' jobs leave the search below
+            logits = np.array(logits, dtype=np.float64)
+            logits[failed] = 0.0
+        logp = log_softmax(logits)
         if rules is not None:
             logp = rules.apply(logp, [[spec["bos_id"]] + h for h in history], max_new=max_new,
                                eos_ids=[eos])
@@ -453,6 +455,8 @@ def generate_beam(steps: Steps, jobs: Sequence[Job], spec: Mapping[str, int],
         last = t == max_new - 1
         rows_next, src_next, tok_next, score_next = [], [], [], []
         for j, row in enumerate(live):
+            if jobs[row].error is not None:
+                continue
             beams: list[tuple[int, int, float]] = []
             for c in top[j].tolist():
                 total = float(cand[j, c])
@@ -484,7 +488,7 @@ def generate_beam(steps: Steps, jobs: Sequence[Job], spec: Mapping[str, int],
         scores = np.asarray(score_next).reshape(len(live), k)
         cur = np.asarray(tok_next, dtype=np.int64).reshape(-1, 1)
     for job, h in zip(jobs, hyps):
-        job.tokens = h.items[0][1] if h.items else []
+        job.tokens = [] if job.error is not None else h.items[0][1] if h.items else []
 
 
 def plan_groups(jobs: Sequence[Job], batch_max: int) -> list[list[int]]:
@@ -580,9 +584,24 @@ def _to_numpy(tensor: Any) -> np.ndarray:
 def _error_line(exc: BaseException) -> str:
     text = str(exc).strip()
     line = text.splitlines()[0] if text else type(exc).__name__
-    if not isinstance(exc, RequestError):
+    if not isinstance(exc, (RequestError, NonFiniteLogits)):
         line = f"internal error in the generation model ({type(exc).__name__}): {line}"
     return line
+
+
+def is_client_error(exc: BaseException) -> bool:
+    """Whether the request itself is at fault (its shape, parameters, text, or the noise it
+    asked for): answered INVALID_ARGUMENT / 400 so retry policies and alerts do not count it as
+    a server fault; anything else is INTERNAL / 500."""
+    return isinstance(exc, RequestError) or (isinstance(exc, NonFiniteLogits) and exc.client)
+
+
+def triton_error(exc: BaseException) -> Any:
+    """The pb_utils.TritonError of one failed request, with its status code."""
+    code_name = "INVALID_ARG" if is_client_error(exc) else "INTERNAL"
+    code = getattr(pb_utils.TritonError, code_name, None)
+    line = _error_line(exc)
+    return pb_utils.TritonError(line) if code is None else pb_utils.TritonError(line, code)
 
 
 class TritonPythonModel:
@@ -638,12 +657,12 @@ class TritonPythonModel:
 
     def execute(self, requests: list[Any]) -> list[Any] | None:
         jobs: dict[int, Job] = {}
-        errors: dict[int, str] = {}
+        errors: dict[int, Exception] = {}
         for i, request in enumerate(requests):
             try:
                 jobs[i] = self._job(request)
             except Exception as exc:  # RequestError, or a bug: this request's error only
-                errors[i] = _error_line(exc)
+                errors[i] = exc
         if self.streaming:
             self._stream(requests, jobs, errors)
             return None
@@ -658,11 +677,14 @@ class TritonPythonModel:
                     generate_sequential(self.steps, batch, self.spec, rules=self.rules)
             except Exception as exc:  # the group's failure, not the other groups'
                 for i in members:
-                    errors[i] = _error_line(exc)
+                    errors[i] = exc
+            for i in members:  # a request whose own logits went non-finite fails alone
+                if jobs[i].error is not None:
+                    errors.setdefault(i, jobs[i].error)
         responses = []
         for i in range(len(requests)):
             if i in errors:
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(errors[i])))
+                responses.append(pb_utils.InferenceResponse(error=triton_error(errors[i])))
             else:
                 arr = np.asarray([jobs[i].tokens], dtype=np.int64)
                 outputs = [pb_utils.Tensor(TOKENS, arr)]
@@ -671,14 +693,14 @@ class TritonPythonModel:
                 responses.append(pb_utils.InferenceResponse(output_tensors=outputs))
         return responses
 
-    def _stream(self, requests: list[Any], jobs: dict[int, Job], errors: dict[int, str]) -> None:
+    def _stream(self, requests: list[Any], jobs: dict[int, Job],
+                errors: dict[int, Exception]) -> None:
         """Decoupled: one response per token per request, then an empty FINAL response."""
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         senders = [r.get_response_sender() for r in requests]
         self._sent: dict[int, str] = {}  # streamed text so far, per request of this execute
-        for i, msg in errors.items():
-            senders[i].send(pb_utils.InferenceResponse(error=pb_utils.TritonError(msg)),
-                            flags=final)
+        for i, exc in errors.items():
+            senders[i].send(pb_utils.InferenceResponse(error=triton_error(exc)), flags=final)
         order = list(jobs)
         for group in plan_groups([jobs[i] for i in order], self.spec["batch_max"]):
             members = [order[g] for g in group]
@@ -711,8 +733,16 @@ class TritonPythonModel:
             except Exception as exc:
                 for i in members:
                     if i not in done:
+                        done.add(i)
+                        senders[i].send(pb_utils.InferenceResponse(error=triton_error(exc)),
+                                        flags=final)
+            for i in members:  # a request whose own logits went non-finite fails alone
+                if i not in done and jobs[i].error is not None:
+                    try:
                         senders[i].send(pb_utils.InferenceResponse(
-                            error=pb_utils.TritonError(_error_line(exc))), flags=final)
+                            error=triton_error(jobs[i].error)), flags=final)
+                    except Exception:  # noqa: BLE001 - its stream is gone: nothing to tell
+                        pass
 
     @staticmethod
     def _text(value: str) -> Any:

@@ -263,11 +263,16 @@ def check_finite_outputs(outputs: Mapping[str, np.ndarray]) -> None:
 
 
 def _error_response(exc: BaseException) -> Any:
+    """This request's error: INVALID_ARGUMENT (gRPC) / 400 (HTTP) for what the request asked
+    (its inputs, parameters, the noise it sent or asked for), INTERNAL / 500 for a bug here."""
     text = str(exc).strip()
     line = text.splitlines()[0] if text else type(exc).__name__
-    if not isinstance(exc, RequestError):  # a bug here: say so, keep serving the others
+    client = isinstance(exc, RequestError)
+    if not client:  # a bug here: say so, keep serving the others
         line = f"internal error in the python model ({type(exc).__name__}): {line}"
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(line))
+    code = getattr(pb_utils.TritonError, "INVALID_ARG" if client else "INTERNAL", None)
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(line) if code is None
+                                      else pb_utils.TritonError(line, code))
 
 
 class TritonPythonModel:

@@ -21,6 +21,28 @@ import numpy as np
 NEG_INF = -np.inf
 
 
+def _show(value: Any, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
+def _is_list(value: Any) -> bool:
+    return isinstance(value, (list, tuple))
+
+
+def _id(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer, got {_show(value)}")
+    return int(value)
+
+
+def _ids(value: Any, name: str) -> tuple[int, ...]:
+    if not _is_list(value) or not all(isinstance(t, (int, np.integer))
+                                      and not isinstance(t, bool) for t in value):
+        raise ValueError(f"{name} must be a list of token ids (integers), got {_show(value)}")
+    return tuple(int(t) for t in value)
+
+
 @dataclass(frozen=True)
 class TokenRules:
     """Neutral by default; ``-1`` switches a forced token off."""
@@ -36,16 +58,27 @@ class TokenRules:
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> "TokenRules":
-        """From a config table / JSON object: unknown keys are ignored, lists become tuples."""
+        """From a config table / JSON object: unknown keys are ignored, lists become tuples;
+        a value of the wrong type is a ValueError naming its key (``"abc"`` is no token list)."""
         kwargs: dict[str, Any] = {}
         for f in fields(cls):
             if f.name not in data:
                 continue
             v = data[f.name]
             if f.name == "bad_words_ids":
-                v = tuple(tuple(int(t) for t in seq) for seq in v)
+                if not _is_list(v) or not all(_is_list(seq) for seq in v):
+                    raise ValueError(f"bad_words_ids must be a list of token-id lists, got "
+                                     f"{_show(v)}")
+                v = tuple(_ids(seq, f.name) for seq in v)
             elif f.name in ("suppress_tokens", "begin_suppress_tokens"):
-                v = tuple(int(t) for t in v)
+                v = _ids(v, f.name)
+            elif f.name == "repetition_penalty":
+                if isinstance(v, bool) or not isinstance(v, (int, float, np.integer,
+                                                             np.floating)):
+                    raise ValueError(f"repetition_penalty must be a number, got {_show(v)}")
+                v = float(v)
+            else:
+                v = _id(v, f.name)
             kwargs[f.name] = v
         return cls(**kwargs)
 
@@ -71,11 +104,12 @@ class TokenRules:
             v = getattr(self, name)
             if v != -1 and not 0 <= v < vocab_size:
                 out.append(f"{name} {v} is outside [0, {vocab_size}) (-1 = off)")
-        ids = [t for seq in self.bad_words_ids for t in seq]
-        ids += list(self.suppress_tokens) + list(self.begin_suppress_tokens)
-        bad = [t for t in ids if not 0 <= t < vocab_size]
-        if bad:
-            out.append(f"token id {bad[0]} in the token rules is outside [0, {vocab_size})")
+        for name, ids in (("bad_words_ids", [t for seq in self.bad_words_ids for t in seq]),
+                          ("suppress_tokens", list(self.suppress_tokens)),
+                          ("begin_suppress_tokens", list(self.begin_suppress_tokens))):
+            bad = [t for t in ids if not 0 <= t < vocab_size]
+            if bad:
+                out.append(f"{name} holds token id {bad[0]}, outside [0, {vocab_size})")
         if any(len(seq) == 0 for seq in self.bad_words_ids):
             out.append("bad_words_ids holds an empty sequence")
         return out

@@ -26,7 +26,19 @@ NP_TO_TRITON = {np.dtype("int64"): "INT64", np.dtype("float32"): "FP32",
 
 
 class TritonRequestError(HMUExportError):
-    """The server rejected a request (bad shape/dtype/value) or could not be reached."""
+    """The server rejected a request (bad shape/dtype/value) or could not be reached.
+    ``status``: the server's status ("400" over HTTP, "StatusCode.INVALID_ARGUMENT" over gRPC
+    for a client mistake; "500" / "StatusCode.INTERNAL" for a server fault), None when the
+    request never got an answer."""
+
+    def __init__(self, message: str, status: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+    @property
+    def invalid_argument(self) -> bool:
+        """Whether the server judged the request itself wrong (retrying it cannot help)."""
+        return self.status in ("400", "StatusCode.INVALID_ARGUMENT")
 
 
 def make_noise(batch: int, length: int, latent: int, seed: int = 0,
@@ -174,7 +186,9 @@ class HMUTritonClient:
                                        outputs=requested,
                                        parameters=dict(parameters) if parameters else None)
         except Exception as exc:  # tritonclient raises InferenceServerException
-            raise TritonRequestError(f"{self.model}: {_message(exc)}") from None
+            status = getattr(exc, "status", None)
+            raise TritonRequestError(f"{self.model}: {_message(exc)}",
+                                     status() if callable(status) else None) from None
         if outputs is None:
             response = result.get_response()
             outputs = ([o["name"] for o in response["outputs"]] if isinstance(response, dict)

@@ -1,14 +1,16 @@
 """Generation models of the Triton repository (added by triton.plan_models when the build has
 ``encoder.onnx`` and ``decoder.onnx``)::
 
-    <name>_generate/         config.pbtxt  1/model.py  1/token_rules.py  1/encoder.onnx  1/decoder.onnx
+    <name>_generate/         config.pbtxt  1/model.py  1/token_rules.py  1/request_options.py
+                             1/encoder.onnx  1/decoder.onnx
     <name>_generate_stream/  (the same files; decoupled)
                              + 1/tokenizer/ (both) when the build carries a tokenizer
     <name>_encoder/          config.pbtxt  1/model.onnx   (onnxruntime_onnx: BLS target, GPU hosts)
     <name>_decoder/          config.pbtxt  1/model.onnx   (onnxruntime_onnx: BLS target, GPU hosts)
 
-``model.py`` is hmu_export/shipped/generate_model.py (and ``token_rules.py`` the package's own,
-loaded by it). The build's decoding defaults and token rules travel in the ``decoding``
+``model.py`` is hmu_export/shipped/generate_model.py (and ``token_rules.py`` /
+``request_options.py`` the package's own, loaded by it: the same token rules and request schema
+as the CLI and the Python API). The build's decoding defaults and token rules travel in the ``decoding``
 parameter (JSON). The two python models take ``src_ids``
 INT64 [1, L] per request (``allow_ragged_batch``: requests of different lengths share an
 execute), an optional ``max_new_tokens`` INT64 [1, 1] and request parameters for the strategy;
@@ -40,6 +42,7 @@ GEN_SUFFIX = {GENERATE: "_generate", GENERATE_STREAM: "_generate_stream",
               ENCODER_KIND: "_encoder", DECODER_KIND: "_decoder"}
 GENERATE_MODEL_SOURCE = Path(__file__).parents[2] / "shipped" / "generate_model.py"
 TOKEN_RULES_SOURCE = Path(__file__).parents[2] / "shipped" / "token_rules.py"  # model.py loads it
+REQUEST_OPTIONS_SOURCE = Path(__file__).parents[2] / "shipped" / "request_options.py"  # and this
 STEP_BACKENDS = ("onnxruntime", "bls")
 SRC_IDS, MAX_NEW_TOKENS, TOKENS = "src_ids", "max_new_tokens", "tokens"
 TEXT, GENERATED_TEXT = "text", "generated_text"
@@ -273,7 +276,8 @@ def generation_models(layout: BuildLayout, cfg: BuildConfig, opts: "TritonOption
         return []
     names = generation_names(cfg)
     files: dict[str, Path] = {"1/model.py": GENERATE_MODEL_SOURCE,
-                              "1/token_rules.py": TOKEN_RULES_SOURCE, "1/encoder.onnx": enc,
+                              "1/token_rules.py": TOKEN_RULES_SOURCE,
+                              "1/request_options.py": REQUEST_OPTIONS_SOURCE, "1/encoder.onnx": enc,
                               "1/decoder.onnx": dec}
     tokenizer = tokenizer_files(layout)
     files.update({f"1/{TOKENIZER_DIR}/{f.name}": f for f in tokenizer})

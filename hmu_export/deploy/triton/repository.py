@@ -97,11 +97,21 @@ Serve (GPU host, official container; the python model needs `pip install onnxrun
     docker run --gpus all --rm -p8000:8000 -p8001:8001 -v $PWD:/models \\
         nvcr.io/nvidia/tritonserver:<yy.mm>-py3 tritonserver --model-repository=/models
 
+Python models and a dead stub: Triton 2.51 keeps answering "ready" (200) for a python model
+whose stub process died (kill -9, OOM) while every request fails. `stub_watchdog.py` (here)
+unloads such a model at once (readiness 400) and loads it again; run it beside the server, which
+then needs explicit model control:
+
+    tritonserver --model-repository=/models --model-control-mode=explicit --load-model='*' &
+    python3 /models/stub_watchdog.py --url 127.0.0.1:8000
+
 See docs/triton.md of hmu-export for details.
 """
 
 
 README_TITLE = "# Triton model repository for "
+#: run beside tritonserver: reloads a python model whose stub died (Triton 2.51 keeps it "ready")
+WATCHDOG_SOURCE = Path(__file__).parents[2] / "shipped" / "stub_watchdog.py"
 
 
 def _check_replaceable(out_dir: Path) -> None:
@@ -152,6 +162,9 @@ def write_repository(layout: BuildLayout, cfg: BuildConfig, contract: GraphContr
                 with atomic_path(mdir / rel) as tmp:
                     shutil.copyfile(src, tmp)
         write_text(staging / "README.md", _readme(models, cfg, contract))
+        if any(m.kind == PYTHON or m.files.get("1/model.py") for m in models):
+            with atomic_path(staging / WATCHDOG_SOURCE.name) as tmp:
+                shutil.copyfile(WATCHDOG_SOURCE, tmp)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         staging.rename(out_dir)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from ...core.errors import BackendUnavailable, HMUExportError
+from ...shipped.stub_watchdog import StubWatchdog
 
 
 class TritonServerError(HMUExportError):
@@ -100,6 +101,9 @@ class TritonServer:
     workdir: Path
     models: list[str] = field(default_factory=list)
     own_workdir: bool = False  # removed by stop()
+    # Reloads a model whose python-backend stub died (Triton 2.51 keeps answering "ready"
+    # for it): shipped/stub_watchdog.py. Explicit model control only.
+    watchdog: StubWatchdog | None = None
 
     @property
     def http_url(self) -> str:
@@ -120,6 +124,10 @@ class TritonServer:
 
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM (Triton shuts down gracefully), then SIGKILL to the whole process group."""
+        if self.watchdog is not None:  # first: it must not reload what the shutdown ends
+            with contextlib.suppress(Exception):
+                self.watchdog.stop()
+                self.watchdog.join(timeout=5)
         proc = self.process
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
@@ -149,11 +157,14 @@ def _get(url: str) -> int:
 
 def start_server(repository: Path, models: Sequence[str] | None = None, *,
                  workdir: Path | None = None, timeout: float = 90.0,
-                 log_verbose: int = 0) -> TritonServer:
+                 log_verbose: int = 0, watch_stubs: bool = True) -> TritonServer:
     """Start tritonserver on 127.0.0.1 with free ports; return once ``models`` are ready.
 
     ``models=None`` loads every model in the repository (Triton's default mode); a list loads
     only those (explicit mode), which is how a CPU host serves just the python-backend model.
+    In explicit mode ``watch_stubs`` runs the stub watchdog (shipped/stub_watchdog.py): a
+    model whose python-backend stub dies is unloaded at once (readiness answers 400, not a
+    false 200) and loaded again with a fresh stub; its lines go to ``<workdir>/watchdog.log``.
     """
     dist = find_pytriton()
     repository = Path(repository).resolve()
@@ -190,6 +201,15 @@ def start_server(repository: Path, models: Sequence[str] | None = None, *,
         try:
             _wait_ready(server, models, timeout)
             server.own_workdir = own_workdir
+            if models is not None and watch_stubs:
+                watch_log = workdir / "watchdog.log"
+
+                def log(line: str, path: Path = watch_log) -> None:
+                    with open(path, "a", encoding="utf-8") as f:
+                        f.write(f"{time.strftime('%H:%M:%S')} {line}\n")
+
+                server.watchdog = StubWatchdog(proc.pid, server.http_url, log=log)
+                server.watchdog.start()
             return server
         except BaseException as exc:  # also Ctrl-C during start-up: never leak the process
             server.stop()
