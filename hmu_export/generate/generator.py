@@ -16,7 +16,6 @@ Sequences hold generated tokens only: no BOS, EOS kept if produced, nothing afte
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path

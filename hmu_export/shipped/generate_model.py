@@ -27,7 +27,6 @@ Steps run in-process with ONNX Runtime over encoder.onnx / decoder.onnx in the v
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
