@@ -30,6 +30,7 @@ import numpy as np
 
 from .artifacts import BuildLayout
 from .backends.registry import BENCH, Backend, discover_backends
+from .bench_stability import Watch, cell, repeat_until_settled, row_fields, run_notes
 from .config import BuildConfig
 from .errors import ConfigError
 from .fileio import atomic_path, write_json, write_text
@@ -51,10 +52,12 @@ class BenchSettings:
     threads: int = 0  # 0 = every core this process may use
     seed: int = 0
     peak_seconds: float = 1.5  # time spent measuring the sgemm peak
+    settle_seconds: float = 4.0  # extra time per row while its times are not settled
 
     @classmethod
     def quick(cls) -> "BenchSettings":
-        return cls(warmup=1, min_iters=3, min_seconds=0.0, max_iters=3, peak_seconds=0.1)
+        return cls(warmup=1, min_iters=3, min_seconds=0.0, max_iters=3, peak_seconds=0.1,
+                   settle_seconds=0.0)
 
 
 @dataclass
@@ -192,17 +195,25 @@ def _ort_matmul(b: np.ndarray, threads: int) -> Callable[[np.ndarray], Any] | No
 
 # --------------------------------------------------------------------------- timing
 def time_calls(step: Callable[[], float], s: BenchSettings) -> np.ndarray:
-    """Per-call milliseconds after warm-up, until min_iters and min_seconds are both reached;
+    """Per-call milliseconds after warm-up, until min_iters and min_seconds are both reached,
+    then on while the times are not settled (bench_stability) for up to settle_seconds more;
     ``step`` runs one call and returns its time in ms (a runner's own inference time, or a
     device timer's)."""
     for _ in range(s.warmup):
         step()
-    times: list[float] = []
-    t_start = time.perf_counter()
-    while len(times) < s.max_iters and (len(times) < s.min_iters
-                                         or time.perf_counter() - t_start < s.min_seconds):
-        times.append(float(step()))
-    return np.asarray(times, dtype=np.float64)
+    return np.asarray(repeat_until_settled(step, min_iters=s.min_iters,
+                                           min_seconds=s.min_seconds, max_iters=s.max_iters,
+                                           settle_seconds=s.settle_seconds), dtype=np.float64)
+
+
+def timed_row(backend: Backend, axes: Sequence[str], shape: Sequence[int],
+              step: Callable[[], float], s: BenchSettings, flops: int, peak_gflops: float,
+              threads: int, copies: str) -> dict[str, Any]:
+    """A result row with its samples and stability (what the machine did while it was timed)."""
+    watch = Watch()
+    times = time_calls(step, s)
+    return _row(backend, axes, shape, times, flops, peak_gflops, threads, copies
+                ) | row_fields(times, watch.stop())
 
 
 def runner_step(runner: Runner, feeds: dict[str, np.ndarray]) -> Callable[[], float]:
@@ -361,12 +372,12 @@ def run_bench(artifacts: Path, shapes: Sequence[Sequence[int]] | None = None,
                 if b.label not in runners:
                     runners[b.label] = _make(b)
                 runner = runners[b.label]
-                report.results.append(_row(b, axes, shape, time_calls(runner_step(runner, feeds), s),
-                                           flops, peak, threads, "included"))
+                report.results.append(timed_row(b, axes, shape, runner_step(runner, feeds), s,
+                                                flops, peak, threads, "included"))
                 timer = runner.device_timer(feeds)
                 if timer is not None:
-                    report.results.append(_row(b, axes, shape, time_calls(timer, s), flops, peak,
-                                               threads, "excluded"))
+                    report.results.append(timed_row(b, axes, shape, timer, s, flops, peak,
+                                                    threads, "excluded"))
                 if progress:
                     progress(f"{b.label} {shape_text(shape)}", 0)
     finally:
@@ -423,8 +434,8 @@ def to_markdown(report: BenchReport) -> str:
              "- versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v), "",
              f"| backend | prec | {report.shape_label} | copies | p50 ms | p90 | p95 | p99 | "
              "mean | std | "
-             "seq/s | tok/s | GFLOP/s | % peak | iters |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "seq/s | tok/s | GFLOP/s | % peak | iters | stability |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report.results:
         pf = r.get("peak_fraction")
         lines.append(
@@ -432,7 +443,10 @@ def to_markdown(report: BenchReport) -> str:
             f"{r['copies']} | {r['p50_ms']:.3f} | {r['p90_ms']:.3f} | {r['p95_ms']:.3f} | "
             f"{r['p99_ms']:.3f} | {r['mean_ms']:.3f} | {r['std_ms']:.3f} | {r['seq_per_s']:.1f} | "
             f"{r['tokens_per_s']:.0f} | {r['gflops_per_s']:.1f} | "
-            f"{'' if pf is None else f'{100 * pf:.1f}'} | {r['iters']} |")
+            f"{'' if pf is None else f'{100 * pf:.1f}'} | {r['iters']} | {cell(r)} |")
+    notes = run_notes(m, report.results)
+    if notes:  # a p50 is not printed as settled when it is not (bench_stability)
+        lines += ["", "Stability:", ""] + [f"- {n}" for n in notes]
     sp = speedups(report)
     if sp:
         lines += ["", "Speedup over PyTorch eager FP32 (p50, same run):", "",
