@@ -34,6 +34,7 @@ from .flops import matmul_flop_counter, model_flops
 from ..core.io_contract import BATCH, SRC_LEN
 from ..core.grid import AXIS_LABEL, GRID_AXES, in_profile, contract_feeds, profile_ranges
 from ..runners import Runner
+from .stability import Watch, cell, row_fields, run_notes
 from .timing import BenchSettings, Loaded, Stats, load_build, runner_step, time_calls
 from .machine import machine_info, sgemm_peak
 
@@ -66,6 +67,16 @@ class BenchReport:
     def shape_label(self) -> str:
         """Column title of a shape: "B×Ls×Lt", "B×Ls" for a classifier."""
         return "×".join(AXIS_LABEL[a] for a in self.axes)
+
+
+def timed_row(backend: Backend, axes: Sequence[str], shape: Sequence[int],
+              step: Callable[[], float], s: BenchSettings, flops: int, peak_gflops: float,
+              threads: int, copies: str) -> dict[str, Any]:
+    """A result row with its samples and stability (what the machine did while it was timed)."""
+    watch = Watch()
+    times = time_calls(step, s)
+    return _row(backend, axes, shape, times, flops, peak_gflops, threads, copies
+                ) | row_fields(times, watch.stop())
 
 
 def resolve_backends(names: Sequence[str], loaded: Loaded, threads: int
@@ -187,12 +198,12 @@ def run_bench(artifacts: Path, shapes: Sequence[Sequence[int]] | None = None,
                 if b.label not in runners:
                     runners[b.label] = _make(b)
                 runner = runners[b.label]
-                report.results.append(_row(b, axes, shape, time_calls(runner_step(runner, feeds), s),
-                                           flops, peak, threads, "included"))
+                report.results.append(timed_row(b, axes, shape, runner_step(runner, feeds), s,
+                                                flops, peak, threads, "included"))
                 timer = runner.device_timer(feeds)
                 if timer is not None:
-                    report.results.append(_row(b, axes, shape, time_calls(timer, s), flops, peak,
-                                               threads, "excluded"))
+                    report.results.append(timed_row(b, axes, shape, timer, s, flops, peak,
+                                                    threads, "excluded"))
                 if progress:
                     progress(f"{b.label} {shape_text(shape)}", 0)
     finally:
@@ -249,8 +260,8 @@ def to_markdown(report: BenchReport) -> str:
              "- versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v), "",
              f"| backend | prec | {report.shape_label} | copies | p50 ms | p90 | p95 | p99 | "
              "mean | std | "
-             "seq/s | tok/s | GFLOP/s | % peak | iters |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "seq/s | tok/s | GFLOP/s | % peak | iters | stability |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report.results:
         pf = r.get("peak_fraction")
         lines.append(
@@ -258,7 +269,10 @@ def to_markdown(report: BenchReport) -> str:
             f"{r['copies']} | {r['p50_ms']:.3f} | {r['p90_ms']:.3f} | {r['p95_ms']:.3f} | "
             f"{r['p99_ms']:.3f} | {r['mean_ms']:.3f} | {r['std_ms']:.3f} | {r['seq_per_s']:.1f} | "
             f"{r['tokens_per_s']:.0f} | {r['gflops_per_s']:.1f} | "
-            f"{'' if pf is None else f'{100 * pf:.1f}'} | {r['iters']} |")
+            f"{'' if pf is None else f'{100 * pf:.1f}'} | {r['iters']} | {cell(r)} |")
+    notes = run_notes(m, report.results)
+    if notes:  # a p50 is not printed as settled when it is not (bench/stability.py)
+        lines += ["", "Stability:", ""] + [f"- {n}" for n in notes]
     sp = speedups(report)
     if sp:
         lines += ["", "Speedup over PyTorch eager FP32 (p50, same run):", "",

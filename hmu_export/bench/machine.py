@@ -10,7 +10,7 @@ import numpy as np
 
 
 # --------------------------------------------------------------------------- machine
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.lower().startswith("model name"):
@@ -28,7 +28,7 @@ def machine_info(threads: int) -> dict[str, Any]:
 
     from .. import __version__
     info: dict[str, Any] = {
-        "cpu": _cpu_model(), "logical_cores": os.cpu_count(),
+        "cpu": cpu_model(), "logical_cores": os.cpu_count(),
         "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "threads": threads, "torch_threads": torch.get_num_threads(), "ort_intra_op_threads": threads,
         "platform": platform.platform(), "python": platform.python_version(),

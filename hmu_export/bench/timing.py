@@ -1,7 +1,6 @@
 """How bench times a call: its settings, the clock loop, the statistics, and the loaded build every measurement shares."""
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -25,10 +24,12 @@ class BenchSettings:
     threads: int = 0  # 0 = every core this process may use
     seed: int = 0
     peak_seconds: float = 1.5  # time spent measuring the sgemm peak
+    settle_seconds: float = 4.0  # extra time per row while its times are not settled
 
     @classmethod
     def quick(cls) -> "BenchSettings":
-        return cls(warmup=1, min_iters=3, min_seconds=0.0, max_iters=3, peak_seconds=0.1)
+        return cls(warmup=1, min_iters=3, min_seconds=0.0, max_iters=3, peak_seconds=0.1,
+                   settle_seconds=0.0)
 
 
 @dataclass
@@ -45,17 +46,17 @@ class Stats:
 
 # --------------------------------------------------------------------------- timing
 def time_calls(step: Callable[[], float], s: BenchSettings) -> np.ndarray:
-    """Per-call milliseconds after warm-up, until min_iters and min_seconds are both reached;
+    """Per-call milliseconds after warm-up, until min_iters and min_seconds are both reached,
+    then on while the times are not settled (bench/stability.py) for up to settle_seconds more;
     ``step`` runs one call and returns its time in ms (a runner's own inference time, or a
     device timer's)."""
+    from .stability import repeat_until_settled
+
     for _ in range(s.warmup):
         step()
-    times: list[float] = []
-    t_start = time.perf_counter()
-    while len(times) < s.max_iters and (len(times) < s.min_iters
-                                         or time.perf_counter() - t_start < s.min_seconds):
-        times.append(float(step()))
-    return np.asarray(times, dtype=np.float64)
+    return np.asarray(repeat_until_settled(step, min_iters=s.min_iters,
+                                           min_seconds=s.min_seconds, max_iters=s.max_iters,
+                                           settle_seconds=s.settle_seconds), dtype=np.float64)
 
 
 def runner_step(runner: Runner, feeds: dict[str, np.ndarray]) -> Callable[[], float]:

@@ -10,6 +10,7 @@ from ..bench.forward import DEFAULT_BACKENDS, run_bench, speedups, write_outputs
 from ..bench.timing import BenchSettings
 from ..core.config import parse_shapes
 from ..core.errors import ConfigError
+from ..bench.stability import cell, run_notes
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,7 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Warm-up, then timed runs (p50/p90/p95/p99, mean, std, seq/s, tokens/s) for "
                     "each backend at each shape; same feeds for every backend. Writes "
                     "bench.json, bench.md and bench.png.")
-    p.add_argument("--artifacts", required=True, type=Path, help="a build folder")
+    p.add_argument("--artifacts", type=Path, default=None,
+                   help="a build folder (required unless --current compares a stored run)")
     p.add_argument("--shapes", default="", help="BxLSxLT[,BxLSxLT...] inside the build's profile; "
                    "BxLS[,...] for a classifier build (its graph has no target axis) "
                    "(default: a sweep over source length at batch min and max)")
@@ -30,6 +32,21 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="torch threads = ORT intra-op threads (default: usable cores)")
     p.add_argument("--min-seconds", type=float, default=None,
                    help="minimum timed seconds per backend and shape (default 2, quick 0)")
+    p.add_argument("--settle-seconds", type=float, default=None,
+                   help="extra seconds per backend and shape while its times are not settled "
+                        "(default 4, quick 0; bench/stability.py)")
+    p.add_argument("--compare", default=None, metavar="BASELINE.json|auto",
+                   help="compare with a stored bench JSON: each row's p50 change and a "
+                        "noise-aware verdict (faster/same/slower/unclear); 'auto' = "
+                        "benchmarks/baselines/<this CPU model>.json. Reports, never fails on "
+                        "a slowdown")
+    p.add_argument("--current", type=Path, default=None, metavar="RUN.json",
+                   help="--compare this stored run instead of running the bench")
+    p.add_argument("--compare-threshold", type=float, default=5.0, metavar="PCT",
+                   help="--compare: smallest change called faster/slower (default 5%%, the "
+                        "run-to-run spread of a quiet machine)")
+    p.add_argument("--short", action="store_true",
+                   help="--compare: a summary line and the rows that are not 'same' (for CI)")
     p.add_argument("--no-hmu-overhead", action="store_true",
                    help="skip the with/without-HMU comparison (it exports an identity model)")
     p.add_argument("--json", type=Path, default=None, help="JSON report path "
@@ -52,6 +69,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.current is not None or args.compare is not None or args.short:
+        from .bench_compare import check_compare_args
+        check_compare_args(args)
+        if args.current is not None:
+            from .bench_compare import compare_stored
+            return compare_stored(args)
+    if args.artifacts is None:
+        raise ConfigError("--artifacts is required (or --current RUN.json with --compare)")
     # one size per axis of the build's graph (BxLSxLT, or BxLS for a classifier): checked there
     shapes = parse_shapes(args.shapes, sizes=None) if args.shapes else None
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
@@ -67,6 +92,14 @@ def run(args: argparse.Namespace) -> int:
     settings = BenchSettings.quick() if args.quick else BenchSettings()
     if args.min_seconds is not None:
         settings = BenchSettings(**{**settings.__dict__, "min_seconds": args.min_seconds})
+    if args.settle_seconds is not None:
+        if args.settle_seconds < 0:
+            raise ConfigError(f"--settle-seconds must be >= 0, got {args.settle_seconds}")
+        settings = BenchSettings(**{**settings.__dict__, "settle_seconds": args.settle_seconds})
+    baseline = None
+    if args.compare is not None:  # a bad baseline is an error before minutes of timing
+        from .bench_compare import load_baseline
+        baseline = load_baseline(args)
     settings = BenchSettings(**{**settings.__dict__, "threads": args.threads})
     out_dir = args.out or (args.artifacts / "bench")
 
@@ -90,12 +123,14 @@ def run(args: argparse.Namespace) -> int:
     rows = [(r["backend"], r["precision"], "x".join(map(str, r["shape"])), r["copies"],
              f"{r['p50_ms']:.3f}", f"{r['p99_ms']:.3f}", f"{r['seq_per_s']:.1f}",
              f"{r['tokens_per_s']:.0f}",
-             "" if r["peak_fraction"] is None else f"{100 * r['peak_fraction']:.1f}")
+             "" if r["peak_fraction"] is None else f"{100 * r['peak_fraction']:.1f}", cell(r))
             for r in report.results]
     ui.out.print(ui.table(f"bench: {report.model['name']} ({report.machine['threads']} threads, "
                           f"sgemm peak {report.machine['sgemm_peak']['gflops']:.1f} GFLOP/s)",
                           ["backend", "prec", shape_col, "copies", "p50 ms", "p99 ms", "seq/s",
-                           "tok/s", "% peak"], rows))
+                           "tok/s", "% peak", "stability"], rows))
+    for note in run_notes(report.machine, report.results):
+        ui.out.print(f"[yellow]stability[/yellow] {note}", highlight=False)
     sp = speedups(report)
     if sp:
         ui.out.print(ui.table("speedup over torch eager FP32 (p50)", ["backend", shape_col, "x"],
@@ -112,6 +147,9 @@ def run(args: argparse.Namespace) -> int:
     for part in report.skipped_parts:
         ui.out.print(f"[yellow]not measured[/yellow] {part['part']}: {part['reason']}")
     ui.out.print(f"wrote {paths['json']}, {paths['markdown']}, {paths['png']}")
+    if baseline is not None:
+        from .bench_compare import compare_report
+        compare_report(args, baseline, report.to_dict(), out_dir)
     return 0
 
 
