@@ -260,6 +260,8 @@ def test_feed_errors_match_python(hmu_generate, graphs, case, tmp_path):
     ("bad_backend", "--backend must be ort or trt, got 'cuda'"),
     ("trt_not_built", "built without TensorRT"),
     ("unknown_flag", "unknown argument '--beams'"),
+    ("old_decoder", "has no positions / past_mask input (built before per-row decoder state): "
+                    "rebuild it"),
 ])
 def test_argument_errors(hmu_generate, graphs, case, expect, tmp_path):
     cfg, folder = graphs
@@ -288,6 +290,14 @@ def test_argument_errors(hmu_generate, graphs, case, expect, tmp_path):
         shutil.copy(folder / "decoder.onnx", swapped / "encoder.onnx")
         shutil.copy(folder / "encoder.onnx", swapped / "decoder.onnx")
         folder = swapped
+    if case == "old_decoder":
+        from test_decoder_step import without_row_state
+
+        old = tmp_path / "old"
+        old.mkdir()
+        shutil.copy(folder / "encoder.onnx", old / "encoder.onnx")
+        without_row_state(folder / "decoder.onnx", old / "decoder.onnx")
+        folder = old
     msg = _one_line_error(_generate(hmu_generate, folder, feeds, tmp_path, *extra), tmp_path)
     assert expect.format(tgt=tgt, over=tgt + 1, vocab=cfg.model.vocab_size) in msg, msg
 

@@ -107,8 +107,8 @@ def test_native_modules_follow_contract_order():
     enc_c, dec_c = source.contract(ENCODER), source.contract(DECODER)
     assert enc_c.output_names == ["memory", cross_key(0), cross_value(0), cross_key(1),
                                   cross_value(1)]
-    assert dec_c.input_names[:2] == ["tgt_ids", "src_mask"]
-    assert dec_c.input_names[2:] == [cross_key(0), cross_value(0), cross_key(1), cross_value(1),
+    assert dec_c.input_names[:4] == ["tgt_ids", "src_mask", "positions", "past_mask"]
+    assert dec_c.input_names[4:] == [cross_key(0), cross_value(0), cross_key(1), cross_value(1),
                                      past_key(0), past_value(0), past_key(1), past_value(1)]
     src, mask, tgt, noise = _inputs(cfg, 2, 6, 4)
     with torch.no_grad():
@@ -118,9 +118,11 @@ def test_native_modules_follow_contract_order():
         for spec, value in zip(enc_c.outputs, enc_out):
             fixed = [d for d in spec.dims if isinstance(d, int)]
             assert [value.shape[i] for i, d in enumerate(spec.dims) if isinstance(d, int)] == fixed
-        h, hd = dec_c.inputs[2].dims[1], dec_c.inputs[2].dims[3]
+        h, hd = dec_c.inputs[4].dims[1], dec_c.inputs[4].dims[3]
         past = [torch.zeros(2, h, 0, hd)] * 4
-        out = source.module(DECODER)(tgt, mask, *enc_out[1:], *past)
+        positions = torch.arange(4).expand(2, 4)
+        out = source.module(DECODER)(tgt, mask, positions, torch.zeros(2, 0, dtype=torch.long),
+                                     *enc_out[1:], *past)
         assert len(out) == len(dec_c.outputs)
         assert (out[0] - ref).abs().max().item() <= 1e-5
         assert out[1].shape == (2, h, 4, hd)
@@ -152,7 +154,11 @@ def _export_direct(source: NativeSource, graph: str, cfg, path) -> None:
     args = []
     for spec in contract.inputs:
         shape = [sizes[d] if isinstance(d, str) else d for d in spec.dims]
-        if spec.dtype == "int64":
+        if spec.name == "past_mask":
+            args.append(torch.ones(shape, dtype=torch.long))
+        elif spec.name == "positions":
+            args.append(torch.arange(3, 5).expand(shape[0], 2).contiguous())
+        elif spec.dtype == "int64":
             args.append(torch.randint(1, 2 if spec.name == "src_mask" else cfg.model.vocab_size,
                                       shape, generator=g))
         else:
@@ -197,7 +203,9 @@ def test_onnx_decoder_step_matches_torch(split_graphs, batch, past, new):
         _, cross = model.encode_with_cache(src, mask, noise)
         _, past_kv = model.decode_step(tgt[:, :past], mask, cross, _empty(model, batch))
         step, present = model.decode_step(tgt[:, past:], mask, cross, past_kv)
-    dfeeds = {"tgt_ids": tgt[:, past:].numpy(), "src_mask": mask.numpy()}
+    dfeeds = {"tgt_ids": tgt[:, past:].numpy(), "src_mask": mask.numpy(),
+              "positions": np.tile(np.arange(past, past + new), (batch, 1)),
+              "past_mask": np.ones((batch, past), dtype=np.int64)}
     layers = len(model.decoder.layers)
     for i in range(layers):
         dfeeds[cross_key(i)] = enc_out[cross_key(i)]
@@ -224,3 +232,120 @@ def test_contract_cache_dims_are_the_modules():
     spec = source.contract(DECODER).inputs[-1]
     attn = source.model.decoder.layers[-1].self_attn
     assert spec.dims[1] == attn.num_heads and spec.dims[3] == attn.head_dim
+
+
+# --------------------------------------------------------------------------- per-row state
+def _ragged_step_logits(step, tgt: torch.Tensor, joins: list[int], empty) -> list[torch.Tensor]:
+    """Teacher-forced targets fed one token per step to one running batch in which row r
+    starts at step joins[r]: before that its slots are padding (past_mask 0) and its logits
+    are thrown away; its positions count its real slots only. ``step(ids, positions,
+    past_mask, past) -> (logits, present)``. Returns each row's logits [tgt_len, vocab]."""
+    b, lt = tgt.shape
+    past, past_mask = empty, torch.zeros(b, 0, dtype=torch.long)
+    fed = [0] * b
+    rows: list[list[torch.Tensor]] = [[] for _ in range(b)]
+    for t in range(max(joins) + lt):
+        live = [t >= joins[r] and fed[r] < lt for r in range(b)]
+        ids = torch.tensor([[tgt[r, fed[r]] if live[r] else 0] for r in range(b)])
+        positions = past_mask.sum(1, keepdim=True)
+        logits, past = step(ids, positions, past_mask, past)
+        for r in range(b):
+            if live[r]:
+                rows[r].append(logits[r, -1])
+                fed[r] += 1
+        past_mask = torch.cat([past_mask, torch.tensor([[int(x)] for x in live])], 1)
+    return [torch.stack(r) for r in rows]
+
+
+@pytest.mark.parametrize("conf", [SMALL, TWO_LAYER], ids=["1-layer", "2-layer"])
+def test_rows_at_different_steps_share_a_batch(conf):
+    """Rows joining at steps 0, 3, 1 (left and inner padding slots, per-row positions) get the
+    logits the full model gives each row alone."""
+    cfg = config_from_dict(conf)
+    model = build_model(cfg.model)
+    src, mask, tgt, noise = _inputs(cfg, 3, 9, 5, seed=4)
+    with torch.no_grad():
+        ref = model(src, mask, tgt, noise)
+        _, cross = model.encode_with_cache(src, mask, noise)
+        got = _ragged_step_logits(
+            lambda ids, pos, pm, past: model.decode_step(ids, mask, cross, past, pos, pm),
+            tgt, [0, 3, 1], _empty(model, 3))
+    for r in range(3):
+        assert (got[r] - ref[r]).abs().max().item() <= 1e-5
+
+
+def test_onnx_decoder_rows_at_different_steps(split_graphs):
+    """The exported decoder with a padded past and per-row positions (shapes and paddings the
+    export never saw) equals the full model per row."""
+    cfg, source, folder = split_graphs
+    enc, dec = _ort(folder / "encoder.onnx"), _ort(folder / "decoder.onnx")
+    src, mask, tgt, noise = _inputs(cfg, 4, 7, 4, seed=8)
+    enc_out = dict(zip([o.name for o in enc.get_outputs()],
+                       enc.run(None, {"src_ids": src.numpy(), "src_mask": mask.numpy(),
+                                      "noise": noise.numpy()})))
+    names = [o.name for o in dec.get_outputs()]
+    layers = len(source.model.decoder.layers)
+
+    def step(ids, pos, pm, past):
+        feeds = {"tgt_ids": ids.numpy(), "src_mask": mask.numpy(), "positions": pos.numpy(),
+                 "past_mask": pm.numpy()}
+        for i in range(layers):
+            feeds[cross_key(i)], feeds[cross_value(i)] = enc_out[cross_key(i)], enc_out[cross_value(i)]
+            feeds[past_key(i)], feeds[past_value(i)] = past[2 * i].numpy(), past[2 * i + 1].numpy()
+        out = dict(zip(names, dec.run(None, feeds)))
+        return (torch.from_numpy(out["logits"]),
+                [torch.from_numpy(out[f"present_{k}.{i}"]) for i in range(layers)
+                 for k in ("key", "value")])
+
+    with torch.no_grad():
+        ref = source.model(src, mask, tgt, noise)
+    got = _ragged_step_logits(step, tgt, [2, 0, 1, 4], _empty(source.model, 4))
+    for r in range(4):
+        assert (got[r] - ref[r]).abs().max().item() <= 1e-4
+
+
+def without_row_state(src, dst) -> None:
+    """A copy of a decoder graph whose positions / past_mask inputs carry other names: what a
+    build made before per-row decoder state looks like to a runtime (no such inputs)."""
+    import onnx
+
+    proto = onnx.load(str(src))
+    rename = {"positions": "legacy_positions", "past_mask": "legacy_past_mask"}
+    for value in proto.graph.input:
+        value.name = rename.get(value.name, value.name)
+    for node in proto.graph.node:
+        for k, name in enumerate(node.input):
+            node.input[k] = rename.get(name, name)
+    onnx.save(proto, str(dst))
+
+
+def test_old_decoder_graph_is_refused_by_every_runtime(split_graphs, tmp_path):
+    """ONNX Runtime step backend and the Triton repository writer refuse an old decoder graph
+    in one line that says to rebuild."""
+    import shutil
+
+    from hmu_export.backends.ort import OrtStepBackend
+    from hmu_export.core.errors import ArtifactError
+    from hmu_export.deploy.triton.generation import cache_geometry
+
+    _, _, folder = split_graphs
+    shutil.copy(folder / "encoder.onnx", tmp_path / "encoder.onnx")
+    without_row_state(folder / "decoder.onnx", tmp_path / "decoder.onnx")
+    for call in (lambda: OrtStepBackend(tmp_path / "encoder.onnx", tmp_path / "decoder.onnx"),
+                 lambda: cache_geometry(tmp_path / "encoder.onnx", tmp_path / "decoder.onnx")):
+        with pytest.raises(ArtifactError, match="rebuild it") as info:
+            call()
+        assert "\n" not in str(info.value) and "positions / past_mask" in str(info.value)
+
+
+def test_old_decoder_graph_is_refused(tmp_path):
+    """A decoder graph without positions / past_mask (a build made before per-row state) is
+    refused in one line that says to rebuild."""
+    from hmu_export.core.errors import ArtifactError
+    from hmu_export.generate.stepper import cache_spec_from_dims
+
+    dims = {"tgt_ids": ("batch", "new_len"), "src_mask": ("batch", "src_len"),
+            "past_key.0": ("batch", 2, "past_len", 4), "past_value.0": ("batch", 2, "past_len", 4)}
+    with pytest.raises(ArtifactError, match="rebuild") as info:
+        cache_spec_from_dims(dims, {"noise": ("batch", "src_len", 8)})
+    assert "\n" not in str(info.value)

@@ -236,3 +236,28 @@ def test_recipe_json_is_valid_even_with_odd_gpu_names(folder, small_cfg, tmp_pat
     rec = json.loads((folder / "engine.json").read_text())
     assert rec["gpu"]["name"] == "GPU quoted name"
     assert Path(folder / "build_engine.log").is_file()
+
+
+def test_decoder_recipe_has_the_per_row_state_in_every_profile(small_cfg):
+    """The decoder step's trtexec profiles give positions [batch, new_len] and past_mask
+    [batch, past_len] the same ranges as the cache: past 0 in the first-step profile, the
+    profile's past_len range in the step profile (where in-flight rows also join)."""
+    from pathlib import Path
+
+    from hmu_export.core.graph_kinds import graph_contract
+    from hmu_export.core.io_contract import CacheLayout
+    from hmu_export.core.layout import BuildLayout
+    from hmu_export.deploy.tensorrt import trtexec_args
+
+    contract = graph_contract("decoder", small_cfg.model, CacheLayout(1, 4, 8))
+    args = trtexec_args(small_cfg, contract, [], BuildLayout(Path("/nowhere")), "decoder")
+    shapes = [dict(item.split(":") for item in a.split("=", 1)[1].split(","))
+              for a in args if a.startswith(("--minShapes", "--optShapes", "--maxShapes"))]
+    assert len(shapes) == 6  # two profiles x min / opt / max
+    past_max = small_cfg.profile.past_len[2]
+    for i, s in enumerate(shapes):
+        past = s["past_key.0"].split("x")[2]
+        assert s["past_mask"] == f"{s['tgt_ids'].split('x')[0]}x{past}"
+        assert s["positions"] == s["tgt_ids"]
+    assert [s["past_mask"].split("x")[1] for s in shapes] == ["0", "0", "0", "1", "3",
+                                                              str(past_max)]

@@ -289,7 +289,9 @@ def _steps(src, enc, dec, x, chunks) -> np.ndarray:
     past = [np.zeros((b, layout.heads, 0, layout.head_dim), np.float32)] * (2 * layout.layers)
     tgt, logits, at = x["tgt_ids"].numpy(), [], 0
     for n in chunks:
-        out = dec(tgt[:, at:at + n], x["src_mask"].numpy(), *cross, *past)
+        out = dec(tgt[:, at:at + n], x["src_mask"].numpy(),
+                  np.tile(np.arange(at, at + n), (b, 1)), np.ones((b, at), np.int64),
+                  *cross, *past)
         logits.append(out[0])
         past = out[1:]
         at += n
@@ -311,6 +313,43 @@ def test_decoder_steps_with_cache_equal_full_logits(folders, name):
         assert _err(_steps(src, enc, dec, x, chunks), ref) <= TOL, chunks
 
 
+def _ragged(src, enc, dec, x, joins) -> list[np.ndarray]:
+    """Teacher-forced targets fed one token per step to one running batch in which row r
+    starts at step joins[r] (its earlier slots padding: past_mask 0, logits thrown away; its
+    positions count its real slots): each row's logits [tgt_len, vocab]."""
+    layout = src.cache_layout()
+    cross = enc(x["src_ids"].numpy(), x["src_mask"].numpy(), x["noise"].numpy())[1:]
+    tgt = x["tgt_ids"].numpy()
+    b, lt = tgt.shape
+    past = [np.zeros((b, layout.heads, 0, layout.head_dim), np.float32)] * (2 * layout.layers)
+    past_mask = np.zeros((b, 0), np.int64)
+    fed, rows = [0] * b, [[] for _ in range(b)]
+    for t in range(max(joins) + lt):
+        live = [t >= joins[r] and fed[r] < lt for r in range(b)]
+        ids = np.asarray([[tgt[r, fed[r]] if live[r] else 0] for r in range(b)], np.int64)
+        out = dec(ids, x["src_mask"].numpy(), past_mask.sum(1, keepdims=True), past_mask,
+                  *cross, *past)
+        past = out[1:]
+        for r in range(b):
+            if live[r]:
+                rows[r].append(out[0][r, -1])
+                fed[r] += 1
+        past_mask = np.concatenate([past_mask, np.asarray(live, np.int64)[:, None]], 1)
+    return [np.stack(r) for r in rows]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_rows_at_different_steps_share_a_batch(folders, name):
+    """Per-row decoder state: rows that joined at steps 0, 3 and 1 (padding slots on the left
+    and inside, T5's relative positions per row) get the full model's logits, row by row."""
+    src = _source(folders, name)
+    x = _batch(src, b=3, lt=5, seed=3)
+    enc, dec = _torch_fn(src.module(ENCODER)), _torch_fn(src.module(DECODER))
+    ref = _oracle_logits(src, x).numpy()
+    for r, got in enumerate(_ragged(src, enc, dec, x, [0, 3, 1])):
+        assert _err(got, ref[r]) <= TOL, r
+
+
 # ----------------------------------------------------------------------------- generation
 def _greedy(enc, dec, layout, src_ids, src_mask, noise, bos, eos, max_new) -> list[list[int]]:
     """Greedy over the encoder graph and the decoder step; rows stop at their EOS (kept)."""
@@ -320,8 +359,9 @@ def _greedy(enc, dec, layout, src_ids, src_mask, noise, bos, eos, max_new) -> li
     cur = np.full((b, 1), bos, np.int64)
     seqs: list[list[int]] = [[] for _ in range(b)]
     done = np.zeros(b, bool)
-    for _ in range(max_new):
-        out = dec(cur, src_mask, *cross, *past)
+    for t in range(max_new):
+        out = dec(cur, src_mask, np.full((b, 1), t, np.int64), np.ones((b, t), np.int64),
+                  *cross, *past)
         past = out[1:]
         nxt = out[0][:, -1].argmax(-1)
         for row in range(b):
@@ -375,8 +415,9 @@ def _export(module, contract, args, path: Path, max_len: int) -> None:
             for n in ("batch", "src_len", "tgt_len", "past_len", "new_len")}
     specs = [{i: axes[d] for i, d in enumerate(s.dims) if isinstance(d, str)}
              for s in contract.inputs]
-    # the decoder step's forward is (tgt_ids, src_mask, *kv): its varargs are one nested entry
-    shapes = (specs[0], specs[1], tuple(specs[2:])) if contract.name == "hmu_decoder" \
+    # the decoder step's forward is (tgt_ids, src_mask, positions, past_mask, *kv): its varargs
+    # are one nested entry
+    shapes = (*specs[:4], tuple(specs[4:])) if contract.name == "hmu_decoder" \
         else tuple(specs)
     prog = torch.onnx.export(module, args, dynamo=True, dynamic_shapes=shapes,
                              input_names=contract.input_names,
@@ -407,7 +448,8 @@ def test_onnx_graphs_match_transformers(folders, name, tmp_path):
     examples = {
         FULL: (ex["src_ids"], ex["src_mask"], ex["tgt_ids"], ex["noise"]),
         ENCODER: (ex["src_ids"], ex["src_mask"], ex["noise"]),
-        DECODER: (ex["tgt_ids"][:, :2], ex["src_mask"],
+        DECODER: (ex["tgt_ids"][:, :2], ex["src_mask"], torch.tensor([[3, 4], [1, 2]]),
+                  torch.tensor([[1, 1, 1], [0, 1, 0]]),
                   *[kv(5) for _ in range(2 * layout.layers)],
                   *[kv(3) for _ in range(2 * layout.layers)]),
     }
@@ -440,6 +482,9 @@ def test_onnx_graphs_match_transformers(folders, name, tmp_path):
     # decoder step from past 0 (the first call), one token at a time, and in uneven chunks
     for chunks in ((7,), (1,) * 7, (1, 4, 2)):
         assert _err(_steps(src, fns[ENCODER], fns[DECODER], x, chunks), ref) <= TOL, chunks
+    # rows at different steps in one batch (padded past, per-row positions)
+    for r, got in enumerate(_ragged(src, fns[ENCODER], fns[DECODER], x, [2, 0, 4])):
+        assert _err(got, ref[r]) <= TOL, r
     # greedy over the ONNX graphs == Transformers' generate
     gen = H.generation_settings(src.cfg)
     x = _batch(src, b=2, ls=9, seed=1, noise_scale=0.0)

@@ -4,7 +4,9 @@
 // session's CPU allocator (ORT allocates it at its final shape), and the resulting Ort::Value
 // is bound as the next step's past_* input as it is. The encoder's cross K/V and the source
 // mask are bound once per request. The only host traffic per step is the [batch, 1] token
-// tensor in and the logits the greedy loop reads in place.
+// tensor and the per-row state (positions [batch, 1], past_mask [batch, past_len]: every row
+// of this loop is at the same step, so positions = past_len and the mask is all ones) in, and
+// the logits the greedy loop reads in place.
 #include <onnxruntime_cxx_api.h>
 
 #include <map>
@@ -93,6 +95,7 @@ class OrtStepRunner final : public StepRunner {
       past_.push_back(Ort::Value::CreateTensor<float>(cpu_, &empty_slot_, 0, empty.data(),
                                                       empty.size()));
     tokens_.assign(static_cast<size_t>(batch_), 0);
+    past_len_ = 0;
   }
 
   const float* step(const std::vector<int64_t>& tokens) override {
@@ -101,6 +104,16 @@ class OrtStepRunner final : public StepRunner {
     Ort::Value tgt = Ort::Value::CreateTensor<int64_t>(cpu_, tokens_.data(), tokens_.size(),
                                                         shape.data(), shape.size());
     binding_->BindInput("tgt_ids", tgt);  // replaces last step's binding of the same name
+    positions_.assign(static_cast<size_t>(batch_), past_len_);
+    Ort::Value pos = Ort::Value::CreateTensor<int64_t>(cpu_, positions_.data(), positions_.size(),
+                                                        shape.data(), shape.size());
+    binding_->BindInput("positions", pos);
+    past_mask_.assign(static_cast<size_t>(batch_ * past_len_), 1);
+    const std::vector<int64_t> mask_shape{batch_, past_len_};
+    Ort::Value mask = Ort::Value::CreateTensor<int64_t>(
+        cpu_, past_mask_.empty() ? &empty_index_ : past_mask_.data(), past_mask_.size(),
+        mask_shape.data(), mask_shape.size());
+    binding_->BindInput("past_mask", mask);
     for (size_t j = 0; j < past_names_.size(); ++j)
       binding_->BindInput(past_names_[j].c_str(), past_[j]);
     binding_->ClearBoundOutputs();  // fresh ORT allocations at this step's (longer) shape
@@ -110,6 +123,7 @@ class OrtStepRunner final : public StepRunner {
     std::vector<Ort::Value> outs = binding_->GetOutputValues();
     logits_ = std::move(outs[0]);
     for (size_t j = 0; j < past_names_.size(); ++j) past_[j] = std::move(outs[1 + j]);
+    ++past_len_;
     const std::vector<int64_t> ls = logits_.GetTensorTypeAndShapeInfo().GetShape();
     if (ls.size() != 3 || ls[0] != batch_ || ls[2] != info_.encoder.vocab_size)
       throw Error("decoder returned logits of shape " + shape_str(ls) + ", expected [" +
@@ -130,9 +144,10 @@ class OrtStepRunner final : public StepRunner {
   std::vector<Ort::Value> cross_, past_;
   Ort::Value logits_{nullptr};
   Array mask_;
-  std::vector<int64_t> tokens_;
+  std::vector<int64_t> tokens_, positions_, past_mask_;
   float empty_slot_ = 0.0f;
-  int64_t batch_ = 0;
+  int64_t empty_index_ = 0;
+  int64_t batch_ = 0, past_len_ = 0;
   GeneratorInfo info_;
 
   std::unique_ptr<Ort::Session> load(const std::string& path, const Ort::SessionOptions& so) {
@@ -220,6 +235,7 @@ class OrtStepRunner final : public StepRunner {
     for (const char* name : {"tgt_ids", "src_mask"})
       if (!find(dec_inputs_, name))
         throw Error(path + " is not an hmu_export decoder graph: no input '" + name + "'");
+    require_row_state(path, [&](const char* n) { return find(dec_inputs_, n) != nullptr; });
     if (dec_outputs_.empty() || dec_outputs_[0].first != "logits")
       throw Error(path + " is not an hmu_export decoder graph: its first output is not 'logits'");
     int64_t layers = 0;
@@ -256,10 +272,11 @@ class OrtStepRunner final : public StepRunner {
         cross_names_.push_back(name);
       }
     }
-    const size_t expected = 2 + cross_names_.size() + past_names_.size();
+    const size_t expected = 4 + cross_names_.size() + past_names_.size();
     if (dec_inputs_.size() != expected)
       throw Error(path + " has " + std::to_string(dec_inputs_.size()) + " inputs, expected " +
-                  std::to_string(expected) + " (tgt_ids, src_mask, cross K/V, past K/V)");
+                  std::to_string(expected) +
+                  " (tgt_ids, src_mask, positions, past_mask, cross K/V, past K/V)");
   }
 };
 

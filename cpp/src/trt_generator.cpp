@@ -11,7 +11,11 @@
 // - Each optimization profile gets its own execution context (the decoder's recipe has a
 //   first-step profile with past_len 0 and a step profile with past_len >= 1); every step picks
 //   the first profile whose min/max hold the step's shapes.
-// - Per step the host sends [batch] token ids and receives [batch, vocab] logits; nothing else.
+// - Per-row decoder state: every row of this loop is at the same step, so positions [batch, 1]
+//   hold past_len and past_mask [batch, past_len] is all ones (one device buffer of ones,
+//   filled once per request, serves every step).
+// - Per step the host sends [batch] token ids and [batch] positions and receives
+//   [batch, vocab] logits; nothing else.
 //
 // libnvinfer is dlopen()ed as in trt_backend.cpp; config (profile, vocabulary, generation
 // defaults) comes from manifest.json next to the plans (a plan keeps no metadata).
@@ -237,6 +241,12 @@ class TrtStepRunner final : public StepRunner {
       for (auto& buf : set) buf.reserve(cache_bytes);
     }
     buffers_["tgt_ids"].reserve(static_cast<size_t>(batch_) * sizeof(int64_t));
+    buffers_["positions"].reserve(static_cast<size_t>(batch_) * sizeof(int64_t));
+    ones_.assign(static_cast<size_t>(batch_ * info_.tgt_len_max), 1);
+    buffers_["past_mask"].reserve(ones_.size() * sizeof(int64_t));
+    cuda_check(cudaMemcpyAsync(buffers_["past_mask"].get(), ones_.data(),
+                               ones_.size() * sizeof(int64_t), cudaMemcpyHostToDevice, stream_),
+               "cudaMemcpyAsync (past_mask)");
     buffers_["logits"].reserve(static_cast<size_t>(batch_ * info_.encoder.vocab_size) *
                                dtype_bytes(dec_.type("logits")));
     past_len_ = 0;
@@ -248,7 +258,8 @@ class TrtStepRunner final : public StepRunner {
       throw Error("decoder step past the profile's tgt_len max (" +
                   std::to_string(info_.tgt_len_max) + ")");
     const int64_t heads = info_.cache.heads, head_dim = info_.cache.head_dim;
-    Shapes shapes{{"tgt_ids", {batch_, 1}}, {"src_mask", {batch_, src_len_}}};
+    Shapes shapes{{"tgt_ids", {batch_, 1}}, {"src_mask", {batch_, src_len_}},
+                  {"positions", {batch_, 1}}, {"past_mask", {batch_, past_len_}}};
     for (const std::string& name : cross_names_) shapes[name] = {batch_, heads, src_len_, head_dim};
     for (const std::string& name : past_names_) shapes[name] = {batch_, heads, past_len_, head_dim};
     nv::IExecutionContext* ctx = context(dec_, shapes);
@@ -259,6 +270,12 @@ class TrtStepRunner final : public StepRunner {
                                tokens.size() * sizeof(int64_t), cudaMemcpyHostToDevice, stream_),
                "cudaMemcpyAsync (tokens)");
     ctx->setTensorAddress("tgt_ids", buffers_["tgt_ids"].get());
+    positions_.assign(static_cast<size_t>(batch_), past_len_);
+    cuda_check(cudaMemcpyAsync(buffers_["positions"].get(), positions_.data(),
+                               positions_.size() * sizeof(int64_t), cudaMemcpyHostToDevice,
+                               stream_), "cudaMemcpyAsync (positions)");
+    ctx->setTensorAddress("positions", buffers_["positions"].get());
+    ctx->setTensorAddress("past_mask", buffers_["past_mask"].get());
     ctx->setTensorAddress("src_mask", buffers_["src_mask"].get());
     for (const std::string& name : cross_names_)
       ctx->setTensorAddress(name.c_str(), buffers_["enc:" + name].get());
@@ -310,6 +327,7 @@ class TrtStepRunner final : public StepRunner {
   std::vector<DeviceBuffer> cache_[2];
   std::vector<float> logits_;
   std::vector<uint16_t> half_;
+  std::vector<int64_t> positions_, ones_;  // host copies (async uploads read them)
   int64_t batch_ = 0, src_len_ = 0, past_len_ = 0;
 
   void load(const std::string& path, Plan* plan) {
@@ -398,6 +416,7 @@ class TrtStepRunner final : public StepRunner {
     for (const char* name : {"tgt_ids", "src_mask", "logits"})
       if (!dec_.has(name))
         throw Error(dec_.path + " is not an hmu_export decoder plan: no tensor '" + name + "'");
+    require_row_state(dec_.path, [&](const char* n) { return dec_.has(n); });
     int64_t layers = 0;
     while (dec_.has("past_key." + std::to_string(layers))) ++layers;
     if (layers == 0) throw Error(dec_.path + " has no past_key.0 input: not a decoder-step plan");

@@ -14,8 +14,8 @@ import numpy as np
 
 from ..core.config import BuildConfig
 from ..core.errors import ArtifactError, BackendUnavailable
-from ..core.io_contract import (DECODER, ENCODER, FULL, LOGITS, NOISE, SRC_IDS, SRC_MASK, GraphContract,
-                                past_key)
+from ..core.io_contract import (DECODER, ENCODER, FULL, LOGITS, NOISE, SRC_IDS, SRC_MASK,
+                                GraphContract, past_key, row_state_refusal)
 from ..core.layout import BuildLayout
 from ..generate.stepper import CacheSpec, CachedStepper, Stepper, cache_spec_from_dims
 from ..runners import OnnxRuntimeRunner, Runner
@@ -62,6 +62,9 @@ class OrtStepBackend:
             missing = [n for n in names if n not in have]
             if missing:
                 raise ArtifactError(f"{path} lacks generation input(s) {', '.join(missing)}")
+        refusal = row_state_refusal(self._dec_in, str(self.paths[1]))
+        if refusal:
+            raise ArtifactError(refusal)
         if LOGITS not in self._dec_out:
             raise ArtifactError(f"{self.paths[1]} has no '{LOGITS}' output")
         self._spec = cache_spec_from_dims({i.name: tuple(i.shape) for i in self.dec.get_inputs()},

@@ -20,10 +20,11 @@ import numpy as np
 from ..core.config import BuildConfig
 from ..core.layout import BuildLayout
 from ..core.errors import BackendUnavailable
-from ..core.io_contract import (DECODER, ENCODER, FULL, LOGITS, NOISE, SRC_IDS, SRC_MASK,
-                                TGT_IDS, GraphContract, past_key, past_value, present_key,
-                                present_value)
-from ..generate.stepper import CacheSpec, CachedStepper, Stepper, cache_spec_from_dims
+from ..core.io_contract import (DECODER, ENCODER, FULL, LOGITS, NOISE, PAST_MASK, POSITIONS,
+                                SRC_IDS, SRC_MASK, TGT_IDS, GraphContract, past_key, past_value,
+                                present_key, present_value)
+from ..generate.stepper import (CacheSpec, CachedStepper, Stepper, cache_spec_from_dims,
+                                next_row_state)
 from ..runners import Runner, TorchRunner
 from .registry import (BENCH_ONLY, EVERYWHERE, Backend, SourceModel, StepEntry, StepRequest,
                        forward, step)
@@ -111,17 +112,22 @@ class TorchDeviceStepper(Stepper):
         for i in range(s.layers):
             state[past_key(i)] = state[past_value(i)] = empty
         self._state = state
+        self._past_mask = np.zeros((src_ids.shape[0], 0), dtype=np.int64)  # host: tiny
 
     def step(self, new_ids: np.ndarray) -> np.ndarray:
         import torch
 
-        st = dict(self._state, **{TGT_IDS: self._t(new_ids.astype(np.int64))})
+        positions, grown = next_row_state(self._past_mask, new_ids.shape[1])
+        st = dict(self._state, **{TGT_IDS: self._t(new_ids.astype(np.int64)),
+                                  POSITIONS: self._t(positions),
+                                  PAST_MASK: self._t(self._past_mask)})
         with torch.inference_mode():
             outs = self.decoder(*(st[n] for n in self.dec_contract.input_names))
         out = dict(zip(self.dec_contract.output_names, outs))
         for i in range(self.spec.layers):
             self._state[past_key(i)] = out[present_key(i)]
             self._state[past_value(i)] = out[present_value(i)]
+        self._past_mask = grown
         return out[LOGITS][:, -1, :].float().cpu().numpy()
 
     def select(self, rows: np.ndarray) -> None:
@@ -129,6 +135,7 @@ class TorchDeviceStepper(Stepper):
 
         index = torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(self.device)
         self._state = {k: v.index_select(0, index) for k, v in self._state.items()}
+        self._past_mask = np.take(self._past_mask, rows, axis=0)
 
 
 class TorchNoCacheStepper(Stepper):

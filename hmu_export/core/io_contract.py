@@ -50,6 +50,10 @@ def present_value(i: int) -> str:
     return f"present_value.{i}"
 
 SRC_IDS, SRC_MASK, TGT_IDS, NOISE = "src_ids", "src_mask", "tgt_ids", "noise"
+# Per-row decoder state (decoder step graph): rows at different steps share one batch.
+POSITIONS, PAST_MASK = "positions", "past_mask"
+#: decoder-step inputs a build made before per-row decoder state lacks
+ROW_STATE_INPUTS = (POSITIONS, PAST_MASK)
 LOGITS, ENCODER_OUT, HMU_GATE, HMU_OUT = "logits", "encoder_out", "hmu_gate", "hmu_out"
 
 
@@ -165,10 +169,23 @@ def encoder_contract(model: ModelConfig, cache: CacheLayout) -> GraphContract:
 
 
 def decoder_contract(model: ModelConfig, cache: CacheLayout) -> GraphContract:
-    """One decoder step over ``new_len`` tokens after ``past_len`` cached ones (0 on the first
-    call): one graph for every step, no If node. Positions start at past_len."""
+    """One decoder step over ``new_len`` tokens after ``past_len`` cache slots (0 on the first
+    call): one graph for every step, no If node.
+
+    Per-row state, so that rows at different steps share one batch (in-flight batching):
+    ``positions`` [batch, new_len] are the absolute positions of each row's new tokens, and
+    ``past_mask`` [batch, past_len] says which cache slots hold one of the row's tokens (1) and
+    which are padding (0). A row's real slots hold its tokens 0, 1, ... in cache order (padding
+    may sit anywhere, e.g. on the left of a row that joined late), so its next positions are
+    ``past_mask.sum(1) + arange(new_len)``. New tokens attend causally among themselves and to
+    every real slot of their row; padded slots are never attended to. A uniform batch is
+    ``positions = past_len + arange(new_len)`` and ``past_mask`` all ones."""
     inputs = [TensorSpec(TGT_IDS, "int64", (BATCH, NEW_LEN), "decoder input ids of this step"),
-              TensorSpec(SRC_MASK, "int64", (BATCH, SRC_LEN), "1 = real token, 0 = padding")]
+              TensorSpec(SRC_MASK, "int64", (BATCH, SRC_LEN), "1 = real token, 0 = padding"),
+              TensorSpec(POSITIONS, "int64", (BATCH, NEW_LEN),
+                         "absolute position of each new token of each row"),
+              TensorSpec(PAST_MASK, "int64", (BATCH, PAST_LEN),
+                         "1 = cache slot holds a token of the row, 0 = padding slot")]
     kv_src = (BATCH, cache.heads, SRC_LEN, cache.head_dim)
     kv_past = (BATCH, cache.heads, PAST_LEN, cache.head_dim)
     kv_total = (BATCH, cache.heads, TOTAL_LEN, cache.head_dim)
@@ -184,6 +201,24 @@ def decoder_contract(model: ModelConfig, cache: CacheLayout) -> GraphContract:
         outputs += [TensorSpec(present_key(i), "float32", kv_total, "past + new keys"),
                     TensorSpec(present_value(i), "float32", kv_total, "past + new values")]
     return GraphContract("hmu_decoder", tuple(inputs), tuple(outputs))
+
+
+def row_state_refusal(decoder_inputs: Sequence[str], where: str = "the decoder graph") -> str:
+    """Empty when a decoder-step graph takes the per-row state inputs, else the one line that
+    refuses it (a build made before them)."""
+    missing = [n for n in ROW_STATE_INPUTS if n not in decoder_inputs]
+    if not missing:
+        return ""
+    return (f"{where} has no {' / '.join(missing)} input (built before per-row decoder "
+            "state): rebuild it with this version")
+
+
+def uniform_row_state(batch: int, past_len: int, new_len: int
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """(positions, past_mask) of a batch whose rows all hold ``past_len`` tokens."""
+    pos = np.broadcast_to(np.arange(past_len, past_len + new_len, dtype=np.int64),
+                          (batch, new_len))
+    return np.ascontiguousarray(pos), np.ones((batch, past_len), dtype=np.int64)
 
 
 def classifier_contract(model: ModelConfig) -> GraphContract:
@@ -243,6 +278,10 @@ def validate_feeds(contract: GraphContract, feeds: Mapping[str, np.ndarray],
             raise InputError(f"input '{SRC_MASK}' must hold only 0 (pad) and 1 (token)")
         if mask.size and (mask.sum(axis=1) == 0).any():
             raise InputError(f"input '{SRC_MASK}' has a row with no real token")
+    if PAST_MASK in feeds and not np.isin(feeds[PAST_MASK], (0, 1)).all():
+        raise InputError(f"input '{PAST_MASK}' must hold only 0 (padding slot) and 1 (token)")
+    if POSITIONS in feeds and feeds[POSITIONS].size and int(feeds[POSITIONS].min()) < 0:
+        raise InputError(f"input '{POSITIONS}' has a negative position")
     if vocab_size is not None:
         for name in (SRC_IDS, TGT_IDS):
             if name in feeds and feeds[name].size:
@@ -283,8 +322,8 @@ def spec_feeds(contract: GraphContract, model: ModelConfig, sizes: Mapping[str, 
     low = 1 if model.vocab_size > 1 else 0
     for spec in contract.inputs:
         shape = tuple(int(sizes[d]) if isinstance(d, str) else d for d in spec.dims)
-        if spec.name == SRC_MASK:
-            out[spec.name] = np.ones(shape, dtype=np.int64)
+        if spec.name in (SRC_MASK, PAST_MASK, POSITIONS):
+            out[spec.name] = np.ones(shape, dtype=np.int64)  # filled below
         elif spec.dtype == "int64":
             out[spec.name] = rng.integers(low, model.vocab_size, size=shape, dtype=np.int64)
         elif spec.name == NOISE:
@@ -298,4 +337,14 @@ def spec_feeds(contract: GraphContract, model: ModelConfig, sizes: Mapping[str, 
             mask[row, real:] = 0
             if SRC_IDS in out:
                 out[SRC_IDS][row, real:] = model.pad_id
+    if PAST_MASK in out:  # odd rows joined late: their first slots are left padding
+        pm = out[PAST_MASK]
+        if pad:
+            for row in range(1, pm.shape[0], 2):
+                pm[row, :int(rng.integers(0, pm.shape[1] + 1))] = 0
+    if POSITIONS in out:
+        held = out[PAST_MASK].sum(axis=1) if PAST_MASK in out else 0
+        new = out[POSITIONS].shape[1]
+        out[POSITIONS] = (np.asarray(held, dtype=np.int64).reshape(-1, 1)
+                          + np.arange(new, dtype=np.int64)[None, :]) * np.ones_like(out[POSITIONS])
     return out

@@ -59,7 +59,10 @@ def input_shapes(contract: GraphContract, profile: ProfileConfig
 def graph_profiles(cfg: BuildConfig, graph: str) -> list[ProfileConfig]:
     """Optimization profiles of one graph. The decoder step gets a first-step profile (past 0,
     an empty cache tensor) and a step profile (past >= 1) for every configured profile, so the
-    step kernels are tuned for a real cache and the first call never needs an If."""
+    step kernels are tuned for a real cache and the first call never needs an If. The per-row
+    state inputs follow the same axes (``positions`` [batch, new_len], ``past_mask``
+    [batch, past_len]): in-flight batching runs a joining row's first step in the step profile
+    (its past is the running batch's, padded, past_mask 0)."""
     from dataclasses import replace
 
     base = engine_profiles(cfg)

@@ -12,8 +12,9 @@ from typing import Mapping, Protocol, runtime_checkable
 import numpy as np
 
 from ..core.errors import ArtifactError
-from ..core.io_contract import (LOGITS, NOISE, SRC_IDS, SRC_MASK, TGT_IDS, cross_key,
-                                cross_value, past_key, past_value, present_key, present_value)
+from ..core.io_contract import (LOGITS, NOISE, PAST_MASK, POSITIONS, SRC_IDS, SRC_MASK, TGT_IDS,
+                                cross_key, cross_value, past_key, past_value, present_key,
+                                present_value, row_state_refusal)
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,8 @@ class StepBackend(Protocol):
         """src_ids, src_mask, noise -> memory, cross_key.{i}, cross_value.{i}."""
 
     def decode(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """tgt_ids, src_mask, cross K/V, past K/V -> logits, present_key.{i}, present_value.{i}."""
+        """tgt_ids, src_mask, positions, past_mask, cross K/V, past K/V -> logits,
+        present_key.{i}, present_value.{i}."""
 
     def cache_spec(self) -> CacheSpec:
         """Layers / heads / head_dim / latent read from the graph's declared inputs."""
@@ -62,8 +64,19 @@ class Stepper(ABC):
         """Keep rows ``rows`` (indices into the current batch, repeats allowed), in that order."""
 
 
+def next_row_state(past_mask: np.ndarray, new: int) -> tuple[np.ndarray, np.ndarray]:
+    """(positions [B, new], the past_mask after the step [B, past+new]) of a step feeding
+    ``new`` tokens per row: a row's next position is the number of tokens it holds."""
+    held = past_mask.sum(axis=1, dtype=np.int64)[:, None]
+    positions = held + np.arange(new, dtype=np.int64)[None, :]
+    grown = np.concatenate([past_mask, np.ones((past_mask.shape[0], new), dtype=np.int64)],
+                           axis=1)
+    return positions, grown
+
+
 class CachedStepper(Stepper):
-    """Drives a StepBackend: encoder once, then one decoder step per token with the KV cache."""
+    """Drives a StepBackend: encoder once, then one decoder step per token with the KV cache
+    (and the decoder contract's per-row state: positions, past_mask)."""
 
     def __init__(self, backend: StepBackend) -> None:
         self.backend = backend
@@ -80,16 +93,19 @@ class CachedStepper(Stepper):
         out = self.backend.encode({SRC_IDS: src_ids, SRC_MASK: src_mask, NOISE: noise})
         s = self.spec
         empty = np.zeros((src_ids.shape[0], s.heads, 0, s.head_dim), dtype=np.float32)
-        self._state = {SRC_MASK: src_mask}
+        self._state = {SRC_MASK: src_mask,
+                       PAST_MASK: np.zeros((src_ids.shape[0], 0), dtype=np.int64)}
         self._state.update({name: out[name] for name in self._cross_names})
         self._state.update({name: empty for name in self._past_names})
 
     def step(self, new_ids: np.ndarray) -> np.ndarray:
         feeds = dict(self._state)
         feeds[TGT_IDS] = new_ids
+        feeds[POSITIONS], grown = next_row_state(self._state[PAST_MASK], new_ids.shape[1])
         out = self.backend.decode(feeds)
         for past, present in zip(self._past_names, self._present_names):
             self._state[past] = out[present]  # as returned: no copy
+        self._state[PAST_MASK] = grown
         return out[LOGITS][:, -1, :]
 
     def select(self, rows: np.ndarray) -> None:
@@ -103,6 +119,9 @@ def cache_spec_from_dims(dec: Mapping[str, tuple], enc: Mapping[str, tuple]) -> 
         layers += 1
     if not layers:
         raise ArtifactError("decoder graph declares no past_key.0 input")
+    refusal = row_state_refusal(list(dec))
+    if refusal:
+        raise ArtifactError(refusal)
     dims = dec[past_key(0)]
     heads, head_dim = dims[1], dims[3]
     latent = enc[NOISE][2] if NOISE in enc else None

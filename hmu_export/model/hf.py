@@ -5,12 +5,15 @@ model supplies the weights (and the test oracle); the computation of every graph
 here, per family, from the Transformers layers' own submodules, because the graphs need what
 Transformers' forward does not give: the cross-attention K/V as encoder outputs, a decoder step
 that takes them plus a self-attention past as plain tensors (the onnxruntime-genai Whisper
-layout), positions from ``past_len``, and no data-dependent Python branches (no ``If`` node).
+layout), per-row positions and a mask over a padded past (rows at different steps share one
+batch: the decoder contract's ``positions`` / ``past_mask``), and no data-dependent Python
+branches (no ``If`` node).
 
 Per family:
 - T5: RMS layer norms, no attention scaling, a relative position bias computed in the first
-  block and shared by all blocks (bidirectional in the encoder; in the decoder for query
-  positions past_len .. past_len+new-1 against every key), ``d_kv`` heads that need not be
+  block and shared by all blocks (bidirectional in the encoder; in a decoder step per row, for
+  the row's query positions against its keys' positions, a cache slot's position being its
+  rank among the row's real slots), ``d_kv`` heads that need not be
   d_model / heads, tied LM head scaled by d_model**-0.5 when the config says so.
 - BART: word embeddings scaled inside ``embed_tokens``, learned positions with offset 2, a
   layernorm after the embeddings, post-norm layers, ``final_logits_bias``.
@@ -377,6 +380,31 @@ def _positions(new_len: int, past_len: int | torch.SymInt, device: torch.device)
     return torch.arange(new_len, device=device) + past_len  # type: ignore[return-value]
 
 
+def _row_state(tgt_ids: torch.Tensor, past: list[torch.Tensor],
+               positions: torch.Tensor | None, past_mask: torch.Tensor | None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions [B, new], past_mask [B, past]) of a decoder step: as given (the decoder
+    contract's per-row state), else every row holding past = past_key.shape[2] tokens."""
+    batch, new = tgt_ids.shape
+    past_len = past[0].shape[2]
+    if positions is None:
+        positions = _positions(new, past_len, tgt_ids.device).expand(batch, new)
+    if past_mask is None:
+        past_mask = torch.ones((batch, past_len), dtype=torch.long, device=tgt_ids.device)
+    return positions, past_mask
+
+
+def _row_self_bias(past_mask: torch.Tensor, new: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B, 1, new, past+new]: every new token sees its row's real cache slots (never a padding
+    slot) and the new tokens up to itself; the dtype's minimum elsewhere."""
+    batch, past_len = past_mask.shape
+    low = torch.finfo(dtype).min
+    slots = ((past_mask == 0).to(dtype) * low)[:, None, None, :].expand(batch, 1, new, past_len)
+    idx = torch.arange(new, device=past_mask.device)
+    causal = ((idx[None, :] > idx[:, None]).to(dtype) * low)[None, None].expand(batch, 1, new, new)
+    return torch.cat([slots, causal], dim=-1)
+
+
 # ----------------------------------------------------------------------------- model
 class HFHMUModel(nn.Module):
     """A Transformers seq2seq model with an HMU on its encoder output. ``hf`` holds the
@@ -398,9 +426,13 @@ class HFHMUModel(nn.Module):
         raise NotImplementedError
 
     def decode(self, tgt_ids: torch.Tensor, src_mask: torch.Tensor, cross: list[torch.Tensor],
-               past: list[torch.Tensor] | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+               past: list[torch.Tensor] | None, positions: torch.Tensor | None = None,
+               past_mask: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Logits [B, new, V] of ``tgt_ids`` after ``past`` ([past_key.0, past_value.0, ...] or
-        None for an empty past), and the presents (past + new keys/values per layer)."""
+        None for the full graph: one sequence from position 0), and the presents (past + new
+        keys/values per layer). A step takes the decoder contract's per-row ``positions``
+        [B, new] and ``past_mask`` [B, past] (None: every row holds the whole past)."""
         raise NotImplementedError
 
     # Compositions -------------------------------------------------------------------
@@ -475,15 +507,29 @@ class _T5(HFHMUModel):
             out += [_split(att.k(memory), nh, hd), _split(att.v(memory), nh, hd)]
         return out
 
-    def decode(self, tgt_ids, src_mask, cross, past):  # type: ignore[no-untyped-def]
+    def _row_position_bias(self, stack: Any, queries: torch.Tensor, keys: torch.Tensor
+                           ) -> torch.Tensor:
+        """[B, H, new, total]: the first block's relative position bias per row, for query
+        positions [B, new] against key positions [B, total]."""
+        att = stack.block[0].layer[0].SelfAttention
+        md = att.relative_attention_max_distance
+        table = self.dec_buckets if stack.is_decoder else self.enc_buckets
+        rel = (keys[:, None, :] - queries[:, :, None]).clamp(-md, md) + md
+        return att.relative_attention_bias(table[rel]).permute(0, 3, 1, 2)
+
+    def decode(self, tgt_ids, src_mask, cross, past, positions=None, past_mask=None):  # type: ignore[no-untyped-def]
         dec = self.hf.decoder
         h = self._embed(dec, tgt_ids)
         new = tgt_ids.shape[1]
-        past_len = past[0].shape[2] if past is not None else 0
-        queries = _positions(new, past_len, tgt_ids.device)
-        total = past_len + new
-        self_bias = self._position_bias(dec, queries, total) + _causal_bias(queries, total,
-                                                                            h.dtype)
+        if past is None:  # the full graph: one sequence from position 0
+            queries = _positions(new, 0, tgt_ids.device)
+            self_bias = self._position_bias(dec, queries, new) + _causal_bias(queries, new,
+                                                                              h.dtype)
+        else:  # a step: per-row positions; a real slot's position is its rank among real slots
+            positions, past_mask = _row_state(tgt_ids, past, positions, past_mask)
+            keys = torch.cat([torch.cumsum(past_mask, dim=1) - 1, positions], dim=1)
+            self_bias = (self._row_position_bias(dec, positions, keys)
+                         + _row_self_bias(past_mask, new, h.dtype))
         cross_bias = _padding_bias(src_mask, h.dtype)
         presents = []
         for i, block in enumerate(dec.block):
@@ -547,13 +593,17 @@ class _Bart(HFHMUModel):
                     _split(att.v_proj(memory), att.num_heads, att.head_dim)]
         return out
 
-    def decode(self, tgt_ids, src_mask, cross, past):  # type: ignore[no-untyped-def]
+    def decode(self, tgt_ids, src_mask, cross, past, positions=None, past_mask=None):  # type: ignore[no-untyped-def]
         dec = self.hf.model.decoder
         new = tgt_ids.shape[1]
-        past_len = past[0].shape[2] if past is not None else 0
-        positions = _positions(new, past_len, tgt_ids.device)
-        h = self._embed(dec, tgt_ids, positions)
-        self_bias = _causal_bias(positions, past_len + new, h.dtype)
+        if past is None:  # the full graph: one sequence from position 0
+            positions = _positions(new, 0, tgt_ids.device)
+            h = self._embed(dec, tgt_ids, positions)
+            self_bias = _causal_bias(positions, new, h.dtype)
+        else:
+            positions, past_mask = _row_state(tgt_ids, past, positions, past_mask)
+            h = self._embed(dec, tgt_ids, positions)
+            self_bias = _row_self_bias(past_mask, new, h.dtype)
         cross_bias = _padding_bias(src_mask, h.dtype)
         presents = []
         for i, layer in enumerate(dec.layers):
@@ -608,19 +658,21 @@ class _Encoder(nn.Module):
 
 
 class _Decoder(nn.Module):
-    """(tgt_ids, src_mask, cross_key.0, cross_value.0, ..., past_key.0, past_value.0, ...) ->
-    (logits, present_key.0, present_value.0, ...): one graph for past_len 0 and every step."""
+    """(tgt_ids, src_mask, positions, past_mask, cross_key.0, cross_value.0, ..., past_key.0,
+    past_value.0, ...) -> (logits, present_key.0, present_value.0, ...): one graph for past_len
+    0 and every step, rows at different steps in one batch."""
 
     def __init__(self, model: HFHMUModel) -> None:
         super().__init__()
         self.model = model
         self.layers = model.geom.decoder_layers
 
-    def forward(self, tgt_ids, src_mask, *kv):  # type: ignore[no-untyped-def]
+    def forward(self, tgt_ids, src_mask, positions, past_mask, *kv):  # type: ignore[no-untyped-def]
         n = 2 * self.layers
         if len(kv) != 2 * n:
             raise TypeError(f"decoder step takes {2 * n} cache tensors, got {len(kv)}")
-        logits, presents = self.model.decode(tgt_ids, src_mask, list(kv[:n]), list(kv[n:]))
+        logits, presents = self.model.decode(tgt_ids, src_mask, list(kv[:n]), list(kv[n:]),
+                                             positions, past_mask)
         return (logits, *presents)
 
 

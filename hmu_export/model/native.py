@@ -36,7 +36,8 @@ class _Encoder(nn.Module):
 
 
 class _Decoder(nn.Module):
-    """Decoder step graph: (tgt_ids, src_mask, cross_key.0, cross_value.0, ..., past_key.0,
+    """Decoder step graph: (tgt_ids, src_mask, positions, past_mask, cross_key.0,
+    cross_value.0, ..., past_key.0,
     past_value.0, ...) -> (logits, present_key.0, present_value.0, ...), the order of
     io_contract.decoder_contract.
 
@@ -48,11 +49,12 @@ class _Decoder(nn.Module):
         self.model = model
         self.layers = model.cfg.n_decoder_layers
 
-    def step(self, tgt_ids, src_mask, *kv):  # type: ignore[no-untyped-def]
+    def step(self, tgt_ids, src_mask, positions, past_mask, *kv):  # type: ignore[no-untyped-def]
         n = 2 * self.layers
         if len(kv) != 2 * n:
             raise TypeError(f"decoder step takes {2 * n} cache tensors, got {len(kv)}")
-        logits, present = self.model.decode_step(tgt_ids, src_mask, list(kv[:n]), list(kv[n:]))
+        logits, present = self.model.decode_step(tgt_ids, src_mask, list(kv[:n]), list(kv[n:]),
+                                                 positions, past_mask)
         return (logits, *present)
 
 
@@ -61,8 +63,8 @@ def _decoder_class(layers: int) -> type[_Decoder]:
     names = [f"{kind}_{part}_{i}" for kind in ("cross", "past") for i in range(layers)
              for part in ("key", "value")]
     args = ", ".join(names)
-    src = (f"def forward(self, tgt_ids, src_mask, {args}):\n"
-           f"    return self.step(tgt_ids, src_mask, {args})\n")
+    src = (f"def forward(self, tgt_ids, src_mask, positions, past_mask, {args}):\n"
+           f"    return self.step(tgt_ids, src_mask, positions, past_mask, {args})\n")
     scope: dict = {}
     exec(src, scope)  # noqa: S102 - fixed template, names built from integers only
     return type(f"_Decoder{layers}", (_Decoder,), {"forward": scope["forward"]})

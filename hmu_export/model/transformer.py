@@ -103,24 +103,35 @@ class HMUTransformer(nn.Module):
         return memory, cross
 
     def decode_step(self, tgt_ids: torch.Tensor, src_mask: torch.Tensor,
-                    cross_kv: list[torch.Tensor], past_kv: list[torch.Tensor]
+                    cross_kv: list[torch.Tensor], past_kv: list[torch.Tensor],
+                    positions: torch.Tensor | None = None, past_mask: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Logits of ``tgt_ids`` [B, new] placed after ``past_len`` cached tokens, and the
-        grown cache [past_key.0, past_value.0, ...] -> [present_key.0, present_value.0, ...].
+        """Logits of ``tgt_ids`` [B, new] placed after the cached slots, and the grown cache
+        [past_key.0, past_value.0, ...] -> [present_key.0, present_value.0, ...].
 
-        ``cross_kv`` / ``past_kv`` alternate key, value per decoder layer. Positions start at
-        past_len = past_key.shape[2]; attention is causal within the new tokens and sees the
-        whole past; padded source positions are masked in cross attention. Post-norm layer
-        order as ``nn.TransformerDecoderLayer``: norm1(x+sa), norm2(x+ca), norm3(x+ff)."""
-        new = tgt_ids.shape[1]
+        ``cross_kv`` / ``past_kv`` alternate key, value per decoder layer. Per-row state (the
+        decoder contract): ``positions`` [B, new] are the new tokens' absolute positions and
+        ``past_mask`` [B, past] marks the cache slots that hold a token of the row (0 = a
+        padding slot, never attended to); None = every row holds past = past_key.shape[2]
+        tokens. Attention is causal within the new tokens; padded source positions are masked
+        in cross attention. Post-norm layer order as ``nn.TransformerDecoderLayer``:
+        norm1(x+sa), norm2(x+ca), norm3(x+ff)."""
+        batch, new = tgt_ids.shape
         past = past_kv[0].shape[2]
-        pos = torch.arange(new, device=tgt_ids.device) + past
-        x = self.tgt_embed(tgt_ids) * math.sqrt(self.cfg.d_model) + self.pos_embed(pos)
+        if positions is None:
+            positions = (torch.arange(new, device=tgt_ids.device) + past).expand(batch, new)
+        if past_mask is None:
+            past_mask = torch.ones((batch, past), dtype=torch.long, device=tgt_ids.device)
+        x = self.tgt_embed(tgt_ids) * math.sqrt(self.cfg.d_model) + self.pos_embed(positions)
         neg_inf = torch.tensor(float("-inf"), dtype=x.dtype, device=x.device)
         zero = torch.zeros((), dtype=x.dtype, device=x.device)
-        # [new, past+new]: key j is visible to query i iff j <= past + i
-        keys = torch.arange(new + past, device=tgt_ids.device)
-        causal = torch.where(keys[None, :] > pos[:, None], neg_inf, zero)
+        # [B, 1, new, past+new]: a real past slot is visible to every new token; new key j is
+        # visible to new query i iff j <= i
+        idx = torch.arange(new, device=tgt_ids.device)
+        causal = torch.where(idx[None, :] > idx[:, None], neg_inf, zero)
+        slots = torch.where(past_mask == 0, neg_inf, zero)[:, None, None, :]
+        self_bias = torch.cat([slots.expand(batch, 1, new, past),
+                               causal[None, None].expand(batch, 1, new, new)], dim=-1)
         # [B, 1, 1, Ls]: padded source positions are never attended to
         pad = torch.where((src_mask == 0)[:, None, None, :], neg_inf, zero)
         present: list[torch.Tensor] = []
@@ -130,7 +141,7 @@ class HMUTransformer(nn.Module):
             k = torch.cat([past_kv[2 * i], _heads(k, sa.num_heads)], dim=2)
             v = torch.cat([past_kv[2 * i + 1], _heads(v, sa.num_heads)], dim=2)
             present += [k, v]
-            h = _attend(_heads(q, sa.num_heads), k, v, causal)
+            h = _attend(_heads(q, sa.num_heads), k, v, self_bias)
             x = layer.norm1(x + sa.out_proj(h))
             d = ca.embed_dim
             q = F.linear(x, ca.in_proj_weight[:d], ca.in_proj_bias[:d])

@@ -306,16 +306,22 @@ class Steps:
     def start(self, ids: np.ndarray, mask: np.ndarray, noise: np.ndarray) -> None:
         out = self.encode({"src_ids": ids, "src_mask": mask, "noise": noise})
         empty = np.zeros((ids.shape[0], self.heads, 0, self.head_dim), dtype=np.float32)
-        self.state = {"src_mask": mask}
+        self.state = {"src_mask": mask, "past_mask": np.zeros((ids.shape[0], 0), dtype=np.int64)}
         self.state.update({n: out[n] for n in self.cross})
         self.state.update({n: empty for n in self.past})
 
     def step(self, new_ids: np.ndarray) -> np.ndarray:
         feeds = dict(self.state)
         feeds["tgt_ids"] = new_ids
+        past_mask = self.state["past_mask"]
+        n = new_ids.shape[1]
+        feeds["positions"] = (past_mask.sum(axis=1, dtype=np.int64)[:, None]
+                              + np.arange(n, dtype=np.int64)[None, :])
         out = self.decode(feeds)
         for past, present in zip(self.past, self.present):
             self.state[past] = out[present]
+        self.state["past_mask"] = np.concatenate(
+            [past_mask, np.ones((past_mask.shape[0], n), dtype=np.int64)], axis=1)
         return out["logits"][:, -1, :]
 
     def select(self, rows: np.ndarray) -> None:
@@ -526,6 +532,10 @@ def ort_steps(version_dir: str, params: Mapping[str, str], spec: Mapping[str, in
                                      ("decoder_file", "decoder.onnx"))]
     # The cache geometry the config states must be the graph's own (declared input dims).
     dims = {i.name: i.shape for i in sessions[1].get_inputs()}
+    missing = [n for n in ("positions", "past_mask") if n not in dims]
+    if missing:
+        raise RuntimeError(f"decoder graph has no {' / '.join(missing)} input (built before "
+                           "per-row decoder state): rebuild it with this version")
     got = dims.get("past_key.0")
     if got is None or got[1] != spec["heads"] or got[3] != spec["head_dim"] or \
             f"past_key.{spec['layers'] - 1}" not in dims or f"past_key.{spec['layers']}" in dims:
@@ -548,7 +558,7 @@ def bls_steps(params: Mapping[str, str], spec: Mapping[str, int]) -> Steps:
     n = spec["layers"]
     enc_in = ["src_ids", "src_mask", "noise"]
     enc_out = ["memory"] + [f"{k}.{i}" for i in range(n) for k in ("cross_key", "cross_value")]
-    dec_in = (["tgt_ids", "src_mask"]
+    dec_in = (["tgt_ids", "src_mask", "positions", "past_mask"]
               + [f"{k}.{i}" for i in range(n) for k in ("cross_key", "cross_value")]
               + [f"{k}.{i}" for i in range(n) for k in ("past_key", "past_value")])
     dec_out = ["logits"] + [f"{k}.{i}" for i in range(n) for k in ("present_key",

@@ -3,7 +3,10 @@
 Two checks, both against oracles that share no code with the cached path:
 - *Step parity*: ``encoder.onnx`` once, then ``decoder.onnx`` fed in chunks (the whole target at
   past 0, one token at a time, mixed chunks) must give the logits ``model.onnx`` gives for the
-  same positions, over a grid with past 0, new 1, padded rows and the profile's maxima.
+  same positions, over a grid with past 0, new 1, padded rows and the profile's maxima; and
+  *in flight* (chunks ``"inflight"``): rows joining a running batch at different steps (their
+  past padded on the left, ``past_mask`` 0) and leaving when done (cache compacted), each row
+  at its own positions, must give every row the full graph's logits.
 - *Token parity*: greedy tokens of every FP32 backend equal ``torch-nocache`` (the full PyTorch
   model re-run over the whole prefix each step) at several batch sizes with ragged rows. FP16
   backends report token agreement and the first divergent step instead of failing on it.
@@ -18,9 +21,9 @@ import numpy as np
 
 from ..core.layout import BuildLayout
 from ..core.config import BuildConfig
-from ..core.io_contract import (DECODER, ENCODER, LOGITS, NOISE, SRC_IDS, SRC_MASK, TGT_IDS, cross_key,
-                          cross_value, make_feeds, past_key, past_value, present_key,
-                          present_value)
+from ..core.io_contract import (DECODER, ENCODER, LOGITS, NOISE, PAST_MASK, POSITIONS, SRC_IDS,
+                                SRC_MASK, TGT_IDS, cross_key, cross_value, make_feeds, past_key,
+                                past_value, present_key, present_value, row_state_refusal)
 
 FP32_BACKENDS = ("torch", "onnxruntime", "onnxruntime-opt")
 FP16_BACKENDS = ("onnxruntime-fp16emu",)
@@ -32,7 +35,7 @@ class StepRow:
     batch: int
     src_len: int
     tgt_len: int
-    chunks: list[int]  # new_len of each decoder call
+    chunks: list[int]  # new_len of each decoder call ([] for the in-flight case)
     max_abs: float
     passed: bool
 
@@ -64,6 +67,7 @@ class GenerationParityReport:
 
     def failures(self) -> list[str]:
         out = [f"decoder{'.' + r.variant if r.variant else ''} step logits at B={r.batch} "
+           f"{'(in flight) ' if not r.chunks else ''}"
                f"Ls={r.src_len} Lt={r.tgt_len} chunks={r.chunks}: max abs {r.max_abs:.2e} > "
                f"{self.tolerance:g}" for r in self.steps if not r.passed]
         out += [f"{r.backend} greedy tokens differ from {self.reference} at B={r.batch} (first at "
@@ -144,6 +148,11 @@ def run_step_parity(layout: BuildLayout, cfg: BuildConfig, variant: str = "",
     layers, heads, head_dim = _declared_cache(dec)
     enc_out = [o.name for o in enc.get_outputs()]
     dec_out = [o.name for o in dec.get_outputs()]
+    refusal = row_state_refusal([i.name for i in dec.get_inputs()],
+                                str(layout.graph(DECODER, variant)))
+    if refusal:
+        from ..core.errors import ArtifactError
+        raise ArtifactError(refusal)
     tol = cfg.parity.fp32_max_abs
     rows = []
     for b, ls, lt, chunks in step_cases(cfg):
@@ -154,21 +163,105 @@ def run_step_parity(layout: BuildLayout, cfg: BuildConfig, variant: str = "",
         ref = full.run([LOGITS], feeds)[0]
         memory = dict(zip(enc_out, enc.run(enc_out, {k: feeds[k] for k in
                                                      (SRC_IDS, SRC_MASK, NOISE)})))
-        state = {SRC_MASK: feeds[SRC_MASK]}
+        state = {SRC_MASK: feeds[SRC_MASK], PAST_MASK: np.zeros((b, 0), dtype=np.int64)}
         empty = np.zeros((b, heads, 0, head_dim), dtype=np.float32)
         for i in range(layers):
             state[cross_key(i)], state[cross_value(i)] = memory[cross_key(i)], memory[cross_value(i)]
             state[past_key(i)], state[past_value(i)] = empty, empty
         got, pos = [], 0
         for n in chunks:
-            out = dict(zip(dec_out, dec.run(dec_out, dict(state, **{TGT_IDS: feeds[TGT_IDS][:, pos:pos + n]}))))
+            step = dict(state, **{TGT_IDS: feeds[TGT_IDS][:, pos:pos + n],
+                                  POSITIONS: np.tile(np.arange(pos, pos + n, dtype=np.int64),
+                                                     (b, 1))})
+            out = dict(zip(dec_out, dec.run(dec_out, step)))
             got.append(out[LOGITS])
             for i in range(layers):
                 state[past_key(i)], state[past_value(i)] = out[present_key(i)], out[present_value(i)]
+            state[PAST_MASK] = np.ones((b, pos + n), dtype=np.int64)
             pos += n
         err = float(np.max(np.abs(np.concatenate(got, axis=1) - ref)))
         rows.append(StepRow(variant, b, ls, lt, list(chunks), err, err <= tol))
+    for b, ls, lt, joins in inflight_cases(cfg):
+        if on_step:
+            on_step(f"decoder{'.' + variant if variant else ''} in flight B={b} Ls={ls} Lt={lt}")
+        feeds = make_feeds(cfg.model, b, ls, lt, seed=cfg.parity.seed + 1,
+                           noise_scale=cfg.parity.noise_scale)
+        ref = full.run([LOGITS], feeds)[0]
+        memory = dict(zip(enc_out, enc.run(enc_out, {k: feeds[k] for k in
+                                                     (SRC_IDS, SRC_MASK, NOISE)})))
+        got_rows = inflight_logits(dec, dec_out, feeds, memory, layers, joins)
+        err = max(float(np.max(np.abs(got_rows[r] - ref[r]))) for r in range(b))
+        rows.append(StepRow(variant, b, ls, lt, [], err, err <= tol))
     return rows
+
+
+def inflight_cases(cfg: BuildConfig) -> list[tuple[int, int, int, list[int]]]:
+    """(batch, src_len, tgt_len, join step of each row): rows join a running batch at
+    different steps and leave when their target is fed, within the profile's batch and
+    past_len maxima (a row's past never exceeds tgt_len - 1; padding slots count too)."""
+    p = cfg.profile
+    lt = max(2, min(p.tgt_len[2], p.past_len[2] + 1, 6))  # type: ignore[index]
+    b = max(2, min(p.batch[2], 4))
+    # join steps 0, 2, 1, 3, ...: the batch's past (the oldest row's) stays below lt
+    joins = [(0, 2, 1, 3)[r % 4] % lt for r in range(b)]
+    joins[0] = 0
+    if p.batch[2] < 2 or p.past_len[2] < 1:  # type: ignore[index]
+        return []
+    return [(b, p.src_len[1], lt, joins)]
+
+
+def inflight_logits(dec, dec_out: list[str], feeds: dict[str, np.ndarray],  # type: ignore[no-untyped-def]
+                    memory: dict[str, np.ndarray], layers: int, joins: list[int]
+                    ) -> list[np.ndarray]:
+    """Per-row logits [tgt_len, vocab] of teacher-forced targets fed one token per step to a
+    running batch: row r joins at step joins[r] (its cache padded to the batch's past with
+    past_mask 0), leaves after its last token (rows dropped, all-padding columns trimmed)."""
+    b, lt = feeds[TGT_IDS].shape
+    heads, head_dim = memory[cross_key(0)].shape[1], memory[cross_key(0)].shape[3]
+    live: list[int] = []  # original rows in the batch, in batch order
+    fed = {r: 0 for r in range(b)}
+    out_rows: dict[int, list[np.ndarray]] = {r: [] for r in range(b)}
+    past: dict[str, np.ndarray] = {}
+    past_mask = np.zeros((0, 0), dtype=np.int64)
+    names = [f(i) for i in range(layers) for f in (past_key, past_value)]
+    t = 0
+    while len(live) or any(fed[r] < lt for r in range(b)):
+        joining = [r for r in range(b) if joins[r] == t]
+        if joining:
+            plen = past_mask.shape[1]
+            add = np.zeros((len(joining), heads, plen, head_dim), dtype=np.float32)
+            for n in names:
+                past[n] = add if not live else np.concatenate([past[n], add], axis=0)
+            past_mask = np.concatenate([past_mask.reshape(len(live), plen),
+                                        np.zeros((len(joining), plen), dtype=np.int64)], axis=0)
+            live += joining
+        if live:
+            idx = np.asarray(live)
+            step = {TGT_IDS: np.asarray([[feeds[TGT_IDS][r, fed[r]]] for r in live]),
+                    SRC_MASK: feeds[SRC_MASK][idx], PAST_MASK: past_mask,
+                    POSITIONS: past_mask.sum(axis=1, dtype=np.int64)[:, None]}
+            for i in range(layers):
+                step[cross_key(i)] = memory[cross_key(i)][idx]
+                step[cross_value(i)] = memory[cross_value(i)][idx]
+            step.update({n: past[n] for n in names})
+            out = dict(zip(dec_out, dec.run(dec_out, step)))
+            for j, r in enumerate(live):
+                out_rows[r].append(out[LOGITS][j, -1])
+                fed[r] += 1
+            for i in range(layers):
+                past[past_key(i)], past[past_value(i)] = out[present_key(i)], out[present_value(i)]
+            past_mask = np.concatenate([past_mask, np.ones((len(live), 1), dtype=np.int64)], 1)
+            keep = [j for j, r in enumerate(live) if fed[r] < lt]
+            if len(keep) < len(live):  # leave: drop rows, trim columns no row uses
+                past_mask = past_mask[keep]
+                used = np.flatnonzero(past_mask.any(axis=0))
+                first = int(used[0]) if used.size else past_mask.shape[1]
+                past_mask = past_mask[:, first:]
+                for n in names:
+                    past[n] = past[n][keep][:, :, first:]
+                live = [live[j] for j in keep]
+        t += 1
+    return [np.stack(out_rows[r]) for r in range(b)]
 
 
 # ----------------------------------------------------------------------------- token parity
@@ -261,7 +354,8 @@ def markdown(report: GenerationParityReport) -> str:
              f"`model.onnx` at the same positions, FP32 tolerance {report.tolerance:g}.", "",
              "| graphs | B | Ls | Lt | chunks | max abs | |", "|---|---|---|---|---|---|---|"]
     for r in report.steps:
-        chunks = ",".join(map(str, r.chunks)) if len(r.chunks) <= 6 else \
+        chunks = "in flight" if not r.chunks else ",".join(map(str, r.chunks)) \
+            if len(r.chunks) <= 6 else \
             f"{r.chunks[0]} x{len(r.chunks)}" if len(set(r.chunks)) == 1 else f"{len(r.chunks)} calls"
         lines.append(f"| {'opt' if r.variant else 'exported'} | {r.batch} | {r.src_len} | "
                      f"{r.tgt_len} | {chunks} | {r.max_abs:.1e} | {'ok' if r.passed else 'FAIL'} |")

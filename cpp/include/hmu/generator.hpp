@@ -1,6 +1,9 @@
 // Greedy generation over the split graphs of an hmu_export build: encoder.onnx (run once per
 // request: src_ids, src_mask, noise -> cross_key.{i}, cross_value.{i}) and decoder.onnx (one
-// step: tgt_ids, src_mask, cross K/V, past_key.{i}, past_value.{i} -> logits, present_*).
+// step: tgt_ids, src_mask, positions, past_mask, cross K/V, past_key.{i}, past_value.{i} ->
+// logits, present_*). positions [batch, new_len] and past_mask [batch, past_len] are the
+// per-row decoder state (rows at different steps may share a batch); this loop keeps every
+// row at the same step, so it feeds positions = past_len and an all-ones past_mask.
 //
 // A StepRunner owns the runtime and keeps the KV cache in runtime-owned buffers (ONNX Runtime:
 // IoBinding with ORT-allocated outputs fed back as the next step's inputs; TensorRT: device
@@ -13,6 +16,7 @@
 #include <vector>
 
 #include "hmu/contract.hpp"
+#include "hmu/error.hpp"
 
 namespace hmu {
 
@@ -58,6 +62,19 @@ struct GeneratorInfo {
   TokenRules rules;
   CacheLayout cache;
 };
+
+// Throws the one-line hmu::Error that refuses a decoder graph / plan made before per-row
+// decoder state (no positions / past_mask input): it must be rebuilt. `has` tells whether the
+// graph has an input of that name.
+template <typename Has>
+void require_row_state(const std::string& path, Has has) {
+  std::string missing;
+  for (const char* name : {"positions", "past_mask"})
+    if (!has(name)) missing += (missing.empty() ? "" : " / ") + std::string(name);
+  if (!missing.empty())
+    throw Error(path + " has no " + missing + " input (built before per-row decoder state): "
+                "rebuild it with this version");
+}
 
 class StepRunner {
  public:

@@ -29,7 +29,7 @@ from ...core.config import BuildConfig
 from ...core.errors import ArtifactError
 from ...core.graph_kinds import GRAPH_FILES
 from ...core.io_contract import (BATCH, DECODER, ENCODER, NEW_LEN, NOISE, SRC_LEN,
-                          GraphContract, TensorSpec, past_key)
+                                 GraphContract, TensorSpec, past_key, row_state_refusal)
 
 if TYPE_CHECKING:
     from tritonclient.grpc import model_config_pb2
@@ -113,8 +113,12 @@ def cache_geometry(enc: Path, dec: Path) -> dict[str, int]:
     kv = [f"{k}.{i}" for i in range(layers) for k in ("cross_key", "cross_value")]
     past = [f"{k}.{i}" for i in range(layers) for k in ("past_key", "past_value")]
     present = [f"{k}.{i}" for i in range(layers) for k in ("present_key", "present_value")]
+    refusal = row_state_refusal(list(dio), str(dec))
+    if refusal:  # an old build: refused (never served without its generation models)
+        raise ArtifactError(refusal)
     want = {enc: ({SRC_IDS, "src_mask", NOISE}, set(kv)),
-            dec: ({"tgt_ids", "src_mask", *kv, *past}, {"logits", *present})}
+            dec: ({"tgt_ids", "src_mask", "positions", "past_mask", *kv, *past},
+                  {"logits", *present})}
     import onnx
 
     for path, (inputs, outputs) in want.items():
