@@ -28,6 +28,10 @@ class BackendUnavailable(HMUExportError):
     """A backend (TensorRT, CUDA, a provider) is not present on this machine."""
 
 
+class TrainingError(HMUExportError):
+    """Training cannot go on (the loss or the weights became non-finite): nothing is written."""
+
+
 class ParityFailure(HMUExportError):
     """A parity or correctness check failed."""
 
