@@ -30,6 +30,14 @@ ISSUE_CONFIG = {  # the example config of issue #2
 }
 
 
+def seal(root: Path) -> Path:
+    """Record a folder made by hand (not by `build`) in a manifest.json of a good build, as
+    `build` records its files: commands read only folders that have one (open_build refuses
+    a folder without a manifest). Call it again after adding files to such a folder."""
+    from hmu_export.core.manifest import write_manifest
+    return write_manifest(Path(root), stages={}, profile={}, versions={}, extra={"ok": True})
+
+
 @pytest.fixture(scope="session")
 def small_cfg() -> BuildConfig:
     """A tiny model (d=32, 1+1 layers) that exports in a few seconds."""
@@ -44,7 +52,8 @@ def small_model(small_cfg):
 
 @pytest.fixture(scope="session")
 def small_export(small_cfg, small_model, tmp_path_factory) -> BuildLayout:
-    """A folder holding checkpoint/ and model.onnx of the tiny model (no other stages)."""
+    """A folder holding checkpoint/ and model.onnx of the tiny model (no other stages) and the
+    manifest.json that records them (``seal``)."""
     from hmu_export.export.onnx_export import export_onnx
     from hmu_export.core.fileio import sha256_file
     from hmu_export.model import save_checkpoint
@@ -52,6 +61,7 @@ def small_export(small_cfg, small_model, tmp_path_factory) -> BuildLayout:
     layout = BuildLayout(tmp_path_factory.mktemp("small_export"))
     weights, _ = save_checkpoint(small_model, layout.checkpoint_dir)
     export_onnx(small_model, small_cfg, layout.onnx, checkpoint_sha256=sha256_file(weights))
+    seal(layout.root)  # a hand-made folder: its manifest is written explicitly
     return layout
 
 

@@ -11,6 +11,7 @@ from hmu_export.core.layout import BuildLayout
 from hmu_export.commands.cli import main
 from hmu_export.bench.flops import model_flops, onnx_matmul_flops
 from hmu_export.core.io_contract import make_feeds
+from conftest import seal  # noqa: E402
 
 ROW_KEYS = {"backend", "precision", "shape", "p50_ms", "p90_ms", "p95_ms", "p99_ms", "mean_ms",
             "std_ms", "seq_per_s", "tokens_per_s"}
@@ -24,6 +25,7 @@ def small_build(small_export, small_cfg, small_model, tmp_path_factory) -> Build
     shutil.copytree(small_export.checkpoint_dir, layout.checkpoint_dir)
     shutil.copy(small_export.onnx, layout.onnx)
     optimize_graph(layout.onnx, layout.onnx_optimized, small_cfg, small_model)
+    seal(layout.root)
     return layout
 
 

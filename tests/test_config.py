@@ -94,3 +94,40 @@ def test_readme_config_example_is_valid(tmp_path):
     cfg = load_config(write(tmp_path, text[start:text.index("```", start)]))
     assert cfg.model.name == "hmu-small" and cfg.engine.extra_profiles[0].batch == (1, 1, 1)
     assert cfg.parity.extra_shapes == ((2, 17, 9),)
+
+
+def test_every_path_in_a_toml_is_relative_to_the_toml(tmp_path, monkeypatch):
+    """Issue 21: model.path and hmu_checkpoint resolve as checkpoint does, wherever the
+    command runs (the README's `path = "models/t5-small"` next to the TOML)."""
+    import os
+
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "c.toml").write_text(
+        '[model]\nsource = "hf"\npath = "models/t5"\nhmu_checkpoint = "../hmu.safetensors"\n'
+        'checkpoint = "w/model.safetensors"\n')
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for cwd in (tmp_path, elsewhere, conf):
+        monkeypatch.chdir(cwd)
+        for name in (os.path.relpath(conf / "c.toml", cwd), str(conf / "c.toml")):
+            cfg = load_config(Path(name))
+            assert cfg.model.path == str(conf / "models" / "t5")
+            assert cfg.model.hmu_checkpoint == str(tmp_path / "hmu.safetensors")
+            assert cfg.model.checkpoint == str(conf / "w" / "model.safetensors")
+
+
+def test_absolute_and_home_paths_are_kept(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    cfg = load_config(write(tmp_path, '[model]\npath = "~/m"\nhmu_checkpoint = "/abs/h.st"\n'))
+    assert cfg.model.path == str(tmp_path / "home" / "m")
+    assert cfg.model.hmu_checkpoint == "/abs/h.st"
+
+
+def test_derived_keys_are_validated(tmp_path):
+    with pytest.raises(ConfigError, match="model.derived_keys must be a list"):
+        load_config(write(tmp_path, '[model]\nderived_keys = "x"\n'))
+    with pytest.raises(ConfigError, match=r"model.derived_keys\[0\]"):
+        load_config(write(tmp_path, '[model]\nderived_keys = [""]\n'))
+    cfg = load_config(write(tmp_path, '[model]\nderived_keys = ["a.*", "b"]\n'))
+    assert cfg.model.derived_keys == ("a.*", "b")

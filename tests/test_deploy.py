@@ -29,6 +29,7 @@ from hmu_export.core.errors import ConfigError
 from hmu_export.core.memory import estimate_memory
 from hmu_export.deploy.triton.repository import repository_from_artifacts
 from hmu_export.deploy.triton.generation import with_step_backend
+from conftest import seal  # noqa: E402
 
 TRT, ORT, PY = "hmu-tiny_tensorrt", "hmu-tiny_onnx", "hmu-tiny_python"
 GEN, ENC, DEC = "hmu-tiny_generate", "hmu-tiny_encoder", "hmu-tiny_decoder"
@@ -48,6 +49,7 @@ def repo(small_export, small_cfg, small_model, tmp_path_factory) -> Path:
         warnings.simplefilter("ignore")
         for graph in ("encoder", "decoder"):
             export_graph(source, graph, small_cfg, build / f"{graph}.onnx")
+    seal(build)
     return repository_from_artifacts(build, build / "triton").root
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -141,7 +142,7 @@ def test_cli_and_bad_data(tmp_path, capsys):
     rc = main(["finetune", "--config", str(conf), "--data", str(data), "--out", str(out),
                "--steps", "0"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc != 0 and err == ["error: --steps must be >= 1, got 0"]
+    assert rc != 0 and err == ["error: --steps must be in [1, 10,000,000], got 0"]
 
 
 def test_hf_t5_output_loads_as_hmu_checkpoint(tmp_path):
@@ -208,3 +209,181 @@ def test_hf_text_lines_with_a_tokenizer(tmp_path):
     conf = _toml(tmp_path / "c.toml", {"source": "hf", "path": str(folder)})
     assert main(["finetune", "--config", str(conf), "--data", str(data),
                  "--out", str(tmp_path / "h.safetensors"), "--steps", "2"]) == 0
+
+
+# ----------------------------------------------------------------- issues 19 / 21: hostile input
+
+def _one_error(argv, capsys) -> str:
+    """The one `error:` line of a failed run (progress lines may precede it on stderr)."""
+    rc = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    errors = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert rc != 0 and len(errors) == 1 and "Traceback" not in err, (rc, err)
+    return errors[0]
+
+
+def _outputs(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (hidden ones included) with its bytes."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes()
+            for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.endswith(".lock")}
+
+
+@pytest.fixture
+def first_run(tmp_path):
+    """A finished finetune (weights, log, plot, merged checkpoint) to be kept or replaced."""
+    conf = _toml(tmp_path / "c.toml", SMALL["model"], SMALL["profile"])
+    data = _task(tmp_path / "train.jsonl", 8, 2)
+    out = tmp_path / "o" / "hmu.safetensors"
+    args = ["finetune", "--config", conf, "--data", data, "--out", out, "--steps", "2",
+            "--batch-size", "4", "--merge-into", tmp_path / "o" / "merged"]
+    assert main([str(a) for a in args]) == 0
+    return args, tmp_path / "o", _outputs(tmp_path / "o")
+
+
+def test_data_lines_are_read_with_a_bound(tmp_path, capsys, monkeypatch):
+    from hmu_export.train import finetune as ft
+
+    conf = _toml(tmp_path / "c.toml", SMALL["model"], SMALL["profile"])
+    out = tmp_path / "hmu.safetensors"
+    line = _one_error(["finetune", "--config", conf, "--data", "/dev/zero", "--out", out], capsys)
+    assert "/dev/zero:1: the line is longer than 1,048,576 bytes" in line
+    monkeypatch.setattr(ft, "MAX_LINE_BYTES", 64)
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"src": [3, 4], "tgt": [5]}) + "\n"
+                    + json.dumps({"src": [3] * 30, "tgt": [5]}) + "\n")
+    assert ":2: the line is longer than 64 bytes" in _one_error(
+        ["finetune", "--config", conf, "--data", long, "--out", out], capsys)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"src": [3], "tgt": [4]}\n\xff\xfe\n')
+    assert ":2: not UTF-8" in _one_error(
+        ["finetune", "--config", conf, "--data", bad, "--out", out], capsys)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # no writer: read as empty, never waited on
+    assert "holds no examples" in _one_error(
+        ["finetune", "--config", conf, "--data", fifo, "--out", out], capsys)
+    assert not out.exists()
+
+
+class _Tok:
+    """A stand-in tokenizer: one id per character (what the rule is applied before)."""
+
+    def __call__(self, text=None, text_target=None):
+        t = text if text is not None else text_target
+        return {"input_ids": [3 + (ord(c) % 20) for c in t] + [1]}
+
+
+def test_source_text_follows_the_generate_text_rule(tmp_path):
+    from hmu_export.core.errors import InputError
+    from hmu_export.model.tokenizer import Tokenizer
+    from hmu_export.train.finetune import read_examples
+
+    cases = {"empty": ('{"src": "", "tgt": "b"}', "src text is empty"),
+             "blank": ('{"src": " \\t ", "tgt": "b"}', "src text is empty"),
+             "surrogate": ('{"src": "a\\ud800b", "tgt": "b"}', "lone surrogate"),
+             "tgt surrogate": ('{"src": "a", "tgt": "\\udfff"}', "tgt text holds")}
+    for name, (line, needle) in cases.items():
+        path = tmp_path / "d.jsonl"
+        path.write_text(line + "\n")
+        with pytest.raises(InputError) as info:
+            read_examples(path, 61, 32, _Tok())
+        assert needle in str(info.value) and ":1:" in str(info.value), name
+    # the same rule, word for word, as generate --text
+    for text, needle in ((" \t ", "is empty"), ("a\ud800b", "lone surrogate")):
+        with pytest.raises(InputError, match=needle):
+            Tokenizer(_Tok()).encode([text])
+    path.write_text('{"src": "ab", "tgt": ""}\n')  # an empty target text is a target (EOS)
+    assert read_examples(path, 61, 32, _Tok()) == [(_Tok()("ab")["input_ids"], [1])]
+
+
+def test_a_diverging_run_keeps_the_old_outputs(first_run, capsys):
+    args, folder, before = first_run
+    for lr in ("1e30", "1e38"):
+        line = _one_error(args[:-2] + ["--lr", lr, "--steps", "3", "--merge-into",
+                                       folder / "merged"], capsys)
+        assert "training diverged" in line and "non-finite" in line and "kept" in line
+        assert _outputs(folder) == before  # all old, no staging or temporary file left
+
+
+def test_a_failure_between_outputs_leaves_all_old(first_run, capsys, monkeypatch):
+    import errno
+
+    from hmu_export.train import finetune as ft
+
+    args, folder, before = first_run
+
+    def full_disk(*a, **k):  # type: ignore[no-untyped-def]
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(ft, "_plot", full_disk)  # after the weights and the log were staged
+    line = _one_error(args, capsys)
+    assert "No space left on device" in line and "earlier outputs are kept" in line
+    assert _outputs(folder) == before
+
+
+def test_an_unwritable_log_path_is_refused_before_training(first_run, capsys):
+    args, folder, before = first_run
+    (folder / "hmu.log.jsonl").unlink()
+    (folder / "hmu.log.jsonl").mkdir()
+    line = _one_error(args, capsys)
+    assert "hmu.log.jsonl" in line and "it is a folder" in line
+    before.pop("hmu.log.jsonl")
+    assert _outputs(folder) == before
+
+
+def test_without_a_plot_the_old_plot_goes_with_the_old_weights(first_run, monkeypatch):
+    from hmu_export.train import finetune as ft
+
+    args, folder, before = first_run
+    monkeypatch.setattr(ft, "_plot", lambda *a, **k: None)  # no matplotlib
+    assert main([str(a) for a in args]) == 0
+    after = _outputs(folder)
+    assert "hmu.loss.png" not in after and after["hmu.safetensors"] != before["hmu.safetensors"]
+
+
+KILL = """
+import os, sys
+sys.path.insert(0, {root!r})
+calls = []
+real = os.replace
+def replace(a, b):
+    if not str(b).endswith(".commit.json"):
+        calls.append(b)
+    if len(calls) == 2:  # killed after the first output was put in place, before the second
+        os._exit(9)
+    return real(a, b)
+os.replace = replace
+from hmu_export.commands.cli import main
+sys.exit(main({argv!r}))
+"""
+
+
+def test_a_kill_during_the_commit_is_finished_by_the_next_run(first_run, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from hmu_export.core.errors import CheckpointError
+    from hmu_export.model.weights import read_state_dict
+
+    args, folder, before = first_run
+    argv = [str(a) for a in args[:-2]] + ["--steps", "3"]  # no --merge-into this time
+    root = str(Path(__file__).resolve().parents[1])
+    proc = subprocess.run([sys.executable, "-c", KILL.format(root=root, argv=argv)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 9, proc.stderr
+    journal = folder / ".hmu.safetensors.commit.json"
+    assert journal.is_file()  # the commit had started: mixed until it is finished
+    mixed = _outputs(folder)
+    assert mixed["hmu.safetensors"] != before["hmu.safetensors"]
+    assert mixed["hmu.log.jsonl"] == before["hmu.log.jsonl"]
+    with pytest.raises(CheckpointError, match="interrupted"):
+        read_state_dict(folder / "hmu.safetensors")
+    # the next run (here one refused for its data) finishes the commit first
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("[1]\n")
+    _one_error(argv[:3] + ["--data", str(bad)] + argv[5:], capsys)
+    after = _outputs(folder)
+    assert not journal.exists() and not any(".staging" in k for k in after)
+    log = [json.loads(x) for x in after["hmu.log.jsonl"].decode().splitlines()]
+    assert log[-1]["steps"] == 3 and len(log) == 4  # the killed run's log, complete
+    assert after["hmu.safetensors"] != before["hmu.safetensors"]
+    assert after["hmu.loss.png"] != before["hmu.loss.png"]
+    read_state_dict(folder / "hmu.safetensors")  # readable again

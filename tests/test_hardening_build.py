@@ -23,7 +23,7 @@ from hmu_export.core.errors import ArtifactError, BackendUnavailable, Checkpoint
 from hmu_export.core.fileio import exclusive_lock, sha256_file
 from hmu_export.core.manifest import FAILED, OK, SKIPPED, StageResult, read_manifest, update_manifest
 
-from conftest import SMALL
+from conftest import SMALL, seal
 
 
 def _toml(tmp_path: Path, model: dict | None = None, extra: str = "") -> Path:
@@ -291,9 +291,10 @@ def test_malformed_manifests_are_one_line(build_copy, capsys, edit, needle):
 @pytest.mark.parametrize("meta", ["{", "[]", '{"model": {"d_model": "x"}}'])
 def test_malformed_graph_metadata_is_one_line(mini_build, small_cfg, tmp_path, capsys, meta):
     import onnx
-    root = tmp_path / "bare"  # no manifest: the graph itself is read
+    root = tmp_path / "bare"
     shutil.copytree(mini_build / "checkpoint", root / "checkpoint")
     onnx.save(tiny_graph(small_cfg, meta), str(root / "model.onnx"))
+    seal(root)  # its files verify: the graph's own metadata is what is wrong
     assert "corrupt metadata" in _one_error(["parity", "--artifacts", root], capsys)
 
 
@@ -529,3 +530,160 @@ def test_a_command_run_with_a_relative_build_path_records_its_files(build_copy, 
     update_manifest(rel, None, None, written=[f"{rel}/extra.json"])
     assert main(["info", "--artifacts", rel]) == 0
     assert "extra.json" in {r["path"] for r in read_manifest(build_copy)["artifacts"]}
+
+
+# ------------------------------------------- issue 21: only verified, successful builds are read
+
+READERS = [["parity"], ["triton"], ["engine"], ["export"], ["bench", "--quick"],
+           ["debug-precision"], ["generate", "--text", "a"], ["generate", "--input", "IN"]]
+
+
+def _argv(argv: list[str], root: Path, tmp_path: Path) -> list[str]:
+    inp = tmp_path / "in.json"
+    inp.write_text('{"src_ids": [[3, 4]]}')
+    return [str(inp) if a == "IN" else a for a in argv] + ["--artifacts", str(root)]
+
+
+@pytest.mark.parametrize("argv", READERS, ids=lambda a: " ".join(a))
+def test_a_folder_without_manifest_is_refused_by_every_reader(build_copy, tmp_path, capsys,
+                                                              argv):
+    (build_copy / "manifest.json").unlink()
+    line = _one_error(_argv(argv, build_copy, tmp_path), capsys)
+    assert "has no manifest.json" in line and str(build_copy) in line
+
+
+def _failed_copy(build_copy: Path) -> Path:
+    """A build that failed, as run_build keeps it: ``<out>.failed/`` whose manifest says so."""
+    failed = build_copy.with_name(build_copy.name + ".failed")
+    build_copy.rename(failed)
+    data = read_manifest(failed)
+    data["ok"] = False
+    data["stages"]["parity"] = {"status": FAILED, "reason": "logits differ by 3.2"}
+    (failed / "manifest.json").write_text(json.dumps(data))
+    return failed
+
+
+@pytest.mark.parametrize("argv", READERS + [["deploy"]], ids=lambda a: " ".join(a))
+def test_a_failed_build_is_refused_naming_it(build_copy, tmp_path, capsys, argv):
+    failed = _failed_copy(build_copy)
+    if argv == ["deploy"]:
+        (failed / "triton").mkdir()
+        argv = ["deploy", "--repository", str(failed / "triton"), "--target", "k8s", "--pvc",
+                "c", "--out", str(tmp_path / "d")]
+        line = _one_error(argv, capsys)
+    else:
+        line = _one_error(_argv(argv, failed, tmp_path), capsys)
+    assert "is a failed build" in line and "logits differ by 3.2" in line
+
+
+def test_info_shows_a_failed_build_and_says_so(build_copy, capsys):
+    failed = _failed_copy(build_copy)
+    assert main(["info", "--artifacts", str(failed)]) == 1
+    captured = capsys.readouterr()
+    assert "parity" in captured.out  # the stages are shown for inspection
+    errors = captured.err.strip().splitlines()
+    assert len(errors) == 1 and "is a failed build" in errors[0]
+
+
+def test_a_real_failed_build_folder_is_refused(tmp_path, capsys, monkeypatch):
+    def boom(ctx):  # type: ignore[no-untyped-def]
+        raise ArtifactError("planted failure")
+    monkeypatch.setattr(pipeline, "STAGES", _stages("checkpoint") + [("export", boom, True)])
+    out = tmp_path / "o"
+    assert main(["build", "--config", str(_toml(tmp_path)), "--out", str(out)]) == 1
+    capsys.readouterr()
+    line = _one_error(_argv(["generate", "--input", "IN"], tmp_path / "o.failed", tmp_path),
+                      capsys)
+    assert "is a failed build" in line and "planted failure" in line
+
+
+def test_export_from_a_config_writes_a_verified_folder(tmp_path, capsys):
+    out = tmp_path / "e"
+    assert main(["export", "--config", str(_toml(tmp_path)), "--out", str(out)]) == 0
+    data = read_manifest(out)
+    assert data["ok"] is True and {"checkpoint", "export"} <= set(data["stages"])
+    assert {a["path"] for a in data["artifacts"]} >= {"model.onnx",
+                                                      "checkpoint/model.safetensors"}
+    assert not (out / "encoder.onnx").exists()  # model.onnx only
+    assert main(["info", "--artifacts", str(out)]) == 0
+    assert main(["export", "--artifacts", str(out)]) == 0  # re-export, recorded
+    assert main(["info", "--artifacts", str(out)]) == 0
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("keep")
+    assert "not empty" in _one_error(["export", "--config", _toml(tmp_path), "--out", user],
+                                     capsys)
+    assert (user / "notes.txt").read_text() == "keep" and sorted(user.iterdir()) == [
+        user / "notes.txt"]
+
+
+# -------------------------------------- issue 21: output paths are never renamed over
+
+
+def _fifo_reader(path: Path):  # type: ignore[no-untyped-def]
+    import threading
+    got: list[bytes] = []
+
+    def read() -> None:
+        with open(path, "rb") as f:
+            got.append(f.read())
+    t = threading.Thread(target=read, daemon=True)
+    t.start()
+    return t, got
+
+
+def test_atomic_writes_to_devices_fifos_and_links(tmp_path):
+    from hmu_export.core.fileio import write_json, write_text
+
+    write_text(Path("/dev/null"), "x")  # written into, not replaced
+    assert Path("/dev/null").is_char_device()
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    t, got = _fifo_reader(fifo)
+    write_json(fifo, {"a": 1})
+    t.join(10)
+    assert json.loads(got[0]) == {"a": 1} and fifo.is_fifo()
+    target = tmp_path / "real.json"
+    target.write_text("old")
+    os.chmod(target, 0o640)
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    write_json(link, {"b": 2})
+    assert link.is_symlink() and json.loads(target.read_text()) == {"b": 2}
+    assert (target.stat().st_mode & 0o777) == 0o640  # the replaced file keeps its mode
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo", "link.json", "real.json"]
+
+
+@pytest.mark.parametrize("make, needle", [
+    (lambda p: p.mkdir(), "it is a folder"),
+    (lambda p: p.symlink_to(p.parent / "missing"), "does not exist"),
+    (lambda p: os.mkfifo(p), "no process opened it for reading"),
+])
+def test_unwritable_output_kinds_are_one_line(tmp_path, monkeypatch, make, needle):
+    from hmu_export.core import fileio
+    monkeypatch.setattr(fileio, "FIFO_WAIT_S", 0.2)
+    target = tmp_path / "out.json"
+    make(target)
+    with pytest.raises(ArtifactError, match=needle):
+        fileio.write_json(target, {"a": 1})
+    assert not target.is_file() or target.is_symlink()
+
+
+def test_a_command_json_to_devices_fifo_and_link(small_export, tmp_path):
+    """`parity --json` (every command's --json and file --out go through the same writer)."""
+    build = tmp_path / "b"
+    shutil.copytree(small_export.root, build)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    t, got = _fifo_reader(fifo)
+    mine = tmp_path / "mine.json"
+    mine.write_text("old")
+    link = tmp_path / "link.json"
+    link.symlink_to(mine)
+    for target in ("/dev/null", str(fifo), str(link)):
+        assert main(["parity", "--artifacts", str(build), "--backends", "onnxruntime",
+                     "--shapes", "1x2x2", "--json", target]) == 0
+    t.join(10)
+    assert Path("/dev/null").is_char_device() and fifo.is_fifo() and link.is_symlink()
+    assert json.loads(got[0])["passed"] and json.loads(mine.read_text())["passed"]
+    assert main(["info", "--artifacts", str(build)]) == 0

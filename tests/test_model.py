@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -172,3 +174,43 @@ def test_weights_only_pt_is_accepted(tmp_path):
     other = HMUTransformer(ModelConfig(**{**CFG.__dict__, "seed": 99}))
     load_weights(other, path)
     assert torch.equal(other.lm_head.weight, m.lm_head.weight)
+
+
+def _saved_state(tmp_path, edit) -> "Path":
+    from safetensors.torch import load_file, save_file
+    save_checkpoint(HMUTransformer(CFG), tmp_path)
+    path = tmp_path / "model.safetensors"
+    state = load_file(str(path))
+    edit(state)
+    save_file(state, str(path))
+    return path
+
+
+def test_every_wrong_key_is_named_in_one_line(tmp_path):
+    """Issue 19: missing, unexpected and wrongly shaped keys are all named, not the first."""
+    def edit(s):
+        s.pop("hmu.vae.mu.bias")
+        s.pop("lm_head.weight")
+        s["spare.weight"] = torch.zeros(3)
+        s["hmu.vae.mu.weight"] = torch.zeros(9, 16)
+    path = _saved_state(tmp_path, edit)
+    with pytest.raises(CheckpointError) as info:
+        load_weights(HMUTransformer(CFG), path)
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert "missing 2" in msg and "'hmu.vae.mu.bias'" in msg and "'lm_head.weight'" in msg
+    assert "1 unexpected: 'spare.weight'" in msg
+    assert "'hmu.vae.mu.weight' is [9, 16], the model's [8, 16]" in msg
+
+
+def test_derived_keys_leave_only_the_named_weights_to_the_model(tmp_path):
+    path = _saved_state(tmp_path, lambda s: s.pop("hmu.vae.mu.bias"))
+    with pytest.raises(CheckpointError, match="derived_keys"):
+        build_model(ModelConfig(**{**CFG.__dict__, "checkpoint": str(path)}))
+    model = build_model(ModelConfig(**{**CFG.__dict__, "checkpoint": str(path),
+                                       "derived_keys": ("hmu.vae.mu.*",)}))
+    seeded = HMUTransformer(CFG)  # the key left out keeps the model's own (seeded) value
+    assert torch.equal(model.hmu.vae.mu.bias, seeded.hmu.vae.mu.bias)
+    with pytest.raises(CheckpointError, match="unexpected"):  # never excuses an extra key
+        load_weights(HMUTransformer(CFG), _saved_state(
+            tmp_path, lambda s: s.update({"x.weight": torch.zeros(1)})), derived=("x.*",))

@@ -27,6 +27,7 @@ from hmu_export.deploy.triton.repository import repository_from_artifacts, write
 from hmu_export.build.stages.triton import triton_stage
 from hmu_export.deploy.triton.client import make_noise
 from hmu_export.shipped.python_model import RequestError, complete_feeds
+from conftest import seal  # noqa: E402
 
 TRT, ORT, PY = "hmu-tiny_tensorrt", "hmu-tiny_onnx", "hmu-tiny_python"
 
@@ -54,6 +55,7 @@ def build_copy(small_export, tmp_path) -> BuildLayout:
     root = tmp_path / "build"
     root.mkdir()
     shutil.copy(small_export.onnx, root / "model.onnx")
+    seal(root)
     return BuildLayout(root)
 
 
@@ -102,6 +104,7 @@ def test_configs_follow_the_contract(repo):
 
 def test_plan_is_included_when_built(build_copy, tmp_path):
     build_copy.engine.write_bytes(b"not really a plan")
+    seal(build_copy.root)  # the plan is part of the build, as the engine stage records it
     res = repository_from_artifacts(build_copy.root, tmp_path / "repo")
     assert res.plan_included
     assert (tmp_path / "repo" / TRT / "1" / "model.plan").read_bytes() == b"not really a plan"

@@ -23,6 +23,7 @@ from hmu_export.deploy.triton.config import TritonConfigError, TritonOptions, pa
 from hmu_export.deploy.triton.repository import repository_from_artifacts
 from hmu_export.deploy.triton.generation import check_generate_config, generation_names
 from hmu_export.deploy.triton.server import serve
+from conftest import seal  # noqa: E402
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402
@@ -45,6 +46,7 @@ def gen_build(small_export, small_cfg, small_model, tmp_path_factory) -> Path:
         warnings.simplefilter("ignore")
         for graph in ("encoder", "decoder"):
             export_graph(source, graph, small_cfg, root / f"{graph}.onnx")
+    seal(root)
     return root
 
 

@@ -6,11 +6,15 @@ import os
 from pathlib import Path
 
 from . import ui
+from .argtypes import finite
 from ..bench.forward import DEFAULT_BACKENDS, run_bench, speedups, write_outputs
 from ..bench.timing import BenchSettings
 from ..core.config import parse_shapes
 from ..core.errors import ConfigError
 from ..bench.stability import cell, run_notes
+
+#: the longest --min-seconds (per backend and shape): more is a typo, not a benchmark
+MAX_MIN_SECONDS = 3600
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="a few iterations (CI smoke test)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads = ORT intra-op threads (default: usable cores)")
-    p.add_argument("--min-seconds", type=float, default=None,
+    p.add_argument("--min-seconds", type=finite, default=None,
                    help="minimum timed seconds per backend and shape (default 2, quick 0)")
     p.add_argument("--settle-seconds", type=float, default=None,
                    help="extra seconds per backend and shape while its times are not settled "
@@ -86,6 +90,9 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.threads <= cores:
         raise ConfigError(f"--threads must be in 0..{cores} (this machine's cores; 0 = all "
                           f"usable), got {args.threads}")
+    if args.min_seconds is not None and not 0 <= args.min_seconds <= MAX_MIN_SECONDS:
+        raise ConfigError(f"--min-seconds must be in [0, {MAX_MIN_SECONDS}] (seconds per backend "
+                          f"and shape), got {args.min_seconds:g}")
     if args.generate:
         return run_generate(args, backends if args.backends != ",".join(DEFAULT_BACKENDS)
                             else None)
@@ -163,8 +170,11 @@ def run_generate(args: argparse.Namespace, backends: list[str] | None) -> int:
     except ValueError:
         raise ConfigError(f"--batches must be comma-separated integers, got {args.batches!r}"
                           ) from None
-    if args.runs < 1 or args.new_tokens < 1 or args.src_len < 1 or not batches:
+    if args.runs < 1 or args.new_tokens < 1 or args.src_len < 1 or not batches or \
+            min(batches) < 1:
         raise ConfigError("--runs, --new-tokens, --src-len and --batches must be >= 1")
+    if args.runs > 10_000:
+        raise ConfigError(f"--runs must be at most 10,000, got {args.runs}")
     runs = 2 if args.quick else args.runs
     if args.no_peers and args.peers:
         raise ConfigError("--peers and --no-peers contradict each other")

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .argtypes import finite
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("debug-precision",
@@ -16,9 +18,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="only bisect nodes whose name starts with PREFIX (repeatable)")
     p.add_argument("--no-policy-pins", action="store_true",
                    help="start from nothing pinned instead of the FP32 pin policy")
-    p.add_argument("--max-abs", type=float, help="logits max-abs bound (default: FP16 policy)")
-    p.add_argument("--max-rel-range", type=float, help="max abs / logits range bound")
-    p.add_argument("--min-top1", type=float, help="decisive top-1 agreement bound, 0..1")
+    p.add_argument("--max-abs", type=finite, help="logits max-abs bound (default: FP16 policy)")
+    p.add_argument("--max-rel-range", type=finite, help="max abs / logits range bound")
+    p.add_argument("--min-top1", type=finite, help="decisive top-1 agreement bound, 0..1")
     p.add_argument("--json", type=Path, help="also write the result to this JSON file")
     p.set_defaults(func=run)
 
@@ -47,8 +49,9 @@ def run(args: argparse.Namespace) -> int:
     for field, value in (("max_abs", args.max_abs), ("max_rel_range", args.max_rel_range),
                          ("min_top1", args.min_top1)):
         if value is not None:
-            if value < 0:
-                raise ConfigError(f"--{field.replace('_', '-')} must be >= 0, got {value}")
+            if value < 0 or (field == "min_top1" and value > 1):
+                bound = "in [0, 1]" if field == "min_top1" else ">= 0"
+                raise ConfigError(f"--{field.replace('_', '-')} must be {bound}, got {value}")
             tol = replace(tol, **{field: value})
     base = [] if args.no_policy_pins else pin_names(select_pins(proto, cfg.engine))
     with ui.err.status("bisecting FP32 pins...") as status:

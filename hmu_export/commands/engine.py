@@ -19,11 +19,10 @@ def rebuild_engine(root: Path, require_engine: bool = False):  # type: ignore[no
     from ..core.build_folder import open_build
     from ..runners.tensorrt_runner import RECORD_FILE
     from ..build.stages.engine import engine_stage
-    from ..core.manifest import read_manifest, update_manifest
+    from ..core.manifest import update_manifest
     from ..build.context import BuildContext
 
-    read_manifest(Path(root))  # a build folder, not a bare export
-    build = open_build(root)  # every file matches the manifest, model.onnx included
+    build = open_build(root)  # a verified build: every file matches its manifest
     layout, cfg, contract = build.layout, build.cfg, build.contract
     ctx = BuildContext(cfg, layout, require_engine=require_engine, contract=contract)
     result = engine_stage(ctx)

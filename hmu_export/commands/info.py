@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 
 from . import ui
-from ..core.manifest import read_manifest, verify_artifacts
+from ..core.manifest import failed_build, read_manifest, verify_artifacts
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,5 +26,11 @@ def run(args: argparse.Namespace) -> int:
     if bad:
         ui.err.print(f"error: {len(bad)} artifact(s) changed since the build: {', '.join(bad)}",
                      markup=False, highlight=False)
+        return 1
+    why = failed_build(data)
+    if why:  # shown for inspection, and said: no other command reads it
+        ui.err.print(f"error: {args.artifacts} is a failed build, kept for inspection only "
+                     f"({why}); fix the failure and run `build` again", markup=False,
+                     highlight=False)
         return 1
     return 0

@@ -25,11 +25,14 @@ class BuildFolder:
 def open_build(root: str | Path, verify: bool = True) -> BuildFolder:
     """Config and contract recorded in a build's model.onnx, or a one-line ArtifactError.
 
-    With ``verify`` (every command that reads a build), a folder with a manifest.json must
-    match it file for file first (hashes, sizes, nothing unlisted), so no command ever computes
-    from, or records over, a tampered artifact. A folder without one (a bare ``export``) is
-    read as it is; commands record nothing in it."""
-    from .manifest import interrupted_swap, verify_build
+    Every command that reads a build opens it here. The folder must hold a manifest.json of a
+    build that succeeded: a folder without one is nobody's verified build (files could have
+    been swapped with the manifest removed), and ``<out>.failed/`` is for inspection only.
+    With ``verify`` (always, except right after a caller verified it) every file must match the
+    manifest first (hashes, sizes, nothing unlisted), so no command ever computes from, or
+    records over, a tampered artifact. ``export --config`` and ``build`` write manifests; a
+    folder made by hand (tests) gets one with ``core.manifest.write_manifest``."""
+    from .manifest import interrupted_swap, read_manifest, refuse_failed, verify_build
 
     layout = BuildLayout(Path(root))
     if not layout.root.is_dir():
@@ -40,10 +43,20 @@ def open_build(root: str | Path, verify: bool = True) -> BuildFolder:
                                 f"{old}: the next `build` into it restores it first, or rename "
                                 "it back)")
         raise ArtifactError(f"artifacts folder not found: {layout.root}")
+    if layout.manifest.is_file():  # a failed build is named as one, whatever it lacks
+        refuse_failed(read_manifest(layout.root), layout.root)
+    elif layout.root.name.endswith(".failed"):
+        raise ArtifactError(f"{layout.root} is the folder of a failed build (kept for "
+                            "inspection only): no command reads it; fix the failure and run "
+                            "`build` again")
     if not layout.onnx.is_file():
         raise ArtifactError(f"{layout.onnx} not found: not a build folder (run "
                             "`python -m hmu_export build` first)")
-    if verify and layout.manifest.is_file():
+    if not layout.manifest.is_file():
+        raise ArtifactError(f"{layout.root} has no manifest.json, so nothing in it can be "
+                            "verified: commands read only builds made by `build` (or "
+                            "`export --config`); build it again")
+    if verify:
         verify_build(layout.root)
     proto, cfg, contract = load_graph_contract(layout.onnx)
     return BuildFolder(layout, cfg, contract, proto)

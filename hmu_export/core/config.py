@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import tomllib
 import types
 import typing
@@ -52,6 +53,14 @@ class ModelConfig:
     hmu_position: str = "after_encoder"  # source "reference": after_encoder | after_decoder
     num_classes: int = 0  # > 0: a classifier (class_logits) instead of a seq2seq model
     pool: str = "mean"  # classifier pooling: "mean" (all positions, as the reference) | "masked_mean"
+    # Weights the model recomputes on load, so a checkpoint may leave them out (e.g. the
+    # sinusoidal position table of a Hugging Face model saved without it). Every other weight
+    # must be in the checkpoint: a missing, unexpected or wrongly shaped key stops the build.
+    # Entries are key names or fnmatch patterns ("model.*.embed_positions.weight").
+    derived_keys: tuple[str, ...] = ()
+
+    #: the fields holding paths: relative ones are relative to the TOML file (load_config)
+    PATH_FIELDS: typing.ClassVar[tuple[str, ...]] = ("checkpoint", "path", "hmu_checkpoint")
 
     @property
     def heads(self) -> int:
@@ -89,10 +98,16 @@ class ModelConfig:
             raise ConfigError(f"model.num_classes must be >= 0, got {self.num_classes}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if not 0 <= self.seed < 2 ** 64:
+            raise ConfigError(f"model.seed must be in [0, 2**64), got {self.seed}")
         if not 0 <= self.pad_id < self.vocab_size:
             raise ConfigError(f"model.pad_id must be in [0, vocab_size), got {self.pad_id}")
         if self.init_scale <= 0:
             raise ConfigError(f"model.init_scale must be > 0, got {self.init_scale}")
+        for i, key in enumerate(self.derived_keys):
+            if not key or not key.isprintable() or len(key) > 500:
+                raise ConfigError(f"model.derived_keys[{i}] must be a key name or pattern "
+                                  f"(printable, 1..500 characters), got {key[:80]!r}")
         if (not self.name or any(c in self.name for c in "/\\") or self.name.startswith(".")
                 or not self.name.isprintable() or len(self.name) > 100
                 or self.name != self.name.strip()):
@@ -206,6 +221,8 @@ class ParityConfig:
     fp32_max_abs: float = 1e-4
 
     def validate(self) -> None:
+        if not 0 <= self.seed < 2 ** 64:
+            raise ConfigError(f"parity.seed must be in [0, 2**64), got {self.seed}")
         if self.noise_scale < 0:
             raise ConfigError(f"parity.noise_scale must be >= 0, got {self.noise_scale}")
         if self.fp32_max_abs <= 0:
@@ -481,12 +498,25 @@ def load_config(path: str | Path | None) -> BuildConfig:
         raise ConfigError(f"cannot read config file {p}: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {p} is not valid TOML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {p} nests arrays or tables too deeply") from None
     cfg = config_from_dict(data)
-    if cfg.model.checkpoint and not Path(cfg.model.checkpoint).is_absolute():
-        # A relative checkpoint path is relative to the config file, like other tools do.
-        ckpt = str((p.parent / cfg.model.checkpoint).resolve())
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, checkpoint=ckpt))
-    return cfg
+    return dataclasses.replace(cfg, model=resolve_paths(cfg.model, p.parent))
+
+
+def resolve_paths(model: ModelConfig, base: Path) -> ModelConfig:
+    """Every path field of ``model`` (``ModelConfig.PATH_FIELDS``) made absolute: ``~`` is the
+    home folder, and a relative path is relative to ``base`` (the TOML file's folder), wherever
+    the command runs, as other tools read their config files."""
+    fixed = {}
+    for key in ModelConfig.PATH_FIELDS:
+        value = getattr(model, key)
+        if value:
+            path = Path(value).expanduser()
+            if not path.is_absolute():
+                path = Path(base).absolute() / path
+            fixed[key] = os.path.normpath(path)
+    return dataclasses.replace(model, **fixed)
 
 
 def parse_shapes(text: str, sizes: int | None = 3) -> list[tuple[int, ...]]:

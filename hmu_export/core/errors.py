@@ -33,6 +33,10 @@ class GenerationError(HMUExportError):
     leave no token possible."""
 
 
+class TrainingError(HMUExportError):
+    """Training cannot go on (the loss or the weights became non-finite): nothing is written."""
+
+
 class ParityFailure(HMUExportError):
     """A parity or correctness check failed."""
 

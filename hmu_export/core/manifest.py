@@ -78,6 +78,27 @@ def read_manifest(root: Path) -> dict[str, Any]:
     return data
 
 
+def failed_build(data: dict[str, Any]) -> str:
+    """Why a manifest records a failed build ("" for a good one): a build that failed is kept
+    as ``<out>.failed/`` for inspection only, and no command reads it as a build."""
+    if data.get("ok") is not False:
+        return ""
+    stages = data.get("stages") if isinstance(data.get("stages"), dict) else {}
+    for name, st in stages.items():
+        if isinstance(st, dict) and st.get("status") == FAILED:
+            reason = str(st.get("reason", "")).splitlines()
+            return f"stage '{name}' failed" + (f": {reason[0]}" if reason else "")
+    return "it did not finish"
+
+
+def refuse_failed(data: dict[str, Any], root: Path) -> None:
+    """An ArtifactError when the manifest of ``root`` records a failed build."""
+    why = failed_build(data)
+    if why:
+        raise ArtifactError(f"{root} is a failed build, kept for inspection only ({why}): no "
+                            "command reads it; fix the failure and run `build` again")
+
+
 def interrupted_swap(out: Path) -> Path | None:
     """The hidden previous build that an interrupted swap left beside a missing ``out``."""
     out = Path(out).absolute()

@@ -40,6 +40,7 @@ from ..core.errors import CheckpointError, ConfigError
 from ..core.io_contract import DECODER, ENCODER, FULL, CacheLayout
 from .hmu import HMU, IdentityHMU
 from .interface import ModelSource
+from .tokenizer import tokenizer_files
 
 T5, BART, MARIAN = "T5ForConditionalGeneration", "BartForConditionalGeneration", "MarianMTModel"
 SUPPORTED = (T5, BART, MARIAN)
@@ -100,20 +101,123 @@ def _config_json(path: Path) -> dict:
     return data
 
 
+#: the config.json ``model_type`` each supported architecture belongs to
+MODEL_TYPES = {T5: "t5", BART: "bart", MARIAN: "marian"}
+
+
 def architecture(path: Path) -> str:
-    """The folder's supported architecture, or a one-line ConfigError naming what it has."""
-    archs = _config_json(path).get("architectures") or []
+    """The folder's supported architecture, or a one-line ConfigError naming what it has
+    (also when its ``model_type`` belongs to another family: Transformers would then build
+    the architecture from a config it does not describe)."""
+    data = _config_json(path)
+    archs = data.get("architectures") or []
     arch = archs[0] if isinstance(archs, list) and archs else "none given"
     if arch not in SUPPORTED:
         raise ConfigError(f"{path}: architecture {arch} is not supported by source \"hf\" "
                           f"(supported: {', '.join(SUPPORTED)})")
+    model_type = data.get("model_type")
+    if model_type != MODEL_TYPES[arch]:
+        raise ConfigError(f"{path / 'config.json'}: model_type {model_type!r} contradicts "
+                          f"architectures {arch} (which is model_type {MODEL_TYPES[arch]!r}); "
+                          "the folder's config does not describe its model")
     return arch
 
 
+def _weights_file(path: Path) -> Path:
+    """The weights file Transformers reads from the folder (its order: safetensors first)."""
+    for name in WEIGHT_FILES:
+        if (path / name).is_file():
+            return path / name
+    raise CheckpointError(f"{path} has config.json but no weights (expected one of "
+                          f"{', '.join(WEIGHT_FILES)})")
+
+
+def _shards(index: Path) -> list[Path]:
+    """The shard files an index names, each a plain file name inside the model folder: a name
+    that leaves the folder (``../x``, an absolute path) is refused before anything reads it.
+    A shard that is a symbolic link is followed (the Hugging Face cache's layout)."""
+    from ..core.fileio import read_json_object
+    data = read_json_object(index, CheckpointError, "weights index")
+    weight_map = data.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"corrupt weights index {index}: no 'weight_map' object")
+    names = []
+    for key, name in weight_map.items():
+        if not isinstance(name, str) or not name:
+            raise CheckpointError(f"corrupt weights index {index}: '{key}' maps to {name!r}")
+        parts = Path(name).parts
+        if (Path(name).is_absolute() or "\\" in name or "\0" in name or not parts
+                or any(p in ("..", ".") for p in parts)):
+            raise CheckpointError(f"weights index {index} names shard {name!r} for '{key}', "
+                                  "which leaves the model folder: refusing to read it")
+        if name not in names:
+            names.append(name)
+    for name in names:
+        shard = index.parent / name
+        if not shard.is_file():
+            raise CheckpointError(f"weights index {index} names shard {name}, which is not a "
+                                  "file in the model folder")
+    return [index.parent / n for n in names]
+
+
 def _check_weights(path: Path) -> None:
-    if not any((path / name).is_file() for name in WEIGHT_FILES):
-        raise CheckpointError(f"{path} has config.json but no weights (expected one of "
-                              f"{', '.join(WEIGHT_FILES)})")
+    weights = _weights_file(path)
+    if weights.name.endswith(".index.json"):
+        _shards(weights)
+
+
+def file_tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor name and shape in the folder's weights (headers only for safetensors)."""
+    weights = _weights_file(path)
+    files = _shards(weights) if weights.name.endswith(".index.json") else [weights]
+    out: dict[str, tuple[int, ...]] = {}
+    for file in files:
+        try:
+            if file.suffix == ".safetensors":
+                from safetensors import safe_open
+                with safe_open(str(file), "pt") as f:
+                    for key in f.keys():
+                        out[key] = tuple(f.get_slice(key).get_shape())
+            else:
+                from .weights import read_state_dict
+                out.update({k: tuple(v.shape) for k, v in read_state_dict(file).items()})
+        except CheckpointError:
+            raise
+        except Exception as exc:  # safetensors raises its own error types for a corrupt file
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(f"corrupt weights file {file}: {first}") from None
+    return out
+
+
+def check_hf_keys(hf: nn.Module, have: dict[str, tuple[int, ...]], path: Path,
+                  derived: tuple[str, ...]) -> None:
+    """Every weight of the loaded Transformers model came from the folder's file: Transformers
+    initialises a missing one at random (with only a notice), which would build a model that
+    is not the user's. A key counts as present when the file holds it or a key tied to it (one
+    storage: T5's shared embedding and LM head); keys Transformers declares it never saves
+    (recomputed on load: Marian's sinusoidal positions) and ``[model] derived_keys`` may be
+    absent; file keys Transformers declares unused (T5's legacy cross-attention bias) are
+    ignored. Anything else missing, unexpected or of another shape is one CheckpointError."""
+    import re
+
+    from .weights import key_mismatch
+
+    state = hf.state_dict(keep_vars=True)
+    groups: dict[int, list[str]] = {}
+    for key, t in state.items():
+        if t.numel():
+            groups.setdefault(t.untyped_storage().data_ptr(), []).append(key)
+    covered = {k for g in groups.values() if any(k2 in have for k2 in g) for k in g}
+    never_saved = list(getattr(hf, "_keys_to_ignore_on_save", None) or [])
+    unused = list(getattr(hf, "_keys_to_ignore_on_load_unexpected", None) or [])
+    want = {k: tuple(t.shape) for k, t in state.items()
+            if not (k in covered and k not in have)
+            and not any(re.search(p, k) for p in never_saved if k not in have)}
+    file = {k: s for k, s in have.items() if k in state or not any(re.search(p, k)
+                                                                    for p in unused)}
+    problem, _ = key_mismatch(file, want, derived)
+    if problem:
+        raise CheckpointError(f"the weights in {path} do not match its config.json: {problem}")
 
 
 def _hf_config(path: Path) -> Any:
@@ -677,22 +781,49 @@ class _Decoder(nn.Module):
 
 
 # ----------------------------------------------------------------------------- source
-def _load_hf(path: Path, arch: str) -> nn.Module:
+def _load_hf(path: Path, arch: str, derived: tuple[str, ...] = ()) -> nn.Module:
+    """Transformers' model of the folder, every weight checked against the file (check_hf_keys)."""
     import transformers
     from transformers.utils import logging as hf_logging
     cls = getattr(transformers, arch)
+    have = file_tensor_shapes(path)
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # the tool shows its own progress
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report: the check below says it in one line
     try:
         model = cls.from_pretrained(str(path), dtype=torch.float32, attn_implementation="eager",
                                     local_files_only=True)
     except Exception as exc:  # transformers raises many types for bad weights
+        _name_shape_mismatch(cls, path, have)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"cannot load {arch} from {path}: {first}") from None
     finally:
+        hf_logging.set_verbosity(verbosity)
         if bar:
             hf_logging.enable_progress_bar()
+    check_hf_keys(model, have, path, derived)
     return model.eval()
+
+
+def _name_shape_mismatch(cls: Any, path: Path, have: dict[str, tuple[int, ...]]) -> None:
+    """When loading failed over tensors whose shapes the config contradicts, say which (and
+    which are unexpected)."""
+    import re
+
+    from .weights import key_mismatch
+    try:
+        with torch.device("meta"):
+            skeleton = cls._from_config(_hf_config(path), attn_implementation="eager")
+        want = {k: tuple(t.shape) for k, t in skeleton.state_dict().items()}
+    except Exception:  # noqa: BLE001 - only a better message was at stake
+        return
+    unused = list(getattr(cls, "_keys_to_ignore_on_load_unexpected", None) or [])
+    odd = {k: s for k, s in have.items() if tuple(want.get(k, s)) != s or (
+        k not in want and not any(re.search(p, k) for p in unused))}
+    if odd:
+        problem, _ = key_mismatch(odd, {k: want[k] for k in odd if k in want})
+        raise CheckpointError(f"the weights in {path} do not match its config.json: {problem}")
 
 
 def build_hmu(cfg: ModelConfig) -> tuple[nn.Module, bool]:
@@ -787,7 +918,7 @@ def load_source(cfg: ModelConfig) -> HFSource:
     path = _folder(cfg)
     arch = architecture(path)
     _check_weights(path)
-    hf = _load_hf(path, arch)
+    hf = _load_hf(path, arch, cfg.derived_keys)
     geom = geometry(arch, hf.config)
     if (geom.d_model, geom.vocab_size) != (cfg.d_model, cfg.vocab_size):
         raise ConfigError(f"model config (d_model {cfg.d_model}, vocab {cfg.vocab_size}) does not "
@@ -795,7 +926,12 @@ def load_source(cfg: ModelConfig) -> HFSource:
                           "resolve the config first")
     hmu, trained = build_hmu(cfg)
     core = (_T5 if arch == T5 else _Bart)(hf, hmu, geom)
-    return HFSource(cfg, core.eval(), trained)
+    source = HFSource(cfg, core.eval(), trained)
+    if tokenizer_files(path):  # it travels with the build: check it now, not at generate
+        from .tokenizer import check_tokenizer
+        gen = source._generation
+        check_tokenizer(path, geom.vocab_size, gen.eos_ids if gen is not None else ())
+    return source
 
 
 HF_CONFIG_DIR = "hf"  # inside a build's checkpoint/: the Transformers config of the base model
@@ -817,21 +953,6 @@ def save_hf_config(source: HFSource, folder: Path) -> Path:
     return out / "config.json"
 
 
-#: a tokenizer is any of these groups of files (fast, SentencePiece T5, Marian, BPE) ...
-TOKENIZER_FILES = (("tokenizer.json",), ("spiece.model",), ("source.spm", "target.spm"),
-                   ("vocab.json", "merges.txt"))
-#: ... plus what configures it
-TOKENIZER_EXTRAS = {"tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"}
-
-
-def tokenizer_files(folder: Path) -> list[Path]:
-    """The tokenizer in ``folder`` (a complete group plus what configures it), or []."""
-    if not any(all((folder / f).is_file() for f in group) for group in TOKENIZER_FILES):
-        return []
-    names = {f for group in TOKENIZER_FILES for f in group} | TOKENIZER_EXTRAS
-    return [folder / n for n in sorted(names) if (folder / n).is_file()]
-
-
 def load_saved(cfg: ModelConfig, weights: Path) -> HFSource:
     """An hf source rebuilt from a build's checkpoint/: architecture from ``hf/config.json``,
     every weight (base model and HMU) from ``model.safetensors``."""
@@ -850,7 +971,11 @@ def load_saved(cfg: ModelConfig, weights: Path) -> HFSource:
     hmu, _ = build_hmu(replace(cfg, hmu_checkpoint=""))
     core = (_T5 if arch == T5 else _Bart)(hf, hmu, geom)
     state = read_state_dict(Path(weights))
-    missing, unexpected = core.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = core.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # a tensor of another shape
+        raise CheckpointError(f"{weights} does not match {conf}: "
+                              f"{str(exc).strip().splitlines()[-1].strip()}") from None
     tied = {k for k in missing if k.endswith(("embed_tokens.weight", "lm_head.weight"))}
     if set(missing) - tied or unexpected:
         raise CheckpointError(f"{weights} does not match {conf}: missing "

@@ -45,14 +45,81 @@ class Tokenizer:
         return list(self.tok.batch_decode([list(s) for s in seqs], skip_special_tokens=True))
 
 
-def has_tokenizer(build_root: str | Path) -> bool:
-    from .hf import tokenizer_files
+def source_text_problem(text: str) -> str:
+    """Why ``text`` cannot be a source text ("" when it can): the one rule of ``generate
+    --text`` and ``finetune`` text lines. Empty or blank text is refused as the Triton model
+    refuses it (special tokens alone are not a source); so is what ``text_problem`` refuses."""
+    if not text.strip():
+        return "is empty"
+    return text_problem(text)
 
+
+def text_problem(text: str) -> str:
+    """Why ``text`` is not Unicode text that a tokenizer can encode ("" when it is): a lone
+    surrogate, e.g. from undecodable argv bytes or a JSON ``"\\ud800"`` escape."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return (f"holds {text[exc.start]!r} at character {exc.start}, a lone surrogate "
+                "(not Unicode text; undecodable bytes?)")
+    return ""
+
+
+def tokenizer_problem(tok: Any, vocab_size: int, eos_ids: Sequence[int]) -> str:
+    """Why Transformers' tokenizer ``tok`` does not fit a model ("" when it does): an id the
+    model has no row for, or an end token that is not the model's end of sequence."""
+    vocab = tok.get_vocab()
+    top = max(vocab.values(), default=-1)
+    if top >= vocab_size:
+        token = next(t for t, i in vocab.items() if i == top)
+        return (f"its vocabulary ({len(vocab)} tokens) reaches id {top} ({token!r}), and the "
+                f"model's vocab_size is {vocab_size}")
+    eos = getattr(tok, "eos_token_id", None)
+    if eos is not None and eos_ids and int(eos) not in eos_ids:
+        return (f"its end token {tok.eos_token!r} is id {eos}, and the model ends sequences "
+                f"with eos_token_id {', '.join(map(str, eos_ids))}")
+    return ""
+
+
+def check_tokenizer(folder: Path, vocab_size: int, eos_ids: Sequence[int]) -> None:
+    """A model folder's tokenizer loads and fits the model, or one CheckpointError (at build
+    start: a mismatch would otherwise surface only at generate, or never)."""
+    from ..core.errors import CheckpointError
+    try:
+        tok = load_hf_tokenizer(folder)
+    except InputError as exc:
+        raise CheckpointError(str(exc)) from None
+    problem = tokenizer_problem(tok, vocab_size, eos_ids)
+    if problem:
+        raise CheckpointError(f"the tokenizer in {folder} does not fit its model: {problem}")
+
+
+#: a tokenizer is any of these groups of files (fast, SentencePiece T5, Marian, BPE) ...
+TOKENIZER_FILES = (("tokenizer.json",), ("spiece.model",), ("source.spm", "target.spm"),
+                   ("vocab.json", "merges.txt"))
+#: ... plus what configures it
+TOKENIZER_EXTRAS = {"tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"}
+
+
+def tokenizer_files(folder: Path) -> list[Path]:
+    """The tokenizer in ``folder`` (a complete group plus what configures it), or []."""
+    if not any(all((folder / f).is_file() for f in group) for group in TOKENIZER_FILES):
+        return []
+    names = {f for group in TOKENIZER_FILES for f in group} | TOKENIZER_EXTRAS
+    return [folder / n for n in sorted(names) if (folder / n).is_file()]
+
+
+def has_tokenizer(build_root: str | Path) -> bool:
     return bool(tokenizer_files(Path(build_root) / TOKENIZER_DIR))
 
 
 def load_tokenizer(build_root: str | Path) -> Tokenizer:
-    """The build's tokenizer, or one-line InputError when it has none."""
+    """The build's tokenizer, or one-line InputError when it has none. The build is opened
+    (verified against its manifest; a failed or unverifiable build refused) before any of
+    its tokenizer files is read."""
+    from ..core.build_folder import open_build
+
+    open_build(build_root)
     folder = Path(build_root) / TOKENIZER_DIR
     if not has_tokenizer(build_root):
         raise InputError(f"this build has no tokenizer ({folder} has no tokenizer.json, "

@@ -1,9 +1,10 @@
 """Checkpoints: safetensors weights + a JSON model config. Pickles are never unpickled freely."""
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
 
@@ -25,16 +26,29 @@ CONFIG_FILE = "config.json"
 
 def save_checkpoint(model: HMUTransformer, folder: Path) -> tuple[Path, Path]:
     """Write ``model.safetensors`` and ``config.json`` atomically; returns both paths."""
-    from safetensors.torch import save_file
-
     folder.mkdir(parents=True, exist_ok=True)
     weights, config = folder / WEIGHTS_FILE, folder / CONFIG_FILE
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(weights) as tmp:
-        save_file(state, str(tmp), metadata=METADATA)
-    cfg = replace(model.cfg, checkpoint="")
-    write_json(config, asdict(cfg))
+        write_checkpoint_weights(model, tmp)
+    with atomic_path(config) as tmp:
+        write_checkpoint_config(model, tmp)
     return weights, config
+
+
+def write_checkpoint_weights(model: HMUTransformer, path: Path) -> None:
+    """The native checkpoint's ``model.safetensors`` bytes, written at ``path`` as it is."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(path), metadata=METADATA)
+
+
+def write_checkpoint_config(model: HMUTransformer, path: Path) -> None:
+    """The native checkpoint's ``config.json`` (its model config), written at ``path``."""
+    import json
+
+    text = json.dumps(asdict(replace(model.cfg, checkpoint="")), indent=2, sort_keys=True)
+    Path(path).write_text(text + "\n", encoding="utf-8")
 
 
 def check_regular_file(path: Path, what: str = "checkpoint") -> None:
@@ -59,7 +73,14 @@ def check_regular_file(path: Path, what: str = "checkpoint") -> None:
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Tensors from a safetensors file, or from a weights-only torch file (no code executed)."""
+    from ..core.fileio import pending_file_set
+
     check_regular_file(path)
+    journal = pending_file_set(path)
+    if journal is not None:
+        raise CheckpointError(f"{path} is one of several files whose replacement was "
+                              f"interrupted (journal {journal}): run the command that wrote "
+                              "it again with the same output to finish it")
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -86,29 +107,63 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
                           "(use .safetensors, or a weights-only .pt)")
 
 
-def load_weights(model: HMUTransformer, path: Path) -> None:
-    """Load weights into ``model``, naming the first missing, unexpected or mis-shaped tensor."""
+def _names(keys: list[str], limit: int = 6) -> str:
+    shown = ", ".join(f"'{k}'" for k in keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def is_derived(key: str, patterns: Sequence[str]) -> bool:
+    """Whether ``key`` matches one of ``[model] derived_keys`` (names or fnmatch patterns)."""
+    return any(fnmatch.fnmatchcase(key, p) for p in patterns)
+
+
+def key_mismatch(have: Mapping[str, Sequence[int]], want: Mapping[str, Sequence[int]],
+                 derived: Sequence[str] = ()) -> tuple[str, list[str]]:
+    """(problem, derived keys left out) of a checkpoint whose tensors have the shapes ``have``
+    for a model whose state dict has the shapes ``want``: problem is "" when every key of the
+    model is in the checkpoint with its shape, none is unexpected, and every missing one matches
+    ``derived`` (the model recomputes those); else one line naming the keys."""
+    missing = sorted(set(want) - set(have))
+    left_out = [k for k in missing if is_derived(k, derived)]
+    missing = [k for k in missing if k not in left_out]
+    unexpected = sorted(set(have) - set(want))
+    shaped = sorted(k for k in set(have) & set(want)
+                    if tuple(have[k]) != tuple(want[k]))
+    parts = []
+    if missing:
+        parts.append(f"missing {len(missing)} tensor(s): {_names(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected: {_names(unexpected)}")
+    if shaped:
+        k = shaped[0]
+        first = f"'{k}' is {list(have[k])}, the model's {list(want[k])}"
+        parts.append(f"1 with another shape: {first}" if len(shaped) == 1 else
+                     f"{len(shaped)} with another shape: {_names(shaped)} ({first})")
+    problem = "; ".join(parts)
+    if missing and not unexpected and not shaped:
+        problem += (" (weights the model recomputes on load may be named in [model] "
+                    "derived_keys)")
+    return problem, left_out
+
+
+def load_weights(model: HMUTransformer, path: Path, derived: Sequence[str] = ()) -> None:
+    """Load weights into ``model``: every key of the model must be in the file with its shape
+    (or be ``derived``: left as the model computes it), none unexpected, all finite; else one
+    CheckpointError naming the keys."""
     state = read_state_dict(path)
     own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    if missing:
-        raise CheckpointError(f"checkpoint {path} does not match the config: missing "
-                              f"{len(missing)} tensor(s), e.g. '{missing[0]}'")
-    if unexpected:
-        raise CheckpointError(f"checkpoint {path} does not match the config: unexpected "
-                              f"tensor '{unexpected[0]}'")
+    problem, _ = key_mismatch({k: tuple(v.shape) for k, v in state.items()},
+                              {k: tuple(v.shape) for k, v in own.items()}, derived)
+    if problem:
+        raise CheckpointError(f"checkpoint {path} does not match the config: {problem}")
     for key, tensor in state.items():
-        if tuple(tensor.shape) != tuple(own[key].shape):
-            raise CheckpointError(f"checkpoint {path} does not match the config: '{key}' has "
-                                  f"shape {list(tensor.shape)}, expected {list(own[key].shape)}")
         if not tensor.is_floating_point():
             raise CheckpointError(f"checkpoint {path}: '{key}' has dtype {tensor.dtype}")
         finite = torch.isfinite(tensor)
         if not bool(finite.all()):
             raise CheckpointError(f"checkpoint {path}: '{key}' holds "
                                   f"{int((~finite).sum())} non-finite value(s) (NaN or Inf)")
-    model.load_state_dict({k: v.float() for k, v in state.items()})
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
 
 
 def build_model(cfg: ModelConfig) -> HMUTransformer:
@@ -117,7 +172,7 @@ def build_model(cfg: ModelConfig) -> HMUTransformer:
         check_saved_config(cfg, Path(cfg.checkpoint))
     model = HMUTransformer(cfg)
     if cfg.checkpoint:
-        load_weights(model, Path(cfg.checkpoint))
+        load_weights(model, Path(cfg.checkpoint), cfg.derived_keys)
     return model.eval()
 
 

@@ -9,7 +9,8 @@ Works for every source whose model holds the project's ``HMU`` at ``.hmu`` (nati
 loss goes through the source's own full graph (``source.module("full")``) and mu / logvar come
 from a forward hook on the HMU's VAE, so what is trained is exactly what is exported.
 
-Outputs, beside ``out`` (written atomically):
+Outputs, beside ``out``, committed as one unit (core.fileio.FileSet: all new, or all as they
+were after a failure, a diverged run or a kill):
 - ``out`` (safetensors): the HMU's state dict, keys ``vae.mu.*``, ``vae.logvar.*``,
   ``vae.decoder.*``, ``norm_input.*``, ``norm_latent.*``, ``gate_mlp.0.*``, ``fusion_proj.0.*``,
   ``fusion_proj.2.*`` (no prefix): what ``[model] hmu_checkpoint`` of an hf config reads.
@@ -36,12 +37,14 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..core.config import BuildConfig
-from ..core.errors import ConfigError, HMUExportError, InputError
-from ..core.fileio import atomic_path, write_text
+from ..core.errors import ArtifactError, ConfigError, InputError, TrainingError
+from ..core.fileio import JOURNAL_SUFFIX, FileSet, exclusive_lock, recover_file_set
 from ..core.io_contract import FULL
 from ..model.hmu import HMU
 
 IGNORE = -100
+#: the most steps one run may take (a typo such as 2**63 would otherwise never end)
+MAX_STEPS = 10_000_000
 
 
 @dataclass(frozen=True)
@@ -53,8 +56,10 @@ class FinetuneOptions:
     seed: int = 0
 
     def validate(self) -> None:
-        if self.steps < 1:
-            raise ConfigError(f"--steps must be >= 1, got {self.steps}")
+        if not 1 <= self.steps <= MAX_STEPS:
+            raise ConfigError(f"--steps must be in [1, {MAX_STEPS:,}], got {self.steps}")
+        if not 0 <= self.seed < 2 ** 64:
+            raise ConfigError(f"--seed must be in [0, 2**64), got {self.seed}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"--lr must be a finite number > 0, got {self.lr}")
         if self.batch_size < 1:
@@ -78,7 +83,7 @@ class FinetuneResult:
 # ----------------------------------------------------------------------------- data
 def _tokenizer(cfg: BuildConfig) -> Any | None:
     """Transformers' tokenizer for text lines when the hf model folder ships one, else None."""
-    from ..model.hf import tokenizer_files
+    from ..model.tokenizer import tokenizer_files
     from ..model.tokenizer import load_hf_tokenizer
 
     if cfg.model.source != "hf" or not cfg.model.path:
@@ -87,32 +92,86 @@ def _tokenizer(cfg: BuildConfig) -> Any | None:
     return load_hf_tokenizer(folder) if tokenizer_files(folder) else None
 
 
+#: the longest data line read (bytes, newline excluded): a longer one is an error, so a file
+#: without line breaks (``--data /dev/zero``) never grows without bound
+MAX_LINE_BYTES = 1 << 20
+
+
+def _data_lines(path: Path):  # type: ignore[no-untyped-def]
+    """(line number, text) of a data file, each line read with a bound (MAX_LINE_BYTES) and
+    decoded as UTF-8; every problem is one InputError. A regular file, a character device or a
+    FIFO (a pipe) is read; a FIFO without a writer is read as empty, not waited on."""
+    import os
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise InputError(f"data file not found: {path}") from None
+    except OSError as exc:
+        raise InputError(f"cannot read data file {path}: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(mode):
+        raise InputError(f"data file {path} is a folder: name a JSON-lines file")
+    if not (stat.S_ISREG(mode) or stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)):
+        raise InputError(f"data file {path} is not a file (a block device or a socket)")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        os.set_blocking(fd, True)
+        f = os.fdopen(fd, "rb")
+    except OSError as exc:
+        raise InputError(f"cannot read data file {path}: {exc.strerror or exc}") from None
+    with f:
+        n = 0
+        while True:
+            n += 1
+            try:
+                raw = f.readline(MAX_LINE_BYTES + 2)
+            except OSError as exc:
+                raise InputError(f"cannot read data file {path}: {exc.strerror or exc}") from None
+            if not raw:
+                return
+            body = raw[:-1] if raw.endswith(b"\n") else raw
+            if len(body) > MAX_LINE_BYTES:
+                raise InputError(f"{path}:{n}: the line is longer than {MAX_LINE_BYTES:,} bytes, "
+                                 "the limit of one data line (is it a JSON-lines file?)")
+            try:
+                yield n, body.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InputError(f"{path}:{n}: not UTF-8 text (byte {exc.start})") from None
+
+
 def read_examples(path: Path, vocab_size: int, max_len: int, tokenizer: Any | None = None
                   ) -> list[tuple[list[int], list[int]]]:
     """(src, tgt) id lists from a JSON-lines file ``{"src": ..., "tgt": ...}``; every problem
-    is one InputError naming the file and line number. Blank lines are skipped."""
+    is one InputError naming the file and line number. Blank lines are skipped. A source text
+    follows ``generate --text``'s rule (model.tokenizer.source_text_problem)."""
+    from ..model.tokenizer import source_text_problem, text_problem
+
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise InputError(f"data file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read data file {path}: {exc}") from None
     out: list[tuple[list[int], list[int]]] = []
-    for n, line in enumerate(lines, 1):
+    for n, line in _data_lines(path):
         if not line.strip():
             continue
         where = f"{path}:{n}"
         try:
             obj = json.loads(line)
+        except RecursionError:
+            raise InputError(f"{where}: the JSON nests too deeply") from None
         except ValueError as exc:
             raise InputError(f"{where}: not valid JSON ({getattr(exc, 'msg', exc)})") from None
         if not isinstance(obj, dict) or "src" not in obj or "tgt" not in obj:
             raise InputError(f'{where}: expected an object {{"src": ..., "tgt": ...}}')
+        unknown = sorted(set(obj) - {"src", "tgt"})
+        if unknown:  # e.g. a per-example weight this trainer would silently ignore
+            raise InputError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))} "
+                             '(a line holds "src" and "tgt" only)')
         pair = []
         for key in ("src", "tgt"):
             value = obj[key]
             if isinstance(value, str):
+                problem = source_text_problem(value) if key == "src" else text_problem(value)
+                if problem:
+                    raise InputError(f"{where}: {key} text {problem}")
                 if tokenizer is None:
                     raise InputError(f"{where}: {key} is text, which needs a tokenizer "
                                      "(tokenizer.json in the hf model folder); give id lists "
@@ -225,8 +284,9 @@ def _batches(examples: list[tuple[list[int], list[int]]], size: int, bos: int, p
 def finetune(cfg: BuildConfig, data: Path, out: Path, eval_data: Path | None = None,
              options: FinetuneOptions = FinetuneOptions(), merge_into: Path | None = None,
              progress: bool = True, plot: bool = True) -> FinetuneResult:
-    from ..model import sources
-
+    """Train the HMU, then write its outputs as one unit (``_write_outputs``): the weights,
+    the log, the plot and the merged checkpoint are all new, or (on any failure, a diverged
+    run included) all as they were. One finetune per output at a time (a lock beside it)."""
     options.validate()
     out = Path(out)
     if out.suffix != ".safetensors":
@@ -234,6 +294,64 @@ def finetune(cfg: BuildConfig, data: Path, out: Path, eval_data: Path | None = N
     if merge_into is not None and cfg.model.source != "native":
         raise ConfigError(f'--merge-into writes a native checkpoint; source "{cfg.model.source}" '
                           "reads the HMU from [model] hmu_checkpoint instead")
+    if merge_into is not None and Path(merge_into).exists() and not Path(merge_into).is_dir():
+        raise ConfigError(f"--merge-into {merge_into} exists and is not a folder")
+    journal = _journal_name(out)
+    files = _output_files(out, merge_into)
+    try:
+        out.absolute().parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ArtifactError(f"cannot write to {out.absolute().parent}: "
+                            f"{exc.strerror or exc}") from None
+    with exclusive_lock(out.absolute().parent / f".{out.name}.lock",
+                        f"the finetune output {out}"):
+        for folder in {f.absolute().parent for f in files.values() if f is not None}:
+            recover_file_set(folder / journal)  # a commit a kill interrupted: finish it
+        with FileSet(journal) as staged:
+            for name, final in files.items():  # refuse unwritable places before training
+                if final is not None:
+                    staged.path(final)
+            result = _train(cfg, data, eval_data, options, progress)
+            return _write_outputs(result, staged, files, merge_into, plot)
+
+
+def _journal_name(out: Path) -> str:
+    return f".{out.name}{JOURNAL_SUFFIX}"
+
+
+def _output_files(out: Path, merge_into: Path | None) -> dict[str, Path | None]:
+    files: dict[str, Path | None] = {"weights": out, "log": _stem(out, ".log.jsonl"),
+                                     "plot": _stem(out, ".loss.png"),
+                                     "merged_weights": None, "merged_config": None}
+    if merge_into is not None:
+        from ..model.weights import CONFIG_FILE, WEIGHTS_FILE
+        files["merged_weights"] = Path(merge_into) / WEIGHTS_FILE
+        files["merged_config"] = Path(merge_into) / CONFIG_FILE
+    return files
+
+
+@dataclass
+class _Trained:
+    cfg: BuildConfig
+    model: nn.Module
+    hmu_state: dict[str, torch.Tensor]
+    history: list[dict[str, float]]
+    summary: dict[str, Any]
+    before: float
+    after: float
+    eval_on: str
+
+
+def _diverged(when: str, what: str, options: FinetuneOptions) -> TrainingError:
+    return TrainingError(f"training diverged {when}: {what} became non-finite (NaN "
+                         f"or Inf); nothing was written and earlier outputs are kept; lower "
+                         f"--lr (now {options.lr:g})")
+
+
+def _train(cfg: BuildConfig, data: Path, eval_data: Path | None, options: FinetuneOptions,
+           progress: bool) -> _Trained:
+    from ..model import sources
+
     mcfg = sources.resolve(cfg.model)
     cfg = replace(cfg, model=mcfg)
     tok = _tokenizer(cfg)
@@ -285,11 +403,18 @@ def finetune(cfg: BuildConfig, data: Path, out: Path, eval_data: Path | None = N
                 kl = (kl_tok * m).sum() / m.sum().clamp_min(1.0)
                 loss = ce + options.kl_weight * kl
                 if not torch.isfinite(loss):
-                    raise HMUExportError(f"the loss became non-finite at step {step}: lower "
-                                         f"--lr (now {options.lr})")
+                    raise _diverged(f"at step {step}", "the loss", options)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                opt.step()
+                try:
+                    opt.step()
+                except RuntimeError as exc:  # torch: lr x update overflows float32
+                    if "overflow" not in str(exc):
+                        raise
+                    raise _diverged(f"at step {step}", "the optimizer's update",
+                                    options) from None
+                if not all(bool(torch.isfinite(p).all()) for p in params):
+                    raise _diverged(f"at step {step}", "the HMU's weights", options)
                 rec = {"step": step, "loss": float(loss.detach()), "ce": float(ce.detach()),
                        "kl": float(kl.detach())}
                 history.append(rec)
@@ -301,28 +426,51 @@ def finetune(cfg: BuildConfig, data: Path, out: Path, eval_data: Path | None = N
     seconds = time.perf_counter() - started
 
     after = eval_ce(full, eval_batches, mcfg.latent_dim)
+    if not math.isfinite(after):
+        raise _diverged(f"after step {options.steps}", "the eval loss of the trained HMU",
+                             options)
     trained = {k: v.detach().contiguous().clone() for k, v in hmu.state_dict().items()}
-
-    from safetensors.torch import save_file
-    with atomic_path(out) as tmp:
-        save_file(trained, str(tmp), metadata={"format": "pt", "producer": "hmu_export finetune",
-                                               "d_model": str(mcfg.d_model),
-                                               "latent_dim": str(mcfg.latent_dim)})
-    merged = None
-    if merge_into is not None:
-        from ..model.weights import save_checkpoint
-        merged, _ = save_checkpoint(model, Path(merge_into))  # type: ignore[arg-type]
-
     eval_on = "eval" if eval_data is not None else "train"
     summary = {"eval": {"on": eval_on, "examples": len(evals), "ce_original_hmu": before,
                         "ce_trained_hmu": after},
                "steps": options.steps, "lr": options.lr, "batch_size": options.batch_size,
                "kl_weight": options.kl_weight, "seed": options.seed, "seconds": seconds,
                "source": mcfg.source, "train_examples": len(train)}
-    log = _stem(out, ".log.jsonl")
-    write_text(log, "".join(json.dumps(r) + "\n" for r in history) + json.dumps(summary) + "\n")
-    png = _plot(history, _stem(out, ".loss.png"), before, after) if plot else None
-    return FinetuneResult(out, log, png, before, after, eval_on, history, merged)
+    return _Trained(cfg, model, trained, history, summary, before, after, eval_on)
+
+
+def _write_outputs(t: _Trained, staged: FileSet, files: dict[str, Path | None],
+                   merge_into: Path | None, plot: bool) -> FinetuneResult:
+    """Every output written into its staging copy, then all committed together."""
+    from safetensors.torch import save_file
+
+    from ..model.weights import write_checkpoint_config, write_checkpoint_weights
+
+    mcfg = t.cfg.model
+    out, log, png = files["weights"], files["log"], files["plot"]
+    assert out is not None and log is not None and png is not None
+    try:
+        save_file(t.hmu_state, str(staged.path(out)),
+                  metadata={"format": "pt", "producer": "hmu_export finetune",
+                            "d_model": str(mcfg.d_model), "latent_dim": str(mcfg.latent_dim)})
+        merged = None
+        if merge_into is not None:
+            mw, mc = files["merged_weights"], files["merged_config"]
+            assert mw is not None and mc is not None
+            write_checkpoint_weights(t.model, staged.path(mw))  # type: ignore[arg-type]
+            write_checkpoint_config(t.model, staged.path(mc))  # type: ignore[arg-type]
+            merged = mw
+        staged.path(log).write_text("".join(json.dumps(r) + "\n" for r in t.history)
+                                    + json.dumps(t.summary) + "\n", encoding="utf-8")
+        drew = _plot(t.history, staged.path(png), t.before, t.after) if plot else None
+        if drew is None:  # an old plot beside new weights would describe another run
+            staged.remove(png)
+    except OSError as exc:  # a full disk, an I/O error: nothing was put in place
+        raise ArtifactError(f"cannot write the finetune outputs beside {out}: "
+                            f"{exc.strerror or exc}; earlier outputs are kept") from None
+    staged.commit()
+    return FinetuneResult(out, log, png if drew is not None else None, t.before, t.after,
+                          t.eval_on, t.history, merged)
 
 
 def _stem(out: Path, suffix: str) -> Path:
@@ -372,6 +520,5 @@ def _plot(history: list[dict[str, float]], target: Path, before: float, after: f
     ax.set_title("HMU-only fine-tuning")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    with atomic_path(target) as tmp:
-        fig.savefig(str(tmp), format="png")
+    fig.savefig(str(target), format="png")
     return target

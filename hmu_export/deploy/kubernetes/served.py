@@ -128,6 +128,20 @@ def _build_config(root: Path, models: dict[str, RepoModel], base: str
     return None, "no build config found (no manifest beside it, no graph of hmu_export)", {}
 
 
+def _refuse_a_failed_build(root: Path) -> None:
+    """The triton/ folder of a failed build (``<out>.failed/``) is never served."""
+    from ...core.fileio import read_json_object
+    from ...core.manifest import refuse_failed
+
+    manifest = root.absolute().parent / "manifest.json"
+    if manifest.is_file():
+        try:
+            data = read_json_object(manifest, ArtifactError, "manifest")
+        except ArtifactError:
+            return  # not a readable build manifest: the repository is judged on its own
+        refuse_failed(data, root.absolute().parent)
+
+
 def read_repository(root: Path) -> Repository:
     """The repository at ``root``, or a one-line ArtifactError saying why it is not one."""
     from ..triton.config import require_schema
@@ -137,6 +151,7 @@ def read_repository(root: Path) -> Repository:
         raise ArtifactError(f"model repository {root} does not exist")
     if not root.is_dir():
         raise ArtifactError(f"model repository {root} is not a folder")
+    _refuse_a_failed_build(root)
     require_schema()
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
                      and (p / "config.pbtxt").is_file())

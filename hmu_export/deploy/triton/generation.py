@@ -254,7 +254,7 @@ def check_generate_config(conf: "model_config_pb2.ModelConfig", cfg: BuildConfig
 
 def tokenizer_files(layout: BuildLayout) -> list[Path]:
     """The build's tokenizer (checkpoint/hf/, copied from the Hugging Face folder), or []."""
-    from ...model.hf import tokenizer_files as folder_tokenizer
+    from ...model.tokenizer import tokenizer_files as folder_tokenizer
     from ...model.tokenizer import TOKENIZER_DIR as BUILD_TOKENIZER_DIR
 
     return folder_tokenizer(layout.root / BUILD_TOKENIZER_DIR)
