@@ -1,0 +1,1 @@
+"""Training code: the demo model's data, tokenizer and trainer (``train-demo``)."""
