@@ -77,13 +77,17 @@ class FinetuneResult:
 
 # ----------------------------------------------------------------------------- data
 def _tokenizer(cfg: BuildConfig) -> Any | None:
-    """Transformers' tokenizer for text lines when the hf model folder ships one, else None."""
+    """Transformers' tokenizer for text lines when the hf model folder ships one (or, for the
+    native source, the checkpoint's folder does: the demo model's), else None."""
     from .model.hf import tokenizer_files
     from .text import load_hf_tokenizer
 
-    if cfg.model.source != "hf" or not cfg.model.path:
+    if cfg.model.source == "hf" and cfg.model.path:
+        folder = Path(cfg.model.path)
+    elif cfg.model.source == "native" and cfg.model.checkpoint:
+        folder = Path(cfg.model.checkpoint).parent
+    else:
         return None
-    folder = Path(cfg.model.path)
     return load_hf_tokenizer(folder) if tokenizer_files(folder) else None
 
 
@@ -115,8 +119,8 @@ def read_examples(path: Path, vocab_size: int, max_len: int, tokenizer: Any | No
             if isinstance(value, str):
                 if tokenizer is None:
                     raise InputError(f"{where}: {key} is text, which needs a tokenizer "
-                                     "(tokenizer.json in the hf model folder); give id lists "
-                                     "instead")
+                                     "(tokenizer.json in the hf model folder or beside the "
+                                     "native checkpoint); give id lists instead")
                 enc = (tokenizer(value) if key == "src" else tokenizer(text_target=value))
                 value = [int(t) for t in enc["input_ids"]]
             elif not (isinstance(value, list)
