@@ -9,7 +9,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[test,triton,hf,deploy]"
+.venv/bin/python -m pip install -q -e ".[test,triton,hf,deploy,train]"
 # tensorrt-stubs declares a dependency on tensorrt, whose PyPI wheel is a downloader stub that
 # cannot install here; the stubs alone are all the type check needs.
 .venv/bin/python -m pip install -q --no-deps "tensorrt-stubs>=10.0"

@@ -82,13 +82,17 @@ class FinetuneResult:
 
 # ----------------------------------------------------------------------------- data
 def _tokenizer(cfg: BuildConfig) -> Any | None:
-    """Transformers' tokenizer for text lines when the hf model folder ships one, else None."""
-    from ..model.tokenizer import tokenizer_files
-    from ..model.tokenizer import load_hf_tokenizer
+    """Transformers' tokenizer for text lines when the model's folder ships one (a Transformers
+    folder, or the folder of a checkpoint with a tokenizer.json beside it: the demo model's)."""
+    from ..model.sources import entry
+    from ..model.tokenizer import load_hf_tokenizer, tokenizer_files
 
-    if cfg.model.source != "hf" or not cfg.model.path:
+    if entry(cfg.model).transformers_folder and cfg.model.path:
+        folder = Path(cfg.model.path)
+    elif cfg.model.checkpoint:
+        folder = Path(cfg.model.checkpoint).parent
+    else:
         return None
-    folder = Path(cfg.model.path)
     return load_hf_tokenizer(folder) if tokenizer_files(folder) else None
 
 
@@ -174,8 +178,8 @@ def read_examples(path: Path, vocab_size: int, max_len: int, tokenizer: Any | No
                     raise InputError(f"{where}: {key} text {problem}")
                 if tokenizer is None:
                     raise InputError(f"{where}: {key} is text, which needs a tokenizer "
-                                     "(tokenizer.json in the hf model folder); give id lists "
-                                     "instead")
+                                     "(tokenizer.json in the hf model folder or beside the "
+                                     "native checkpoint); give id lists instead")
                 enc = (tokenizer(value) if key == "src" else tokenizer(text_target=value))
                 value = [int(t) for t in enc["input_ids"]]
             elif not (isinstance(value, list)
