@@ -260,22 +260,16 @@ def test_short_compare_reports_a_slowdown_and_exits_0(capsys):
 # --------------------------------------------------------------------------- CI step
 @pytest.fixture(scope="module")
 def default_model_build(tmp_path_factory) -> Path:
-    """The default model's checkpoint, model.onnx and model.opt.onnx (what `bench` times):
+    """The default model's checkpoint, graphs and optimized graphs (what `bench` times), built by
+    the pipeline's first stages (a folder with its manifest: commands read only verified builds):
     the baselines' model, without the rest of a build."""
-    from hmu_export.core.layout import BuildLayout
+    from hmu_export.build.pipeline import run_build
     from hmu_export.core.config import BuildConfig
-    from hmu_export.export.onnx_export import export_onnx
-    from hmu_export.core.fileio import sha256_file
-    from hmu_export.model import build_model, save_checkpoint
-    from hmu_export.export.optimize import optimize_graph
 
-    cfg = BuildConfig().validate()
-    model = build_model(cfg.model)
-    layout = BuildLayout(tmp_path_factory.mktemp("ci_compare") / "hmu-default")
-    weights, _ = save_checkpoint(model, layout.checkpoint_dir)
-    export_onnx(model, cfg, layout.onnx, checkpoint_sha256=sha256_file(weights))
-    optimize_graph(layout.onnx, layout.onnx_optimized, cfg, model)
-    return layout.root
+    out = tmp_path_factory.mktemp("ci_compare") / "hmu-default"
+    outcome = run_build(BuildConfig().validate(), out, only=["checkpoint", "export", "optimize"])
+    assert outcome.ok, outcome.failure
+    return outcome.out_dir
 
 
 @pytest.mark.slow
