@@ -14,7 +14,7 @@ from .registry import Backend, SourceModel, StepEntry, StepRequest, forward, ste
 
 @forward(order=20)
 def forward_backends(layout: BuildLayout, cfg: BuildConfig, model: SourceModel,
-             contract: GraphContract, *, threads: int | None = None) -> list[Backend]:
+                     contract: GraphContract, *, threads: int | None = None) -> list[Backend]:
     """The optimized graph, run with the tuned session options, as an FP32 backend (registry
     entry: parity and bench)."""
 

@@ -15,7 +15,7 @@ from .registry import Backend, SourceModel, forward
 
 @forward(order=50)
 def forward_backends(layout: BuildLayout, cfg: BuildConfig, model: SourceModel,
-             contract: GraphContract, *, threads: int | None = None) -> list[Backend]:
+                     contract: GraphContract, *, threads: int | None = None) -> list[Backend]:
     """The TensorRT engine as a registry entry (parity and bench), or the reason it cannot run
     here (any graph: a graph without tgt_ids, the classifier, picks its profile by the axes it
     has)."""

@@ -22,7 +22,7 @@ from typing import Sequence
 import onnx
 
 from ..core.config import Int8Config
-from ..core.errors import ArtifactError
+from ..core.errors import ArtifactError, ConfigError
 from ..core.fileio import atomic_path
 
 QUANTIZED_OPS = ("MatMul", "Gemm")
@@ -80,7 +80,6 @@ def excluded_nodes(model: onnx.ModelProto, cfg: Int8Config, hmu_scope: str = "hm
     names = {n.name for n in model.graph.node}
     for extra in cfg.exclude:
         if extra not in names and not any(n.startswith(extra) for n in names):
-            from ..core.errors import ConfigError
             raise ConfigError(f"int8.exclude: '{extra}' names no node of the graph (node names "
                               "look like decoder/layers/0/linear1/MatMul)")
     out = []

@@ -5,11 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..core.config import ModelConfig, build_section
-from ..core.errors import CheckpointError, ConfigError
-from ..core.fileio import read_json_object
 from . import sources
-from .weights import CONFIG_FILE, WEIGHTS_FILE
+from .weights import WEIGHTS_FILE, read_checkpoint_config
 
 if TYPE_CHECKING:
     from ..core.build_folder import BuildFolder
@@ -24,15 +21,7 @@ def save_source_checkpoint(source: "ModelSource", folder: Path) -> tuple[Path, P
 
 def load_source_checkpoint(folder: Path) -> "ModelSource":
     """The model source saved in a build's ``checkpoint/`` (any source)."""
-    config = folder / CONFIG_FILE
-    if not config.is_file():
-        raise CheckpointError(f"checkpoint config not found: {config}")
-    data = read_json_object(config, CheckpointError, "checkpoint config")
-    try:
-        cfg = build_section(ModelConfig, data, "model")
-        cfg.validate()
-    except ConfigError as exc:
-        raise CheckpointError(f"checkpoint config {config}: {exc}") from None
+    cfg = read_checkpoint_config(folder)
     return sources.load_saved(cfg, folder / WEIGHTS_FILE)
 
 

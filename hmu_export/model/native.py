@@ -110,10 +110,11 @@ def load_source(cfg: ModelConfig) -> NativeSource:
 
 
 def load_saved(cfg: ModelConfig, weights: Path) -> NativeSource:
-    """The native source saved in a build's checkpoint/ (its own config.json beside)."""
-    from .weights import load_checkpoint
-    model = load_checkpoint(Path(weights).parent)
-    return NativeSource(model.cfg, model)
+    """The native source saved in a build's checkpoint/ (``cfg``: its config.json, read)."""
+    from .weights import load_weights
+    model = HMUTransformer(cfg)
+    load_weights(model, Path(weights))
+    return NativeSource(cfg, model.eval())
 
 
 def reference_model(source: ModelSource) -> "HMUTransformer | ModelSource":

@@ -209,8 +209,8 @@ def check_saved_config(cfg: ModelConfig, weights: Path) -> None:
                                   f"{want!r}")
 
 
-def load_checkpoint(folder: Path) -> HMUTransformer:
-    """A model from a folder written by ``save_checkpoint``."""
+def read_checkpoint_config(folder: Path) -> ModelConfig:
+    """The validated model config a checkpoint folder records (any source), or one line."""
     config = folder / CONFIG_FILE
     if not config.is_file():
         raise CheckpointError(f"checkpoint config not found: {config}")
@@ -220,7 +220,12 @@ def load_checkpoint(folder: Path) -> HMUTransformer:
         cfg.validate()
     except ConfigError as exc:
         raise CheckpointError(f"checkpoint config {config}: {exc}") from None
-    model = HMUTransformer(cfg)
+    return cfg
+
+
+def load_checkpoint(folder: Path) -> HMUTransformer:
+    """A model from a folder written by ``save_checkpoint``."""
+    model = HMUTransformer(read_checkpoint_config(folder))
     load_weights(model, folder / WEIGHTS_FILE)
     return model.eval()
 
