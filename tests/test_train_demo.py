@@ -36,3 +36,18 @@ def test_the_committed_sets_are_disjoint_and_cover_every_digit_count():
     from num2words import num2words
     for r in test[::97]:  # an independent oracle: the data generator itself
         assert r["target"] == num2words(int(r["source"]), lang="es")
+
+
+def test_a_users_folder_or_a_file_is_refused_as_out(tmp_path, capsys):
+    from hmu_export.commands.cli import main
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    (tmp_path / "afile").write_text("x")
+    for out, needle in ((mine, "holds no train-demo output"), (tmp_path / "afile", "not a folder")):
+        assert main(["train-demo", "--out", str(out), "--steps", "1"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    assert (mine / "notes.txt").read_text() == "keep"

@@ -139,6 +139,16 @@ class DemoResult:
     stage1_loss: list[float]
 
 
+def check_out(out: Path) -> None:
+    """--out is new, empty, or an earlier train-demo output (its summary.json): never a user's
+    folder, whose files the run would replace."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a folder: choose another path")
+    if out.is_dir() and any(out.iterdir()) and not (out / "summary.json").is_file():
+        raise ConfigError(f"--out {out} is not empty and holds no train-demo output "
+                          "(no summary.json): choose an empty or new folder")
+
+
 def train_demo(out: Path, opts: DemoOptions = DemoOptions(),
                log: Callable[[str], None] = print, progress: bool = True) -> DemoResult:
     """Both stages into ``out`` (see the module docstring); returns the summary."""
@@ -150,6 +160,7 @@ def train_demo(out: Path, opts: DemoOptions = DemoOptions(),
 
     opts.validate()
     out = Path(out)
+    check_out(out)
     started = time.perf_counter()
     torch.set_num_threads(opts.threads)
     torch.manual_seed(opts.seed)
