@@ -66,6 +66,27 @@ def small_export(small_cfg, small_model, tmp_path_factory) -> BuildLayout:
 
 
 @pytest.fixture(scope="session")
+def gen_build(small_export, small_cfg, small_model, tmp_path_factory) -> Path:
+    """The tiny export plus encoder.onnx / decoder.onnx (what `build` writes): the generation
+    graphs the Triton generation models and the in-flight batch tests drive."""
+    import shutil
+    import warnings
+
+    from hmu_export.export.onnx_export import export_graph
+    from hmu_export.model.native import NativeSource
+
+    root = tmp_path_factory.mktemp("gen") / "hmu-tiny"
+    shutil.copytree(small_export.root, root)
+    source = NativeSource(small_cfg.model, small_model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for graph in ("encoder", "decoder"):
+            export_graph(source, graph, small_cfg, root / f"{graph}.onnx")
+    seal(root)
+    return root
+
+
+@pytest.fixture(scope="session")
 def default_build(tmp_path_factory) -> Path:
     """A full `build` of the embedded default model (all stages), made once per session."""
     from hmu_export.build.pipeline import run_build

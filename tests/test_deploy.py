@@ -11,7 +11,6 @@ import copy
 import gzip
 import json
 import shutil
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,6 @@ from hmu_export.core.errors import ConfigError
 from hmu_export.core.memory import estimate_memory
 from hmu_export.deploy.triton.repository import repository_from_artifacts
 from hmu_export.deploy.triton.generation import with_step_backend
-from conftest import seal  # noqa: E402
 
 TRT, ORT, PY = "hmu-tiny_tensorrt", "hmu-tiny_onnx", "hmu-tiny_python"
 GEN, ENC, DEC = "hmu-tiny_generate", "hmu-tiny_encoder", "hmu-tiny_decoder"
@@ -37,19 +35,10 @@ CPU_MODELS = {ORT, PY, GEN, "hmu-tiny_generate_stream", ENC, DEC}
 
 
 @pytest.fixture(scope="module")
-def repo(small_export, small_cfg, small_model, tmp_path_factory) -> Path:
-    """The tiny build's Triton repository (no plan: a CPU build)."""
-    from hmu_export.export.onnx_export import export_graph
-    from hmu_export.model.native import NativeSource
-
+def repo(gen_build, tmp_path_factory) -> Path:
+    """The tiny build's Triton repository (no plan: a CPU build), inside a copy of the build."""
     build = tmp_path_factory.mktemp("deploy") / "hmu-tiny"
-    shutil.copytree(small_export.root, build)
-    source = NativeSource(small_cfg.model, small_model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for graph in ("encoder", "decoder"):
-            export_graph(source, graph, small_cfg, build / f"{graph}.onnx")
-    seal(build)
+    shutil.copytree(gen_build, build)
     return repository_from_artifacts(build, build / "triton").root
 
 

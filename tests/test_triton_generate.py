@@ -12,7 +12,6 @@ import queue
 import shutil
 import threading
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,6 @@ from hmu_export.deploy.triton.config import TritonConfigError, TritonOptions, pa
 from hmu_export.deploy.triton.repository import repository_from_artifacts
 from hmu_export.deploy.triton.generation import check_generate_config, generation_names
 from hmu_export.deploy.triton.server import serve
-from conftest import seal  # noqa: E402
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402
@@ -31,23 +29,6 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 GEN, STREAM = "hmu-tiny_generate", "hmu-tiny_generate_stream"
 ROWS = [[5, 17, 9], [4, 4], [7, 8, 9, 10, 11, 12, 13, 3], [60], list(range(3, 19))]
 QUEUE_DELAY_US = 20_000  # long enough that concurrent requests meet in one execute
-
-
-@pytest.fixture(scope="module")
-def gen_build(small_export, small_cfg, small_model, tmp_path_factory) -> Path:
-    """The tiny export plus encoder.onnx / decoder.onnx (what `build` writes)."""
-    from hmu_export.export.onnx_export import export_graph
-    from hmu_export.model.native import NativeSource
-
-    root = tmp_path_factory.mktemp("gen") / "hmu-tiny"
-    shutil.copytree(small_export.root, root)
-    source = NativeSource(small_cfg.model, small_model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for graph in ("encoder", "decoder"):
-            export_graph(source, graph, small_cfg, root / f"{graph}.onnx")
-    seal(root)
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -511,3 +492,125 @@ def test_a_killed_stub_is_not_left_ready(server, client, ref):
     assert generate(client, ROWS[1]) == ref.generate([ROWS[1]]).sequences[0]
     print(f"\nstub killed: ready 200 while failing for {sum(1 for c, o in seen if c == 200 and not o)}"
           f" polls, reloaded in {seconds:.1f} s")
+
+
+# --------------------------------------------------------------------------- in-flight batching
+def test_inflight_32_concurrent_clients_staggered(server, repo, ref):
+    """Issue 18: 32 clients, each its own gRPC connection, arriving staggered over ~0.6 s and
+    sending 3 requests each over mixed rows, lengths and strategies (greedy, seeded sampling,
+    beam; plain and streaming models): every answer equals its single-request Generator run,
+    whatever joined or left the running batch meanwhile."""
+    for name in (GEN, STREAM):
+        params = parse_config((repo / name / "config.pbtxt").read_text()).parameters
+        assert params["batching"].string_value == "inflight"
+    kinds = [{}, {"strategy": "sample", "seed": 11, "temperature": 0.9},
+             {"strategy": "beam", "num_beams": 2, "max_new_tokens": 6},
+             {"max_new_tokens": 3}, {"strategy": "sample", "seed": 4, "top_k": 8,
+                                     "max_new_tokens": 5},
+             {"strategy": "beam", "num_beams": 3, "length_penalty": 0.7, "max_new_tokens": 7},
+             {"noise_scale": 1.0, "noise_seed": 2, "max_new_tokens": 4}]
+    rng = np.random.default_rng(18)
+    plan = [[(int(rng.integers(len(ROWS))), int(rng.integers(len(kinds))),
+              bool(rng.integers(2))) for _ in range(3)] for _ in range(32)]
+    delays = rng.uniform(0, 0.6, 32)
+    want = {(r, k): ref.generate([ROWS[r]], **kinds[k]).sequences[0]
+            for r in range(len(ROWS)) for k in range(len(kinds))}
+    errors: list[str] = []
+    done = [0, 0]  # requests, streamed requests
+    lock = threading.Lock()
+
+    def worker(t: int) -> None:
+        try:
+            time.sleep(delays[t])
+            c = grpcclient.InferenceServerClient(server.grpc_url)
+            for r, k, stream in plan[t]:
+                kw = kinds[k]
+                stream = stream and kw.get("strategy") != "beam"
+                got = _stream(server, ROWS[r], **kw)[0] if stream else generate(c, ROWS[r], **kw)
+                if got != want[(r, k)]:
+                    raise AssertionError(f"row {r} kind {k} stream {stream}: {got} != "
+                                         f"{want[(r, k)]}")
+                with lock:
+                    done[0] += 1
+                    done[1] += stream
+            c.close()
+        except Exception as exc:  # collected: an assert in a thread would be lost
+            with lock:
+                errors.append(f"client {t}: {type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=180)
+    assert not any(t.is_alive() for t in threads) and errors == [], errors[:3]
+    assert done[0] == 96 and 10 < done[1] < 90, done  # both models took part
+    assert server.alive()
+
+
+@pytest.fixture(scope="module")
+def tight_server(repo, tmp_path_factory):
+    """The same models in a second server: the plain one with a waiting queue of one request,
+    the streaming one in static batching (today's, kept selectable)."""
+    from hmu_export.deploy.triton.generation import with_parameters
+
+    root = tmp_path_factory.mktemp("tight") / "repo"
+    for name, values in ((GEN, {"max_queue_size": 1}), (STREAM, {"batching": "static"})):
+        shutil.copytree(repo / name, root / name)
+        conf = root / name / "config.pbtxt"
+        conf.write_text(with_parameters(conf.read_text(), **values))
+    with serve(root, [GEN, STREAM]) as srv:
+        yield srv
+
+
+def test_a_full_queue_answers_at_once_never_hangs(tight_server, ref):
+    """64 requests at once against 4 batch rows and a queue of 1: the overflow is answered
+    UNAVAILABLE with a clear message, every accepted request gets its Generator tokens."""
+    c = grpcclient.InferenceServerClient(tight_server.grpc_url)
+    calls = [(ROWS[i % len(ROWS)], {"max_new_tokens": 8} if i % 3 else
+              {"strategy": "sample", "seed": i, "max_new_tokens": 8}) for i in range(64)]
+    t0 = time.perf_counter()
+    got = together(c, calls)
+    wall = time.perf_counter() - t0
+    full = [r for r in got if isinstance(r, InferenceServerException)]
+    assert full, "nothing overflowed: the test did not fill the queue"
+    for r in full:
+        assert "generation queue is full (1 requests wait" in str(r), r
+        assert r.status() == "StatusCode.UNAVAILABLE", r.status()
+    served = [(call, r) for call, r in zip(calls, got) if not isinstance(r, Exception)]
+    assert len(served) >= 5  # the batch and the queue were used
+    for (row, kw), tokens in served:
+        assert tokens == ref.generate([row], **kw).sequences[0], (row, kw)
+    assert wall < 60
+    assert generate(c, ROWS[0]) == ref.generate([ROWS[0]]).sequences[0]
+    c.close()
+
+
+def test_static_batching_stays_selectable(tight_server, ref):
+    """batching: static (per execute, today's path) still streams the Generator's tokens."""
+    class Srv:  # _stream reads only grpc_url
+        grpc_url = tight_server.grpc_url
+    for row, kw in ((ROWS[2], {"max_new_tokens": 8}),
+                    (ROWS[0], {"strategy": "sample", "seed": 5, "temperature": 1.2})):
+        assert _stream(Srv, row, **kw)[0] == ref.generate([row], **kw).sequences[0]
+
+
+def test_cancelled_streams_free_their_rows(server, ref):
+    """Four streams (the batch's four rows) cancelled after their first token: the next four
+    requests, all at once, still run and answer correctly (no row stays taken)."""
+    quitters = []
+    for i in range(4):
+        got: queue.Queue = queue.Queue()
+        q = grpcclient.InferenceServerClient(server.grpc_url)
+        q.start_stream(callback=lambda result, error, got=got: got.put((result, error)))
+        q.async_stream_infer(STREAM, _inputs(ROWS[4 - i % 2], 8),
+                             enable_empty_final_response=True)
+        quitters.append((q, got))
+    for q, got in quitters:
+        got.get(timeout=30)
+        q.stop_stream(cancel_requests=True)
+        q.close()
+    c = grpcclient.InferenceServerClient(server.grpc_url)
+    calls = [(ROWS[i], {"max_new_tokens": 8}) for i in range(4)]
+    assert together(c, calls) == [ref.generate([r], **kw).sequences[0] for r, kw in calls]
+    c.close()

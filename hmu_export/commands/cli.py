@@ -9,7 +9,7 @@ from .. import __version__
 from ..core.errors import HMUExportError
 
 COMMANDS = ("build", "export", "parity", "engine", "debug_precision", "triton", "bench", "info",
-            "generate", "finetune", "deploy", "train_demo")
+            "generate", "finetune", "deploy", "train_demo", "loadtest")
 
 
 def make_parser() -> argparse.ArgumentParser:

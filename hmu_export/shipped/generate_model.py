@@ -305,10 +305,7 @@ class Steps:
 
     def start(self, ids: np.ndarray, mask: np.ndarray, noise: np.ndarray) -> None:
         out = self.encode({"src_ids": ids, "src_mask": mask, "noise": noise})
-        empty = np.zeros((ids.shape[0], self.heads, 0, self.head_dim), dtype=np.float32)
-        self.state = {"src_mask": mask, "past_mask": np.zeros((ids.shape[0], 0), dtype=np.int64)}
-        self.state.update({n: out[n] for n in self.cross})
-        self.state.update({n: empty for n in self.past})
+        self.start_from({"src_mask": mask, **{n: out[n] for n in self.cross}})
 
     def step(self, new_ids: np.ndarray) -> np.ndarray:
         feeds = dict(self.state)
@@ -326,6 +323,63 @@ class Steps:
 
     def select(self, rows: np.ndarray) -> None:
         self.state = {k: np.take(v, rows, axis=0) for k, v in self.state.items()}
+
+    @property
+    def rows(self) -> int:
+        return int(self.state["src_mask"].shape[0]) if self.state else 0
+
+    def join(self, ids: np.ndarray, mask: np.ndarray, noise: np.ndarray,
+             repeats: np.ndarray) -> None:
+        """Encode new sources and append their rows (row r ``repeats[r]`` times: beams) to the
+        running state (in-flight batching): cross K/V padded to the longer source, an empty
+        past masked out up to the batch's past length, so their positions start at 0."""
+        out = self.encode({"src_ids": ids, "src_mask": mask, "noise": noise})
+        new = {name: np.repeat(out[name], repeats, axis=0) for name in self.cross}
+        new["src_mask"] = np.repeat(mask, repeats, axis=0)
+        if not self.rows:
+            self.start_from(new)
+            return
+        rows, past_len = new["src_mask"].shape[0], self.state["past_mask"].shape[1]
+        new["past_mask"] = np.zeros((rows, past_len), dtype=np.int64)
+        for name in self.past:
+            new[name] = np.zeros((rows, self.heads, past_len, self.head_dim), dtype=np.float32)
+        src_len = max(self.state["src_mask"].shape[1], new["src_mask"].shape[1])
+        for state in (self.state, new):  # the source axis: 1 of the mask, 2 of cross K/V
+            for name in ("src_mask", *self.cross):
+                state[name] = _pad_axis(state[name], 1 if name == "src_mask" else 2, src_len)
+        self.state = {k: np.concatenate([v, new[k]], axis=0) for k, v in self.state.items()}
+
+    def start_from(self, encoded: dict[str, np.ndarray]) -> None:
+        """A fresh state from encoded rows (cross K/V and src_mask), past empty."""
+        rows = encoded["src_mask"].shape[0]
+        empty = np.zeros((rows, self.heads, 0, self.head_dim), dtype=np.float32)
+        self.state = {**encoded, "past_mask": np.zeros((rows, 0), dtype=np.int64)}
+        self.state.update({n: empty for n in self.past})
+
+    def compact(self) -> None:
+        """Drop the past and source columns no remaining row attends to (after rows left):
+        the cache stays as long as the longest live request, not the longest ever seen."""
+        if not self.rows:
+            self.state = {}
+            return
+        for mask_name, names, axis in (("past_mask", self.past, 2),
+                                       ("src_mask", self.cross, 2)):
+            used = self.state[mask_name].any(axis=0)
+            if used.all():
+                continue
+            keep = np.flatnonzero(used)
+            self.state[mask_name] = self.state[mask_name][:, keep]
+            for name in names:
+                self.state[name] = np.take(self.state[name], keep, axis=axis)
+
+
+def _pad_axis(arr: np.ndarray, axis: int, size: int) -> np.ndarray:
+    """``arr`` zero-padded at the end of ``axis`` to ``size``."""
+    if arr.shape[axis] == size:
+        return arr
+    widths = [(0, 0)] * arr.ndim
+    widths[axis] = (0, size - arr.shape[axis])
+    return np.pad(arr, widths)
 
 
 @dataclass
@@ -346,14 +400,18 @@ def bad_logits(logits: np.ndarray, jobs: Sequence[Job], rows: Sequence[int], ste
     finite = np.isfinite(logits).all(axis=-1)
     bad = np.flatnonzero(~finite).tolist()
     for r in bad:
-        job = jobs[rows[r]]
-        if job.error is None:
-            scale = job.opts.noise_scale
-            why = (f"noise_scale {scale:g} drives the model's float32 arithmetic out of range: "
-                   "use a smaller one" if scale else "the model's weights or graphs are broken")
-            job.error = NonFiniteLogits(f"the model's logits hold NaN or infinity at step "
-                                        f"{step + 1} ({why})", client=bool(scale))
+        fail_nonfinite(jobs[rows[r]], step)
     return bad
+
+
+def fail_nonfinite(job: Job, step: int) -> None:
+    """Mark ``job`` failed by non-finite logits at ``step`` (its first such step)."""
+    if job.error is None:
+        scale = job.opts.noise_scale
+        why = (f"noise_scale {scale:g} drives the model's float32 arithmetic out of range: "
+               "use a smaller one" if scale else "the model's weights or graphs are broken")
+        job.error = NonFiniteLogits(f"the model's logits hold NaN or infinity at step "
+                                    f"{step + 1} ({why})", client=bool(scale))
 
 
 def pad_jobs(jobs: Sequence[Job], spec: Mapping[str, int]
@@ -513,6 +571,228 @@ def plan_groups(jobs: Sequence[Job], batch_max: int) -> list[list[int]]:
     return groups
 
 
+# --------------------------------------------------------------------------- in-flight batching
+BATCHING = ("inflight", "static")  # parameter "batching": the running batch, or per execute
+CANCEL_POLL_S = 0.02  # how often the worker asks whether clients cancelled
+
+
+class Unavailable(RuntimeError):
+    """The model cannot take the request now (its waiting queue is full, or it is unloading):
+    answered at once UNAVAILABLE (gRPC) / 503 (HTTP), never a hang; the client may retry."""
+
+
+@dataclass(eq=False)
+class Slot:
+    """One request in the running batch: its job, its rows (1, or num_beams for beam search)
+    and where its search stands. ``handle`` is the caller's (Triton's response sender)."""
+
+    job: Job
+    handle: Any = None
+    width: int = 1
+    t: int = 0  # decoder steps done
+    scores: np.ndarray | None = None  # beam: the running score of each beam
+    history: list[list[int]] = field(default_factory=list)  # beam: each beam's tokens
+    hyps: Hypotheses | None = None  # beam: the finished hypotheses
+    gone: bool = False  # its client went away: nothing more is sent
+
+
+def new_slot(job: Job, handle: Any = None) -> Slot:
+    """A slot with the job's own sampling RNG (seeded as the Generator seeds a request)."""
+    o = job.opts
+    job.rng = np.random.default_rng(o.seed)
+    if not o.beam:
+        return Slot(job, handle)
+    scores = np.full(o.num_beams, -np.inf)
+    scores[0] = 0.0  # identical beams at the start: only the first one is live
+    return Slot(job, handle, o.num_beams, scores=scores,
+                history=[[] for _ in range(o.num_beams)],
+                hyps=Hypotheses(o.num_beams, o.length_penalty))
+
+
+class Waiting:
+    """The bounded FIFO of requests waiting for rows of the running batch. ``offer`` refuses
+    past ``limit`` (the caller answers "queue full" at once); ``take`` hands out head requests
+    while their rows fit: FIFO, so a beam group waiting for its rows is never overtaken."""
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError(f"max_queue_size must be >= 1, got {limit}")
+        self.limit = limit
+        self.items: list[Slot] = []
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def offer(self, slot: Slot) -> bool:
+        if len(self.items) >= self.limit:
+            return False
+        self.items.append(slot)
+        return True
+
+    def take(self, free_rows: int) -> list[Slot]:
+        n = 0
+        while n < len(self.items) and self.items[n].width <= free_rows:
+            free_rows -= self.items[n].width
+            n += 1
+        taken, self.items = self.items[:n], self.items[n:]
+        return taken
+
+    def remove(self, gone: Callable[[Slot], bool]) -> list[Slot]:
+        """Take out the waiting slots ``gone`` says left (cancelled before they ran)."""
+        out = [s for s in self.items if gone(s)]
+        if out:
+            leaving = set(map(id, out))
+            self.items = [s for s in self.items if id(s) not in leaving]
+        return out
+
+
+# (slot, token, last of this slot) -> True to drop that slot now (its client went away)
+OnSlotToken = Callable[[Slot, int, bool], bool]
+
+
+class RunningBatch:
+    """The running batch of one model instance: requests join between decoder steps (their
+    encoder runs then, their cache rows are appended at their own positions), leave as soon
+    as they finish or their client goes, and the cache is compacted behind them; never more
+    rows than the profile's batch max. Each request keeps its own RNG, noise and rules, so its
+    tokens are those of a single-request Generator run whatever joins or leaves."""
+
+    def __init__(self, steps: Steps, spec: Mapping[str, int], rules: Any = None) -> None:
+        self.steps, self.spec = steps, spec
+        self.rules = rules if rules is not None and rules.active else None
+        self.slots: list[Slot] = []
+        self.cur = np.zeros((0, 1), dtype=np.int64)
+
+    @property
+    def rows(self) -> int:
+        return sum(s.width for s in self.slots)
+
+    @property
+    def free_rows(self) -> int:
+        return self.spec["batch_max"] - self.rows
+
+    def join(self, slots: Sequence[Slot]) -> None:
+        """Encode the new requests (one encoder call) and append their rows."""
+        if not slots:
+            return
+        width = sum(s.width for s in slots)
+        if width > self.free_rows:
+            raise RuntimeError(f"{width} rows do not fit the {self.free_rows} free rows")
+        ids, mask, noise = pad_jobs([s.job for s in slots], self.spec)
+        self.steps.join(ids, mask, noise, np.asarray([s.width for s in slots]))
+        self.slots += slots
+        self.cur = np.concatenate(
+            [self.cur, np.full((width, 1), self.spec["bos_id"], dtype=np.int64)])
+
+    def drop(self, slots: Sequence[Slot]) -> None:
+        """Remove slots (cancelled) between steps; their rows leave the cache."""
+        leaving = set(map(id, slots))
+        keep, o = [], 0
+        for s in self.slots:
+            if id(s) not in leaving:
+                keep += range(o, o + s.width)
+            o += s.width
+        self.slots = [s for s in self.slots if id(s) not in leaving]
+        self._keep(keep, self.cur[keep, 0])
+
+    def clear(self) -> list[Slot]:
+        """Empty the batch (after a failure of the step itself); returns who was in it."""
+        slots, self.slots = self.slots, []
+        self.steps.state = {}
+        self.cur = np.zeros((0, 1), dtype=np.int64)
+        return slots
+
+    def _keep(self, rows: Sequence[int], tokens: np.ndarray) -> None:
+        if len(rows) != self.steps.rows or list(rows) != list(range(len(rows))):
+            self.steps.select(np.asarray(rows, dtype=np.int64))
+            self.steps.compact()
+        self.cur = np.asarray(tokens, dtype=np.int64).reshape(-1, 1)
+
+    def step(self, on_token: OnSlotToken | None = None) -> list[Slot]:
+        """One decoder step for every row; returns the slots that finished (tokens final, or
+        ``job.error`` set), already out of the batch."""
+        logits = self.steps.step(self.cur)
+        keep: list[int] = []
+        tokens: list[int] = []
+        finished: list[Slot] = []
+        o = 0
+        for slot in self.slots:
+            rows = logits[o:o + slot.width]
+            if not np.isfinite(rows).all():
+                fail_nonfinite(slot.job, slot.t)  # this request fails alone
+                going = None
+            elif slot.hyps is not None:
+                going = self._beam(slot, rows)
+            else:
+                going = self._next(slot, rows, on_token)
+            slot.t += 1
+            if going is None:
+                finished.append(slot)
+            else:
+                keep += [o + b for b, _ in going]
+                tokens += [tok for _, tok in going]
+            o += slot.width
+        done = set(map(id, finished))
+        self.slots = [s for s in self.slots if id(s) not in done]
+        self._keep(keep, np.asarray(tokens, dtype=np.int64))
+        return finished
+
+    def _next(self, slot: Slot, logits: np.ndarray, on_token: OnSlotToken | None
+              ) -> list[tuple[int, int]] | None:
+        """Greedy / sampling: the slot's next token (generate_sequential for one row)."""
+        job, o = slot.job, slot.job.opts
+        eos, bos = self.spec["eos_id"], self.spec["bos_id"]
+        if self.rules is not None:
+            logits = self.rules.apply(logits.astype(np.float64), [[bos] + job.tokens],
+                                      max_new=[o.max_new_tokens], eos_ids=[eos])
+        if o.strategy == "sample":
+            assert job.rng is not None
+            tok = int(sample_tokens(logits, job.rng, temperature=o.temperature, top_k=o.top_k,
+                                    top_p=o.top_p)[0])
+        else:
+            tok = int(logits.argmax(axis=-1)[0])
+        job.tokens.append(tok)
+        last = tok == eos or slot.t == o.max_new_tokens - 1
+        if on_token is not None and on_token(slot, tok, last):
+            slot.gone = last = True
+        return None if last else [(0, tok)]
+
+    def _beam(self, slot: Slot, logits: np.ndarray) -> list[tuple[int, int]] | None:
+        """One beam-search step of one request (Generator._beam for a batch of one)."""
+        job, o = slot.job, slot.job.opts
+        k, eos, max_new, t = slot.width, self.spec["eos_id"], o.max_new_tokens, slot.t
+        assert slot.hyps is not None and slot.scores is not None
+        logp = log_softmax(logits)
+        if self.rules is not None:
+            logp = self.rules.apply(logp, [[self.spec["bos_id"]] + h for h in slot.history],
+                                    max_new=max_new, eos_ids=[eos])
+        vocab = logp.shape[-1]
+        cand = (slot.scores.reshape(-1, 1) + logp).reshape(k * vocab)
+        top = np.argsort(-cand, kind="stable")[:2 * k]
+        last = t == max_new - 1
+        beams: list[tuple[int, int, float]] = []
+        for c in top.tolist():
+            total = float(cand[c])
+            if total == -np.inf:
+                break
+            beam, tok = divmod(c, vocab)
+            if tok == eos or last:
+                slot.hyps.add(slot.history[beam] + [tok], total)
+            else:
+                beams.append((beam, tok, total))
+            if len(beams) == k:
+                break
+        best = beams[0][2] if beams else -np.inf
+        if last or slot.hyps.done(best, t + 1, max_new, o.early_stopping):
+            job.tokens = slot.hyps.items[0][1] if slot.hyps.items else []
+            return None
+        while len(beams) < k:  # fewer candidates than beams: dead fillers
+            beams.append((beams[0][0], eos, -np.inf))
+        slot.history = [slot.history[b] + [tok] for b, tok, _ in beams]
+        slot.scores = np.asarray([total for _, _, total in beams])
+        return [(b, tok) for b, tok, _ in beams]
+
+
 # --------------------------------------------------------------------------- step backends
 def ort_steps(version_dir: str, params: Mapping[str, str], spec: Mapping[str, int]) -> Steps:
     """encoder.onnx / decoder.onnx of the version folder in two ONNX Runtime sessions."""
@@ -593,7 +873,7 @@ def _to_numpy(tensor: Any) -> np.ndarray:
 def _error_line(exc: BaseException) -> str:
     text = str(exc).strip()
     line = text.splitlines()[0] if text else type(exc).__name__
-    if not isinstance(exc, (RequestError, NonFiniteLogits)):
+    if not isinstance(exc, (RequestError, NonFiniteLogits, Unavailable)):
         line = f"internal error in the generation model ({type(exc).__name__}): {line}"
     return line
 
@@ -607,7 +887,8 @@ def is_client_error(exc: BaseException) -> bool:
 
 def triton_error(exc: BaseException) -> Any:
     """The pb_utils.TritonError of one failed request, with its status code."""
-    code_name = "INVALID_ARG" if is_client_error(exc) else "INTERNAL"
+    code_name = ("INVALID_ARG" if is_client_error(exc) else
+                 "UNAVAILABLE" if isinstance(exc, Unavailable) else "INTERNAL")
     code = getattr(pb_utils.TritonError, code_name, None)
     line = _error_line(exc)
     return pb_utils.TritonError(line) if code is None else pb_utils.TritonError(line, code)
@@ -643,6 +924,22 @@ class TritonPythonModel:
         else:
             raise ValueError(f"parameter step_backend must be onnxruntime or bls, got "
                              f"{backend!r}")
+        self._sent: dict[Any, str] = {}  # streamed text so far, per request
+        self.batching = params.get("batching", "inflight")
+        if self.batching not in BATCHING:
+            raise ValueError(f"parameter batching must be one of {BATCHING}, got "
+                             f"{self.batching!r}")
+        if self.batching == "inflight":
+            import threading
+
+            self.waiting = Waiting(int(params.get("max_queue_size",
+                                                  str(16 * self.spec["batch_max"]))))
+            self.batch = RunningBatch(self.steps, self.spec, self.rules)
+            self.cond = threading.Condition()
+            self.stopping = False
+            self.worker = threading.Thread(target=self._serve_inflight, daemon=True,
+                                           name="hmu-inflight")
+            self.worker.start()
 
     def _job(self, request: Any) -> Job:
         src = pb_utils.get_input_tensor_by_name(request, SRC_IDS)
@@ -665,6 +962,9 @@ class TritonPythonModel:
         return Job(row, opts)
 
     def execute(self, requests: list[Any]) -> list[Any] | None:
+        if self.batching == "inflight":
+            self._enqueue(requests)
+            return None  # the running batch answers through each request's response sender
         jobs: dict[int, Job] = {}
         errors: dict[int, Exception] = {}
         for i, request in enumerate(requests):
@@ -707,7 +1007,7 @@ class TritonPythonModel:
         """Decoupled: one response per token per request, then an empty FINAL response."""
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         senders = [r.get_response_sender() for r in requests]
-        self._sent: dict[int, str] = {}  # streamed text so far, per request of this execute
+        self._sent.clear()  # streamed text so far, per request of this execute
         for i, exc in errors.items():
             senders[i].send(pb_utils.InferenceResponse(error=triton_error(exc)), flags=final)
         order = list(jobs)
@@ -753,12 +1053,103 @@ class TritonPythonModel:
                     except Exception:  # noqa: BLE001 - its stream is gone: nothing to tell
                         pass
 
+    # ------------------------------------------------------------------ in-flight batching
+    def _enqueue(self, requests: list[Any]) -> None:
+        """Check each request (a bad one is answered at once, alone) and queue it for the
+        running batch; a full queue answers UNAVAILABLE at once."""
+        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                slot = new_slot(self._job(request), sender)
+                with self.cond:
+                    if self.stopping:
+                        raise Unavailable("the model is unloading: retry on another instance")
+                    if not self.waiting.offer(slot):
+                        raise Unavailable(f"the generation queue is full ({self.waiting.limit} "
+                                          "requests wait for the running batch): retry later")
+                    self.cond.notify()
+            except Exception as exc:  # RequestError, Unavailable, or a bug: its own error
+                _send_quietly(sender, pb_utils.InferenceResponse(error=triton_error(exc)), final)
+
+    def _serve_inflight(self) -> None:
+        """The instance's worker thread: admit waiting requests between steps, step, answer.
+        Cancellation is asked every CANCEL_POLL_S (each ask is a round trip to the server)."""
+        import time
+
+        polled = 0.0
+        while True:
+            with self.cond:
+                while not self.stopping and not self.batch.slots and not len(self.waiting):
+                    self.cond.wait()
+                if self.stopping:
+                    return
+                poll = time.monotonic() - polled >= CANCEL_POLL_S
+                left = self.waiting.remove(_cancelled) if poll else []
+                joining = self.waiting.take(self.batch.free_rows)
+            if poll:
+                polled = time.monotonic()
+            for slot in left:
+                slot.gone = True
+                self._finish(slot)
+            try:
+                self._cycle(joining, poll)
+            except Exception as exc:  # the step itself failed: every running request fails
+                for slot in self.batch.clear():
+                    slot.job.error = slot.job.error or exc
+                    self._finish(slot)
+
+    def _cycle(self, joining: list[Slot], poll: bool) -> None:
+        try:
+            self.batch.join(joining)
+        except Exception as exc:  # their encoder run failed: they fail, the batch goes on
+            for slot in joining:
+                slot.job.error = exc
+                self._finish(slot)
+        gone = [s for s in self.batch.slots if _cancelled(s)] if poll else []
+        if gone:  # clients that cancelled or disconnected free their rows now
+            self.batch.drop(gone)
+            for slot in gone:
+                slot.gone = True
+                self._finish(slot)
+        if self.batch.slots:
+            for slot in self.batch.step(self._on_token if self.streaming else None):
+                self._finish(slot)
+
+    def _on_token(self, slot: Slot, tok: int, last: bool) -> bool:
+        """Stream one token; True when the stream is gone (its slot leaves the batch)."""
+        outputs = [pb_utils.Tensor(TOKENS, np.asarray([[tok]], dtype=np.int64))]
+        if self.tokenizer is not None:
+            outputs.append(self._text(self._delta(id(slot), slot.job.tokens)))
+        return not _send_quietly(slot.handle, pb_utils.InferenceResponse(output_tensors=outputs))
+
+    def _finish(self, slot: Slot) -> None:
+        """The request's last answer: its error, its tokens (plain), or the empty FINAL."""
+        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        self._sent.pop(id(slot), None)
+        job = slot.job
+        if slot.gone:
+            response = pb_utils.InferenceResponse(
+                error=pb_utils.TritonError("request cancelled",
+                                           getattr(pb_utils.TritonError, "CANCELLED", 0)))
+        elif job.error is not None:
+            response = pb_utils.InferenceResponse(error=triton_error(job.error))
+        elif self.streaming:
+            _send_quietly(slot.handle, None, final)
+            return
+        else:
+            outputs = [pb_utils.Tensor(TOKENS, np.asarray([job.tokens], dtype=np.int64))]
+            if self.tokenizer is not None:
+                outputs.append(self._text(decode_tokens(self.tokenizer, job.tokens)))
+            response = pb_utils.InferenceResponse(output_tensors=outputs)
+        _send_quietly(slot.handle, response, final)
+
     @staticmethod
     def _text(value: str) -> Any:
         return pb_utils.Tensor(GENERATED_TEXT, np.asarray([[value.encode("utf-8")]],
                                                           dtype=np.object_))
 
-    def _delta(self, i: int, tokens: Sequence[int]) -> str:
+    def _delta(self, i: Any, tokens: Sequence[int]) -> str:
         """The text the newest token adds to request i's stream (decoding the whole prefix
         keeps SentencePiece spacing right)."""
         now = decode_tokens(self.tokenizer, tokens)
@@ -767,4 +1158,33 @@ class TritonPythonModel:
         return now[len(before):] if now.startswith(before) else now
 
     def finalize(self) -> None:
+        if self.batching == "inflight":  # stop the worker; who still waits hears why
+            with self.cond:
+                self.stopping = True
+                self.cond.notify()
+            self.worker.join(timeout=10)
+            for slot in self.waiting.items + self.batch.clear():
+                slot.job.error = Unavailable("the model was unloaded before the request "
+                                             "finished: retry")
+                self._finish(slot)
         self.steps = None  # type: ignore[assignment]
+
+
+def _cancelled(slot: Slot) -> bool:
+    """Whether the slot's client cancelled or disconnected (Triton's response sender says)."""
+    try:
+        return bool(slot.handle.is_cancelled())
+    except Exception:  # noqa: BLE001 - a sender that cannot answer has lost its client
+        return True
+
+
+def _send_quietly(sender: Any, response: Any, flags: int = 0) -> bool:
+    """Send on a response sender; False when the stream is gone (nothing more to tell it)."""
+    try:
+        if response is None:
+            sender.send(flags=flags)
+        else:
+            sender.send(response, flags=flags)
+        return True
+    except Exception:  # noqa: BLE001 - the client went away
+        return False

@@ -44,6 +44,8 @@ GENERATE_MODEL_SOURCE = Path(__file__).parents[2] / "shipped" / "generate_model.
 TOKEN_RULES_SOURCE = Path(__file__).parents[2] / "shipped" / "token_rules.py"  # model.py loads it
 REQUEST_OPTIONS_SOURCE = Path(__file__).parents[2] / "shipped" / "request_options.py"  # and this
 STEP_BACKENDS = ("onnxruntime", "bls")
+BATCHING_MODES = ("inflight", "static")  # generate_model.BATCHING: the running batch, or per execute
+QUEUE_PER_ROW = 16  # max_queue_size default: waiting requests per row of the batch max
 SRC_IDS, MAX_NEW_TOKENS, TOKENS = "src_ids", "max_new_tokens", "tokens"
 TEXT, GENERATED_TEXT = "text", "generated_text"
 TOKENIZER_DIR = "tokenizer"  # in the version folder, beside model.py
@@ -142,7 +144,8 @@ def cache_geometry(enc: Path, dec: Path) -> dict[str, int]:
 
 def generate_config(name: str, cfg: BuildConfig, geo: dict[str, int], opts: "TritonOptions",
                     names: dict[str, str], *, streaming: bool, step_backend: str = "onnxruntime",
-                    tokenizer: bool = False) -> "model_config_pb2.ModelConfig":
+                    tokenizer: bool = False, batching: str = "inflight"
+                    ) -> "model_config_pb2.ModelConfig":
     from tritonclient.grpc import model_config_pb2 as mc
 
     from .config import base_config, preferred_batch_sizes
@@ -168,7 +171,8 @@ def generate_config(name: str, cfg: BuildConfig, geo: dict[str, int], opts: "Tri
         "batch_max": max_batch, "src_len_min": p.src_len[0], "src_len_max": p.src_len[2],
         "max_new_tokens_max": p.tgt_len[2], "max_new_tokens_default": gen.new_tokens(p),
         "layers": geo["layers"], "heads": geo["heads"], "head_dim": geo["head_dim"],
-        "decoding": decoding_parameter(cfg)}
+        "decoding": decoding_parameter(cfg), "batching": batching,
+        "max_queue_size": QUEUE_PER_ROW * max_batch}
     if tokenizer:
         params["tokenizer_dir"] = TOKENIZER_DIR
     for key, value in params.items():
@@ -226,6 +230,12 @@ def check_generate_config(conf: "model_config_pb2.ModelConfig", cfg: BuildConfig
             fail(f"input '{t.name}' cannot be ragged")
     if conf.model_transaction_policy.decoupled != streaming:
         fail("the streaming model must be decoupled, the plain one not")
+    if params.get("batching") not in BATCHING_MODES:
+        fail(f"parameter batching must be one of {BATCHING_MODES}, got "
+             f"{params.get('batching')!r}")
+    if not params.get("max_queue_size", "").isdigit() or int(params["max_queue_size"]) < 1:
+        fail(f"parameter max_queue_size must be an integer >= 1, got "
+             f"{params.get('max_queue_size')!r}")
     if params.get("step_backend") not in STEP_BACKENDS:
         fail(f"parameter step_backend must be one of {STEP_BACKENDS}, got "
              f"{params.get('step_backend')!r}")
@@ -261,7 +271,8 @@ def tokenizer_files(layout: BuildLayout) -> list[Path]:
 
 
 def generation_models(layout: BuildLayout, cfg: BuildConfig, opts: "TritonOptions", *,
-                      step_backend: str = "onnxruntime") -> list["TritonModel"]:
+                      step_backend: str = "onnxruntime", batching: str = "inflight"
+                      ) -> list["TritonModel"]:
     """The four models, or none when the build has no generation graphs (or is a classifier)."""
     from ...core.graph_meta import load_graph_contract
     from .config import TritonConfigError, TritonModel, onnx_graph_io, engine_profiles, \
@@ -270,6 +281,8 @@ def generation_models(layout: BuildLayout, cfg: BuildConfig, opts: "TritonOption
     if step_backend not in STEP_BACKENDS:
         raise TritonConfigError(f"step backend must be one of {STEP_BACKENDS}, got "
                                 f"{step_backend!r}")
+    if batching not in BATCHING_MODES:
+        raise TritonConfigError(f"batching must be one of {BATCHING_MODES}, got {batching!r}")
     graphs = _graph_files(layout)
     if graphs is None or cfg.model.is_classifier:
         return []
@@ -292,7 +305,8 @@ def generation_models(layout: BuildLayout, cfg: BuildConfig, opts: "TritonOption
     models = []
     for kind, streaming in ((GENERATE, False), (GENERATE_STREAM, True)):
         conf = generate_config(names[kind], cfg, geo, opts, names, streaming=streaming,
-                               step_backend=step_backend, tokenizer=bool(tokenizer))
+                               step_backend=step_backend, tokenizer=bool(tokenizer),
+                               batching=batching)
         check: Callable = (lambda c, s=streaming: check_generate_config(c, cfg, s))
         models.append(TritonModel(kind, names[kind], conf, dict(files), header=HEADERS[kind],
                                   check=check))
@@ -315,9 +329,18 @@ def generation_models(layout: BuildLayout, cfg: BuildConfig, opts: "TritonOption
 
 def with_step_backend(text: str, step_backend: str) -> str:
     """A generation model's config.pbtxt text with ``step_backend`` switched (docs, tests)."""
+    return with_parameters(text, step_backend=step_backend)
+
+
+def with_parameters(text: str, *, name: str | None = None, **values: object) -> str:
+    """A generation model's config.pbtxt text with parameters set (``batching="static"``,
+    ``max_queue_size=4``) and, given ``name``, renamed (the load test serves both modes)."""
     from .config import parse_config, render_config
 
     conf = parse_config(text)
-    conf.parameters["step_backend"].string_value = step_backend
+    for key, value in values.items():
+        conf.parameters[key].string_value = str(value)
+    if name is not None:
+        conf.name = name
     return render_config(conf)
 
