@@ -51,7 +51,7 @@ class LoadSettings:
     low_rate: bool = True  # also run 70% of static's saturation rate (TTFT target)
     sample_share: float = 0.3  # the rest is greedy
     new_tokens: tuple[int, int] = (0, 0)  # max_new_tokens range (0 = 1/8 .. all of the max)
-    warmup: int = 8
+    warmup: int = 32  # sent at once before the rates: the RSS baseline has seen full batches
     drain_s: float = 120.0  # wait this long after the last arrival for answers
     seed: int = 0
 

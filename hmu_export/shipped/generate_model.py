@@ -13,11 +13,15 @@ sequence (``src_ids`` [1, L]); its result equals ``Generator.generate([row], ...
 options: its own sampling RNG (``seed``) and its own HMU noise (``noise_scale``, ``noise_seed``),
 so the tokens a request gets never depend on what else was in its batch.
 
-Batching: the requests of one ``execute`` (dynamic batching, ``allow_ragged_batch``) are checked
-one by one (a bad one gets its own error), then generated together: greedy and sampling requests
-in one padded batch (per-row max_new_tokens, temperature, top-k/p and RNG), beam requests grouped
-by (num_beams, length_penalty, early_stopping, max_new_tokens); a group never exceeds the
-profile's batch max (rows x beams).
+Batching (parameter ``batching``). ``inflight`` (default): ``execute`` checks each request and
+queues it (bounded: ``max_queue_size``); a worker thread per instance keeps one running batch
+(RunningBatch) that requests join between decoder steps and leave as soon as they finish or
+their client goes, answering through response senders. ``static``: the requests of one
+``execute`` (dynamic batching, ``allow_ragged_batch``) are checked one by one (a bad one gets its
+own error), then generated together: greedy and sampling requests in one padded batch (per-row
+max_new_tokens, temperature, top-k/p and RNG), beam requests grouped by (num_beams,
+length_penalty, early_stopping, max_new_tokens); a group never exceeds the profile's batch max
+(rows x beams).
 
 Steps run in-process with ONNX Runtime over encoder.onnx / decoder.onnx in the version folder
 (``parameters { key: "step_backend" value { string_value: "onnxruntime" } }``), or, with
@@ -339,15 +343,20 @@ class Steps:
         if not self.rows:
             self.start_from(new)
             return
-        rows, past_len = new["src_mask"].shape[0], self.state["past_mask"].shape[1]
-        new["past_mask"] = np.zeros((rows, past_len), dtype=np.int64)
-        for name in self.past:
-            new[name] = np.zeros((rows, self.heads, past_len, self.head_dim), dtype=np.float32)
+        old_rows, rows = self.rows, new["src_mask"].shape[0]
         src_len = max(self.state["src_mask"].shape[1], new["src_mask"].shape[1])
-        for state in (self.state, new):  # the source axis: 1 of the mask, 2 of cross K/V
-            for name in ("src_mask", *self.cross):
-                state[name] = _pad_axis(state[name], 1 if name == "src_mask" else 2, src_len)
-        self.state = {k: np.concatenate([v, new[k]], axis=0) for k, v in self.state.items()}
+        merged = {}
+        for name, arr in self.state.items():  # one copy each: old rows, then the new ones
+            shape = [old_rows + rows, *arr.shape[1:]]
+            if name == "src_mask" or name in self.cross:  # the source axis, padded
+                shape[1 if name == "src_mask" else 2] = src_len
+            out = np.zeros(shape, dtype=arr.dtype)  # new rows' past: zeros, masked out
+            out[tuple(slice(0, n) for n in arr.shape)] = arr
+            if name in new:
+                part = new[name]
+                out[(slice(old_rows, None), *(slice(0, n) for n in part.shape[1:]))] = part
+            merged[name] = out
+        self.state = merged
 
     def start_from(self, encoded: dict[str, np.ndarray]) -> None:
         """A fresh state from encoded rows (cross K/V and src_mask), past empty."""
@@ -371,15 +380,6 @@ class Steps:
             self.state[mask_name] = self.state[mask_name][:, keep]
             for name in names:
                 self.state[name] = np.take(self.state[name], keep, axis=axis)
-
-
-def _pad_axis(arr: np.ndarray, axis: int, size: int) -> np.ndarray:
-    """``arr`` zero-padded at the end of ``axis`` to ``size``."""
-    if arr.shape[axis] == size:
-        return arr
-    widths = [(0, 0)] * arr.ndim
-    widths[axis] = (0, size - arr.shape[axis])
-    return np.pad(arr, widths)
 
 
 @dataclass
@@ -573,7 +573,7 @@ def plan_groups(jobs: Sequence[Job], batch_max: int) -> list[list[int]]:
 
 # --------------------------------------------------------------------------- in-flight batching
 BATCHING = ("inflight", "static")  # parameter "batching": the running batch, or per execute
-CANCEL_POLL_S = 0.02  # how often the worker asks whether clients cancelled
+CANCEL_POLL_S = 0.05  # how often the worker asks whether clients cancelled (~0.1 ms a slot)
 
 
 class Unavailable(RuntimeError):
@@ -679,6 +679,8 @@ class RunningBatch:
         if width > self.free_rows:
             raise RuntimeError(f"{width} rows do not fit the {self.free_rows} free rows")
         ids, mask, noise = pad_jobs([s.job for s in slots], self.spec)
+        if not self.slots:  # an empty batch starts afresh (whatever Steps held before)
+            self.steps.state = {}
         self.steps.join(ids, mask, noise, np.asarray([s.width for s in slots]))
         self.slots += slots
         self.cur = np.concatenate(

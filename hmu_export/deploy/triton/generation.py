@@ -74,7 +74,9 @@ HEADERS = {
                "One request = one source sequence src_ids [1, L]; request parameters: strategy,\n"
                "num_beams, temperature, top_k, top_p, seed, noise_scale, noise_seed,\n"
                "length_penalty, early_stopping. Builds with a tokenizer: input text (BYTES\n"
-               "[1, 1]) instead of src_ids, and output generated_text (decoded) beside tokens."),
+               "[1, 1]) instead of src_ids, and output generated_text (decoded) beside tokens.\n"
+               "Parameter batching: inflight (one running batch; requests join between decoder\n"
+               "steps, max_queue_size wait) or static (per execute)."),
     GENERATE_STREAM: ("Streaming generation (decoupled): one response per generated token,\n"
                       "then an empty response flagged TRITONSERVER_RESPONSE_COMPLETE_FINAL.\n"
                       "Greedy and sample only (beam search is refused: its tokens are final\n"
