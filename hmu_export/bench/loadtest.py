@@ -453,13 +453,13 @@ def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for mode, data in report["modes"].items():
+    for color, (mode, data) in zip(("C0", "C1"), report["modes"].items()):
         rows = sorted(data["rates"], key=lambda r: r["offered_rate"])
-        a.plot([r["offered_rate"] for r in rows], [r["tokens_per_s"] for r in rows], "o-",
-               label=mode)
-        b.plot([r["tokens_per_s"] for r in rows], [r["e2e_ms"]["p99"] or 0 for r in rows], "o-",
+        tps = [r["tokens_per_s"] for r in rows]
+        a.plot([r["offered_rate"] for r in rows], tps, "o-", color=color, label=mode)
+        b.plot(tps, [r["e2e_ms"]["p99"] or 0 for r in rows], "o-", color=color,
                label=f"{mode} e2e p99")
-        b.plot([r["tokens_per_s"] for r in rows], [r["ttft_ms"]["p99"] or 0 for r in rows], "s--",
+        b.plot(tps, [r["ttft_ms"]["p99"] or 0 for r in rows], "s--", color=color,
                label=f"{mode} TTFT p99")
     a.set(xlabel="offered requests/s", ylabel="generated tokens/s", title="throughput")
     b.set(xlabel="generated tokens/s", ylabel="latency ms", yscale="log",
