@@ -173,10 +173,18 @@ KINDS = [{}, {"strategy": "sample", "seed": 5, "temperature": 0.9, "top_k": 20},
          {"strategy": "beam", "num_beams": 3, "length_penalty": 0.6}]
 
 
-@pytest.mark.parametrize("eos", [None, 23])
-def test_running_batch_equals_the_generator(gen_build, small_cfg, tmp_path, eos):
+RULES = {"repetition_penalty": 1.6, "no_repeat_ngram_size": 2, "bad_words_ids": ((5,), (7, 8)),
+         "min_new_tokens": 2, "forced_eos_id": 23, "suppress_tokens": (9,)}
+
+
+@pytest.mark.parametrize("eos, with_rules", [(None, False), (23, False), (None, True)])
+def test_running_batch_equals_the_generator(gen_build, small_cfg, tmp_path, eos, with_rules):
     """The tiny model's graphs: 36 requests of every strategy, ragged sources and lengths,
-    arriving one to three per step, each equal to its single-request Generator run."""
+    arriving one to three per step, each equal to its single-request Generator run (with an
+    EOS the model produces; with the build's token rules, per row as the Generator applies
+    them)."""
+    from hmu_export.shipped.token_rules import TokenRules
+
     from hmu_export.deploy.triton.config import TritonOptions, parse_config
     from hmu_export.deploy.triton.repository import repository_from_artifacts
     from hmu_export.generate.generator import Generator
@@ -189,7 +197,8 @@ def test_running_batch_equals_the_generator(gen_build, small_cfg, tmp_path, eos)
     spec = {k: int(params[k]) for k in tgm.SPEC_KEYS}
     if eos is not None:
         spec["eos_id"] = eos
-    batch = tgm.RunningBatch(tgm.ort_steps(str(folder / "1"), params, spec), spec)
+    rules = TokenRules(**RULES) if with_rules else None
+    batch = tgm.RunningBatch(tgm.ort_steps(str(folder / "1"), params, spec), spec, rules)
     ref = Generator.from_build(gen_build, backend="onnxruntime")
     rng = np.random.default_rng(1)
     reqs = []
@@ -215,10 +224,15 @@ def test_running_batch_equals_the_generator(gen_build, small_cfg, tmp_path, eos)
             mixed += len({s.job.opts.strategy for s in batch.slots}) > 1
             batch.step()
     assert mixed > 5  # greedy, sampling and beam rows really shared steps
+    changed = False
     for (row, kw), s in zip(reqs, slots):
         extra = {} if eos is None else {"eos_id": eos}
+        if rules is not None:
+            extra["rules"] = rules
+            changed |= s.job.tokens != ref.generate([row], **kw).sequences[0]
         assert s.job.error is None
         assert s.job.tokens == ref.generate([row], **kw, **extra).sequences[0], (row, kw)
+    assert changed or rules is None, "the rules never changed a token: nothing was tested"
     if eos is not None:
         assert any(s.job.tokens and s.job.tokens[-1] == eos
                    and len(s.job.tokens) < s.job.opts.max_new_tokens for s in slots)

@@ -1087,7 +1087,11 @@ class TritonPythonModel:
                 if self.stopping:
                     return
                 poll = time.monotonic() - polled >= CANCEL_POLL_S
-                left = self.waiting.remove(_cancelled) if poll else []
+                waiting = list(self.waiting.items) if poll else []
+            # ask outside the lock (round trips), so arriving requests are never held up
+            gone = {id(s) for s in waiting if _cancelled(s)}
+            with self.cond:
+                left = self.waiting.remove(lambda s: id(s) in gone) if gone else []
                 joining = self.waiting.take(self.batch.free_rows)
             if poll:
                 polled = time.monotonic()
