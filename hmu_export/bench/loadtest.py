@@ -24,7 +24,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -294,6 +294,10 @@ def tree_rss_mb(pid: int) -> float:
     return round(total / 1024, 1)
 
 
+Log = Callable[[str], None]
+ExtraRate = Callable[[Sequence[dict[str, Any]]], "float | None"]
+
+
 def mode_repository(model: StreamModel, mode: str, root: Path) -> Path:
     """A repository holding only the streaming model, with ``batching`` set to ``mode``."""
     repo = root / mode
@@ -305,7 +309,8 @@ def mode_repository(model: StreamModel, mode: str, root: Path) -> Path:
 
 
 def run_mode(model: StreamModel, mode: str, settings: LoadSettings, rates: Sequence[float],
-             workdir: Path, extra_rate: "Any" = None, log: Any = print) -> dict[str, Any]:
+             workdir: Path, extra_rate: ExtraRate | None = None, log: Log = print
+             ) -> dict[str, Any]:
     """Serve the model in ``mode`` and run every rate on that server (RSS across all of them).
     ``extra_rate(rows) -> rate | None`` adds one more rate once the others ran."""
     from ..deploy.triton.server import serve
@@ -353,7 +358,7 @@ def saturation(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
 
 
 def run_loadtest(repository: Path, settings: LoadSettings, *, model_name: str | None = None,
-                 log: Any = print) -> dict[str, Any]:
+                 log: Log = print) -> dict[str, Any]:
     """Both modes, one server each, one after the other; the report (see write_report)."""
     settings.check()
     model = find_stream_model(repository, model_name)

@@ -345,17 +345,17 @@ class Steps:
             return
         old_rows, rows = self.rows, new["src_mask"].shape[0]
         src_len = max(self.state["src_mask"].shape[1], new["src_mask"].shape[1])
-        merged = {}
+        merged: dict[str, np.ndarray] = {}
         for name, arr in self.state.items():  # one copy each: old rows, then the new ones
             shape = [old_rows + rows, *arr.shape[1:]]
             if name == "src_mask" or name in self.cross:  # the source axis, padded
                 shape[1 if name == "src_mask" else 2] = src_len
-            out = np.zeros(shape, dtype=arr.dtype)  # new rows' past: zeros, masked out
-            out[tuple(slice(0, n) for n in arr.shape)] = arr
+            both = np.zeros(shape, dtype=arr.dtype)  # new rows' past: zeros, masked out
+            both[tuple(slice(0, n) for n in arr.shape)] = arr
             if name in new:
                 part = new[name]
-                out[(slice(old_rows, None), *(slice(0, n) for n in part.shape[1:]))] = part
-            merged[name] = out
+                both[(slice(old_rows, None), *(slice(0, n) for n in part.shape[1:]))] = part
+            merged[name] = both
         self.state = merged
 
     def start_from(self, encoded: dict[str, np.ndarray]) -> None:
@@ -689,13 +689,14 @@ class RunningBatch:
     def drop(self, slots: Sequence[Slot]) -> None:
         """Remove slots (cancelled) between steps; their rows leave the cache."""
         leaving = set(map(id, slots))
-        keep, o = [], 0
+        keep: list[int] = []
+        o = 0
         for s in self.slots:
             if id(s) not in leaving:
                 keep += range(o, o + s.width)
             o += s.width
         self.slots = [s for s in self.slots if id(s) not in leaving]
-        self._keep(keep, self.cur[keep, 0])
+        self._keep(keep, self.cur[np.asarray(keep, dtype=np.int64), 0])
 
     def clear(self) -> list[Slot]:
         """Empty the batch (after a failure of the step itself); returns who was in it."""
