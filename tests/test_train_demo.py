@@ -51,3 +51,24 @@ def test_a_users_folder_or_a_file_is_refused_as_out(tmp_path, capsys):
         assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
     assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
     assert (mine / "notes.txt").read_text() == "keep"
+
+
+def test_the_t5_twin_a_few_steps_writes_a_folder_with_a_trained_hmu(tmp_path):
+    pytest.importorskip("transformers")
+    from hmu_export.commands.cli import main
+    from hmu_export.core.config import ModelConfig
+    from hmu_export.model import sources
+
+    out = tmp_path / "t5"
+    assert main(["train-demo", "--t5", "--out", str(out), "--steps", "4", "--hmu-steps", "2",
+                 "--eval-limit", "4", "--threads", "1"]) == 0
+    for name in ("config.json", "model.safetensors", "tokenizer.json",
+                 "generation_config.json", "hmu.safetensors"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "training.json").read_text())
+    assert summary["hmu"]["steps"] == 2
+    assert summary["hmu"]["dev_ce_trained_hmu"] < summary["hmu"]["dev_ce_seeded_hmu"]
+    assert not (out / "hmu-train").exists()
+    cfg = sources.resolve(ModelConfig(source="hf", path=str(out),
+                                      hmu_checkpoint=str(out / "hmu.safetensors")))
+    assert sources.load(cfg).hmu_status == "trained"

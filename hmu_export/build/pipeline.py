@@ -141,7 +141,7 @@ def _run_stages(cfg: BuildConfig, out_dir: Path, staging: Path,
     extra.update({k: v for k, v in ctx.data.items() if k in ("parameters", "sensitive_nodes",
                                                               "engine", "parity", "graphs",
                                                               "graph_pins", "generation_parity", "quantize",
-                                                              "hmu_status")})
+                                                              "hmu_status", "task")})
     write_manifest(staging, stages=ctx.stages, profile=cfg.profile.to_dict(),
                    versions=_versions(), extra=extra)
     final = out_dir if ok else failed_dir(out_dir)

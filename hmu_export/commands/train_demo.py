@@ -22,7 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "summary.json")
     p.add_argument("--t5", action="store_true",
                    help="train the Hugging Face T5 twin instead (a save_pretrained folder in "
-                        "--out; needs the [hf] extra too)")
+                        "--out, then its HMU alone: hmu.safetensors; needs the [hf] extra "
+                        "too)")
     p.add_argument("--steps", type=_positive_int,
                    help=f"training steps (stage 1 of the native model; default {d.steps}, "
                         "--t5: its own default)")
@@ -49,11 +50,16 @@ def run(args: argparse.Namespace) -> int:
     given = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size),
                                ("lr", args.lr)) if v is not None}
     if args.t5:
-        from ..train.demo_t5 import T5Options, train_t5
+        from ..core.fileio import write_json
+        from ..train.demo_t5 import T5Options, train_t5, train_t5_hmu
         t5 = replace(T5Options(), seed=args.seed, threads=args.threads,
                      eval_limit=args.eval_limit, **given)
         res = train_t5(args.out, t5, log=_log)
-        ui.out.print(f"T5 twin: {res.folder}", markup=False, highlight=False)
+        hmu = train_t5_hmu(res.folder, steps=args.hmu_steps, seed=args.seed,
+                           eval_limit=args.eval_limit, log=_log)
+        write_json(res.folder / "training.json", dict(res.summary, hmu=hmu))
+        ui.out.print(f"T5 twin: {res.folder} (HMU: hmu.safetensors)", markup=False,
+                     highlight=False)
         return 0
     from ..train.demo_trainer import train_demo
     opts = replace(DemoOptions(), hmu_steps=args.hmu_steps, seed=args.seed,

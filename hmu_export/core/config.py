@@ -219,6 +219,11 @@ class ParityConfig:
     extra_shapes: tuple[tuple[int, int, int], ...] = ()  # [B, Ls, Lt] rows added to the grid
     # Override the FP32 logits max-abs tolerance (the policy's default is 1e-4).
     fp32_max_abs: float = 1e-4
+    # ... and the FP16 one (the policy's 0.5); its relative bound, cosine and top-1 stay.
+    fp16_max_abs: float = 0.5
+    #: FP16 judged on the task set too (where the build has one): exact-match drop (points)
+    #: of the FP16 backends against the PyTorch FP32 model
+    fp16_max_exact_match_drop: float = 0.5
 
     def validate(self) -> None:
         if not 0 <= self.seed < 2 ** 64:
@@ -227,6 +232,11 @@ class ParityConfig:
             raise ConfigError(f"parity.noise_scale must be >= 0, got {self.noise_scale}")
         if self.fp32_max_abs <= 0:
             raise ConfigError(f"parity.fp32_max_abs must be > 0, got {self.fp32_max_abs}")
+        if self.fp16_max_abs <= 0:
+            raise ConfigError(f"parity.fp16_max_abs must be > 0, got {self.fp16_max_abs}")
+        if not 0 <= self.fp16_max_exact_match_drop <= 100:
+            raise ConfigError("parity.fp16_max_exact_match_drop must be in [0, 100] (points), "
+                              f"got {self.fp16_max_exact_match_drop}")
         for s in self.extra_shapes:
             if len(s) != 3 or min(s) < 1:
                 raise ConfigError(f"parity.extra_shapes: each entry is [B, Ls, Lt] >= 1, got {s}")
@@ -372,6 +382,37 @@ class GenerationConfig:
 
 
 @dataclass(frozen=True)
+class TaskConfig:
+    """A task set the build's model should solve (JSON lines of source / target texts): parity
+    adds exact-match accuracy on it for every backend and precision, and the quantize stage
+    judges int8 / int4 by it. Needs a tokenizer in the build (``generate --text``'s)."""
+
+    path: str = ""  # the JSONL; relative to the TOML file; empty = no task accuracy
+    limit: int = 0  # evaluate the first N examples only (0 = all)
+    #: the noise sweep (the HMU's controlled variation): accuracy and distinct outputs per
+    #: input at each noise scale, ``noise_draws`` noise seeds on the first ``noise_limit``
+    noise_scales: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0)
+    noise_draws: int = 4
+    noise_limit: int = 200
+
+    PATH_FIELDS: typing.ClassVar[tuple[str, ...]] = ("path",)
+
+    def validate(self) -> None:
+        if self.limit < 0:
+            raise ConfigError(f"task.limit must be >= 0 (0 = all), got {self.limit}")
+        if not 1 <= self.noise_draws <= 64:
+            raise ConfigError(f"task.noise_draws must be in [1, 64], got {self.noise_draws}")
+        if self.noise_limit < 0:
+            raise ConfigError(f"task.noise_limit must be >= 0 (0 = no sweep), got "
+                              f"{self.noise_limit}")
+        if len(self.noise_scales) > 16:
+            raise ConfigError("task.noise_scales holds more than 16 scales")
+        for i, s in enumerate(self.noise_scales):
+            if not 0.0 <= s <= 100.0:
+                raise ConfigError(f"task.noise_scales[{i}] must be in [0, 100], got {s}")
+
+
+@dataclass(frozen=True)
 class BuildConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
@@ -381,6 +422,7 @@ class BuildConfig:
     triton: TritonConfig = field(default_factory=TritonConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     int8: Int8Config = field(default_factory=Int8Config)
+    task: TaskConfig = field(default_factory=TaskConfig)
 
     def validate(self) -> "BuildConfig":
         self.model.validate()
@@ -391,6 +433,7 @@ class BuildConfig:
         self.triton.validate()
         self.generation.validate(self.model, self.profile)
         self.int8.validate()
+        self.task.validate()
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -486,9 +529,10 @@ def config_from_dict(data: dict[str, Any]) -> BuildConfig:
 
 
 def load_config(path: str | Path | None) -> BuildConfig:
-    """The embedded default when ``path`` is None, else the TOML file's config."""
+    """The trained demo model (``demo_config``) when ``path`` is None, else the TOML file's
+    config (whose missing keys take the dataclasses' defaults: a seeded model)."""
     if path is None:
-        return BuildConfig().validate()
+        return demo_config()
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
@@ -501,22 +545,47 @@ def load_config(path: str | Path | None) -> BuildConfig:
     except RecursionError:
         raise ConfigError(f"config file {p} nests arrays or tables too deeply") from None
     cfg = config_from_dict(data)
-    return dataclasses.replace(cfg, model=resolve_paths(cfg.model, p.parent))
+    return dataclasses.replace(cfg, model=resolve_paths(cfg.model, p.parent),
+                               task=resolve_paths(cfg.task, p.parent))
 
 
-def resolve_paths(model: ModelConfig, base: Path) -> ModelConfig:
-    """Every path field of ``model`` (``ModelConfig.PATH_FIELDS``) made absolute: ``~`` is the
+def demo_config() -> BuildConfig:
+    """The embedded default: the trained demo model shipped in ``hmu_export/demo/model``
+    (Spanish numbers to words, docs/demo-model.md) with its test set as the build's task. Its
+    architecture is ModelConfig's defaults, so only the weights, the tokenizer's special ids
+    and the task differ from a seeded build."""
+    from .. import demo
+
+    return BuildConfig(
+        model=ModelConfig(checkpoint=str(demo.CHECKPOINT)),
+        # A trained model's logits span ~35 (random ones ~10): the absolute bounds scale with
+        # them; the relative ones, cosine, top-1 and the task accuracy do not move.
+        parity=ParityConfig(fp32_max_abs=DEMO_FP32_MAX_ABS, fp16_max_abs=DEMO_FP16_MAX_ABS),
+        task=TaskConfig(path=str(demo.TEST_SET))).validate()
+
+
+#: the demo's absolute logit bounds (docs/demo-model.md: measured worst FP32 2.7e-4, i.e.
+#: 7.9e-6 of the logit range; FP16 0.68, 0.019 of it)
+DEMO_FP32_MAX_ABS = 1e-3
+DEMO_FP16_MAX_ABS = 1.5
+
+
+_Section = typing.TypeVar("_Section", ModelConfig, TaskConfig)
+
+
+def resolve_paths(section: _Section, base: Path) -> _Section:
+    """Every path field of ``section`` (its ``PATH_FIELDS``) made absolute: ``~`` is the
     home folder, and a relative path is relative to ``base`` (the TOML file's folder), wherever
     the command runs, as other tools read their config files."""
     fixed = {}
-    for key in ModelConfig.PATH_FIELDS:
-        value = getattr(model, key)
+    for key in section.PATH_FIELDS:
+        value = getattr(section, key)
         if value:
             path = Path(value).expanduser()
             if not path.is_absolute():
                 path = Path(base).absolute() / path
             fixed[key] = os.path.normpath(path)
-    return dataclasses.replace(model, **fixed)
+    return dataclasses.replace(section, **fixed)
 
 
 def parse_shapes(text: str, sizes: int | None = 3) -> list[tuple[int, ...]]:

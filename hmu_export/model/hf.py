@@ -40,7 +40,7 @@ from ..core.errors import CheckpointError, ConfigError
 from ..core.io_contract import DECODER, ENCODER, FULL, CacheLayout
 from .hmu import HMU, IdentityHMU
 from .interface import ModelSource
-from .tokenizer import tokenizer_files
+from .tokenizer import copy_tokenizer, tokenizer_files
 
 T5, BART, MARIAN = "T5ForConditionalGeneration", "BartForConditionalGeneration", "MarianMTModel"
 SUPPORTED = (T5, BART, MARIAN)
@@ -946,10 +946,8 @@ def save_hf_config(source: HFSource, folder: Path) -> Path:
     (out / "hmu.json").write_text(json.dumps({"trained": source.hmu_trained}) + "\n")
     # The folder's tokenizer, when it has one, travels with the build (`generate --text`).
     src = Path(source.cfg.path) if source.cfg.path else None
-    if src is not None and src.is_dir() and src.resolve() != out.resolve():
-        import shutil
-        for path in tokenizer_files(src):
-            shutil.copyfile(path, out / path.name)
+    if src is not None and src.is_dir():
+        copy_tokenizer(src, out)
     return out / "config.json"
 
 

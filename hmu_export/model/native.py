@@ -81,8 +81,14 @@ class NativeSource(ModelSource):
         return self.model
 
     def save(self, folder: Path) -> tuple[Path, Path]:
+        from .tokenizer import TOKENIZER_DIR, copy_tokenizer
         from .weights import save_checkpoint
-        return save_checkpoint(self.model, folder)
+        saved = save_checkpoint(self.model, folder)
+        # A tokenizer beside the checkpoint (the demo model's) travels with the build, where
+        # `generate --text` and the Triton text models find it (as an hf folder's does).
+        if self.cfg.checkpoint:
+            copy_tokenizer(Path(self.cfg.checkpoint).parent, Path(folder) / TOKENIZER_DIR.name)
+        return saved
 
     def cache_layout(self) -> CacheLayout:
         return CacheLayout(self.cfg.n_decoder_layers, self.cfg.heads,
@@ -106,7 +112,13 @@ def resolve_config(cfg: ModelConfig) -> ModelConfig:
 
 def load_source(cfg: ModelConfig) -> NativeSource:
     from .weights import build_model
-    return NativeSource(cfg, build_model(cfg))
+    source = NativeSource(cfg, build_model(cfg))
+    if cfg.checkpoint:  # its tokenizer must fit the model: checked now, not at generate
+        from .tokenizer import check_tokenizer, tokenizer_files
+        folder = Path(cfg.checkpoint).parent
+        if tokenizer_files(folder):
+            check_tokenizer(folder, cfg.vocab_size, ())
+    return source
 
 
 def load_saved(cfg: ModelConfig, weights: Path) -> NativeSource:

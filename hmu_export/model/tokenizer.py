@@ -109,6 +109,18 @@ def tokenizer_files(folder: Path) -> list[Path]:
     return [folder / n for n in sorted(names) if (folder / n).is_file()]
 
 
+def copy_tokenizer(src: Path, dst: Path) -> list[Path]:
+    """The tokenizer files of folder ``src`` (none: nothing) copied into ``dst``."""
+    import shutil
+
+    files = tokenizer_files(Path(src))
+    if files and Path(src).resolve() != Path(dst).resolve():
+        Path(dst).mkdir(parents=True, exist_ok=True)
+        for path in files:
+            shutil.copyfile(path, Path(dst) / path.name)
+    return [Path(dst) / p.name for p in files]
+
+
 def has_tokenizer(build_root: str | Path) -> bool:
     return bool(tokenizer_files(Path(build_root) / TOKENIZER_DIR))
 

@@ -15,8 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-from ..core.errors import HMUExportError, InputError
+from ..core.errors import HMUExportError
 from ..core.fileio import write_text
+from ..core.task_set import Pair as Pair  # the task-set reader lives in core (parity reads
+from ..core.task_set import read_pairs as read_pairs  # task sets too); re-exported here
 
 DATA_SEED = 2026
 MAX_DIGITS = 9
@@ -27,8 +29,6 @@ DEV_PER_DIGITS = 160
 #: (0..999) get more than their share of the numbers, so every one of them is seen often
 TRAIN_DIGIT_WEIGHTS = (2, 4, 8, 12, 12, 14, 16, 16, 16)
 SPARSE_SHARE = 0.25  # of the draws of 4 or more digits
-
-Pair = tuple[str, str]
 
 
 def _num2words() -> Callable[..., str]:
@@ -120,32 +120,3 @@ def write_pairs(path: Path, pairs: Iterable[Pair]) -> Path:
     """JSON lines ``{"source": ..., "target": ...}``, written atomically."""
     lines = (json.dumps({"source": s, "target": t}, ensure_ascii=False) + "\n" for s, t in pairs)
     return write_text(Path(path), "".join(lines))
-
-
-def read_pairs(path: Path) -> list[Pair]:
-    """(source, target) texts of a JSONL task set; any problem is one line naming the file
-    and line."""
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise InputError(f"task set not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read task set {path}: {exc}") from None
-    out: list[Pair] = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except ValueError as exc:
-            raise InputError(f"{path}:{n}: not valid JSON ({getattr(exc, 'msg', exc)})"
-                             ) from None
-        if not (isinstance(obj, dict) and isinstance(obj.get("source"), str)
-                and isinstance(obj.get("target"), str)):
-            raise InputError(f'{path}:{n}: expected {{"source": "...", "target": "..."}} '
-                             "with text values")
-        out.append((obj["source"], obj["target"]))
-    if not out:
-        raise InputError(f"task set {path} holds no examples")
-    return out

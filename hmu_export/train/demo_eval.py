@@ -1,13 +1,12 @@
 """Exact-match accuracy of the demo task with the project's generator (greedy by default).
 
-One function serves the trainer (a torch model in memory) and the model card's per-backend
-figures (a build folder and any ``generate`` backend): the same padding, the same loop.
+The trainer's measure (a torch model in memory); a build's per-backend figures are the parity
+stage's task accuracy (hmu_export/verify/task_accuracy.py, ``[task]`` in the config).
 """
 from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Sequence
 
 from ..core.config import BuildConfig, ProfileConfig
@@ -70,51 +69,3 @@ def model_generator(model: Any) -> Generator:
     cfg = BuildConfig(model=model.cfg,
                       profile=ProfileConfig(batch=(1, EVAL_BATCH, EVAL_BATCH))).validate()
     return Generator(TorchStepBackend(NativeSource(model.cfg, model.eval())), cfg)
-
-
-def build_accuracy(build: Path, backends: Sequence[str], pairs: Sequence[tuple[str, str]],
-                   threads: int | None = None) -> dict[str, Accuracy]:
-    """Per backend, the exact match of a build's generation graphs with the build's tokenizer
-    (``generate --backend``'s path, at the profile's largest batch)."""
-    from ..model.tokenizer import TOKENIZER_DIR
-    from . import demo_tokenizer
-
-    tok = demo_tokenizer.load(Path(build) / TOKENIZER_DIR)
-    out = {}
-    for name in backends:
-        gen = Generator.from_build(build, name, threads=threads)
-        out[name] = exact_match(gen, tok, pairs)
-    return out
-
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m hmu_export.train.demo_eval --artifacts BUILD``: the model card's per-backend
-    table (exact match on the committed test set, greedy, mean path)."""
-    import argparse
-    import sys
-
-    from .. import demo
-    from ..core.errors import HMUExportError
-    from .demo_data import read_pairs
-
-    p = argparse.ArgumentParser(prog="python -m hmu_export.train.demo_eval")
-    p.add_argument("--artifacts", type=Path, required=True, help="a build of the demo model")
-    p.add_argument("--backends", default="torch,onnxruntime,onnxruntime-opt,onnxruntime-fp16emu")
-    p.add_argument("--data", type=Path, default=demo.TEST_SET, help="task set (JSONL)")
-    p.add_argument("--threads", type=int, default=None)
-    args = p.parse_args(argv)
-    try:
-        pairs = read_pairs(args.data)
-        for name, acc in build_accuracy(args.artifacts, args.backends.split(","), pairs,
-                                        threads=args.threads).items():
-            print(f"{name:22s} {acc.exact:8.2%}  ({acc.correct}/{acc.total})  misses: "
-                  f"{acc.misses[:3]}")
-    except HMUExportError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -193,3 +193,38 @@ def _lr(step: int, opts: T5Options) -> float:
         return opts.lr * (step + 1) / opts.warmup
     t = (step - opts.warmup) / max(1, opts.steps - opts.warmup)
     return opts.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+def train_t5_hmu(folder: Path, steps: int = 300, batch_size: int = 64, lr: float = 1e-3,
+                 kl_weight: float = 0.01, seed: int = 7, eval_limit: int = 0,
+                 log: Callable[[str], None] = print, progress: bool = True) -> dict[str, Any]:
+    """Stage 2 of the twin, the paper's way: an HMU inserted after the trained T5's encoder
+    (``[model] source = "hf"``) and fine-tuned alone on the frozen T5 with the project's
+    ``finetune`` (sampled noise, KL term), into ``folder/hmu.safetensors``. The build then
+    reads it as ``hmu_checkpoint`` (examples/t5-numbers-es/build.toml)."""
+    from ..core.config import BuildConfig, ModelConfig
+    from .demo_trainer import _examples, _ids_jsonl, limit_pairs
+    from .finetune import FinetuneOptions, finetune
+
+    folder = Path(folder)
+    split = demo_data.make_split(demo_data.DATA_SEED)
+    tok = demo_tokenizer.load(folder)
+    sampler = demo_data.TrainSampler(split, seed + 1)
+    work = folder / "hmu-train"
+    train = _ids_jsonl(work / "train.jsonl", _examples(tok, sampler.pairs(steps * batch_size)))
+    dev = _ids_jsonl(work / "dev.jsonl",
+                     _examples(tok, limit_pairs(demo_data.pairs_of(split.dev), eval_limit)))
+    t0 = time.perf_counter()
+    cfg = BuildConfig(model=ModelConfig(source="hf", path=str(folder))).validate()
+    fine = finetune(cfg, train, folder / "hmu.safetensors", eval_data=dev,
+                    options=FinetuneOptions(steps=steps, lr=lr, batch_size=batch_size,
+                                            kl_weight=kl_weight, seed=seed),
+                    progress=progress)
+    seconds = time.perf_counter() - t0
+    import shutil
+    shutil.rmtree(work, ignore_errors=True)  # regenerated from the seed; not part of the model
+    log(f"T5 HMU: {steps} steps in {seconds:.0f} s, dev CE (mean path) {fine.eval_before:.4f} "
+        f"(seeded HMU) -> {fine.eval_after:.4f}")
+    return {"steps": steps, "batch_size": batch_size, "lr": lr, "kl_weight": kl_weight,
+            "seconds": round(seconds, 1), "dev_ce_seeded_hmu": fine.eval_before,
+            "dev_ce_trained_hmu": fine.eval_after}

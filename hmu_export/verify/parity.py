@@ -308,7 +308,8 @@ def run_parity(model: "HMUTransformer | Any", cfg: BuildConfig, backends: list[B
         if not backend.available:
             skipped[backend.label] = backend.skip_reason
             continue
-        tol = tolerance_for(backend.precision, cfg.parity.fp32_max_abs)
+        tol = tolerance_for(backend.precision, cfg.parity.fp32_max_abs,
+                            cfg.parity.fp16_max_abs)
         tolerances[backend.precision] = tol.to_dict()
         assert backend.make is not None
         with backend.make() as runner:

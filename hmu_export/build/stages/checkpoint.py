@@ -16,6 +16,8 @@ def stage_checkpoint(ctx: BuildContext) -> StageResult:
     if isinstance(source, NativeSource):
         ctx.model = source.model
     weights, _ = save_source_checkpoint(source, ctx.layout.checkpoint_dir)
+    if isinstance(source, NativeSource):
+        _check_native_tokenizer(ctx)
     ctx.checkpoint_sha256 = sha256_file(weights)
     hmu, total = source.hmu_parameter_share()
     ctx.data["parameters"] = {"total": total, "hmu": hmu,
@@ -31,6 +33,17 @@ def stage_checkpoint(ctx: BuildContext) -> StageResult:
                                     "parameters": ctx.data["parameters"]})
 
 
+def _check_native_tokenizer(ctx: BuildContext) -> None:
+    """A native checkpoint's tokenizer must end sequences with the build's EOS (its ids were
+    checked against the vocabulary when the source loaded)."""
+    from ...model.tokenizer import TOKENIZER_DIR, check_tokenizer, tokenizer_files
+
+    folder = ctx.layout.root / TOKENIZER_DIR
+    if tokenizer_files(folder):
+        check_tokenizer(folder, ctx.cfg.model.vocab_size, (ctx.cfg.generation.eos_id,))
+
+
 STAGE = Stage("checkpoint", stage_checkpoint, True,
               reads=("config", "model source"),
-              writes=("checkpoint/model.safetensors", "checkpoint/config.json"))
+              writes=("checkpoint/model.safetensors", "checkpoint/config.json",
+                      "checkpoint/hf/ (the source's tokenizer, where it has one)"))

@@ -29,7 +29,29 @@ def parity_stage(ctx: Any) -> StageResult:
     if gen is not None and not gen["passed"]:
         return StageResult(FAILED, reason=f"generation parity failed: {gen['failures'][0]}",
                            details=details)
+    task = task_accuracy_stage(ctx)
+    if task is not None:
+        details = dict(details, task=task.summary())
+        if task.failures():
+            return StageResult(FAILED, reason=f"task accuracy failed: {task.failures()[0]}",
+                               details=details)
     return StageResult(OK, details=details)
+
+
+def task_accuracy_stage(ctx: Any) -> Any:
+    """Exact match on the config's task set for every generation backend, and the noise
+    sweep (None without a task set or split graphs); reports parity/task.*."""
+    from ...verify.task_accuracy import run_task_accuracy, write_task_reports
+    from ..task_inputs import task_generators, task_tokenizer
+
+    tok = task_tokenizer(ctx)
+    if tok is None or not ctx.layout.split_graphs() == [ENCODER, DECODER]:
+        return None
+    report = run_task_accuracy(ctx.layout.root, ctx.cfg, tok, task_generators(ctx),
+                               reuse=ctx.data.get("task_rows"))
+    write_task_reports(report, ctx.layout.parity_dir)
+    ctx.data["task"] = report.summary()
+    return report
 
 
 def generation_parity_stage(ctx: Any) -> dict[str, Any] | None:
@@ -45,4 +67,4 @@ def generation_parity_stage(ctx: Any) -> dict[str, Any] | None:
 
 STAGE = Stage("parity", parity_stage, True,
               reads=("checkpoint/", "every runnable graph and engine"),
-              writes=("parity/",))
+              writes=("parity/ (task.* where the config has a task set)",))

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ...core.manifest import OK, SKIPPED, StageResult
+from ...core.manifest import FAILED, OK, SKIPPED, StageResult
 from ..context import Stage
 
 if TYPE_CHECKING:
@@ -62,7 +62,43 @@ def quantize_stage(ctx: "BuildContext") -> StageResult:
                                            "fp32_weight_bytes": weight_bytes(src)}
         details["agreement"][variant] = _agreement(ctx, variant)
     ctx.data["quantize"] = details
+    over = _judge_on_task(ctx, graphs, details)
+    if over:
+        return StageResult(FAILED, reason="; ".join(over) + " (not shipped: their graphs were "
+                           "removed; see int8.max_exact_match_drop)", details=details)
     return StageResult(OK, details=details)
+
+
+def _judge_on_task(ctx: "BuildContext", graphs: list[str], details: dict[str, Any]) -> list[str]:
+    """The quality budget on the build's task set (where it has one): each quantized variant's
+    exact match against the FP32 graphs'. A variant over budget is removed from the build
+    (never shipped silently); the failures are returned. The rows are kept for parity's
+    task table."""
+    from ...verify.task_accuracy import run_task_accuracy
+    from ..task_inputs import task_generators, task_tokenizer
+
+    tok = task_tokenizer(ctx)
+    if tok is None:
+        return []
+    from ...export.quantize import variants
+
+    names = ["onnxruntime"] + [f"onnxruntime-{v}" for v in variants(ctx.cfg.int8)]
+    report = run_task_accuracy(ctx.layout.root, ctx.cfg, tok, task_generators(ctx),
+                               backends=names, reference="onnxruntime", noise=False)
+    ctx.data["task_rows"] = {r.backend: r for r in report.rows}
+    details["task"] = {r.backend: {"exact": round(r.exact, 6), "correct": r.correct,
+                                   "total": r.total, "token_agreement": r.token_agreement}
+                       for r in report.rows}
+    failures = report.failures()
+    for variant in variants(ctx.cfg.int8):
+        name = f"onnxruntime-{variant}"
+        if any(f.startswith(name + " ") for f in failures):
+            for graph in graphs:
+                ctx.layout.graph(graph, variant).unlink(missing_ok=True)
+            details["graphs"] = {k: v for k, v in details["graphs"].items()
+                                 if f".{variant}." not in k}
+            ctx.data["task_rows"].pop(name, None)
+    return failures
 
 
 STAGE = Stage("quantize", quantize_stage, False,

@@ -1,0 +1,80 @@
+"""Task sets: JSON lines of ``{"source": ..., "target": ...}`` texts that a build's model
+should map one to the other (the demo's numbers-to-words test set, a user's own).
+
+Parity measures exact-match accuracy on them; the trainer writes and reads them. A file is
+read in bounded lines (a line over ``MAX_LINE_BYTES`` or a file over ``MAX_FILE_BYTES`` is an
+error naming it, never an unbounded read), and every problem is one line naming file and line.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import InputError
+
+Pair = tuple[str, str]
+
+MAX_LINE_BYTES = 64 * 1024
+MAX_FILE_BYTES = 256 * 1024 * 1024
+
+
+def read_pairs(path: str | Path, limit: int = 0) -> list[Pair]:
+    """(source, target) texts of a JSONL task set, the first ``limit`` (0: all)."""
+    path = Path(path)
+    out: list[Pair] = []
+    try:
+        if not path.is_file():
+            raise InputError(f"task set not found: {path}" if not path.exists()
+                             else f"task set {path} is not a regular file")
+        if path.stat().st_size > MAX_FILE_BYTES:
+            raise InputError(f"task set {path} is over {MAX_FILE_BYTES >> 20} MiB")
+        with path.open("rb") as fh:
+            n = 0
+            while not limit or len(out) < limit:
+                raw = fh.readline(MAX_LINE_BYTES + 1)
+                if not raw:
+                    break
+                n += 1
+                if len(raw) > MAX_LINE_BYTES:
+                    raise InputError(f"{path}:{n}: line longer than {MAX_LINE_BYTES} bytes")
+                pair = _parse(raw, path, n)
+                if pair is not None:
+                    out.append(pair)
+    except OSError as exc:
+        raise InputError(f"cannot read task set {path}: {exc.strerror or exc}") from None
+    if not out:
+        raise InputError(f"task set {path} holds no examples")
+    return out
+
+
+def _parse(raw: bytes, path: Path, n: int) -> Pair | None:
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"{path}:{n}: not UTF-8 text") from None
+    if not line.strip():
+        return None
+    try:
+        obj = json.loads(line)
+    except RecursionError:
+        raise InputError(f"{path}:{n}: JSON nested too deeply") from None
+    except ValueError as exc:
+        raise InputError(f"{path}:{n}: not valid JSON ({getattr(exc, 'msg', exc)})") from None
+    if not (isinstance(obj, dict) and isinstance(obj.get("source"), str)
+            and isinstance(obj.get("target"), str)):
+        raise InputError(f'{path}:{n}: expected {{"source": "...", "target": "..."}} with '
+                         "text values")
+    extra = sorted(set(obj) - {"source", "target"})
+    if extra:
+        raise InputError(f"{path}:{n}: unknown key(s) {', '.join(map(repr, extra))} (a line "
+                         'holds "source" and "target")')
+    for key in ("source", "target"):
+        text = obj[key]
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InputError(f"{path}:{n}: {key} holds a lone surrogate (not Unicode text)"
+                             ) from None
+        if not text.strip():
+            raise InputError(f"{path}:{n}: {key} is empty")
+    return obj["source"], obj["target"]
