@@ -178,8 +178,9 @@ def test_rewrites_compute_the_same_functions():
 
 
 def test_rewrites_leave_other_patterns_alone():
-    """A GELU-like chain with another constant, a scale on a tensor used twice and a mix with
-    2 - g are not the patterns: nothing is rewritten."""
+    """A GELU-like chain with another constant, a scale on a tensor used twice, a scale after
+    the Gather of a table something else reads too (tied weights: folding would copy it) and a
+    mix with 2 - g are not the patterns: nothing is rewritten."""
     from onnx import helper, numpy_helper
 
     from hmu_export.export.optimize import rewrite_elementwise
@@ -188,14 +189,19 @@ def test_rewrites_leave_other_patterns_alone():
              for k, v in {"c13": 1.3, "one": 1.0, "two": 2.0, "half": 0.5}.items()]
     inits.append(numpy_helper.from_array(np.eye(4, dtype=np.float32), "w"))
     inits.append(numpy_helper.from_array(np.zeros(4, np.float32), "b"))
+    inits.append(numpy_helper.from_array(np.ones((5, 4), np.float32), "tab"))
     nodes = [helper.make_node("Div", ["x", "c13"], ["d"]), helper.make_node("Erf", ["d"], ["e"]),
+             helper.make_node("Gather", ["tab", "ids"], ["t1"]),
+             helper.make_node("Mul", ["t1", "two"], ["t2"]),
+             helper.make_node("Gather", ["tab", "ids"], ["t3"]),
              helper.make_node("Add", ["e", "one"], ["e1"]),
              helper.make_node("Mul", ["half", "e1"], ["h"]), helper.make_node("Mul", ["x", "h"], ["y"]),
              helper.make_node("MatMul", ["x", "w"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["lin"]),
              helper.make_node("Mul", ["lin", "half"], ["s"]),  # lin is also an output
              helper.make_node("Mul", ["x", "x"], ["ga"]), helper.make_node("Sub", ["two", "x"], ["g1"]),
              helper.make_node("Mul", ["g1", "x"], ["gb"]), helper.make_node("Add", ["ga", "gb"], ["m"])]
-    model = _model(nodes, [("x", [2, 4])], ["y", "lin", "s", "m"], inits)
+    model = _model(nodes, [("x", [2, 4])], ["y", "lin", "s", "m", "t2", "t3"], inits)
+    model.graph.input.append(helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, [2]))
     before = [n.op_type for n in model.graph.node]
     assert rewrite_elementwise(model) == {"erf_gelu": 0, "fold_scale": 0, "gate_mix": 0}
     assert [n.op_type for n in model.graph.node] == before

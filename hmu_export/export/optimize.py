@@ -263,6 +263,10 @@ class _Graph:
             return None
         return users[0]
 
+    def own(self, name: str, node: Any) -> bool:
+        """``name`` is a constant that only ``node`` reads (folding into it copies nothing)."""
+        return name in self.arrays and [n.name for n in self.consumers.get(name, [])] == [node.name]
+
     def made_by(self, name: str, op: str) -> Any:
         n = self.producer.get(name)
         return n if n is not None and n.op_type == op else None
@@ -333,7 +337,8 @@ def _erf_gelu(g: _Graph) -> int:
 
 def _fold_scale(g: _Graph) -> int:
     """A constant scalar Mul after a Linear (MatMul + bias Add) or an embedding Gather folded
-    into its weights: ``exp(0.5 * (x W + b))`` reads ``x (0.5 W) + 0.5 b``; one pass less."""
+    into its weights: ``exp(0.5 * (x W + b))`` reads ``x (0.5 W) + 0.5 b``; one pass less.
+    Only weights nothing else reads (a tied embedding is not copied)."""
     from onnx import helper
 
     count = 0
@@ -348,7 +353,7 @@ def _fold_scale(g: _Graph) -> int:
         if len(g.consumers.get(t, [])) != 1 or t in g.outputs:
             continue
         add, gather = g.made_by(t, "Add"), g.made_by(t, "Gather")
-        if gather is not None and gather.input[0] in g.arrays and g.free(gather, mul):
+        if gather is not None and g.own(gather.input[0], gather) and g.free(gather, mul):
             table = g.add_init(f"{FUSED_PREFIX}{_scope(gather)}/scaled_table",
                                g.arrays[gather.input[0]] * c)
             g.drop.add(mul.name)
@@ -363,7 +368,8 @@ def _fold_scale(g: _Graph) -> int:
         bias = [i for i in add.input if i in g.arrays and g.arrays[i].ndim == 1]
         mm = next((g.made_by(i, "MatMul") for i in add.input if i not in bias
                    and g.made_by(i, "MatMul") is not None), None)
-        if len(bias) != 1 or mm is None or mm.input[1] not in g.arrays \
+        if len(bias) != 1 or mm is None or not g.own(mm.input[1], mm) \
+                or not g.own(bias[0], add) \
                 or len(g.consumers.get(mm.output[0], [])) != 1 or not g.free(mm, add, mul):
             continue
         pre = f"{FUSED_PREFIX}{_scope(mm)}"
