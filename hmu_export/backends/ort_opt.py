@@ -7,7 +7,7 @@ from ..core.io_contract import GraphContract
 from ..core.layout import BuildLayout
 from ..generate.stepper import CachedStepper, Stepper
 from ..runners import OnnxRuntimeRunner
-from ..runners.onnxruntime_runner import tuned_session_options
+from ..runners.onnxruntime_runner import forward_session_options, tuned_session_options
 from .ort import OrtStepBackend, spinning, split_graphs
 from .registry import Backend, SourceModel, StepEntry, StepRequest, forward, step
 
@@ -25,7 +25,7 @@ def forward_backends(layout: BuildLayout, cfg: BuildConfig, model: SourceModel,
         return [Backend(label, "fp32", None, f"{layout.onnx_optimized.name} not found")]
     return [Backend(label, "fp32", lambda: OnnxRuntimeRunner(
         layout.onnx_optimized, contract, [cfg.profile], vocab_size=cfg.model.vocab_size,
-        label=label, sess_options=tuned_session_options(threads)))]
+        label=label, sess_options=forward_session_options(threads)))]
 
 
 def _stepper(req: StepRequest) -> Stepper:

@@ -53,7 +53,7 @@ def _optimized_pair(loaded: "Loaded", model_nohmu: Any, workdir: Path
 
 def _runner_pairs(loaded: "Loaded", nohmu: Any, pair: tuple[Path, Path] | None, threads: int
                   ) -> list[tuple[str, Runner, Runner]]:
-    from ..runners.onnxruntime_runner import tuned_session_options
+    from ..runners.onnxruntime_runner import forward_session_options
 
     contract = loaded.contract
     pairs: list[tuple[str, Runner, Runner]] = [
@@ -64,7 +64,7 @@ def _runner_pairs(loaded: "Loaded", nohmu: Any, pair: tuple[Path, Path] | None, 
         # cores from the other session right after each of its own runs.
         with_hmu, without = (
             OnnxRuntimeRunner(path, contract, label=f"onnxruntime-opt-{i}",
-                              sess_options=tuned_session_options(threads, spinning=False))
+                              sess_options=forward_session_options(threads, spinning=False))
             for i, path in enumerate(pair))
         pairs.append(("onnxruntime-opt", with_hmu, without))
     return pairs

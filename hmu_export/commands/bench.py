@@ -55,6 +55,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="skip the with/without-HMU comparison (it exports an identity model)")
     p.add_argument("--json", type=Path, default=None, help="JSON report path "
                    "(default OUT/bench.json)")
+    p.add_argument("--profile", action="store_true",
+                   help="instead of timing: ONNX Runtime's profiler on model.onnx and "
+                        "model.opt.onnx at --shapes, kernel time per op type and per model "
+                        "part (HMU, encoder, decoder, ...); writes profile.json / profile.md")
+    p.add_argument("--profile-runs", type=int, default=50,
+                   help="--profile: profiled runs per graph and shape (after 10 warm-up)")
     p.add_argument("--generate", action="store_true",
                    help="benchmark generation instead (TTFT, per-token p50/p99, tokens/s of "
                         "torch, torch-nocache, onnxruntime, onnxruntime-opt at batch 1 and 8)")
@@ -93,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
     if args.min_seconds is not None and not 0 <= args.min_seconds <= MAX_MIN_SECONDS:
         raise ConfigError(f"--min-seconds must be in [0, {MAX_MIN_SECONDS}] (seconds per backend "
                           f"and shape), got {args.min_seconds:g}")
+    if args.profile:
+        return run_profile(args, shapes)
     if args.generate:
         return run_generate(args, backends if args.backends != ",".join(DEFAULT_BACKENDS)
                             else None)
@@ -213,4 +221,40 @@ def run_generate(args: argparse.Namespace, backends: list[str] | None) -> int:
     for s in report.skipped:
         ui.out.print(f"[yellow]skipped[/yellow] {s['backend']}: {s['reason']}")
     ui.out.print(f"wrote {paths['json']}, {paths['markdown']}, {paths['png']}")
+    return 0
+
+
+def run_profile(args: argparse.Namespace, shapes: list[tuple[int, ...]] | None) -> int:
+    """``bench --profile``: where the time goes, per op type and per part (bench/profile.py)."""
+    from ..bench.profile import profile_build, write_profiles
+
+    if not shapes:
+        raise ConfigError("--profile needs --shapes (e.g. 1x64x64,8x128x64)")
+    if not 1 <= args.profile_runs <= 10_000:
+        raise ConfigError(f"--profile-runs must be in 1..10000, got {args.profile_runs}")
+    with ui.progress() as bar:
+        bar.add_task("bench --profile", total=None)
+        profiles = profile_build(args.artifacts, shapes, threads=args.threads,
+                                 runs=args.profile_runs)
+    out_dir = args.out or (args.artifacts / "bench")
+    paths = write_profiles(profiles, out_dir)
+    if (args.artifacts / "manifest.json").is_file():  # list what it wrote inside the build
+        from ..core.manifest import update_manifest
+        update_manifest(args.artifacts, None, None, written=list(paths.values()))
+    for p in profiles:
+        where = f"{p.graph} at {'x'.join(map(str, p.shape))}, {p.threads} threads"
+        ui.out.print(ui.table(
+            f"{where}: run {p.run_ms:.3f} ms, kernels {p.kernel_ms:.3f} ms",
+            ["op type", "calls", "ms/run", "share %"],
+            [(r["key"], r["calls"], f"{r['ms']:.3f}", f"{r['share_pct']:.1f}")
+             for r in p.by_op[:12]]))
+        ui.out.print(ui.table(f"{where}: per part", ["part", "calls", "ms/run", "share %",
+                                                     "op types ORT ran"],
+                              [(r["key"], r["calls"], f"{r['ms']:.3f}", f"{r['share_pct']:.1f}",
+                                ", ".join(f"{k} {v}" for k, v in
+                                          p.ops_by_part.get(r["key"], {}).items()))
+                               for r in p.by_part]))
+    ui.out.print("the profiler inflates short kernels and counts waits for descheduled threads; "
+                 "shares, not totals (bench measures latency)")
+    ui.out.print(f"wrote {paths['json']}, {paths['markdown']}")
     return 0

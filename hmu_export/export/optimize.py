@@ -26,14 +26,14 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
 from ..core.errors import ArtifactError, ParityFailure
 from ..core.fileio import atomic_path
 from ..core.io_contract import SRC_MASK
-from ..runners.onnxruntime_runner import tuned_session_options
+from ..runners.onnxruntime_runner import forward_session_options, tuned_session_options
 
 if TYPE_CHECKING:
     import onnx
@@ -43,6 +43,8 @@ if TYPE_CHECKING:
     from ..model import HMUTransformer
 
 MS_DOMAIN = "com.microsoft"
+#: prefix of the nodes and weights this module writes
+FUSED_PREFIX = "hmu_opt/"
 FUSED_OPS = ("Attention", "MultiHeadAttention", "SkipLayerNormalization", "LayerNormalization",
              "BiasGelu", "Gelu", "FastGelu", "FusedMatMul", "FusedGemm", "BiasAdd")
 
@@ -217,6 +219,227 @@ def fuse_attention(proto: "onnx.ModelProto", model: "HMUTransformer") -> dict[st
     return outcome
 
 
+# --------------------------------------------------------------------------- elementwise rewrites
+# Patterns the dynamo exporter writes and ONNX Runtime's CPU optimizer leaves as separate
+# passes over the activations (found with bench --profile, docs/performance.md). Each rewrite
+# computes the same function (the optimize stage's parity check holds it to the FP32 budget);
+# they match by structure and constants, not by module names, and in this model they are all
+# in the HMU (its GELU, VAE and gate) and the embeddings.
+class _Graph:
+    """Producer / consumer / constant lookups over one graph, and the edits of one pass."""
+
+    def __init__(self, graph: "onnx.GraphProto") -> None:
+        from onnx import numpy_helper
+
+        self.graph = graph
+        seen: set[str] = set()
+        for i, n in enumerate(graph.node):  # edits are keyed by node name: make names unique
+            if not n.name or n.name in seen:
+                n.name = f"{FUSED_PREFIX}node_{i}"
+            seen.add(n.name)
+        self.arrays = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+        self.producer = {o: n for n in graph.node for o in n.output}
+        self.consumers: dict[str, list[Any]] = {}
+        for n in graph.node:
+            for i in n.input:
+                self.consumers.setdefault(i, []).append(n)
+        self.outputs = {o.name for o in graph.output}
+        self.drop: set[str] = set()  # names of nodes to remove
+        self.emit: dict[str, list[Any]] = {}  # node name -> new nodes emitted in its place
+        self.new_inits: list[Any] = []
+
+    def scalar(self, name: str) -> float | None:
+        """The value of a one-element float constant (initializer), else None."""
+        a = self.arrays.get(name)
+        if a is None or a.size != 1 or a.dtype.kind != "f":
+            return None
+        return float(a.reshape(()))
+
+    def single_use(self, name: str, op: str) -> Any:
+        """The one consumer of ``name`` when it is an ``op`` node (and ``name`` is no graph
+        output), else None."""
+        users = self.consumers.get(name, [])
+        if len(users) != 1 or name in self.outputs or users[0].op_type != op:
+            return None
+        return users[0]
+
+    def own(self, name: str, node: Any) -> bool:
+        """``name`` is a constant that only ``node`` reads (folding into it copies nothing)."""
+        return name in self.arrays and [n.name for n in self.consumers.get(name, [])] == [node.name]
+
+    def made_by(self, name: str, op: str) -> Any:
+        n = self.producer.get(name)
+        return n if n is not None and n.op_type == op else None
+
+    def free(self, *nodes: Any) -> bool:
+        """None of ``nodes`` is touched by an earlier match of this pass."""
+        return all(n.name not in self.drop and n.name not in self.emit for n in nodes)
+
+    def add_init(self, name: str, array: np.ndarray) -> str:
+        from onnx import numpy_helper
+
+        self.new_inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        self.arrays[name] = array
+        return name
+
+    def apply(self) -> None:
+        """Rebuild the node list: new nodes where the node they replace stood."""
+        rebuilt = []
+        for node in self.graph.node:
+            if node.name in self.emit:
+                rebuilt.extend(self.emit[node.name])
+            elif node.name not in self.drop:
+                rebuilt.append(node)
+        del self.graph.node[:]
+        self.graph.node.extend(rebuilt)
+        self.graph.initializer.extend(self.new_inits)
+
+
+def _scope(node: Any) -> str:
+    return node.name.rsplit("/", 1)[0] if "/" in node.name else node.name
+
+
+def _erf_gelu(g: _Graph) -> int:
+    """x * 0.5 * (1 + erf(x / sqrt 2)) (any order of the two Muls) -> com.microsoft Gelu, which
+    ORT then fuses with the bias Add before it into BiasGelu (exact erf GELU)."""
+    from onnx import helper
+
+    count = 0
+    for erf in list(g.graph.node):
+        if erf.op_type != "Erf":
+            continue
+        div = g.made_by(erf.input[0], "Div")
+        if div is None or g.scalar(div.input[1]) is None \
+                or abs(g.scalar(div.input[1]) - np.sqrt(2.0)) > 1e-6:  # type: ignore[operator]
+            continue
+        x = div.input[0]
+        add = g.single_use(erf.output[0], "Add")
+        if add is None or g.scalar([i for i in add.input if i != erf.output[0]][0]) != 1.0:
+            continue
+        m1 = g.single_use(add.output[0], "Mul")
+        m2 = g.single_use(m1.output[0], "Mul") if m1 is not None else None
+        if m1 is None or m2 is None:
+            continue
+        other1 = [i for i in m1.input if i != add.output[0]]
+        other2 = [i for i in m2.input if i != m1.output[0]]
+        if len(other1) != 1 or len(other2) != 1:
+            continue
+        pair = {"half" if g.scalar(i) == 0.5 else "x" if i == x else "?" for i in other1 + other2}
+        if pair != {"half", "x"} or not g.free(div, erf, add, m1, m2) \
+                or len(g.consumers.get(div.output[0], [])) != 1:
+            continue
+        g.drop.update(n.name for n in (div, erf, add, m1))
+        g.emit[m2.name] = [helper.make_node("Gelu", [x], [m2.output[0]],
+                                            name=f"{_scope(m2)}/Gelu", domain=MS_DOMAIN)]
+        count += 1
+    return count
+
+
+def _fold_scale(g: _Graph) -> int:
+    """A constant scalar Mul after a Linear (MatMul + bias Add) or an embedding Gather folded
+    into its weights: ``exp(0.5 * (x W + b))`` reads ``x (0.5 W) + 0.5 b``; one pass less.
+    Only weights nothing else reads (a tied embedding is not copied)."""
+    from onnx import helper
+
+    count = 0
+    for mul in list(g.graph.node):
+        if mul.op_type != "Mul" or len(mul.input) != 2:
+            continue
+        consts = [i for i in mul.input if g.scalar(i) is not None]
+        if len(consts) != 1:
+            continue
+        c = np.float32(g.scalar(consts[0]))
+        t = [i for i in mul.input if i != consts[0]][0]
+        if len(g.consumers.get(t, [])) != 1 or t in g.outputs:
+            continue
+        add, gather = g.made_by(t, "Add"), g.made_by(t, "Gather")
+        if gather is not None and g.own(gather.input[0], gather) and g.free(gather, mul):
+            table = g.add_init(f"{FUSED_PREFIX}{_scope(gather)}/scaled_table",
+                               g.arrays[gather.input[0]] * c)
+            g.drop.add(mul.name)
+            g.emit[gather.name] = [helper.make_node("Gather", [table, gather.input[1]],
+                                                    [mul.output[0]], name=gather.name,
+                                                    **{a.name: helper.get_attribute_value(a)
+                                                       for a in gather.attribute})]
+            count += 1
+            continue
+        if add is None:
+            continue
+        bias = [i for i in add.input if i in g.arrays and g.arrays[i].ndim == 1]
+        mm = next((g.made_by(i, "MatMul") for i in add.input if i not in bias
+                   and g.made_by(i, "MatMul") is not None), None)
+        if len(bias) != 1 or mm is None or not g.own(mm.input[1], mm) \
+                or not g.own(bias[0], add) \
+                or len(g.consumers.get(mm.output[0], [])) != 1 or not g.free(mm, add, mul):
+            continue
+        pre = f"{FUSED_PREFIX}{_scope(mm)}"
+        w = g.add_init(f"{pre}/scaled_w", g.arrays[mm.input[1]] * c)
+        b = g.add_init(f"{pre}/scaled_b", g.arrays[bias[0]] * c)
+        g.drop.add(mul.name)
+        g.emit[mm.name] = [helper.make_node("MatMul", [mm.input[0], w], [mm.output[0]],
+                                            name=mm.name)]
+        g.emit[add.name] = [helper.make_node("Add", [mm.output[0], b], [mul.output[0]],
+                                             name=add.name)]
+        count += 1
+    return count
+
+
+def _gate_mix(g: _Graph) -> int:
+    """``g * a + (1 - g) * b`` (the HMU's gated mix) -> ``b + g * (a - b)``: three passes over
+    the activations instead of four."""
+    from onnx import helper
+
+    count = 0
+    for add in list(g.graph.node):
+        if add.op_type != "Add" or len(add.input) != 2:
+            continue
+        muls = [g.made_by(i, "Mul") for i in add.input]
+        if any(m is None or len(g.consumers.get(m.output[0], [])) != 1 for m in muls):
+            continue
+        for m_gate, m_rest in (muls, muls[::-1]):
+            sub = next((g.made_by(i, "Sub") for i in m_rest.input
+                        if g.made_by(i, "Sub") is not None), None)
+            if sub is None or g.scalar(sub.input[0]) != 1.0 \
+                    or len(g.consumers.get(sub.output[0], [])) != 1:
+                continue
+            gate = sub.input[1]
+            b = [i for i in m_rest.input if i != sub.output[0]]
+            a = [i for i in m_gate.input if i != gate]
+            if gate not in m_gate.input or len(a) != 1 or len(b) != 1 \
+                    or not g.free(add, sub, *muls):
+                continue
+            pre = _scope(add)
+            diff, scaled = f"{FUSED_PREFIX}{pre}/a_minus_b", f"{FUSED_PREFIX}{pre}/g_times_diff"
+            g.drop.update({sub.name, muls[0].name, muls[1].name})
+            g.emit[add.name] = [
+                helper.make_node("Sub", [a[0], b[0]], [diff], name=f"{pre}/Sub_mix"),
+                helper.make_node("Mul", [gate, diff], [scaled], name=f"{pre}/Mul_mix"),
+                helper.make_node("Add", [b[0], scaled], [add.output[0]], name=f"{pre}/Add_mix")]
+            count += 1
+            break
+    return count
+
+
+#: the rewrites, in the order they run (each one pass over the graph)
+REWRITES: dict[str, Callable[[_Graph], int]] = {
+    "erf_gelu": _erf_gelu, "fold_scale": _fold_scale, "gate_mix": _gate_mix}
+
+
+def rewrite_elementwise(proto: "onnx.ModelProto") -> dict[str, int]:
+    """Apply every rewrite of ``REWRITES`` in place; returns how often each matched."""
+    done: dict[str, int] = {}
+    for name, rewrite in REWRITES.items():
+        g = _Graph(proto.graph)
+        done[name] = rewrite(g)
+        if done[name]:
+            g.apply()
+    if done.get("erf_gelu") and not any(o.domain == MS_DOMAIN for o in proto.opset_import):
+        from onnx import helper
+        proto.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    _prune(proto.graph)
+    return done
+
+
 # --------------------------------------------------------------------------- optimize + parity
 @dataclass
 class OptimizeReport:
@@ -225,6 +448,8 @@ class OptimizeReport:
     ops_after: dict[str, int]
     parity_max_abs: float
     parity_shapes: list[list[int]] = field(default_factory=list)
+    #: elementwise rewrites applied before ORT's own fusions: {rewrite: times}
+    rewrites: dict[str, int] = field(default_factory=dict)
 
     @property
     def fused_ops(self) -> dict[str, int]:
@@ -234,7 +459,8 @@ class OptimizeReport:
         return {"attention": self.attention, "fused_ops": self.fused_ops,
                 "nodes_before": sum(self.ops_before.values()),
                 "nodes_after": sum(self.ops_after.values()),
-                "parity_max_abs": self.parity_max_abs, "parity_shapes": self.parity_shapes}
+                "parity_max_abs": self.parity_max_abs, "parity_shapes": self.parity_shapes,
+                "rewrites": self.rewrites}
 
 
 def op_counts(proto: "onnx.ModelProto") -> dict[str, int]:
@@ -272,7 +498,7 @@ def compare_graphs(ref_path: Path, opt_path: Path, cfg: "BuildConfig",
     plain = ort.SessionOptions()
     plain.log_severity_level = 3
     ref = ort.InferenceSession(str(ref_path), plain, providers=["CPUExecutionProvider"])
-    opt = ort.InferenceSession(str(opt_path), tuned_session_options(),
+    opt = ort.InferenceSession(str(opt_path), forward_session_options(),
                                providers=["CPUExecutionProvider"])
     positional = {s.name for s in contract.outputs if s.src_positional}
     worst = 0.0
@@ -302,10 +528,11 @@ def optimize_graph(src: Path, dst: Path, cfg: "BuildConfig", model: "HMUTransfor
     proto = onnx.load(str(src))
     before = op_counts(proto)
     attention = fuse_attention(proto, model) if (fuse and model is not None) else {}
+    rewrites = rewrite_elementwise(proto)
     with tempfile.TemporaryDirectory(prefix="hmu-opt-") as tmp:
         fused_path = Path(tmp) / "fused.onnx"
         onnx.save_model(proto, str(fused_path))
-        opts = tuned_session_options(optimization="extended")
+        opts = forward_session_options(optimization="extended")
         saved = Path(tmp) / "ort.onnx"
         opts.optimized_model_filepath = str(saved)
         try:
@@ -327,7 +554,8 @@ def optimize_graph(src: Path, dst: Path, cfg: "BuildConfig", model: "HMUTransfor
             if not err <= cfg.parity.fp32_max_abs:
                 raise ParityFailure(f"optimized graph disagrees with model.onnx: max abs {err:.3g}"
                                     f" > {cfg.parity.fp32_max_abs:g}")
-    return OptimizeReport(attention, before, op_counts(out), err, [list(s) for s in shapes])
+    return OptimizeReport(attention, before, op_counts(out), err, [list(s) for s in shapes],
+                          rewrites)
 
 
 def split_parity_sizes(contract: "GraphContract", cfg: "BuildConfig") -> list[dict[str, int]]:

@@ -124,8 +124,17 @@ def cpu_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+#: ONNX Runtime graph optimizers whose fused kernel is slower on CPU than the ops it replaces
+#: (docs/performance.md): onnxruntime 1.32's SkipLayerNormalization takes 4-9x the time of
+#: Add + LayerNormalization at d=128 (1.19 ms vs 0.25 ms at 8x128 tokens, one thread).
+SLOW_CPU_FUSIONS: tuple[str, ...] = ("SkipLayerNormFusion",)
+#: the session config key that names optimizers to leave out (comma-separated)
+DISABLE_OPTIMIZERS_KEY = "optimization.disable_specified_optimizers"
+
+
 def tuned_session_options(threads: int | None = None, *, spinning: bool = True,
-                          optimization: str = "all"):  # type: ignore[no-untyped-def]
+                          optimization: str = "all",
+                          disabled_optimizers: Sequence[str] = ()):  # type: ignore[no-untyped-def]
     """Session options measured fastest here for one request at a time (docs/performance.md).
 
     intra-op threads = cores (ORT's default also counts hyper-threads), one inter-op thread and
@@ -133,6 +142,7 @@ def tuned_session_options(threads: int | None = None, *, spinning: bool = True,
     optimization at load (layout transforms are CPU-specific, so they happen at load, never in
     the saved file), memory patterns and the CPU arena on (shapes repeat in serving loops).
     ``spinning=False`` lets idle workers sleep: slower per request, kinder to a shared machine.
+    ``disabled_optimizers``: ORT optimizers left out at load (``forward_session_options``).
     """
     import onnxruntime as ort
 
@@ -149,7 +159,17 @@ def tuned_session_options(threads: int | None = None, *, spinning: bool = True,
     opts.enable_mem_pattern = True
     opts.enable_cpu_mem_arena = True
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    if disabled_optimizers:
+        opts.add_session_config_entry(DISABLE_OPTIMIZERS_KEY, ",".join(disabled_optimizers))
     return opts
+
+
+def forward_session_options(threads: int | None = None, *, spinning: bool = True,
+                            optimization: str = "all"):  # type: ignore[no-untyped-def]
+    """The tuned options for the forward graph (``model.opt.onnx``): ``SLOW_CPU_FUSIONS`` off,
+    so ORT does not fuse back at load what the optimize stage saved unfused."""
+    return tuned_session_options(threads, spinning=spinning, optimization=optimization,
+                                 disabled_optimizers=SLOW_CPU_FUSIONS)
 
 
 # --------------------------------------------------------------------------- from a build
