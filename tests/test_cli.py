@@ -95,6 +95,7 @@ def test_readme_generate_spells_2026(cli_build):
     assert rows["onnxruntime"]["correct"] == rows["onnxruntime-opt"]["correct"] == \
         rows["torch"]["correct"]
     assert [n["scale"] for n in task["noise"]] == [0.0, 0.25, 0.5, 1.0, 2.0]
+    assert {"onnxruntime-fp16emu", "onnxruntime-int8", "onnxruntime-int4"} <= set(rows)
 
 
 def test_single_stage_commands_on_a_build(cli_build, tmp_path, capsys):

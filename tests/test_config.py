@@ -36,7 +36,10 @@ def test_default_is_valid_and_latent_is_half_of_d_model():
     # no config: the trained demo, whose architecture is the dataclasses' defaults
     assert cfg.model == BuildConfig().model.__class__(checkpoint=cfg.model.checkpoint)
     assert cfg.model.checkpoint and cfg.task.path
-    assert replace(cfg, model=BuildConfig().model, task=BuildConfig().task) == BuildConfig()
+    # ... the parity bounds scaled to its logits (docs/demo-model.md), nothing else
+    assert cfg.parity.fp32_max_abs > BuildConfig().parity.fp32_max_abs
+    assert replace(cfg, model=BuildConfig().model, task=BuildConfig().task,
+                   parity=BuildConfig().parity) == BuildConfig()
     assert cfg.model.latent_dim == cfg.model.d_model // 2  # the paper's reference default
 
 

@@ -87,3 +87,39 @@ def test_loadtest_command_mistakes_are_one_error_line(tmp_path, capsys, repo):
         assert main(["loadtest", *argv]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and words in err[0], (argv, err)
+
+
+def test_task_sources_are_the_task_inputs_through_the_model_tokenizer(tmp_path):
+    """--task: requests carry the task set's sources, tokenized as `generate --text` does."""
+    import shutil
+
+    import numpy as np
+
+    from hmu_export import demo
+    from hmu_export.core.errors import InputError
+    from hmu_export.model.tokenizer import Tokenizer, load_hf_tokenizer
+
+    if not demo.CHECKPOINT.is_file():
+        pytest.skip("the trained demo model is not in this checkout")
+    folder = tmp_path / "m_generate_stream"
+    (folder / "1").mkdir(parents=True)
+    params = {"vocab_size": "512", "src_len_min": "1", "src_len_max": "9",
+              "max_new_tokens_max": "24", "batch_max": "8"}
+    model = L.StreamModel(folder.name, folder, params)
+    task = tmp_path / "t.jsonl"
+    task.write_text('{"source": "7", "target": "siete"}\n'
+                    '{"source": "123456789", "target": "x"}\n', encoding="utf-8")
+    with pytest.raises(InputError, match="carries a tokenizer"):
+        L.task_sources(model, str(task))
+    shutil.copytree(demo.MODEL_DIR, folder / "1" / "tokenizer",
+                    ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
+    # every source encodes to 10 ids (9 digits + EOS): none fits src_len 1..9
+    with pytest.raises(InputError, match="no source"):
+        L.task_sources(model, str(task))
+    model.params["src_len_max"] = "16"
+    sources = L.task_sources(model, str(task))
+    tok = Tokenizer(load_hf_tokenizer(demo.MODEL_DIR))
+    assert sources == [tuple(r) for r in tok.encode(["7", "123456789"])]
+    reqs = L.plan_requests(model.spec, 50, np.random.default_rng(0), L.LoadSettings(), sources)
+    assert {r.src_ids for r in reqs} == set(sources)
+    assert {r.max_new_tokens for r in reqs} == {24}  # the model's EOS ends each answer

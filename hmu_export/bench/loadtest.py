@@ -54,6 +54,9 @@ class LoadSettings:
     warmup: int = 32  # sent at once before the rates: the RSS baseline has seen full batches
     drain_s: float = 120.0  # wait this long after the last arrival for answers
     seed: int = 0
+    #: a task set (JSONL of source / target texts) whose sources, tokenized with the model's
+    #: tokenizer, are the requests' inputs (the trained default's test set); "" = random ids
+    task: str = ""
 
     def check(self) -> None:
         if not self.rates or any(not (r > 0 and math.isfinite(r)) for r in self.rates):
@@ -115,31 +118,63 @@ class Request:
     params: dict[str, Any] = field(default_factory=dict)
 
 
+Sources = Sequence[tuple[int, ...]]
+
+
 def plan_requests(spec: dict[str, int], n: int, rng: np.random.Generator,
-                  settings: LoadSettings) -> list[Request]:
+                  settings: LoadSettings, sources: Sources | None = None) -> list[Request]:
     """Mixed lengths: sources uniform over the profile's range, answers uniform over
     ``new_tokens`` (an untrained model seldom stops early, so this is the answer length), a
-    ``sample_share`` of seeded sampling requests."""
+    ``sample_share`` of seeded sampling requests. With task ``sources`` (a trained model's
+    real inputs) each request takes one drawn at random and may run to the profile's
+    maximum: the model's own EOS decides the answer length."""
     lo_new, hi_new = settings.new_tokens
     hi_new = hi_new or spec["max_new_tokens_max"]
     lo_new = lo_new or max(1, hi_new // 8)
     out = []
     for _ in range(n):
-        length = int(rng.integers(spec["src_len_min"], spec["src_len_max"] + 1))
-        ids = tuple(int(t) for t in rng.integers(3, spec["vocab_size"], length))
+        if sources:
+            ids = sources[int(rng.integers(0, len(sources)))]
+            new = hi_new
+        else:
+            length = int(rng.integers(spec["src_len_min"], spec["src_len_max"] + 1))
+            ids = tuple(int(t) for t in rng.integers(3, spec["vocab_size"], length))
+            new = int(rng.integers(lo_new, hi_new + 1))
         params: dict[str, Any] = {}
         if rng.random() < settings.sample_share:
             params = {"strategy": "sample", "seed": int(rng.integers(0, 2**31)),
                       "temperature": 0.8, "top_k": 40}
-        out.append(Request(ids, int(rng.integers(lo_new, hi_new + 1)), params))
+        out.append(Request(ids, new, params))
     return out
 
 
-def rate_requests(spec: dict[str, int], settings: LoadSettings, rate: float, index: int
-                  ) -> list[Request]:
+def rate_requests(spec: dict[str, int], settings: LoadSettings, rate: float, index: int,
+                  sources: Sources | None = None) -> list[Request]:
     """The requests of the ``index``-th rate: the same in both modes (same seed)."""
     n = settings.max_requests or max(1, round(rate * settings.duration_s))
-    return plan_requests(spec, n, np.random.default_rng(settings.seed + 1 + index), settings)
+    return plan_requests(spec, n, np.random.default_rng(settings.seed + 1 + index), settings,
+                         sources)
+
+
+def task_sources(model: "StreamModel", path: str) -> list[tuple[int, ...]]:
+    """The task set's sources as token ids, with the tokenizer the served model carries; only
+    those inside the profile's source lengths (one line when none is, or there is no
+    tokenizer)."""
+    from ..core.task_set import read_pairs
+    from ..model.tokenizer import Tokenizer, load_hf_tokenizer, tokenizer_files
+
+    folder = model.folder / "1" / "tokenizer"
+    if not tokenizer_files(folder):
+        raise InputError(f"--task needs a model that carries a tokenizer; {model.name} has "
+                         "none (its build had no tokenizer)")
+    tok = Tokenizer(load_hf_tokenizer(folder))
+    spec = model.spec
+    ids = tok.encode([s for s, _ in read_pairs(path)])
+    out = [tuple(row) for row in ids if spec["src_len_min"] <= len(row) <= spec["src_len_max"]]
+    if not out:
+        raise InputError(f"no source of {path} fits {model.name}'s source lengths "
+                         f"{spec['src_len_min']}..{spec['src_len_max']}")
+    return out
 
 
 @dataclass
@@ -309,8 +344,8 @@ def mode_repository(model: StreamModel, mode: str, root: Path) -> Path:
 
 
 def run_mode(model: StreamModel, mode: str, settings: LoadSettings, rates: Sequence[float],
-             workdir: Path, extra_rate: ExtraRate | None = None, log: Log = print
-             ) -> dict[str, Any]:
+             workdir: Path, extra_rate: ExtraRate | None = None, log: Log = print,
+             sources: Sources | None = None) -> dict[str, Any]:
     """Serve the model in ``mode`` and run every rate on that server (RSS across all of them).
     ``extra_rate(rows) -> rate | None`` adds one more rate once the others ran."""
     from ..deploy.triton.server import serve
@@ -322,14 +357,15 @@ def run_mode(model: StreamModel, mode: str, settings: LoadSettings, rates: Seque
     with serve(repo, [model.name]) as server:
         url = server.grpc_url
         if settings.warmup:
-            run_rate(url, model.name, plan_requests(spec, settings.warmup, rng, settings),
+            run_rate(url, model.name,
+                     plan_requests(spec, settings.warmup, rng, settings, sources),
                      1000.0, settings.seed, settings.drain_s)
         rss_start = tree_rss_mb(server.process.pid)
         served = 0
 
         def one(rate: float, index: int) -> None:
             nonlocal served
-            reqs = rate_requests(spec, settings, rate, index)
+            reqs = rate_requests(spec, settings, rate, index, sources)
             row = run_rate(url, model.name, reqs, rate, settings.seed + index, settings.drain_s)
             row["rss_mb"] = tree_rss_mb(server.process.pid)
             served += row["sent"]
@@ -362,6 +398,7 @@ def run_loadtest(repository: Path, settings: LoadSettings, *, model_name: str | 
     """Both modes, one server each, one after the other; the report (see write_report)."""
     settings.check()
     model = find_stream_model(repository, model_name)
+    sources = task_sources(model, settings.task) if settings.task else None
     report: dict[str, Any] = {
         "repository": str(repository), "model": model.name, "spec": model.spec,
         "settings": asdict(settings), "cpu_count": os.cpu_count(), "modes": {},
@@ -379,7 +416,7 @@ def run_loadtest(repository: Path, settings: LoadSettings, *, model_name: str | 
     with tempfile.TemporaryDirectory(prefix="hmu-loadtest-") as tmp:
         for mode in order:
             report["modes"][mode] = run_mode(model, mode, settings, settings.rates, Path(tmp),
-                                             low_rate, log)
+                                             low_rate, log, sources)
     report["low_rate"] = low.get("rate")
     report["saturation"] = {m: saturation(r["rates"]) for m, r in report["modes"].items()}
     report["targets"] = targets(report)

@@ -35,6 +35,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sample-share", type=float, default=0.3, metavar="F",
                    help="share of seeded sampling requests, the rest greedy (default: 0.3)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--task", type=Path, metavar="JSONL",
+                   help="take the requests' inputs from a task set's sources, tokenized with "
+                        "the model's tokenizer (the default build's: "
+                        "hmu_export/demo/numbers-es.test.jsonl); default: random token ids")
     p.add_argument("--out", type=Path, metavar="BASE",
                    help="write BASE.json, BASE.md and BASE.png (default: loadtest-<model>)")
     p.set_defaults(func=run)
@@ -53,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
                             max_requests=args.requests,
                             modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()),
                             low_rate=not args.no_low_rate, sample_share=args.sample_share,
-                            new_tokens=(lo, hi), seed=args.seed)
+                            new_tokens=(lo, hi), seed=args.seed,
+                            task=str(args.task) if args.task else "")
     settings.check()
     report = run_loadtest(args.repository, settings, model_name=args.model,
                           log=lambda line: ui.err.print(line, highlight=False, markup=False))

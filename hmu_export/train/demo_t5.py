@@ -203,7 +203,7 @@ def train_t5_hmu(folder: Path, steps: int = 300, batch_size: int = 64, lr: float
     ``finetune`` (sampled noise, KL term), into ``folder/hmu.safetensors``. The build then
     reads it as ``hmu_checkpoint`` (examples/t5-numbers-es/build.toml)."""
     from ..core.config import BuildConfig, ModelConfig
-    from .demo_trainer import _examples, _ids_jsonl, limit_pairs
+    from .demo_trainer import examples_of, limit_pairs, write_ids_jsonl
     from .finetune import FinetuneOptions, finetune
 
     folder = Path(folder)
@@ -211,9 +211,10 @@ def train_t5_hmu(folder: Path, steps: int = 300, batch_size: int = 64, lr: float
     tok = demo_tokenizer.load(folder)
     sampler = demo_data.TrainSampler(split, seed + 1)
     work = folder / "hmu-train"
-    train = _ids_jsonl(work / "train.jsonl", _examples(tok, sampler.pairs(steps * batch_size)))
-    dev = _ids_jsonl(work / "dev.jsonl",
-                     _examples(tok, limit_pairs(demo_data.pairs_of(split.dev), eval_limit)))
+    train = write_ids_jsonl(work / "train.jsonl",
+                            examples_of(tok, sampler.pairs(steps * batch_size)))
+    dev = write_ids_jsonl(work / "dev.jsonl",
+                          examples_of(tok, limit_pairs(demo_data.pairs_of(split.dev), eval_limit)))
     t0 = time.perf_counter()
     cfg = BuildConfig(model=ModelConfig(source="hf", path=str(folder))).validate()
     fine = finetune(cfg, train, folder / "hmu.safetensors", eval_data=dev,

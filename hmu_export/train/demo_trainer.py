@@ -68,7 +68,7 @@ def lr_at(step: int, opts: DemoOptions) -> float:
     return opts.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
 
 
-def _examples(tok: Any, pairs: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+def examples_of(tok: Any, pairs: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
     src = demo_tokenizer.encode(tok, [s for s, _ in pairs])
     tgt = demo_tokenizer.encode(tok, [t for _, t in pairs])
     return list(zip(src, tgt))
@@ -97,7 +97,7 @@ def train_base(model: Any, tok: Any, sampler: demo_data.TrainSampler, opts: Demo
         lr = lr_at(step, opts)
         for group in opt.param_groups:
             group["lr"] = lr
-        b = make_batch(_examples(tok, sampler.pairs(opts.batch_size)), 1, cfg.pad_id)
+        b = make_batch(examples_of(tok, sampler.pairs(opts.batch_size)), 1, cfg.pad_id)
         noise = torch.zeros(b.src_ids.shape[0], b.src_ids.shape[1], cfg.latent_dim)
         logits = model(b.src_ids, b.src_mask, b.tgt_in, noise)
         loss = F.cross_entropy(logits.flatten(0, 1), b.labels.flatten(), ignore_index=IGNORE)
@@ -114,7 +114,7 @@ def train_base(model: Any, tok: Any, sampler: demo_data.TrainSampler, opts: Demo
     return history
 
 
-def _ids_jsonl(path: Path, examples: list[tuple[list[int], list[int]]]) -> Path:
+def write_ids_jsonl(path: Path, examples: list[tuple[list[int], list[int]]]) -> Path:
     """finetune's data format: {"src": [ids], "tgt": [ids]} per line."""
     return write_text(path, "".join(json.dumps({"src": s, "tgt": t}) + "\n"
                                     for s, t in examples))
@@ -199,9 +199,10 @@ def train_demo(out: Path, opts: DemoOptions = DemoOptions(),
     # ---- stage 2: the HMU alone on the frozen base, with the project's finetune
     stage2 = out / "stage2"
     fine_sampler = demo_data.TrainSampler(split, opts.seed + 1)
-    train2 = _ids_jsonl(stage2 / "train.jsonl",
-                        _examples(tok, fine_sampler.pairs(opts.hmu_steps * opts.hmu_batch_size)))
-    dev2 = _ids_jsonl(stage2 / "dev.jsonl", _examples(tok, sets["dev"]))
+    train2 = write_ids_jsonl(stage2 / "train.jsonl",
+                             examples_of(tok, fine_sampler.pairs(opts.hmu_steps
+                                                                 * opts.hmu_batch_size)))
+    dev2 = write_ids_jsonl(stage2 / "dev.jsonl", examples_of(tok, sets["dev"]))
     model_dir = out / "model"
     t0 = time.perf_counter()
     fine = finetune(BuildConfig(model=replace(mcfg, checkpoint=str(weights))), train2,
