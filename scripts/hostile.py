@@ -14,7 +14,8 @@ must survive it (guarded files, devices, links, the build copy). A run is classi
 - data loss: a guarded file, device or link changed or replaced, or a half-written artifact
   (``*.tmp``, a staging folder) left behind;
 - messy: a non-zero exit without exactly one ``error:`` line (two lines, none, a signal);
-- refused: a valid request answered with an error.
+- refused: a valid request answered with an error;
+- broken: the attack itself could not be prepared (a bug of this script).
 
 Usage: ``python scripts/hostile.py [--short] [--jobs N] [--json F] [--md F] [--filter S]``.
 Stdlib only (the CLI runs in this interpreter's environment); exit 1 when any run is not clean.
@@ -41,7 +42,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 REPO = Path(__file__).resolve().parents[1]
-CLASSES = ("clean", "traceback", "silent", "hang", "data loss", "messy", "refused")
+CLASSES = ("clean", "traceback", "silent", "hang", "data loss", "messy", "refused", "broken")
 BAD = tuple(c for c in CLASSES if c != "clean")
 #: lines of stderr that count as the one error line (ours: "error: ..."; argparse's:
 #: "python -m hmu_export build: error: ...")
@@ -333,7 +334,12 @@ def run_attack(attack: Attack, env: Env) -> Result:
     safe = re.sub(r"[^A-Za-z0-9]+", "-", f"{attack.command}-{attack.name}")[:80]
     work = Path(tempfile.mkdtemp(prefix=f"{safe}.", dir=env.root / "runs"))
     ctx = Ctx(env, work)
-    argv = attack.prepare(ctx)
+    try:
+        argv = attack.prepare(ctx)
+    except Exception as exc:  # a bug of this script, not of the package: shown, not hidden
+        return Result(attack.command, attack.name, attack.expect, "broken",
+                      f"the attack could not be prepared: {type(exc).__name__}: {exc}"[:300],
+                      None, 0.0)
     before = {p: snapshot(p) for p in ctx.guards}
     run = env.run_cli(argv, work, attack.timeout, ctx.stdin)
     lost = [f"{p.relative_to(work)} changed ({before[p][0]} -> {snapshot(p)[0]})"
@@ -433,7 +439,7 @@ def build_attacks() -> list[Attack]:
         ("generation", "eos_id", ["-1"]),
         ("generation", "max_new_tokens", ["1000", "-1"]),
         ("generation", "strategy", ['"bogus"']),
-        ("generation", "num_beams", ["0", "100"]),
+        ("generation", "num_beams", ["0"]),
         ("generation", "length_penalty", ["1e308", "-400.0", "nan"]),
         ("generation", "temperature", ["1e-310", "0.0", "-1.0", "inf"]),
         ("generation", "top_k", ["-1"]),
@@ -460,6 +466,9 @@ def build_attacks() -> list[Attack]:
         return lambda c: ["build", "--config", c.toml(ov), "--out", "out"]
 
     rows: list[tuple[str, str, Prep]] = [(n, "error", toml_attack(ov)) for n, ov in bad]
+    rows += [(f"generation: beam with num_beams {v}", "error",
+              toml_attack({"generation.strategy": '"beam"', "generation.num_beams": v}))
+             for v in ("5", "100")]  # above the profile's batch max: every generate would fail
 
     def raw(text: str | bytes) -> Prep:
         return lambda c: ["build", "--config", c.toml(raw=text), "--out", "out"]
@@ -550,7 +559,8 @@ def _other_checkpoint(c: Ctx) -> list[str]:
             "from hmu_export.model import build_model, save_checkpoint\n"
             "m = build_model(config_from_dict({'model': {'vocab_size': 61, 'd_model': 64,"
             " 'n_heads': 4, 'n_encoder_layers': 1, 'n_decoder_layers': 1, 'd_ff': 64,"
-            " 'latent_dim': 16, 'max_len': 32}}).model)\nsave_checkpoint(m, sys.argv[1])\n")
+            " 'latent_dim': 16, 'max_len': 32}, 'profile': {'batch': [1, 2, 4],"
+            " 'src_len': [1, 8, 16], 'tgt_len': [1, 4, 8]}}).model)\nsave_checkpoint(m, sys.argv[1])\n")
     run = c.env.run_cli([c.env.python, "-c", code, str(c.work / "other")], c.work, 120)
     if run.rc != 0:
         raise RuntimeError(run.stderr[-500:])
@@ -1264,6 +1274,8 @@ def main(argv: list[str] | None = None) -> int:
         with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
             for r in pool.map(lambda a: run_attack(a, env), chosen):
                 results.append(r)
+                if len(results) % 50 == 0:
+                    print(f"  {len(results)} of {len(chosen)} done", file=sys.stderr)
                 if r.klass != "clean":
                     print(f"  {r.klass:9} {r.command} {r.name}: {r.why}", file=sys.stderr)
     finally:
