@@ -536,7 +536,7 @@ def build_attacks() -> list[Attack]:
         ("--out a user's folder", "error", out_attack(lambda c: c.userdir())),
         ("--out a symlink to a user's folder", "error",
          out_attack(lambda c: c.link("ln", c.userdir()))),
-        ("--out a dangling symlink", "error", out_attack(lambda c: c.link("ln", "nowhere"))),
+        ("--out a dangling symlink (builds where it points)", "ok", _dangling_out),
         ("--out a character device", "error", out_attack(lambda c: c.nulldev())),
         ("--out a FIFO", "error", out_attack(lambda c: c.fifo())),
         ("--out below a user's file", "error",
@@ -546,11 +546,14 @@ def build_attacks() -> list[Attack]:
         ("--out /dev/null", "error", out_attack(lambda c: "/dev/null")),
     ]
     rows += hf_rows()
-    return attacks_of(rows, "build", short={
+    slow = {"hf: auto_map remote code never runs", "--out a dangling symlink (builds where it "
+            "points)"}  # these two may build whole models
+    return [dataclasses.replace(a, timeout=600.0) if a.name in slow else a
+            for a in attacks_of(rows, "build", short={
         "model.vocab_size=0", "generation.length_penalty=1e308", "generation.temperature=1e-310",
         "toml: 100k nested arrays", "checkpoint: a pickle that runs code", "--config /dev/zero",
         "--out a user's folder", "--out a character device", "hf: missing weight",
-        "hf: model_type contradicts architectures"})
+        "hf: model_type contradicts architectures"})]
 
 
 def _other_checkpoint(c: Ctx) -> list[str]:
@@ -560,13 +563,22 @@ def _other_checkpoint(c: Ctx) -> list[str]:
             "m = build_model(config_from_dict({'model': {'vocab_size': 61, 'd_model': 64,"
             " 'n_heads': 4, 'n_encoder_layers': 1, 'n_decoder_layers': 1, 'd_ff': 64,"
             " 'latent_dim': 16, 'max_len': 32}, 'profile': {'batch': [1, 2, 4],"
-            " 'src_len': [1, 8, 16], 'tgt_len': [1, 4, 8]}}).model)\nsave_checkpoint(m, sys.argv[1])\n")
+            " 'src_len': [1, 8, 16], 'tgt_len': [1, 4, 8]}}).model)\n"
+            "from pathlib import Path\nsave_checkpoint(m, Path(sys.argv[1]))\n")
     run = c.env.run_cli([c.env.python, "-c", code, str(c.work / "other")], c.work, 120)
     if run.rc != 0:
         raise RuntimeError(run.stderr[-500:])
     c.guard("other")
     return ["build", "--config", c.toml({"model.checkpoint": '"other/model.safetensors"'}),
             "--out", "o"]
+
+
+def _dangling_out(c: Ctx) -> list[str]:
+    """A link to a folder not made yet: the build goes where it points, the link stays."""
+    c.link("ln", "nowhere")
+    c.check(lambda r: None if (c.work / "nowhere" / "manifest.json").is_file() else
+            "no build where the link points")
+    return ["build", "--config", c.toml(), "--out", "ln"]
 
 
 def _loop_checkpoint(c: Ctx) -> list[str]:
@@ -636,8 +648,7 @@ def hf_rows() -> list[tuple[str, str, Prep]]:
         ("hf: no config.json", "error", hf(remove("config.json"))),
         ("hf: no weights", "error", hf(remove("model.safetensors"))),
         ("hf: index.json pointing outside the folder", "error", hf(_index_outside)),
-        ("hf: auto_map remote code", "error",
-         hf(cfg_edit(lambda d: d.update(auto_map={"AutoModel": "evil.Model"})))),
+        ("hf: auto_map remote code never runs", "any", hf(_remote_code)),
         ("hf: path missing", "error", hf(None, {"model.path": '"no-such-folder"'})),
         ("hf: path a file", "error", hf(None, {"model.path": '"t5/config.json"'})),
         ("hf: hmu_checkpoint missing", "error", hf(None, {"model.hmu_checkpoint": '"nope.st"'})),
@@ -657,6 +668,19 @@ def hf_rows() -> list[tuple[str, str, Prep]]:
         ("hf: generation_config garbage", "error", hf(write("generation_config.json", "]["))),
         ("hf: tokenizer.json garbage", "error", hf(write("tokenizer.json", "{garbage"))),
     ]
+
+
+def _remote_code(c: Ctx) -> None:
+    """config.json's auto_map names code in the folder that leaves a mark when imported: the
+    build may refuse it or ignore it (and then builds the T5), never run it."""
+    folder = c.work / "t5"
+    (folder / "evil.py").write_text("import pathlib\npathlib.Path(__file__).with_name("
+                                    "'PWNED').write_text('ran')\nfrom transformers import "
+                                    "T5ForConditionalGeneration as Model\n")
+    conf = json.loads((folder / "config.json").read_text())
+    conf["auto_map"] = {"AutoModelForSeq2SeqLM": "evil.Model", "AutoConfig": "evil.Model"}
+    (folder / "config.json").write_text(json.dumps(conf))
+    c.check(lambda r: "the folder's code ran" if (folder / "PWNED").exists() else None)
 
 
 def _index_outside(c: Ctx) -> None:
