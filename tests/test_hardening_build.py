@@ -687,3 +687,32 @@ def test_a_command_json_to_devices_fifo_and_link(small_export, tmp_path):
     assert Path("/dev/null").is_char_device() and fifo.is_fifo() and link.is_symlink()
     assert json.loads(got[0])["passed"] and json.loads(mine.read_text())["passed"]
     assert main(["info", "--artifacts", str(build)]) == 0
+
+
+@pytest.mark.parametrize("target", ["dangling", "below-a-file", "/dev/full"])
+def test_parity_with_an_unwritable_json_keeps_the_build_verifying(small_export, tmp_path,
+                                                                   capsys, target):
+    """Found by scripts/hostile.py: parity rewrote parity/ in the build, then failed on --json
+    before recording it, so the build no longer matched its manifest."""
+    build = tmp_path / "b"
+    shutil.copytree(small_export.root, build)
+    if target == "dangling":
+        (tmp_path / "ln").symlink_to(tmp_path / "nowhere")
+        out = str(tmp_path / "ln")
+    elif target == "below-a-file":
+        (tmp_path / "f").write_text("mine")
+        out = str(tmp_path / "f" / "r.json")
+    else:
+        out = target
+    assert "cannot write" in _one_error(["parity", "--artifacts", build, "--backends",
+                                         "onnxruntime", "--shapes", "1x2x2", "--json", out],
+                                        capsys)
+    assert main(["info", "--artifacts", str(build)]) == 0
+
+
+@pytest.mark.parametrize("flag", ["--settle-seconds", "--compare-threshold"])
+def test_bench_refuses_nan_seconds_and_thresholds(small_export, capsys, flag):
+    """Found by scripts/hostile.py: `--settle-seconds nan` ran the bench (exit 0)."""
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "--artifacts", str(small_export.root), "--quick", flag, "nan"])
+    assert info.value.code == 2 and "must be finite" in capsys.readouterr().err
