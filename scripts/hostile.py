@@ -1190,10 +1190,11 @@ def deploy_attacks() -> list[Attack]:
         ("--out a user's folder", "error", dep(out=lambda c: c.userdir())),
         ("--out a character device", "error", dep(out=lambda c: c.nulldev())),
     ]
+    rows.append(("--image '' (the default image)", "any", dep("--image", "")))
     for f, v in [("--storage-uri", "not a uri"), ("--storage-uri", ""),
                  ("--pvc", "a/../b"), ("--pvc", "Bad_Claim"), ("--models", "bogus"),
                  ("--models", ""), ("--name", "Bad_Name!"), ("--name", "x" * 300),
-                 ("--namespace", "UPPER"), ("--image", ""), ("--image", "a b"),
+                 ("--namespace", "UPPER"), ("--image", "a b"),
                  ("--cpu", "abc"), ("--cpu", "-1"), ("--memory", "lots"),
                  ("--min-replicas", "-1"), ("--max-replicas", "0"),
                  ("--queue-target-us", "0"), ("--queue-target-us", "-1"),
@@ -1296,6 +1297,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--filter", default="", help="only attacks whose 'command name' has this")
     p.add_argument("--inject", choices=("traceback", "silent", "hang", "data-loss"),
                    help="add one planted bad attack (to see the run fail)")
+    p.add_argument("--rerun", type=Path, metavar="REPORT.json",
+                   help="only the attacks that were not clean in this earlier --json report")
     p.add_argument("--list", action="store_true", help="list the attacks and exit")
     p.add_argument("--json", type=Path, help="write every result here")
     p.add_argument("--md", type=Path, help="write the table (Markdown) here")
@@ -1307,6 +1310,10 @@ def main(argv: list[str] | None = None) -> int:
     chosen = [a for a in all_attacks(inject=args.inject)
               if (not args.short or a.short or a.command == "selftest")
               and args.filter in f"{a.command} {a.name}"]
+    if args.rerun:
+        again = {(r["command"], r["name"]) for r in json.loads(args.rerun.read_text())["results"]
+                 if r["klass"] != "clean"}
+        chosen = [a for a in chosen if (a.command, a.name) in again]
     names = [(a.command, a.name) for a in chosen]
     assert len(names) == len(set(names)), "attack names must be distinct per command"
     if args.list:

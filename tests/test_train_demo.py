@@ -51,3 +51,21 @@ def test_a_users_folder_or_a_file_is_refused_as_out(tmp_path, capsys):
         assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
     assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
     assert (mine / "notes.txt").read_text() == "keep"
+
+
+def test_more_threads_than_cores_is_one_error_not_a_crash(tmp_path):
+    """Found by scripts/hostile.py: `--threads 100000` reached torch.set_num_threads and the
+    process died of a segmentation fault. Run in a subprocess: a crash must not take pytest."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "hmu_export", "train-demo", "--out",
+                           str(tmp_path / "o"), "--steps", "1", "--threads", "100000"],
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=str(repo)))
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1 and "exceeds this machine's" in err[0], err
+    assert not (tmp_path / "o").exists()
