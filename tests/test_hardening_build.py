@@ -716,3 +716,9 @@ def test_bench_refuses_nan_seconds_and_thresholds(small_export, capsys, flag):
     with pytest.raises(SystemExit) as info:
         main(["bench", "--artifacts", str(small_export.root), "--quick", flag, "nan"])
     assert info.value.code == 2 and "must be finite" in capsys.readouterr().err
+
+
+def test_parity_refuses_an_empty_backend_list(small_export, capsys):
+    """Found by scripts/hostile.py: `--backends ,` ran every backend (bench refuses it)."""
+    assert "--backends is empty" in _one_error(
+        ["parity", "--artifacts", small_export.root, "--backends", ","], capsys)

@@ -36,6 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..core.fileio import output_kind, write_json
 
+    if args.backends == []:  # "--backends ," would otherwise mean every backend
+        raise ConfigError("--backends is empty: name at least one backend, or leave it out "
+                          "for every available one")
     if args.json:  # a folder, a dangling link, a path below a file: refused before any work
         output_kind(args.json)
     build = open_build(args.artifacts)
