@@ -121,8 +121,11 @@ def test_a_planted_bad_attack_fails_the_run(kind, klass):
 
 @pytest.mark.slow
 def test_short_mode_every_attack_is_clean():
-    """The CI run: the short subset against a fresh tiny build (a few minutes on 2 cores)."""
-    rc, report = _script("--short", timeout=900)
+    """The CI run: the short subset against a fresh tiny build (a few minutes on 2 cores).
+    HOSTILE_INJECT=traceback (or silent, hang, data-loss) plants a bad attack in it: the test
+    must then fail, which is how to see that it can."""
+    planted = os.environ.get("HOSTILE_INJECT")
+    rc, report = _script("--short", *(["--inject", planted] if planted else []), timeout=900)
     total = report["counts"]["total"]
     bad = {r["command"] + " " + r["name"]: (r["klass"], r["why"]) for r in report["results"]
            if r["klass"] != "clean"}
