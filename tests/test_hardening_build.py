@@ -722,3 +722,19 @@ def test_parity_refuses_an_empty_backend_list(small_export, capsys):
     """Found by scripts/hostile.py: `--backends ,` ran every backend (bench refuses it)."""
     assert "--backends is empty" in _one_error(
         ["parity", "--artifacts", small_export.root, "--backends", ","], capsys)
+
+
+def test_parity_with_only_absent_backends_says_why(small_export, capsys):
+    """Found by scripts/hostile.py: `--backends tensorrt` without TensorRT ended in an empty
+    `error: parity failed: ` line."""
+    from hmu_export.runners.tensorrt_runner import probe_runtime
+    try:
+        probe_runtime()
+    except BackendUnavailable:
+        pass
+    else:
+        pytest.skip("TensorRT runs here: the backend is not absent")
+    rc = main(["parity", "--artifacts", str(small_export.root), "--backends", "tensorrt",
+               "--shapes", "1x2x2"])
+    err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert rc == 1 and len(err) == 1 and "tensorrt" in err[0].split("parity failed:")[1], err

@@ -81,6 +81,9 @@ def run(args: argparse.Namespace) -> int:
     for name, reason in report.skipped.items():
         ui.err.print(f"[yellow]skipped[/yellow] {name}: {reason}")
     if not report.passed:
-        ui.err.print(f"error: parity failed: {report.failures()[0] if report.failures() else ''}")
+        why = (report.failures()[0] if report.failures() else
+               "no backend ran (" + "; ".join(f"{n}: {r}" for n, r in report.skipped.items())
+               + ")" if report.skipped else "no result")
+        ui.err.print(f"error: parity failed: {why}", markup=False, highlight=False)
         return 1
     return 0
