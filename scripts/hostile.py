@@ -539,8 +539,7 @@ def build_attacks() -> list[Attack]:
         ("--config a folder", "error", cfg_path(lambda c: c.userdir())),
         ("--config /dev/zero", "error", cfg_path(lambda c: "/dev/zero")),
         ("--config a FIFO", "error", cfg_path(lambda c: c.fifo())),
-        ("--config a symlink loop", "error",
-         cfg_path(lambda c: (os.symlink("loop.toml", c.work / "loop.toml"), "loop.toml")[1])),
+        ("--config a symlink loop", "error", cfg_path(lambda c: c.link("loop.toml", "loop.toml"))),
         ("--config /dev/null with --out a user file", "error",
          lambda c: (c.file("out", "user data\n"), ["build", "--config", "/dev/null",
                                                    "--out", "out"])[1]),
@@ -613,7 +612,7 @@ def _fifo_checkpoint(c: Ctx) -> list[str]:
 
 def hf_rows() -> list[tuple[str, str, Prep]]:
     """`build` from Hugging Face folders that are not what they claim (source = "hf")."""
-    def hf(edit: Callable[[Ctx], None] | None, overrides: dict[str, str | None] | None = None
+    def hf(edit: Callable[[Ctx], object] | None, overrides: dict[str, str | None] | None = None
            ) -> Prep:
         def prep(c: Ctx) -> list[str]:
             shutil.copytree(c.env.hf(), c.work / "t5")
@@ -629,7 +628,7 @@ def hf_rows() -> list[tuple[str, str, Prep]]:
             return ["build", "--config", c.toml(ov | (overrides or {})), "--out", "o"]
         return prep
 
-    def cfg_edit(fn: Callable[[dict[str, Any]], Any]) -> Callable[[Ctx], None]:
+    def cfg_edit(fn: Callable[[dict[str, Any]], Any]) -> Callable[[Ctx], object]:
         def edit(c: Ctx) -> None:
             p = c.work / "t5" / "config.json"
             d = json.loads(p.read_text())
@@ -637,10 +636,10 @@ def hf_rows() -> list[tuple[str, str, Prep]]:
             p.write_text(new if isinstance(new, str) else json.dumps(d if new is None else new))
         return edit
 
-    def write(name: str, data: str) -> Callable[[Ctx], None]:
+    def write(name: str, data: str) -> Callable[[Ctx], object]:
         return lambda c: (c.work / "t5" / name).write_text(data)
 
-    def remove(name: str) -> Callable[[Ctx], None]:
+    def remove(name: str) -> Callable[[Ctx], object]:
         return lambda c: (c.work / "t5" / name).unlink()
 
     bias = "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
@@ -714,7 +713,7 @@ def _index_outside(c: Ctx) -> None:
 # ------------------------------------------------------------------ tampered and odd builds
 def _tampers() -> list[tuple[str, Callable[[Ctx], str]]]:
     """Ways a build folder is not a good build: each returns the --artifacts argument."""
-    def tampered(edit: Callable[[Path], None]) -> Callable[[Ctx], str]:
+    def tampered(edit: Callable[[Path], object]) -> Callable[[Ctx], str]:
         def make(c: Ctx) -> str:
             b = c.build(guard=False)
             edit(c.work / b)
@@ -734,7 +733,7 @@ def _tampers() -> list[tuple[str, Callable[[Ctx], str]]]:
         c.guard("build.failed")
         return "build.failed"
 
-    def write(name: str, data: str) -> Callable[[Path], None]:
+    def write(name: str, data: str) -> Callable[[Path], object]:
         return lambda b: (b / name).write_text(data)
 
     return [
@@ -744,19 +743,28 @@ def _tampers() -> list[tuple[str, Callable[[Ctx], str]]]:
         ("model.onnx removed", tampered(lambda b: (b / "model.onnx").unlink())),
         ("weights changed", tampered(lambda b: flip(b / "checkpoint" / "model.safetensors", .9))),
         ("manifest removed", tampered(lambda b: (b / "manifest.json").unlink())),
-        ("manifest removed after changing decoder.onnx", tampered(
-            lambda b: (flip(b / "decoder.onnx"), (b / "manifest.json").unlink()))),
+        ("manifest removed after changing decoder.onnx", tampered(_flip_then_unmanifest)),
         ("manifest garbage", tampered(write("manifest.json", "{garbage"))),
         ("manifest 100k deep", tampered(write("manifest.json", "[" * 100_000 + "]" * 100_000))),
         ("manifest names ../../etc/passwd", tampered(_manifest_escape)),
         ("a .failed build", failed),
-        ("an empty folder", lambda c: (c.userdir("empty"), (c.work / "empty/notes.txt").unlink(),
-                                       "empty")[2]),
+        ("an empty folder", _empty_folder),
         ("a user's folder", lambda c: c.userdir()),
         ("a regular file", lambda c: (c.file("f.txt", "mine\n"), "f.txt")[1]),
         ("/dev/null", lambda c: "/dev/null"),
         ("a missing path", lambda c: "no-such-build"),
     ]
+
+
+def _flip_then_unmanifest(b: Path) -> None:
+    flip(b / "decoder.onnx")
+    (b / "manifest.json").unlink()
+
+
+def _empty_folder(c: Ctx) -> str:
+    (c.work / "empty").mkdir()
+    c.guard("empty")
+    return "empty"
 
 
 def _manifest_escape(b: Path) -> None:
@@ -783,6 +791,10 @@ READERS: dict[str, Callable[[str, Ctx], list[str]]] = {
 }
 
 
+def _reader(argv: Callable[[str, Ctx], list[str]], make: Callable[[Ctx], str]) -> Prep:
+    return lambda c: argv(make(c), c)
+
+
 def tamper_attacks() -> list[Attack]:
     """Every command that reads a build, on every kind of bad build: each must refuse."""
     out = []
@@ -792,7 +804,7 @@ def tamper_attacks() -> list[Attack]:
                 "manifest removed after changing decoder.onnx", "a .failed build",
                 "decoder.onnx changed")
             out.append(Attack(command, f"build: {name}", "error",
-                              lambda c, argv=argv, make=make: argv(make(c), c), 180.0, short))
+                              _reader(argv, make), 180.0, short))
     return out
 
 
