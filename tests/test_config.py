@@ -138,3 +138,13 @@ def test_derived_keys_are_validated(tmp_path):
         load_config(write(tmp_path, '[model]\nderived_keys = [""]\n'))
     cfg = load_config(write(tmp_path, '[model]\nderived_keys = ["a.*", "b"]\n'))
     assert cfg.model.derived_keys == ("a.*", "b")
+
+
+def test_an_integer_too_long_to_convert_is_one_config_error(tmp_path):
+    """Found by scripts/hostile.py: tomllib raises a bare ValueError (not TOMLDecodeError) for
+    an integer literal beyond Python's 4300-digit conversion limit."""
+    p = tmp_path / "c.toml"
+    p.write_text("[model]\nseed = " + "9" * 5000 + "\n")
+    with pytest.raises(ConfigError, match="cannot read") as exc:
+        load_config(p)
+    assert "\n" not in str(exc.value)

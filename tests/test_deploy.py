@@ -318,6 +318,9 @@ def test_contradictions_are_one_line_and_write_nothing(repo, gpu_repo, tmp_path,
     _fails(capsys, [*base, "--target", "k8s", "--pvc", "m", "--min-replicas", "5"],
            "--min-replicas")
     _fails(capsys, [*base, "--target", "k8s", "--pvc", "m", "--name", "Bad_Name"], "--name")
+    # found by scripts/hostile.py: an image with a space was written into the manifests
+    _fails(capsys, [*base, "--target", "k8s", "--pvc", "m", "--image", "a b"],
+           "not an image reference")
     _fails(capsys, [*base, "--target", "k8s", "--pvc", "m", "--storage-uri", "s3://b/p"],
            "not both")
     assert not out.exists()

@@ -687,3 +687,54 @@ def test_a_command_json_to_devices_fifo_and_link(small_export, tmp_path):
     assert Path("/dev/null").is_char_device() and fifo.is_fifo() and link.is_symlink()
     assert json.loads(got[0])["passed"] and json.loads(mine.read_text())["passed"]
     assert main(["info", "--artifacts", str(build)]) == 0
+
+
+@pytest.mark.parametrize("target", ["dangling", "below-a-file", "/dev/full"])
+def test_parity_with_an_unwritable_json_keeps_the_build_verifying(small_export, tmp_path,
+                                                                   capsys, target):
+    """Found by scripts/hostile.py: parity rewrote parity/ in the build, then failed on --json
+    before recording it, so the build no longer matched its manifest."""
+    build = tmp_path / "b"
+    shutil.copytree(small_export.root, build)
+    if target == "dangling":
+        (tmp_path / "ln").symlink_to(tmp_path / "nowhere")
+        out = str(tmp_path / "ln")
+    elif target == "below-a-file":
+        (tmp_path / "f").write_text("mine")
+        out = str(tmp_path / "f" / "r.json")
+    else:
+        out = target
+    assert "cannot write" in _one_error(["parity", "--artifacts", build, "--backends",
+                                         "onnxruntime", "--shapes", "1x2x2", "--json", out],
+                                        capsys)
+    assert main(["info", "--artifacts", str(build)]) == 0
+
+
+@pytest.mark.parametrize("flag", ["--settle-seconds", "--compare-threshold"])
+def test_bench_refuses_nan_seconds_and_thresholds(small_export, capsys, flag):
+    """Found by scripts/hostile.py: `--settle-seconds nan` ran the bench (exit 0)."""
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "--artifacts", str(small_export.root), "--quick", flag, "nan"])
+    assert info.value.code == 2 and "must be finite" in capsys.readouterr().err
+
+
+def test_parity_refuses_an_empty_backend_list(small_export, capsys):
+    """Found by scripts/hostile.py: `--backends ,` ran every backend (bench refuses it)."""
+    assert "--backends is empty" in _one_error(
+        ["parity", "--artifacts", small_export.root, "--backends", ","], capsys)
+
+
+def test_parity_with_only_absent_backends_says_why(small_export, capsys):
+    """Found by scripts/hostile.py: `--backends tensorrt` without TensorRT ended in an empty
+    `error: parity failed: ` line."""
+    from hmu_export.runners.tensorrt_runner import probe_runtime
+    try:
+        probe_runtime()
+    except BackendUnavailable:
+        pass
+    else:
+        pytest.skip("TensorRT runs here: the backend is not absent")
+    rc = main(["parity", "--artifacts", str(small_export.root), "--backends", "tensorrt",
+               "--shapes", "1x2x2"])
+    err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert rc == 1 and len(err) == 1 and "tensorrt" in err[0].split("parity failed:")[1], err

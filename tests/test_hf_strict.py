@@ -128,6 +128,16 @@ def test_model_type_contradicting_the_architecture_is_refused(t5, model_type):
     assert H.T5 in msg and repr(model_type) in msg and "'t5'" in msg
 
 
+@pytest.mark.parametrize("text, needle", [("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+                                          ('{"vocab_size": ' + "9" * 5000 + "}", "cannot read")])
+def test_a_config_json_python_cannot_parse_is_one_config_error(t5, text, needle):
+    """Found by scripts/hostile.py: a 100,000-deep config.json was a RecursionError traceback."""
+    (t5 / "config.json").write_text(text)
+    with pytest.raises(ConfigError, match=needle) as info:
+        H.resolve_config(ModelConfig(source="hf", path=str(t5)))
+    assert "\n" not in str(info.value)
+
+
 # ----------------------------------------------------------------------------- sharded index
 def _sharded(folder: Path, shard_name: str, outside: Path | None = None) -> None:
     from safetensors.torch import load_file, save_file

@@ -118,3 +118,15 @@ def test_compare_metrics():
     chk = compare(ref, off, TOL)
     assert not chk.passed and chk.top1 == 0.5 and chk.max_abs == 9.0
     assert not compare(ref, np.full_like(ref, np.inf), TOL).finite
+
+
+@pytest.mark.parametrize("shape", ["1x100x1", "9x2x2", "1x2x9"])
+def test_cli_shapes_outside_the_profile_are_one_error_line(small_export, capsys, shape):
+    """Found by scripts/hostile.py: `--shapes 1x100x1` (a source longer than max_len) reached
+    ONNX Runtime and ended in its traceback."""
+    from hmu_export.commands.cli import main
+
+    assert main(["debug-precision", "--artifacts", str(small_export.root), "--shapes",
+                 shape]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "outside" in err[0], err

@@ -570,3 +570,36 @@ def test_every_refusal_is_a_package_error():
         GenerationOptions(strategy="greedy", max_new_tokens=1, num_beams=1, length_penalty=1.0,
                           early_stopping=False, temperature=1.0, top_k=0, top_p=1.0,
                           noise_scale=-1.0, bos_id=1, eos_id=2).validate()
+
+
+def test_input_from_a_fifo_without_writer_is_one_error_not_a_hang(tmp_path):
+    """Found by scripts/hostile.py: open() of a FIFO nobody writes to waited forever."""
+    import os
+    import threading
+
+    from hmu_export.commands.generate import read_input
+
+    fifo = tmp_path / "in.fifo"
+    os.mkfifo(fifo)
+    outcome: list[BaseException | list[list[int]]] = []
+
+    def read() -> None:
+        try:
+            outcome.append(read_input(fifo))
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            outcome.append(exc)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(20)
+    if reader.is_alive():  # unblock the stuck open() so the thread can end, then fail
+        os.close(os.open(fifo, os.O_WRONLY))
+        pytest.fail("read_input blocked on a FIFO without a writer")
+    assert isinstance(outcome[0], InputError) and "not valid JSON" in str(outcome[0])
+
+
+def test_input_that_is_a_folder_is_one_error(tmp_path):
+    from hmu_export.commands.generate import read_input
+
+    with pytest.raises(InputError, match="is a folder"):
+        read_input(tmp_path)

@@ -72,3 +72,21 @@ def test_the_t5_twin_a_few_steps_writes_a_folder_with_a_trained_hmu(tmp_path):
     cfg = sources.resolve(ModelConfig(source="hf", path=str(out),
                                       hmu_checkpoint=str(out / "hmu.safetensors")))
     assert sources.load(cfg).hmu_status == "trained"
+
+
+def test_more_threads_than_cores_is_one_error_not_a_crash(tmp_path):
+    """Found by scripts/hostile.py: `--threads 100000` reached torch.set_num_threads and the
+    process died of a segmentation fault. Run in a subprocess: a crash must not take pytest."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "hmu_export", "train-demo", "--out",
+                           str(tmp_path / "o"), "--steps", "1", "--threads", "100000"],
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=str(repo)))
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1 and "exceeds this machine's" in err[0], err
+    assert not (tmp_path / "o").exists()

@@ -36,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="torch threads = ORT intra-op threads (default: usable cores)")
     p.add_argument("--min-seconds", type=finite, default=None,
                    help="minimum timed seconds per backend and shape (default 2, quick 0)")
-    p.add_argument("--settle-seconds", type=float, default=None,
+    p.add_argument("--settle-seconds", type=finite, default=None,
                    help="extra seconds per backend and shape while its times are not settled "
                         "(default 4, quick 0; bench/stability.py)")
     p.add_argument("--compare", default=None, metavar="BASELINE.json|auto",
@@ -46,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "a slowdown")
     p.add_argument("--current", type=Path, default=None, metavar="RUN.json",
                    help="--compare this stored run instead of running the bench")
-    p.add_argument("--compare-threshold", type=float, default=5.0, metavar="PCT",
+    p.add_argument("--compare-threshold", type=finite, default=5.0, metavar="PCT",
                    help="--compare: smallest change called faster/slower (default 5%%, the "
                         "run-to-run spread of a quiet machine)")
     p.add_argument("--short", action="store_true",

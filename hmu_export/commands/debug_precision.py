@@ -43,6 +43,12 @@ def run(args: argparse.Namespace) -> int:
     p = cfg.profile
     shapes = (parse_shapes(args.shapes) if args.shapes else
               [(p.batch[1], p.src_len[1], p.tgt_len[1]), (p.batch[2], p.src_len[2], p.tgt_len[2])])
+    for s in shapes:  # the graph serves its profile only (a longer source: an ONNX Runtime fault)
+        if not p.contains(*s):
+            raise ConfigError(f"--shapes {'x'.join(map(str, s))} lies outside the build's "
+                              f"profile (batch {p.batch[0]}..{p.batch[2]}, src_len "
+                              f"{p.src_len[0]}..{p.src_len[2]}, tgt_len "
+                              f"{p.tgt_len[0]}..{p.tgt_len[2]})")
     feeds = [make_feeds(cfg.model, *s, seed=cfg.parity.seed, noise_scale=cfg.parity.noise_scale)
              for s in shapes]
     tol = tolerance_for("fp16")

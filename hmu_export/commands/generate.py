@@ -62,11 +62,11 @@ def read_input(path: Path) -> list[list[int]]:
     """``src_ids`` rows from the input JSON (validated further by the generator): a JSON object
     whose only key is ``src_ids``, at most MAX_INPUT_BYTES, nested no deeper than Python's
     parser allows; every failure is one InputError."""
+    from ..core.fileio import open_input
+
     try:
-        with open(path, "rb") as f:
+        with open_input(path, "input file") as f:
             raw = f.read(MAX_INPUT_BYTES + 1)
-    except FileNotFoundError:
-        raise InputError(f"input file not found: {path}") from None
     except OSError as exc:
         raise InputError(f"cannot read input {path}: {exc.strerror or exc}") from None
     if len(raw) > MAX_INPUT_BYTES:

@@ -34,6 +34,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..core.fileio import output_kind, write_json
+
+    if args.backends == []:  # "--backends ," would otherwise mean every backend
+        raise ConfigError("--backends is empty: name at least one backend, or leave it out "
+                          "for every available one")
+    if args.json:  # a folder, a dangling link, a path below a file: refused before any work
+        output_kind(args.json)
     build = open_build(args.artifacts)
     layout, cfg, contract = build.layout, build.cfg, build.contract
     source = load_build_source(build)
@@ -45,14 +52,16 @@ def run(args: argparse.Namespace) -> int:
         report = run_parity(model, cfg, backends, contract, shapes=args.shapes,
                             on_step=lambda s: bar.update(task, description=s, advance=1))
     write_reports(report, layout.parity_dir)
-    if args.json:
-        from ..core.fileio import write_json
-        write_json(args.json, report.to_dict())
-    if layout.manifest.is_file():
-        update_manifest(layout.root, "parity", StageResult(
-            OK if report.passed else FAILED, details=summary(report)),
-            extra={"parity": summary(report)},
-            written=[layout.parity_dir] + ([args.json] if args.json else []))
+    try:
+        if args.json:
+            write_json(args.json, report.to_dict())
+    finally:  # the new parity/ is recorded even when --json fails (/dev/full): the build verifies
+        if layout.manifest.is_file():
+            wrote_json = args.json is not None and Path(args.json).exists()
+            update_manifest(layout.root, "parity", StageResult(
+                OK if report.passed else FAILED, details=summary(report)),
+                extra={"parity": summary(report)},
+                written=[layout.parity_dir] + ([args.json] if wrote_json else []))
     rows = []
     for backend in dict.fromkeys(r.backend for r in report.results):
         rs = [r for r in report.results if r.backend == backend and r.output == report.output]
@@ -72,6 +81,9 @@ def run(args: argparse.Namespace) -> int:
     for name, reason in report.skipped.items():
         ui.err.print(f"[yellow]skipped[/yellow] {name}: {reason}")
     if not report.passed:
-        ui.err.print(f"error: parity failed: {report.failures()[0] if report.failures() else ''}")
+        why = (report.failures()[0] if report.failures() else
+               "no backend ran (" + "; ".join(f"{n}: {r}" for n, r in report.skipped.items())
+               + ")" if report.skipped else "no result")
+        ui.err.print(f"error: parity failed: {why}", markup=False, highlight=False)
         return 1
     return 0

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from . import ui
@@ -45,8 +46,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
+    from ..core.errors import ConfigError
     from ..train.demo_trainer import DemoOptions
 
+    cores = os.cpu_count() or 1
+    if args.threads > cores:  # torch.set_num_threads(100000) ends in a segmentation fault
+        raise ConfigError(f"--threads {args.threads} exceeds this machine's {cores} cores")
     given = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size),
                                ("lr", args.lr)) if v is not None}
     if args.t5:

@@ -542,6 +542,9 @@ def load_config(path: str | Path | None) -> BuildConfig:
         raise ConfigError(f"cannot read config file {p}: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {p} is not valid TOML: {exc}") from None
+    except ValueError as exc:  # an integer literal longer than Python converts (4300 digits)
+        raise ConfigError(f"config file {p} holds a value Python cannot read: "
+                          f"{str(exc).split(':')[0]}") from None
     except RecursionError:
         raise ConfigError(f"config file {p} nests arrays or tables too deeply") from None
     cfg = config_from_dict(data)

@@ -9,9 +9,9 @@ import os
 import stat
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Iterator
 
-from .errors import ArtifactError
+from .errors import ArtifactError, InputError
 
 
 #: where a path names a file descriptor or a device, not a file (/dev/stdout, /proc/self/fd/1)
@@ -164,6 +164,29 @@ def read_json_object(path: Path, error: type[Exception], what: str) -> dict[str,
     if not isinstance(data, dict):
         raise error(f"corrupt {what} {path}: not a JSON object")
     return data
+
+
+def open_input(path: Path, what: str) -> BinaryIO:
+    """``path`` opened for reading (binary): a regular file, a character device or a FIFO (a
+    pipe). The open never blocks: a FIFO without a writer reads as empty (a plain open() would
+    wait for a writer forever). A missing path, a folder, a block device or a socket is one
+    InputError naming ``what`` ("data file", "input")."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise InputError(f"{what} not found: {path}") from None
+    except OSError as exc:
+        raise InputError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(mode):
+        raise InputError(f"{what} {path} is a folder: name a file")
+    if not (stat.S_ISREG(mode) or stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)):
+        raise InputError(f"{what} {path} is not a file (a block device or a socket)")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except OSError as exc:
+        raise InputError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
 
 
 def sha256_file(path: Path) -> str:

@@ -94,8 +94,10 @@ def _config_json(path: Path) -> dict:
         data = json.loads(file.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path} has no config.json (expected a save_pretrained folder)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # not UTF-8, not JSON, an integer too long
         raise ConfigError(f"cannot read {file}: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"cannot read {file}: JSON nested too deeply") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{file} does not hold a JSON object")
     return data

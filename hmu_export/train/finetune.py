@@ -38,7 +38,7 @@ from torch.nn import functional as F
 
 from ..core.config import BuildConfig
 from ..core.errors import ArtifactError, ConfigError, InputError, TrainingError
-from ..core.fileio import JOURNAL_SUFFIX, FileSet, exclusive_lock, recover_file_set
+from ..core.fileio import JOURNAL_SUFFIX, FileSet, exclusive_lock, open_input, recover_file_set
 from ..core.io_contract import FULL
 from ..model.hmu import HMU
 
@@ -105,25 +105,7 @@ def _data_lines(path: Path):  # type: ignore[no-untyped-def]
     """(line number, text) of a data file, each line read with a bound (MAX_LINE_BYTES) and
     decoded as UTF-8; every problem is one InputError. A regular file, a character device or a
     FIFO (a pipe) is read; a FIFO without a writer is read as empty, not waited on."""
-    import os
-    import stat
-
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        raise InputError(f"data file not found: {path}") from None
-    except OSError as exc:
-        raise InputError(f"cannot read data file {path}: {exc.strerror or exc}") from None
-    if stat.S_ISDIR(mode):
-        raise InputError(f"data file {path} is a folder: name a JSON-lines file")
-    if not (stat.S_ISREG(mode) or stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)):
-        raise InputError(f"data file {path} is not a file (a block device or a socket)")
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-        os.set_blocking(fd, True)
-        f = os.fdopen(fd, "rb")
-    except OSError as exc:
-        raise InputError(f"cannot read data file {path}: {exc.strerror or exc}") from None
+    f = open_input(path, "data file")
     with f:
         n = 0
         while True:

@@ -38,6 +38,9 @@ README_TITLE = "# Kubernetes manifests for "
 _DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _QUANTITY = re.compile(r"^([0-9]+(\.[0-9]*)?|\.[0-9]+)([KMGTPE]i|[mkMGTPE])?$")
+#: the characters of an image reference (registry/path:tag@digest): no spaces or controls,
+#: which the schemas let through and the kubelet refuses only when it pulls (InvalidImageName)
+_IMAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,511}$")
 MAX_NAME = 40  # KServe / Knative append "-predictor-00001-deployment-<hash>" within 63
 
 
@@ -113,6 +116,9 @@ def check_options(opts: DeployOptions) -> None:
                         ("--service-account", opts.service_account)):
         if value is not None and (len(value) > 63 or not _DNS1123.match(value)):
             raise ConfigError(f"{flag} {value!r} is not a Kubernetes name")
+    if opts.image and not _IMAGE.match(opts.image):
+        raise ConfigError(f"--image {opts.image[:80]!r} is not an image reference "
+                          "(REGISTRY/PATH:TAG, no spaces)")
     for flag, value in (("--cpu", opts.cpu), ("--memory", opts.memory)):
         if value is not None and not _QUANTITY.match(value):
             raise ConfigError(f"{flag} {value!r} is not a Kubernetes quantity (e.g. 2, 500m, "
