@@ -56,6 +56,9 @@ def test_empty_file_is_the_seeded_default(tmp_path):
 
 @pytest.mark.parametrize("text, needle", [
     ("[model]\nd_modle = 3\n", "unknown key 'model.d_modle'"),
+    ("[triton]\ninstance_count = 1000000000\n", "triton.instance_count must be in [1, 256]"),
+    ("[task]\nlimit = -1\n", "task.limit must be >= 0"),
+    ("[task]\nnoise_scales = [0.0, 1e9]\n", "task.noise_scales[1] must be in [0, 100]"),
     ("[modell]\n", "unknown key 'modell'"),
     ("[model]\nd_model = 'big'\n", "model.d_model must be an integer"),
     ("[model]\nd_model = 1.5\n", "model.d_model must be an integer"),

@@ -37,9 +37,12 @@ def run(args: argparse.Namespace) -> int:
     from ..deploy.triton.repository import repository_from_artifacts
 
     artifacts: Path = args.artifacts
-    if (args.instances is not None and args.instances < 1) or \
+    from ..core.config import MAX_INSTANCES
+
+    if (args.instances is not None and not 1 <= args.instances <= MAX_INSTANCES) or \
             (args.max_queue_delay_us is not None and args.max_queue_delay_us < 0):
-        raise ConfigError("--instances must be >= 1 and --max-queue-delay-us >= 0")
+        raise ConfigError(f"--instances must be in [1, {MAX_INSTANCES}] and "
+                          "--max-queue-delay-us >= 0")
     opts = None
     if (artifacts / "model.onnx").is_file():
         cfg = open_build(artifacts).cfg

@@ -308,6 +308,11 @@ class EngineConfig:
                                       f"outside profile.{name} [{plo}, {phi}]")
 
 
+#: model instances per Triton model: each holds its own sessions (memory), so a value past
+#: this is a typo, not a deployment
+MAX_INSTANCES = 256
+
+
 @dataclass(frozen=True)
 class TritonConfig:
     enabled: bool = True
@@ -317,8 +322,9 @@ class TritonConfig:
     def validate(self) -> None:
         if self.max_queue_delay_us < 0:
             raise ConfigError("triton.max_queue_delay_us must be >= 0")
-        if self.instance_count < 1:
-            raise ConfigError("triton.instance_count must be >= 1")
+        if not 1 <= self.instance_count <= MAX_INSTANCES:
+            raise ConfigError(f"triton.instance_count must be in [1, {MAX_INSTANCES}], got "
+                              f"{self.instance_count}")
 
 
 @dataclass(frozen=True)
