@@ -12,18 +12,13 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 PEERS_PY=${PEERS_PY:-/tmp/peers-venv/bin/python}
 OUT=${1:-engines/t5-small-peers}
-MAX_LOAD=${MAX_LOAD:-1.0}
 export HOME=${BENCH_HOME:-$(mktemp -d)}  # onnxruntime writes a cache under $HOME
 
 if [ ! -f "$OUT/build/manifest.json" ]; then
   HMU_REALISTIC=1 HMU_REALISTIC_OUT="$OUT" $PY -m pytest -q -s tests/test_hf_realistic.py
 fi
-for _ in $(seq 60); do
-  load=$(cut -d' ' -f1 /proc/loadavg)
-  if awk -v l="$load" -v m="$MAX_LOAD" 'BEGIN{exit !(l < m)}'; then break; fi
-  echo "load $load >= $MAX_LOAD, waiting..." >&2; sleep 10
-done
-echo "load at start: $(cat /proc/loadavg)"
+. benchmarks/wait_quiet.sh
+wait_quiet
 $PEERS_PY -m hmu_export bench --generate --artifacts "$OUT/build" \
     --backends torch,onnxruntime,onnxruntime-opt --batches 1 --src-len 32 --new-tokens 32 \
     --runs "${RUNS:-10}" --json benchmarks/peers-t5small.json --out "$OUT/bench"

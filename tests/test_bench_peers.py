@@ -102,6 +102,49 @@ def test_peer_ratio_arithmetic_and_targets():
     assert got["ctranslate2-int8"]["meets_target"] is None
 
 
+def test_int8_and_beam_targets_are_per_pair():
+    """issue 17: our int8 over CTranslate2 int8 (>= 1.3 greedy, >= 1.0 with beams) and over
+    Transformers (>= 4); the FP32 row keeps issue 10's targets; ratios of each of our rows."""
+    from hmu_export.bench.peers import peer_ratios
+
+    def row(backend, tps, peer=True):
+        return {"backend": backend, "batch": 1, "tokens_per_s": tps,
+                **({"peer": True} if peer else {})}
+
+    rows = [row("onnxruntime-opt", 100.0, peer=False), row("onnxruntime-int8", 130.0, peer=False),
+            row("transformers", 40.0), row("ctranslate2-int8", 104.0),
+            row("ctranslate2-fp32", 65.0)]
+    got = {(p["ours"], p["peer"]): p for p in peer_ratios(rows)}
+    assert len(got) == 6
+    assert got[("onnxruntime-int8", "ctranslate2-int8")]["ratio"] == pytest.approx(1.25)
+    assert got[("onnxruntime-int8", "ctranslate2-int8")]["target"] == 1.3
+    assert got[("onnxruntime-int8", "ctranslate2-int8")]["meets_target"] is False
+    assert got[("onnxruntime-int8", "transformers")]["ratio"] == pytest.approx(3.25)
+    assert got[("onnxruntime-int8", "transformers")]["target"] == 4.0
+    assert got[("onnxruntime-opt", "transformers")]["target"] == 3.0
+    assert got[("onnxruntime-int8", "ctranslate2-fp32")]["target"] is None
+    beam = {(p["ours"], p["peer"]): p for p in peer_ratios(rows, beams=4)}
+    assert beam[("onnxruntime-int8", "ctranslate2-int8")]["target"] == 1.0
+    assert beam[("onnxruntime-int8", "ctranslate2-int8")]["meets_target"] is True
+    assert beam[("onnxruntime-opt", "transformers")]["target"] is None
+
+
+def test_transformers_peer_beam_search_makes_n_tokens(hf_t5_build, tmp_path):
+    """With beams the peer still makes exactly N tokens per row (what makes its figures
+    compare with ours), and is timed whole: Transformers streams no beam search."""
+    from hmu_export.bench.peers import load_peers, time_peer
+    from hmu_export.core.build_folder import open_build
+
+    _, out = hf_t5_build
+    build = open_build(out)
+    peers, _ = load_peers(load_build_source(build), build.cfg, ["transformers"], tmp_path, 1)
+    ids = np.random.default_rng(7).integers(3, build.cfg.model.vocab_size, size=(2, 6))
+    runs = time_peer(peers[0], ids, 5, runs=1, warmup=0, beams=2)
+    assert not isinstance(runs, str), runs
+    assert [len(s) for s in runs[0].sequences] == [5, 5]
+    assert runs[0].ttft_s is None
+
+
 def test_transformers_peer_makes_n_tokens_of_the_same_model(hf_t5_build, tmp_path):
     """Exactly N tokens per row, and they are the build's model's tokens (the HMU applied):
     equal to our loop's up to the first EOS (the peer holds EOS back, our bench ignores it)."""

@@ -172,6 +172,40 @@ def test_bench_generate_writes_the_issue_rows(unseen_build, tmp_path):
     assert main(["info", "--artifacts", str(unseen_build)]) == 0
 
 
+def test_bench_generate_with_beams(unseen_build, tmp_path, capsys):
+    """--beams: every backend runs beam search (the bench refuses a run whose rows do not all
+    make exactly --new-tokens); a batch whose rows x beams exceed the profile is one line."""
+    out = tmp_path / "bench"
+    assert main(["bench", "--artifacts", str(unseen_build), "--generate", "--quick",
+                 "--backends", "torch,onnxruntime", "--batches", "1", "--src-len", "6",
+                 "--new-tokens", "4", "--beams", "3", "--out", str(out)]) == 0
+    data = json.loads((out / "generate.json").read_text())
+    assert data["settings"]["strategy"] == "beam" and data["settings"]["num_beams"] == 3
+    assert {r["backend"] for r in data["results"]} == {"torch", "onnxruntime"}
+    assert all(r["new_tokens"] == 4 and r["tokens_per_s"] > 0 for r in data["results"])
+    assert "Beam search (3 beams)" in (out / "generate.md").read_text()
+    # 2 rows x 3 beams = 6 > the profile's batch max 3: one line, exit 2
+    assert main(["bench", "--artifacts", str(unseen_build), "--generate", "--batches", "2",
+                 "--src-len", "6", "--new-tokens", "4", "--beams", "3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "2 rows x 3 beams" in err[0], err
+
+
+def test_top_candidates_equals_a_stable_full_sort():
+    """Beam search's partial sort: the same columns, in the same order, as the stable full
+    sort it replaced, ties and -inf included."""
+    from hmu_export.generate.generator import top_candidates
+
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        rows, n, m = (int(x) for x in (rng.integers(1, 5), rng.integers(1, 50),
+                                       rng.integers(1, 10)))
+        cand = rng.integers(-4, 4, size=(rows, n)).astype(float)  # many ties
+        cand[rng.random((rows, n)) < 0.25] = -np.inf
+        want = np.argsort(-cand, axis=-1, kind="stable")[:, :m]
+        np.testing.assert_array_equal(top_candidates(cand, m), want)
+
+
 def test_bench_generate_refuses_shapes_outside_the_profile(unseen_build, capsys):
     assert main(["bench", "--artifacts", str(unseen_build), "--generate", "--batches", "9"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

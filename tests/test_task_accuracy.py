@@ -214,3 +214,30 @@ def test_no_config_builds_the_trained_demo():
     cfg = load_config(None)
     assert Path(cfg.model.checkpoint) == demo.CHECKPOINT
     assert Path(cfg.task.path) == demo.TEST_SET
+
+
+def test_bench_task_counts_what_the_oracle_solves(task_build, tmp_path, capsys):
+    """`bench --task` (real requests, each row until its EOS): our FP32 row solves exactly what
+    the independent oracle solves; every row counts its tokens and time; a missing task file
+    is one line."""
+    from hmu_export.commands.cli import main
+
+    out, pairs = task_build
+    dest = tmp_path / "bench"
+    assert main(["bench", "--artifacts", str(out), "--task", "--backends",
+                 "onnxruntime,onnxruntime-int8", "--batches", "8", "--out", str(dest)]) == 0
+    data = json.loads((dest / "task_bench.json").read_text())
+    rows = {r["backend"]: r for r in data["rows"]}
+    assert set(rows) == {"onnxruntime", "onnxruntime-int8"}
+    assert rows["onnxruntime"]["correct"] == sum(_oracle_correct(pairs))
+    assert rows["onnxruntime"]["total"] == len(pairs) == data["settings"]["examples"]
+    for r in rows.values():
+        # at least one token (EOS) per row, at most the generation limit
+        assert len(pairs) <= r["tokens"] <= len(pairs) * data["settings"]["max_new_tokens"]
+        assert r["seconds"] > 0 and r["hmu"] == "applied" and not r["peer"]
+    assert "| onnxruntime-int8 | applied |" in (dest / "task_bench.md").read_text()
+    capsys.readouterr()
+    assert main(["bench", "--artifacts", str(out), "--task", str(tmp_path / "nope.jsonl"),
+                 "--backends", "onnxruntime"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nope.jsonl" in err[0], err

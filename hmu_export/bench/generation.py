@@ -30,7 +30,8 @@ class GenerationBenchReport:
         from .peers import peer_ratios
         return {"model": self.model, "machine": self.machine, "settings": self.settings,
                 "results": self.results, "skipped": self.skipped,
-                "ratios": ratios(self.results), "peer_ratios": peer_ratios(self.results)}
+                "ratios": ratios(self.results),
+                "peer_ratios": peer_ratios(self.results, self.settings.get("num_beams", 1))}
 
 
 def _sources(batch: int, src_len: int, vocab: int, seed: int) -> list[list[int]]:
@@ -43,10 +44,11 @@ def run_generation_bench(root: Path, *, backends: Sequence[str] = DEFAULT_GENERA
                          batches: Sequence[int] = (1, 8), src_len: int = 64,
                          new_tokens: int = 64, runs: int = 5, warmup: int = 1,
                          threads: int | None = None, peers: Sequence[str] | None = None,
-                         progress: Callable[[str], None] | None = None
+                         beams: int = 1, progress: Callable[[str], None] | None = None
                          ) -> GenerationBenchReport:
     """``peers``: third-party generators to time too (bench_peers.PEERS); None = all of them
-    on an hf build, none otherwise."""
+    on an hf build, none otherwise. ``beams`` > 1: beam search of that width for everyone
+    (every batch row times ``beams`` must fit the profile's batch max)."""
     from .machine import machine_info
     from ..core.build_folder import open_build
     from ..generate.generator import Generator
@@ -61,18 +63,14 @@ def run_generation_bench(root: Path, *, backends: Sequence[str] = DEFAULT_GENERA
     if not p.axis("src_len").contains(src_len):
         raise InputError(f"source length {src_len} is outside the profile ({p.src_len[0]}.."
                          f"{p.src_len[2]})")
+    if beams < 1 or max(batches) * beams > p.batch[2]:
+        raise InputError(f"{max(batches)} rows x {beams} beams must be within the profile's "
+                         f"batch max ({p.batch[2]})")
     if not 1 <= new_tokens <= p.tgt_len[2]:
         raise InputError(f"new tokens must be in [1, {p.tgt_len[2]}] (the profile's tgt_len "
                          f"max), got {new_tokens}")
-    from .peers import PEERS
-    if peers is None:
-        peers = PEERS if cfg.model.source == "hf" else ()
-    elif peers and cfg.model.source != "hf":
-        raise InputError(f"peers ({', '.join(peers)}) need a build whose [model] source is "
-                         f"hf, this one's is {cfg.model.source}")
-    elif set(peers) - set(PEERS):
-        raise InputError(f"unknown peer(s) {', '.join(sorted(set(peers) - set(PEERS)))} "
-                         f"(use {', '.join(PEERS)})")
+    from .peers import resolve_peers
+    peers = resolve_peers(peers, cfg.model.source)
     from ..runners.onnxruntime_runner import generation_threads
 
     threads = threads or generation_threads()
@@ -84,7 +82,8 @@ def run_generation_bench(root: Path, *, backends: Sequence[str] = DEFAULT_GENERA
                "vocab_size": cfg.model.vocab_size},
         machine=machine_info(threads),
         settings={"batches": list(batches), "src_len": src_len, "new_tokens": new_tokens,
-                  "runs": runs, "warmup": warmup, "strategy": "greedy", "threads": threads,
+                  "runs": runs, "warmup": warmup, "threads": threads,
+                  "strategy": "beam" if beams > 1 else "greedy", "num_beams": beams,
                   "peers": list(peers)})
     gens: dict[str, Generator] = {}
     for name in backends:
@@ -97,11 +96,13 @@ def run_generation_bench(root: Path, *, backends: Sequence[str] = DEFAULT_GENERA
         for name, gen in gens.items():
             if progress:
                 progress(f"{name} batch {b}")
+            kw = dict(max_new_tokens=new_tokens, ignore_eos=True, num_beams=beams,
+                      strategy="beam" if beams > 1 else "greedy")
             for _ in range(warmup):
-                gen.generate(src, max_new_tokens=new_tokens, ignore_eos=True)
+                gen.generate(src, **kw)
             ttft, lat, tps = [], [], []
             for _ in range(runs):
-                res = gen.generate(src, max_new_tokens=new_tokens, ignore_eos=True)
+                res = gen.generate(src, **kw)
                 ttft.append(res.ttft_s)
                 lat.extend(res.token_latencies_s)
                 tps.append(res.tokens_per_s)
@@ -116,7 +117,7 @@ def run_generation_bench(root: Path, *, backends: Sequence[str] = DEFAULT_GENERA
         rows, skipped = run_peers(
             build, peers, batches, lambda b: _sources(b, src_len, cfg.model.vocab_size, 0),
             src_len=src_len, new_tokens=new_tokens, runs=runs, warmup=warmup, threads=threads,
-            row=result_row, progress=progress)
+            row=result_row, beams=beams, progress=progress)
         report.results += rows
         report.skipped += skipped
     return report
@@ -152,8 +153,9 @@ def ratios(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def to_markdown(report: GenerationBenchReport) -> str:
     s, m = report.settings, report.machine
+    how = "Greedy" if s.get("num_beams", 1) == 1 else f"Beam search ({s['num_beams']} beams)"
     lines = [f"# Generation benchmark: {report.model['name']}", "",
-             f"Greedy, {s['src_len']} source tokens, {s['new_tokens']} new tokens, median of "
+             f"{how}, {s['src_len']} source tokens, {s['new_tokens']} new tokens, median of "
              f"{s['runs']} runs after {s['warmup']} warm-up; {s['threads']} threads; "
              f"{m.get('cpu', '')}.", "",
              "| backend | batch | TTFT ms | per-token p50 ms | p99 ms | p99/p50 | tokens/s | "
@@ -167,15 +169,16 @@ def to_markdown(report: GenerationBenchReport) -> str:
                      f"{fmt(q['p99_over_p50'])} | {r['tokens_per_s']:.1f} | "
                      f"{fmt(q['vs_torch'])} | {fmt(q['vs_torch-nocache'])} |")
     from .peers import peer_ratios
-    pr = peer_ratios(report.results)
+    pr = peer_ratios(report.results, s.get("num_beams", 1))
     if pr:
-        lines += ["", f"## {pr[0]['ours']} over each peer (tokens/s)", "",
-                  "| peer | batch | ours tok/s | peer tok/s | ratio | target | met |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["", "## Ours over each peer (tokens/s)", "",
+                  "| ours | peer | batch | ours tok/s | peer tok/s | ratio | target | met |",
+                  "|---|---|---|---|---|---|---|---|"]
         for p in pr:
             met = "-" if p["meets_target"] is None else ("yes" if p["meets_target"] else "no")
             target = "-" if p["target"] is None else f">= {p['target']:g}"
-            lines.append(f"| {p['peer']} | {p['batch']} | {p['ours_tokens_per_s']:.1f} | "
+            lines.append(f"| {p['ours']} | {p['peer']} | {p['batch']} | "
+                         f"{p['ours_tokens_per_s']:.1f} | "
                          f"{p['peer_tokens_per_s']:.1f} | {p['ratio']:.2f} | {target} | {met} |")
     for sk in report.skipped:
         lines.append(f"\nSkipped `{sk['backend']}`: {sk['reason']}")

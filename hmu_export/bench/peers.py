@@ -33,10 +33,17 @@ if TYPE_CHECKING:
 
 #: what ``--peers`` accepts; ctranslate2 gives two rows (fp32 and int8)
 PEERS = ("transformers", "optimum", "ctranslate2")
-#: the backend of ours that the peer ratios are computed for
+#: the backend of ours that the peer ratios are computed for first (FP32)
 OURS = "onnxruntime-opt"
-#: issue 10's targets: our tokens/s over the peer's (batch 1); peers not listed have none
-TARGETS = {"transformers": 3.0, "optimum": 1.5}
+#: every backend of ours that gets peer ratios where the run has it
+OURS_BACKENDS = (OURS, "onnxruntime-int8")
+#: targets, our tokens/s over the peer's, greedy (issue 10: FP32 at batch 1; issue 17: int8 at
+#: batch 1); (ours, peer) pairs not listed have none. A peer name without "-" matches its base.
+TARGETS = {(OURS, "transformers"): 3.0, (OURS, "optimum"): 1.5,
+           ("onnxruntime-int8", "transformers"): 4.0,
+           ("onnxruntime-int8", "ctranslate2-int8"): 1.3}
+#: with beam search (issue 17: CTranslate2's own headline setting, batch 32 x beam 4)
+BEAM_TARGETS = {("onnxruntime-int8", "ctranslate2-int8"): 1.0}
 
 
 class PeerUnavailable(Exception):
@@ -80,8 +87,11 @@ class Peer(ABC):
     hmu: str = "off"  # "applied" where the peer runs the build's HMU too
 
     @abstractmethod
-    def generate(self, ids: np.ndarray, mask: np.ndarray, new_tokens: int) -> PeerRun:
-        """Exactly ``new_tokens`` greedy tokens per row of ``ids`` [B, Ls] (mask all ones)."""
+    def generate(self, ids: np.ndarray, mask: np.ndarray, new_tokens: int,
+                 beams: int = 1, until_eos: bool = False) -> PeerRun:
+        """Exactly ``new_tokens`` tokens per row of ``ids`` [B, Ls]: greedy, or the best of a
+        ``beams``-wide beam search. ``until_eos``: a real request instead (each row stops at
+        its EOS, kept; at most ``new_tokens``), for task accuracy."""
 
 
 @dataclass(frozen=True)
@@ -122,22 +132,34 @@ def _streamer(clock: _TokenClock) -> Any:
 
 
 def _hf_generate(model: Any, ids: np.ndarray, mask: np.ndarray, new_tokens: int, i: Ids,
-                 encode: Callable[[Any, Any], Any] | None = None) -> PeerRun:
-    """``model.generate`` forced to ``new_tokens`` greedy tokens (EOS held back until then);
-    ``encode(src, mask)`` gives the encoder outputs when the caller computes them itself."""
+                 encode: Callable[[Any, Any], Any] | None = None, beams: int = 1,
+                 until_eos: bool = False) -> PeerRun:
+    """``model.generate`` forced to ``new_tokens`` tokens (EOS held back until then), greedy
+    or beam; ``encode(src, mask)`` gives the encoder outputs when the caller computes them
+    itself. Transformers streams no beam search, so beam runs have no per-token times."""
     import torch
 
     clock = _TokenClock()
-    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-              num_beams=1, decoder_start_token_id=i.bos, eos_token_id=i.eos, pad_token_id=i.pad,
-              forced_bos_token_id=None, forced_eos_token_id=None, streamer=_streamer(clock))
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=None if until_eos else new_tokens,
+              do_sample=False,
+              num_beams=beams, decoder_start_token_id=i.bos, eos_token_id=i.eos,
+              pad_token_id=i.pad, forced_bos_token_id=None, forced_eos_token_id=None,
+              streamer=_streamer(clock) if beams == 1 else None)
+    if beams > 1:
+        kw.update(early_stopping=False, length_penalty=1.0)
     with torch.no_grad():
         src, att = torch.from_numpy(ids), torch.from_numpy(mask)
         if encode is None:
             out = model.generate(input_ids=src, attention_mask=att, **kw)
         else:
             out = model.generate(encoder_outputs=encode(src, att), attention_mask=att, **kw)
-    return clock.run(out[:, 1:].tolist())  # without the decoder start token
+    seqs = out[:, 1:].tolist()  # without the decoder start token
+    return clock.run([cut_at_eos(s, i.eos) for s in seqs] if until_eos else seqs)
+
+
+def cut_at_eos(seq: list[int], eos: int) -> list[int]:
+    """A row up to and including its first EOS (what follows is the batch's padding)."""
+    return seq[:seq.index(eos) + 1] if eos in seq else seq
 
 
 class TransformersPeer(Peer):
@@ -161,16 +183,19 @@ class TransformersPeer(Peer):
         noise = _noise(src.shape[0], src.shape[1], self.latent, self.noise_scale)
         return BaseModelOutput(last_hidden_state=self.hmu_module(enc, torch.from_numpy(noise)))
 
-    def generate(self, ids: np.ndarray, mask: np.ndarray, new_tokens: int) -> PeerRun:
+    def generate(self, ids: np.ndarray, mask: np.ndarray, new_tokens: int,
+                 beams: int = 1, until_eos: bool = False) -> PeerRun:
         return _hf_generate(self.model, ids, mask, new_tokens, self.ids,
-                            None if self.hmu_module is None else self._encode)
+                            None if self.hmu_module is None else self._encode, beams, until_eos)
 
 
 # ----------------------------------------------------------------------------- optimum
 class OptimumPeer(Peer):
     name = "optimum"
 
-    def __init__(self, folder: Path, ids: Ids, threads: int) -> None:
+    def __init__(self, folder: Path, ids: Ids, threads: int, int8: bool = False) -> None:
+        """``int8``: Optimum's own dynamic int8 (ORTQuantizer, per-channel weights, its AVX2 or
+        AVX512-VNNI preset as this CPU has VNNI) of every file of its export."""
         try:
             from optimum.onnxruntime import ORTModelForSeq2SeqLM
         except ImportError as exc:
@@ -185,10 +210,48 @@ class OptimumPeer(Peer):
         except Exception as exc:  # Optimum raises many types
             raise PeerUnavailable(f"Optimum could not export the base model: "
                                   f"{_first_line(exc)}") from None
+        if int8:
+            self.name = "optimum-int8"
+            model = _optimum_int8(model, folder.parent / "optimum-int8", threads)
         self.model, self.ids = model, ids
 
-    def generate(self, ids: np.ndarray, mask: np.ndarray, new_tokens: int) -> PeerRun:
-        return _hf_generate(self.model, ids, mask, new_tokens, self.ids)
+
+def _optimum_int8(model: Any, out: Path, threads: int) -> Any:
+    """Optimum's dynamic int8 of its own seq2seq export, loaded back as ORTModelForSeq2SeqLM."""
+    from optimum.onnxruntime import ORTModelForSeq2SeqLM, ORTQuantizer
+    from optimum.onnxruntime.configuration import AutoQuantizationConfig
+
+    from ..export.quantize import cpu_has_vnni
+    from ..runners.onnxruntime_runner import session_options
+
+    fp32 = out / "fp32"
+    try:
+        model.save_pretrained(str(fp32))
+        preset = (AutoQuantizationConfig.avx512_vnni if cpu_has_vnni()
+                  else AutoQuantizationConfig.avx2)
+        qcfg = preset(is_static=False, per_channel=True)
+        names = {}
+        for f in sorted(fp32.glob("*.onnx")):
+            ORTQuantizer.from_pretrained(str(fp32), file_name=f.name).quantize(
+                quantization_config=qcfg, save_dir=str(out))
+            names[f.stem] = f"{f.stem}_quantized.onnx"
+        for extra in fp32.iterdir():  # config.json, generation_config.json
+            if extra.suffix == ".json" and not (out / extra.name).exists():
+                (out / extra.name).write_bytes(extra.read_bytes())
+        return ORTModelForSeq2SeqLM.from_pretrained(
+            str(out), encoder_file_name=names["encoder_model"],
+            decoder_file_name=names["decoder_model"],
+            decoder_with_past_file_name=names.get("decoder_with_past_model"),
+            provider="CPUExecutionProvider", session_options=session_options(threads),
+            local_files_only=True)
+    except Exception as exc:  # Optimum raises many types
+        raise PeerUnavailable(f"Optimum could not quantize its export: "
+                              f"{_first_line(exc)}") from None
+
+    def generate(self, ids: np.ndarray, mask: np.ndarray, new_tokens: int,
+                 beams: int = 1, until_eos: bool = False) -> PeerRun:
+        return _hf_generate(self.model, ids, mask, new_tokens, self.ids, beams=beams,
+                            until_eos=until_eos)
 
 
 # ----------------------------------------------------------------------------- ctranslate2
@@ -215,7 +278,10 @@ class _IdTokenizer:
         return self.vocab
 
 
-def convert_ctranslate2(folder: Path, out: Path, vocab: int, ids: Ids, unk: int) -> Path:
+def convert_ctranslate2(folder: Path, out: Path, vocab: int, ids: Ids, unk: int,
+                        quantization: str | None = None) -> Path:
+    """CTranslate2's conversion of the base model (``quantization``: its stored weight type;
+    None keeps FP32, and ``compute_type`` picks the precision at load)."""
     try:
         from ctranslate2.converters import TransformersConverter
     except ImportError as exc:
@@ -227,7 +293,7 @@ def convert_ctranslate2(folder: Path, out: Path, vocab: int, ids: Ids, unk: int)
             return _IdTokenizer(vocab, ids, unk)
 
     try:
-        Converter(str(folder)).convert(str(out), quantization=None, force=True)
+        Converter(str(folder)).convert(str(out), quantization=quantization, force=True)
     except Exception as exc:  # the converter raises many types
         raise PeerUnavailable(f"CTranslate2 could not convert the base model: "
                               f"{_first_line(exc)}") from None
@@ -247,7 +313,9 @@ class CTranslate2Peer(Peer):
             raise PeerUnavailable(f"CTranslate2 cannot load the model as {compute_type}: "
                                   f"{_first_line(exc)}") from None
 
-    def generate(self, ids: np.ndarray, mask: np.ndarray, new_tokens: int) -> PeerRun:
+    def generate(self, ids: np.ndarray, mask: np.ndarray, new_tokens: int,
+                 beams: int = 1, until_eos: bool = False) -> PeerRun:
+        """CTranslate2 calls back per token in greedy search only: beam runs are timed whole."""
         clock = _TokenClock()
         seen = [-1]
 
@@ -260,13 +328,30 @@ class CTranslate2Peer(Peer):
         source = [[_IdTokenizer.tok(int(t)) for t, m in zip(row, mrow) if m]
                   for row, mrow in zip(ids, mask)]
         res = self.translator.translate_batch(
-            source, beam_size=1, max_decoding_length=new_tokens, min_decoding_length=new_tokens,
-            return_end_token=True, callback=on_token, max_batch_size=0)
+            source, beam_size=beams, max_decoding_length=new_tokens,
+            min_decoding_length=0 if until_eos else new_tokens, return_end_token=True,
+            callback=on_token if beams == 1 else None, max_batch_size=0, length_penalty=1.0)
         seqs = [[int(t[1:-1]) for t in r.hypotheses[0]] for r in res]
         return clock.run(seqs)
 
 
 # ----------------------------------------------------------------------------- running
+def resolve_peers(peers: Sequence[str] | None, source: str) -> Sequence[str]:
+    """The peers a run times: None = all of them on an hf build, none otherwise; peers on a
+    build that is not hf, or unknown names, are one-line errors."""
+    from ..core.errors import InputError
+
+    if peers is None:
+        return PEERS if source == "hf" else ()
+    if peers and source != "hf":
+        raise InputError(f"peers ({', '.join(peers)}) need a build whose [model] source is "
+                         f"hf, this one's is {source}")
+    if set(peers) - set(PEERS):
+        raise InputError(f"unknown peer(s) {', '.join(sorted(set(peers) - set(PEERS)))} "
+                         f"(use {', '.join(PEERS)})")
+    return peers
+
+
 def versions() -> dict[str, str | None]:
     """Installed versions of the peers' packages (None: not installed)."""
     from importlib import metadata
@@ -295,9 +380,11 @@ def _available(name: str) -> str:
 
 
 def load_peers(source: Any, cfg: Any, names: Sequence[str], work: Path, threads: int,
-               progress: Callable[[str], None] | None = None
+               progress: Callable[[str], None] | None = None, variants: bool = False
                ) -> tuple[list[Peer], list[dict[str, str]]]:
-    """(peers ready to time, skipped rows) for ``names`` over the build's base model."""
+    """(peers ready to time, skipped rows) for ``names`` over the build's base model.
+    ``variants``: also Transformers on the base model alone (HMU off, as every other peer) and
+    Optimum's dynamic int8."""
     import torch
 
     peers: list[Peer] = []
@@ -323,8 +410,16 @@ def load_peers(source: Any, cfg: Any, names: Sequence[str], work: Path, threads:
                 with torch.no_grad():
                     peers.append(TransformersPeer(folder, ids, hmu, source.cfg.latent_dim,
                                                   gen.noise_scale))
+                if variants and hmu is not None:
+                    peers.append(TransformersPeer(folder, ids))
+                    peers[-1].name = "transformers-hmu-off"
             elif name == "optimum":
                 peers.append(OptimumPeer(folder, ids, threads))
+                if variants:
+                    try:
+                        peers.append(OptimumPeer(folder, ids, threads, int8=True))
+                    except PeerUnavailable as exc:
+                        skipped.append({"backend": "optimum-int8", "reason": str(exc)})
             else:
                 hc = source.hf_model.config
                 unk = getattr(hc, "unk_token_id", None)
@@ -341,14 +436,14 @@ def load_peers(source: Any, cfg: Any, names: Sequence[str], work: Path, threads:
     return peers, skipped
 
 
-def time_peer(peer: Peer, ids: np.ndarray, new_tokens: int, runs: int, warmup: int
-              ) -> list[PeerRun] | str:
+def time_peer(peer: Peer, ids: np.ndarray, new_tokens: int, runs: int, warmup: int,
+              beams: int = 1) -> list[PeerRun] | str:
     """``runs`` timed requests after ``warmup``; a reason string when the peer did not make
     exactly ``new_tokens`` tokens on every row (its figures would not compare)."""
     mask = np.ones_like(ids)
     out = []
     for k in range(warmup + runs):
-        res = peer.generate(ids, mask, new_tokens)
+        res = peer.generate(ids, mask, new_tokens, beams)
         made = sorted({len(s) for s in res.sequences})
         if made != [new_tokens] or len(res.sequences) != ids.shape[0]:
             return f"made {made} tokens per row, not {new_tokens}: not comparable"
@@ -360,7 +455,7 @@ def time_peer(peer: Peer, ids: np.ndarray, new_tokens: int, runs: int, warmup: i
 def run_peers(build: "BuildFolder", names: Sequence[str], batches: Sequence[int],
               sources: Callable[[int], list[list[int]]], *, src_len: int, new_tokens: int,
               runs: int, warmup: int, threads: int, row: Callable[..., dict[str, Any]],
-              progress: Callable[[str], None] | None = None
+              beams: int = 1, progress: Callable[[str], None] | None = None
               ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     """Result rows (made by ``row``, the bench's own row builder) and skipped peers of the
     (already opened and verified) ``build``."""
@@ -373,7 +468,7 @@ def run_peers(build: "BuildFolder", names: Sequence[str], batches: Sequence[int]
                 if progress:
                     progress(f"{peer.name} batch {b}")
                 ids = np.asarray(sources(b), dtype=np.int64)
-                got = time_peer(peer, ids, new_tokens, runs, warmup)
+                got = time_peer(peer, ids, new_tokens, runs, warmup, beams)
                 if isinstance(got, str):
                     skipped.append({"backend": peer.name, "reason": f"batch {b}: {got}"})
                     continue
@@ -386,18 +481,22 @@ def run_peers(build: "BuildFolder", names: Sequence[str], batches: Sequence[int]
     return results, skipped
 
 
-def peer_ratios(results: Sequence[dict[str, Any]], ours: str = OURS) -> list[dict[str, Any]]:
-    """tokens/s of ``ours`` over each peer row's, per batch, with the issue's target."""
-    mine = {r["batch"]: r for r in results if r["backend"] == ours}
+def peer_ratios(results: Sequence[dict[str, Any]], beams: int = 1) -> list[dict[str, Any]]:
+    """tokens/s of each of our backends in OURS_BACKENDS (where the run has it) over each peer
+    row's, per batch, with the issue's target for that pair."""
+    targets = BEAM_TARGETS if beams > 1 else TARGETS
     out = []
-    for r in results:
-        if not r.get("peer") or r["batch"] not in mine:
-            continue
-        base = r["backend"].split("-")[0]
-        target = TARGETS.get(base)
-        ratio = mine[r["batch"]]["tokens_per_s"] / r["tokens_per_s"]
-        out.append({"ours": ours, "peer": r["backend"], "batch": r["batch"],
-                    "ours_tokens_per_s": mine[r["batch"]]["tokens_per_s"],
-                    "peer_tokens_per_s": r["tokens_per_s"], "ratio": ratio, "target": target,
-                    "meets_target": None if target is None else ratio >= target})
+    for ours in OURS_BACKENDS:
+        mine = {r["batch"]: r for r in results if r["backend"] == ours and not r.get("peer")}
+        for r in results:
+            if not r.get("peer") or r["batch"] not in mine:
+                continue
+            target = targets.get((ours, r["backend"]),
+                                 targets.get((ours, r["backend"].split("-")[0])))
+            ratio = mine[r["batch"]]["tokens_per_s"] / r["tokens_per_s"]
+            out.append({"ours": ours, "peer": r["backend"], "batch": r["batch"],
+                        "ours_tokens_per_s": mine[r["batch"]]["tokens_per_s"],
+                        "peer_tokens_per_s": r["tokens_per_s"], "ratio": ratio,
+                        "target": target,
+                        "meets_target": None if target is None else ratio >= target})
     return out

@@ -68,11 +68,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--src-len", type=int, default=64, help="--generate: source tokens")
     p.add_argument("--batches", default="1,8", help="--generate: batch sizes")
     p.add_argument("--runs", type=int, default=5, help="--generate: timed runs")
+    p.add_argument("--beams", type=int, default=1,
+                   help="--generate: beam search of this width for every backend and peer "
+                        "(default 1: greedy); batch x beams must fit the profile")
     p.add_argument("--peers", default=None,
                    help="--generate on an hf build: third-party generators timed in the same run "
                         "(default: transformers,optimum,ctranslate2; absent ones are skipped "
                         "with the reason)")
     p.add_argument("--no-peers", action="store_true", help="--generate: time no peers")
+    p.add_argument("--task", nargs="?", const="", default=None, metavar="JSONL",
+                   help="benchmark real requests on a task set instead: exact match and "
+                        "tokens/s of our FP32 / int8 / int4 backends and, on an hf build, the "
+                        "peers (default set: the build's [task] path); batch = the first of "
+                        "--batches")
+    p.add_argument("--task-limit", type=int, default=0,
+                   help="--task: the first N examples only (default: all)")
     p.add_argument("--out", type=Path, default=None,
                    help="folder for bench.json/.md/.png (default ARTIFACTS/bench)")
     p.set_defaults(func=run)
@@ -101,6 +111,9 @@ def run(args: argparse.Namespace) -> int:
                           f"and shape), got {args.min_seconds:g}")
     if args.profile:
         return run_profile(args, shapes)
+    if args.task is not None:
+        return run_task(args, backends if args.backends != ",".join(DEFAULT_BACKENDS)
+                        else None)
     if args.generate:
         return run_generate(args, backends if args.backends != ",".join(DEFAULT_BACKENDS)
                             else None)
@@ -179,8 +192,8 @@ def run_generate(args: argparse.Namespace, backends: list[str] | None) -> int:
         raise ConfigError(f"--batches must be comma-separated integers, got {args.batches!r}"
                           ) from None
     if args.runs < 1 or args.new_tokens < 1 or args.src_len < 1 or not batches or \
-            min(batches) < 1:
-        raise ConfigError("--runs, --new-tokens, --src-len and --batches must be >= 1")
+            min(batches) < 1 or args.beams < 1:
+        raise ConfigError("--runs, --new-tokens, --src-len, --beams and --batches must be >= 1")
     if args.runs > 10_000:
         raise ConfigError(f"--runs must be at most 10,000, got {args.runs}")
     runs = 2 if args.quick else args.runs
@@ -194,7 +207,7 @@ def run_generate(args: argparse.Namespace, backends: list[str] | None) -> int:
             args.artifacts, backends=backends or DEFAULT_GENERATION_BACKENDS, batches=batches,
             src_len=args.src_len, new_tokens=args.new_tokens, runs=runs,
             warmup=0 if args.quick else 1, threads=args.threads or None, peers=peers,
-            progress=lambda d: bar.update(task, description=d, advance=1))
+            beams=args.beams, progress=lambda d: bar.update(task, description=d, advance=1))
     out_dir = args.out or (args.artifacts / "bench")
     paths = write_generation(report, out_dir, args.json)
     if (args.artifacts / "manifest.json").is_file():
@@ -210,17 +223,55 @@ def run_generate(args: argparse.Namespace, backends: list[str] | None) -> int:
                           f"{args.new_tokens} new tokens", ["backend", "batch", "TTFT ms",
                                                             "p50 ms/token", "p99 ms/token",
                                                             "tokens/s", "x torch"], rows))
-    pr = peer_ratios(report.results)
+    pr = peer_ratios(report.results, args.beams)
     if pr:
-        ui.out.print(ui.table(f"{pr[0]['ours']} over peers (tokens/s)",
-                              ["peer", "batch", "ratio", "target"],
-                              [(p["peer"], str(p["batch"]), f"{p['ratio']:.2f}",
+        ui.out.print(ui.table("ours over peers (tokens/s)",
+                              ["ours", "peer", "batch", "ratio", "target"],
+                              [(p["ours"], p["peer"], str(p["batch"]), f"{p['ratio']:.2f}",
                                 "-" if p["target"] is None else
                                 f">= {p['target']:g} ({'met' if p['meets_target'] else 'missed'})")
                                for p in pr]))
     for s in report.skipped:
         ui.out.print(f"[yellow]skipped[/yellow] {s['backend']}: {s['reason']}")
     ui.out.print(f"wrote {paths['json']}, {paths['markdown']}, {paths['png']}")
+    return 0
+
+
+def run_task(args: argparse.Namespace, backends: list[str] | None) -> int:
+    """``bench --task``: exact match and tokens/s on a task set (bench/task_bench.py)."""
+    from ..bench.task_bench import DEFAULT_TASK_BACKENDS, run_task_bench, write_outputs
+
+    try:
+        batch = int(args.batches.split(",")[0])
+    except ValueError:
+        raise ConfigError(f"--batches must be comma-separated integers, got {args.batches!r}"
+                          ) from None
+    if args.task_limit < 0:
+        raise ConfigError(f"--task-limit must be >= 0, got {args.task_limit}")
+    if args.no_peers and args.peers:
+        raise ConfigError("--peers and --no-peers contradict each other")
+    peers = [] if args.no_peers else None if args.peers is None else \
+        [x.strip() for x in args.peers.split(",") if x.strip()]
+    with ui.progress() as bar:
+        task = bar.add_task("bench --task", total=None)
+        report = run_task_bench(
+            args.artifacts, task=Path(args.task) if args.task else None,
+            backends=backends or DEFAULT_TASK_BACKENDS, peers=peers, batch=batch,
+            limit=args.task_limit, threads=args.threads or None,
+            progress=lambda d: bar.update(task, description=d, advance=1))
+    paths = write_outputs(report, args.out or (args.artifacts / "bench"), args.json)
+    if (args.artifacts / "manifest.json").is_file():
+        from ..core.manifest import update_manifest
+        update_manifest(args.artifacts, None, None, written=list(paths.values()))
+    ui.out.print(ui.table(f"task: {report.model['name']}, {report.settings['examples']} "
+                          f"examples, batch {batch}",
+                          ["backend", "HMU", "exact match", "tokens/s"],
+                          [(r.backend + (" (peer)" if r.peer else ""), r.hmu,
+                            f"{100 * r.exact:.2f}%", f"{r.tokens_per_s:.1f}")
+                           for r in report.rows]))
+    for s in report.skipped:
+        ui.out.print(f"[yellow]skipped[/yellow] {s['backend']}: {s['reason']}")
+    ui.out.print(f"wrote {paths['json']}, {paths['markdown']}")
     return 0
 
 

@@ -68,26 +68,49 @@ def _weight_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
             and (n.input[1] in inits or n.input[1] in consts)]
 
 
+def _in_scope(name: str, scope: str) -> bool:
+    """Whether a node name lies in a module scope (``lm_head/`` matches the native model's
+    ``lm_head/MatMul`` and a Hugging Face wrapper's ``hf/lm_head/MatMul``)."""
+    return name.startswith(scope) or f"/{scope}" in name
+
+
 def excluded_nodes(model: onnx.ModelProto, cfg: Int8Config, hmu_scope: str = "hmu") -> list[str]:
     """Weight nodes the policy keeps FP32 (HMU, LM head, ``[int8] exclude``), in graph order.
     An ``exclude`` entry that matches no node is a config error (a typo must not pin nothing)."""
     nodes = _weight_nodes(model)
-    prefixes = []
-    if cfg.keep_hmu:
-        prefixes.append(hmu_scope.replace(".", "/") + "/")
-    if cfg.keep_lm_head:
-        prefixes.append(LM_HEAD_SCOPE)
+    prefixes = _policy_prefixes(cfg, hmu_scope)
     names = {n.name for n in model.graph.node}
     for extra in cfg.exclude:
         if extra not in names and not any(n.startswith(extra) for n in names):
             raise ConfigError(f"int8.exclude: '{extra}' names no node of the graph (node names "
                               "look like decoder/layers/0/linear1/MatMul)")
-    out = []
-    for n in nodes:
-        if any(n.name.startswith(p) for p in prefixes) or any(
-                n.name == e or (e.endswith("/") and n.name.startswith(e)) for e in cfg.exclude):
-            out.append(n.name)
-    return out
+    return [n.name for n in nodes if _policy_keeps(n.name, cfg, prefixes)]
+
+
+def _policy_prefixes(cfg: Int8Config, hmu_scope: str) -> list[str]:
+    prefixes = []
+    if cfg.keep_hmu:
+        prefixes.append(hmu_scope.replace(".", "/") + "/")
+    if cfg.keep_lm_head:
+        prefixes.append(LM_HEAD_SCOPE)
+    return prefixes
+
+
+def _policy_keeps(name: str, cfg: Int8Config, prefixes: Sequence[str]) -> bool:
+    return any(_in_scope(name, p) for p in prefixes) or any(
+        name == e or (e.endswith("/") and name.startswith(e)) for e in cfg.exclude)
+
+
+def load_for_quantization(src: Path, cfg: Int8Config, hmu_scope: str = "hmu"
+                          ) -> onnx.ModelProto:
+    """``src`` with the transposed constant weights of the MatMuls the policy quantizes stored
+    transposed (export/weight_folding.py: a tied LM head), so the quantizers see them."""
+    from .weight_folding import fold_weight_transposes
+
+    model = onnx.load(str(src))
+    prefixes = _policy_prefixes(cfg, hmu_scope)
+    fold_weight_transposes(model, lambda name: not _policy_keeps(name, cfg, prefixes))
+    return model
 
 
 def _check_loads(path: Path, what: str) -> None:
@@ -107,11 +130,11 @@ def quantize_int8(src: Path, dst: Path, cfg: Int8Config, *, hmu_scope: str = "hm
     """``dst``: ``src`` with int8 per-channel weights (dynamic activations), policy nodes FP32."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    model = onnx.load(str(src))
+    model = load_for_quantization(src, cfg, hmu_scope)
     keep = excluded_nodes(model, cfg, hmu_scope)
     todo = [n.name for n in _weight_nodes(model) if n.name not in keep]
     with atomic_path(Path(dst)) as tmp, _quiet():
-        quantize_dynamic(str(src), str(tmp), per_channel=True,
+        quantize_dynamic(model, str(tmp), per_channel=True,
                          reduce_range=reduce_range(cfg, cpuinfo), weight_type=QuantType.QInt8,
                          op_types_to_quantize=list(QUANTIZED_OPS), nodes_to_quantize=todo,
                          extra_options={"MatMulConstBOnly": True})
@@ -125,7 +148,7 @@ def quantize_int4(src: Path, dst: Path, cfg: Int8Config, *, hmu_scope: str = "hm
     Gemm nodes (attention in-projections with a bias) stay FP32: MatMulNBits replaces MatMul only."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    model = onnx.load(str(src))
+    model = load_for_quantization(src, cfg, hmu_scope)
     keep = excluded_nodes(model, cfg, hmu_scope)
     todo = [n.name for n in _weight_nodes(model) if n.op_type == "MatMul" and n.name not in keep]
     with _quiet():

@@ -351,7 +351,7 @@ class Generator:
                                    max_new=max_new, eos_ids=[opts.eos_id])
             vocab = logp.shape[-1]
             cand = (scores.reshape(-1, 1) + logp).reshape(len(live), k * vocab)
-            top = np.argsort(-cand, axis=-1, kind="stable")[:, :2 * k]
+            top = top_candidates(cand, 2 * k)
             last = t == max_new - 1
             rows_next, src_next, tok_next, score_next = [], [], [], []
             for j, row in enumerate(live):
@@ -388,6 +388,22 @@ class Generator:
             scores = np.asarray(score_next).reshape(len(live), k)
             cur = np.asarray(tok_next, dtype=np.int64).reshape(-1, 1)
         return [h.items[0][1] if h.items else [] for h in hyps]
+
+
+def top_candidates(cand: np.ndarray, m: int) -> np.ndarray:
+    """The first ``m`` columns of a stable descending sort of each row of ``cand``, without
+    sorting whole rows (k x vocab candidates: a full sort dominates a large-vocabulary step).
+    Every value tied with the m-th largest is kept before the stable sort, so ties break by
+    index exactly as in the full sort."""
+    m = min(m, cand.shape[1])
+    if m == cand.shape[1]:
+        return np.argsort(-cand, axis=-1, kind="stable")
+    part = np.argpartition(-cand, m - 1, axis=-1)[:, :m]
+    out = np.empty((cand.shape[0], m), dtype=np.int64)
+    for j, row in enumerate(cand):
+        sel = np.flatnonzero(row >= row[part[j]].min())
+        out[j] = sel[np.argsort(-row[sel], kind="stable")][:m]
+    return out
 
 
 class _Clock:
