@@ -111,7 +111,9 @@ def hf_t5_build(tmp_path_factory) -> tuple[Path, Path]:
     HF._t5().save_pretrained(root / "t5")
     cfg = config_from_dict({
         "model": {"name": "t5-hmu", "source": "hf", "path": str(root / "t5")},
-        "profile": {"batch": [1, 2, 3], "src_len": [1, 7, 12], "tgt_len": [1, 4, 8]}})
+        "profile": {"batch": [1, 2, 3], "src_len": [1, 7, 12], "tgt_len": [1, 4, 8]},
+        # Transformers 4 (the peers venv) saves max_length 20 into generation_config.json
+        "generation": {"max_new_tokens": 8}})
     out = root / "out"
     outcome = run_build(cfg, out, model=preflight(cfg, out),
                         only=["checkpoint", "export", "optimize", "fp16", "parity"])

@@ -72,6 +72,9 @@ def test_the_t5_twin_a_few_steps_writes_a_folder_with_a_trained_hmu(tmp_path):
     cfg = sources.resolve(ModelConfig(source="hf", path=str(out),
                                       hmu_checkpoint=str(out / "hmu.safetensors")))
     assert sources.load(cfg).hmu_status == "trained"
+    # a class name Transformers 4 (Optimum's pin) can load too, not 5's TokenizersBackend
+    tok_cfg = json.loads((out / "tokenizer_config.json").read_text())
+    assert tok_cfg["tokenizer_class"] == "PreTrainedTokenizerFast" and "backend" not in tok_cfg
 
 
 def test_more_threads_than_cores_is_one_error_not_a_crash(tmp_path):

@@ -216,6 +216,12 @@ class OptimumPeer(Peer):
         self.model, self.ids = model, ids
 
 
+    def generate(self, ids: np.ndarray, mask: np.ndarray, new_tokens: int,
+                 beams: int = 1, until_eos: bool = False) -> PeerRun:
+        return _hf_generate(self.model, ids, mask, new_tokens, self.ids, beams=beams,
+                            until_eos=until_eos)
+
+
 def _optimum_int8(model: Any, out: Path, threads: int) -> Any:
     """Optimum's dynamic int8 of its own seq2seq export, loaded back as ORTModelForSeq2SeqLM."""
     from optimum.onnxruntime import ORTModelForSeq2SeqLM, ORTQuantizer
@@ -247,11 +253,6 @@ def _optimum_int8(model: Any, out: Path, threads: int) -> Any:
     except Exception as exc:  # Optimum raises many types
         raise PeerUnavailable(f"Optimum could not quantize its export: "
                               f"{_first_line(exc)}") from None
-
-    def generate(self, ids: np.ndarray, mask: np.ndarray, new_tokens: int,
-                 beams: int = 1, until_eos: bool = False) -> PeerRun:
-        return _hf_generate(self.model, ids, mask, new_tokens, self.ids, beams=beams,
-                            until_eos=until_eos)
 
 
 # ----------------------------------------------------------------------------- ctranslate2

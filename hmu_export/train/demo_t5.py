@@ -9,6 +9,7 @@ tokenizer (a PreTrainedTokenizerFast over tokenizer.json), generation_config.jso
 """
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -173,6 +174,7 @@ def train_t5(out: Path, opts: T5Options = T5Options(), log: Callable[[str], None
                                       bos_token=demo_tokenizer.BOS,
                                       model_max_length=demo_tokenizer.MAX_LENGTH)
     fast.save_pretrained(str(out))
+    portable_tokenizer_config(out / "tokenizer_config.json")
     tf.GenerationConfig(decoder_start_token_id=0, eos_token_id=2, pad_token_id=0,
                         max_new_tokens=MAX_NEW_TOKENS).save_pretrained(str(out))
     weights = out / "model.safetensors"
@@ -229,3 +231,12 @@ def train_t5_hmu(folder: Path, steps: int = 300, batch_size: int = 64, lr: float
     return {"steps": steps, "batch_size": batch_size, "lr": lr, "kl_weight": kl_weight,
             "seconds": round(seconds, 1), "dev_ce_seeded_hmu": fine.eval_before,
             "dev_ce_trained_hmu": fine.eval_after}
+
+
+def portable_tokenizer_config(path: Path) -> None:
+    """Transformers 5 names the class ``TokenizersBackend``, which Transformers 4 (what Optimum
+    pins) cannot load; ``PreTrainedTokenizerFast`` over the same tokenizer.json loads in both."""
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    cfg.pop("backend", None)
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
