@@ -46,7 +46,8 @@ def main(argv: list[str]) -> int:
             res = gen.generate(ids.tolist(), max_new_tokens=new, ignore_eos=True)
             made = {len(s) for s in res.sequences}
             peak = _rss_mib()
-            variant = {"onnxruntime-int8": "int8", "onnxruntime-int4": "int4"}.get(name)
+            variant = {"onnxruntime-opt": "opt", "onnxruntime-int8": "int8",
+                       "onnxruntime-int4": "int4"}.get(name, "")
             lay = BuildLayout(build)
             weights = sum(lay.graph(g, variant).stat().st_size for g in ("encoder", "decoder"))
         else:

@@ -262,18 +262,25 @@ class _IdTokenizer:
 
     def __init__(self, vocab: int, ids: Ids, unk: int) -> None:
         self.vocab = vocab
-        self.pad_token, self.eos_token = self.tok(ids.pad), self.tok(ids.eos)
-        self.unk_token, self.bos_token = self.tok(unk), self.tok(ids.bos)
+        # Marian's pad is the last id and is named "<pad>": CTranslate2's Marian converter
+        # drops that row (its decoder starts from a zero embedding instead); never a source id
+        self.names = {ids.pad: "<pad>"} if ids.pad == vocab - 1 else {}
+        self.pad_token, self.eos_token = self.name(ids.pad), self.name(ids.eos)
+        self.unk_token, self.bos_token = self.name(unk), self.name(ids.bos)
 
     @staticmethod
     def tok(i: int) -> str:
         return f"<{i}>"
 
+    def name(self, i: int) -> str:
+        return self.names.get(i) or self.tok(i)
+
     def get_vocab(self) -> dict[str, int]:
-        return {self.tok(i): i for i in range(self.vocab)}
+        return {self.name(i): i for i in range(self.vocab)}
 
     def convert_ids_to_tokens(self, i: Any) -> Any:
-        return [self.tok(int(x)) for x in i] if isinstance(i, (list, tuple)) else self.tok(int(i))
+        return [self.name(int(x)) for x in i] if isinstance(i, (list, tuple)) else \
+            self.name(int(i))
 
     def __len__(self) -> int:
         return self.vocab
