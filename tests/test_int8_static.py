@@ -256,3 +256,23 @@ def test_histogram_calibration_takes_feeds_of_different_shapes(sbuild, tmp_path,
                                Int8Config(mode="static", calibration_method=method), feeds)
     ops = Counter(n.op_type for n in onnx.load(str(dst)).graph.node)
     assert res.quantized > 0 and ops["QuantizeLinear"] > 0
+
+
+def test_calibration_data_is_the_named_file_else_the_dev_split_never_the_test_set(tmp_path):
+    from dataclasses import replace
+
+    from hmu_export import demo
+    from hmu_export.core.config import TaskConfig, demo_config, load_config
+    from hmu_export.export.calibration import calibration_file
+
+    assert calibration_file(demo_config()) == ("task.dev", str(demo.DEV_SET))
+    assert str(demo.TEST_SET) not in calibration_file(demo_config())
+    base = config_from_dict(SMALL)
+    assert calibration_file(base) == ("", "")
+    named = replace(base, int8=Int8Config(calibration="/c.jsonl"),
+                    task=TaskConfig(path="/t.jsonl", dev="/d.jsonl"))
+    assert calibration_file(named) == ("int8.calibration", "/c.jsonl")
+    toml = tmp_path / "sub" / "b.toml"
+    toml.parent.mkdir()
+    toml.write_text('[task]\npath = "t.jsonl"\ndev = "../d.jsonl"\n')
+    assert calibration_file(load_config(toml)) == ("task.dev", str(tmp_path / "d.jsonl"))

@@ -246,7 +246,7 @@ class ParityConfig:
 class Int8Config:
     """The quantized CPU graphs (int8 weights, int4 weight-only) and the quality they must keep."""
 
-    enabled: bool = True  # write *.int8.onnx (dynamic int8, per-channel weights)
+    enabled: bool = True  # write *.int8.onnx (per-channel int8 weights; activations: mode)
     int4: bool = True  # also *.int4.onnx (MatMulNBits, weight-only)
     keep_hmu: bool = True  # the HMU's MatMuls stay FP32 (its nodes are the FP16 pins too)
     keep_lm_head: bool = True  # the output projection stays FP32 (every logit goes through it)

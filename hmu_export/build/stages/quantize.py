@@ -1,5 +1,9 @@
 """Stage quantize: int8 (and int4 weight-only) CPU graphs of every exported graph.
 
+int8 is dynamic, or static QDQ (``[int8] mode``) calibrated on feeds recorded from greedy
+generation with the FP32 graphs on the calibration file (``[int8] calibration``, else the
+task's dev split), random in-profile feeds without one (the manifest says which).
+
 What the stage records, per graph and variant: how many weight nodes were quantized, which were
 kept FP32 by the policy, the weight bytes, and the top-1 agreement of the primary graph with its
 FP32 graph on the parity grid's opt shape (a sanity figure: quality itself is task accuracy,
