@@ -150,6 +150,18 @@ def test_recorded_calibration_feeds_are_real_steps_inside_the_profile(sbuild):
     assert pasts[0] == 0 and pasts.count(0) == 5 and max(pasts) >= 3
     real = [f[past_key(0)] for f in got.graphs["decoder"] if f[past_key(0)].shape[2]]
     assert all(np.isfinite(k).all() and np.abs(k).max() > 0 for k in real)
+    # what was recorded is what was fed: a step's past is the previous step's present
+    import onnxruntime as ort
+    dec = ort.InferenceSession(str(sbuild / "decoder.onnx"), providers=["CPUExecutionProvider"])
+    steps = got.graphs["decoder"]
+    checked = 0
+    for a, b in zip(steps, steps[1:]):
+        if b[past_key(0)].shape[2] == a[past_key(0)].shape[2] + 1 and \
+                b[past_key(0)].shape[0] == a[past_key(0)].shape[0]:
+            present = dec.run(["present_key.0"], a)[0]
+            np.testing.assert_allclose(b[past_key(0)], present, rtol=1e-5, atol=1e-6)
+            checked += 1
+    assert checked >= 5
 
 
 def test_random_fallback_feeds_lie_inside_the_profile():

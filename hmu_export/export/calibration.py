@@ -17,8 +17,8 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from ..core.config import BuildConfig
-from ..core.io_contract import (AXIS_TO_PROFILE, DECODER, ENCODER, FULL, NOISE, SRC_IDS, SRC_MASK, TGT_IDS, TGT_LEN,
-                                GraphContract)
+from ..core.io_contract import (AXIS_TO_PROFILE, DECODER, ENCODER, FULL, NOISE, SRC_IDS,
+                                SRC_MASK, TGT_IDS, TGT_LEN, GraphContract)
 from ..generate.stepper import CacheSpec, StepBackend
 
 Feeds = dict[str, np.ndarray]
@@ -44,8 +44,9 @@ class CalibrationFeeds:
 
 
 class _Recorder:
-    """A StepBackend that keeps a copy of every feed it passes on (the Generator hands the
-    cache back to the next step as returned, so a copy is what was fed)."""
+    """A StepBackend that keeps every feed it passes on. It keeps the arrays themselves, no
+    copies: the stepper replaces its state with new arrays (ORT's outputs, ``np.take``) and
+    never writes into one, so a request's cross K/V is held once, not once per step."""
 
     def __init__(self, inner: StepBackend) -> None:
         self.inner = inner
@@ -57,11 +58,11 @@ class _Recorder:
         return self.inner.cache_spec()
 
     def encode(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        self.encoder.append({k: np.array(v) for k, v in feeds.items()})
+        self.encoder.append(dict(feeds))
         return self.inner.encode(feeds)
 
     def decode(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        self.decoder.append({k: np.array(v) for k, v in feeds.items()})
+        self.decoder.append(dict(feeds))
         return self.inner.decode(feeds)
 
 
