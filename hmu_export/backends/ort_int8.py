@@ -1,4 +1,5 @@
-"""ONNX Runtime on the build's int8 graphs (``*.int8.onnx``: int8 weights (dynamic int8 activations)), forward and as a
+"""ONNX Runtime on the build's int8 graphs (``*.int8.onnx``: int8 weights, int8 activations
+quantized per call or, ``[int8] mode = "static"``, with calibrated QDQ scales), forward and as a
 generation step backend. Their quality is judged by task accuracy against FP32 (the quantize
 stage's budget), not by the FP32 / FP16 logit tolerances: parity's numeric grid leaves them out."""
 from __future__ import annotations

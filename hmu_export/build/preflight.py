@@ -31,11 +31,21 @@ def preflight(cfg: BuildConfig, out_dir: Path, force: bool = False) -> ModelSour
     resolved = sources.resolve(cfg.model)
     cfg = replace(cfg, model=resolved).validate()
     check_memory(cfg)
+    check_calibration(cfg)
     ensure_writable_dir(out.parent)
     source = sources.load(resolved)
     check_generation_options(cfg, source)
     model_generation(cfg, source)  # the model's own generation settings meet the schema now
     return source
+
+
+def check_calibration(cfg: BuildConfig) -> None:
+    """Static int8's calibration file is read before anything is written: a bad line is one
+    error naming file and line (the part of it a build reads: calibration_samples lines)."""
+    from ..export.calibration import calibration_file, calibration_sources
+
+    if cfg.int8.enabled and cfg.int8.mode == "static" and calibration_file(cfg)[1]:
+        calibration_sources(cfg)
 
 
 def model_generation(cfg: BuildConfig, source: ModelSource) -> GenerationConfig:

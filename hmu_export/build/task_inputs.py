@@ -14,15 +14,20 @@ if TYPE_CHECKING:
 def task_tokenizer(ctx: "BuildContext") -> "Tokenizer | None":
     """The build's tokenizer when the config names a task set (None when it names none); a
     task set without a tokenizer to read it is a config error."""
+    return build_tokenizer(ctx, "task.path", ctx.cfg.task.path)
+
+
+def build_tokenizer(ctx: "BuildContext", key: str, path: str) -> "Tokenizer | None":
+    """The build's tokenizer to read the texts of ``path`` (config key ``key``); None when
+    ``path`` is empty, a config error when the model has no tokenizer."""
     from ..model.tokenizer import TOKENIZER_DIR, Tokenizer, load_hf_tokenizer, tokenizer_files
 
-    if not ctx.cfg.task.path:
+    if not path:
         return None
     folder = ctx.layout.root / TOKENIZER_DIR
     if not tokenizer_files(folder):
-        raise ConfigError(f"task.path is set ({ctx.cfg.task.path}) but the model has no "
-                          "tokenizer to read it (a native checkpoint carries one in its "
-                          "folder, an hf folder its own)")
+        raise ConfigError(f"{key} is set ({path}) but the model has no tokenizer to read it "
+                          "(a native checkpoint carries one in its folder, an hf folder its own)")
     return Tokenizer(load_hf_tokenizer(folder))
 
 

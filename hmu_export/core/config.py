@@ -246,7 +246,7 @@ class ParityConfig:
 class Int8Config:
     """The quantized CPU graphs (int8 weights, int4 weight-only) and the quality they must keep."""
 
-    enabled: bool = True  # write *.int8.onnx (dynamic int8, per-channel weights)
+    enabled: bool = True  # write *.int8.onnx (per-channel int8 weights; activations: mode)
     int4: bool = True  # also *.int4.onnx (MatMulNBits, weight-only)
     keep_hmu: bool = True  # the HMU's MatMuls stay FP32 (its nodes are the FP16 pins too)
     keep_lm_head: bool = True  # the output projection stays FP32 (every logit goes through it)
@@ -257,8 +257,41 @@ class Int8Config:
     #: quality budget: exact-match drop (points) vs FP32 on the task set; over it the stage
     #: fails and the quantized graphs are not shipped
     max_exact_match_drop: float = 0.5
+    #: how *.int8.onnx quantizes activations: "dynamic" (at run time, per call) or "static"
+    #: (QDQ: fixed scales calibrated on real inputs, docs/int8.md)
+    mode: str = "dynamic"
+    #: static: JSONL of task-set lines whose sources calibrate (relative to the TOML); empty =
+    #: ``[task] dev``, else random in-profile feeds. Never the judged set by default.
+    calibration: str = ""
+    calibration_method: str = "minmax"  # minmax | entropy | percentile | distribution
+    calibration_samples: int = 256  # source examples, generated greedily with the FP32 graphs
+    calibration_percentile: float = 99.999  # method "percentile" only
+    activation_type: str = "quint8"  # quint8 (x86: u8 x s8 kernels) | qint8 (symmetric)
+    #: static: ORT's quant_pre_process (symbolic shape inference + graph optimization) first
+    pre_process: bool = False
+    #: static: also quantize MatMul / Gemm outputs (QLinearMatMul); off = their outputs stay
+    #: FP32 (one rounding less, MatMulIntegerToFloat kernels)
+    quantize_outputs: bool = False
+
+    PATH_FIELDS: typing.ClassVar[tuple[str, ...]] = ("calibration",)
+    MODES: typing.ClassVar[tuple[str, ...]] = ("dynamic", "static")
+    CALIBRATION_METHODS: typing.ClassVar[tuple[str, ...]] = ("minmax", "entropy", "percentile",
+                                                             "distribution")
+    ACTIVATION_TYPES: typing.ClassVar[tuple[str, ...]] = ("quint8", "qint8")
 
     def validate(self) -> None:
+        for key, allowed in (("mode", self.MODES), ("calibration_method",
+                                                    self.CALIBRATION_METHODS),
+                             ("activation_type", self.ACTIVATION_TYPES)):
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"int8.{key} must be {', '.join(allowed[:-1])} or "
+                                  f"{allowed[-1]}, got {getattr(self, key)!r}")
+        if not 1 <= self.calibration_samples <= 100_000:
+            raise ConfigError("int8.calibration_samples must be in [1, 100000], got "
+                              f"{self.calibration_samples}")
+        if not 50.0 < self.calibration_percentile <= 100.0:
+            raise ConfigError("int8.calibration_percentile must be in (50, 100], got "
+                              f"{self.calibration_percentile}")
         if self.reduce_range not in ("auto", "on", "off"):
             raise ConfigError(f"int8.reduce_range must be auto, on or off, got {self.reduce_range!r}")
         if self.int4_block_size < 16 or self.int4_block_size & (self.int4_block_size - 1):
@@ -394,6 +427,8 @@ class TaskConfig:
     judges int8 / int4 by it. Needs a tokenizer in the build (``generate --text``'s)."""
 
     path: str = ""  # the JSONL; relative to the TOML file; empty = no task accuracy
+    #: a held-out split of the same task, never judged: static int8 calibrates on it
+    dev: str = ""
     limit: int = 0  # evaluate the first N examples only (0 = all)
     #: the noise sweep (the HMU's controlled variation): accuracy and distinct outputs per
     #: input at each noise scale, ``noise_draws`` noise seeds on the first ``noise_limit``
@@ -401,7 +436,7 @@ class TaskConfig:
     noise_draws: int = 4
     noise_limit: int = 200
 
-    PATH_FIELDS: typing.ClassVar[tuple[str, ...]] = ("path",)
+    PATH_FIELDS: typing.ClassVar[tuple[str, ...]] = ("path", "dev")
 
     def validate(self) -> None:
         if self.limit < 0:
@@ -555,7 +590,8 @@ def load_config(path: str | Path | None) -> BuildConfig:
         raise ConfigError(f"config file {p} nests arrays or tables too deeply") from None
     cfg = config_from_dict(data)
     return dataclasses.replace(cfg, model=resolve_paths(cfg.model, p.parent),
-                               task=resolve_paths(cfg.task, p.parent))
+                               task=resolve_paths(cfg.task, p.parent),
+                               int8=resolve_paths(cfg.int8, p.parent))
 
 
 def demo_config() -> BuildConfig:
@@ -570,7 +606,7 @@ def demo_config() -> BuildConfig:
         # A trained model's logits span ~35 (random ones ~10): the absolute bounds scale with
         # them; the relative ones, cosine, top-1 and the task accuracy do not move.
         parity=ParityConfig(fp32_max_abs=DEMO_FP32_MAX_ABS, fp16_max_abs=DEMO_FP16_MAX_ABS),
-        task=TaskConfig(path=str(demo.TEST_SET))).validate()
+        task=TaskConfig(path=str(demo.TEST_SET), dev=str(demo.DEV_SET))).validate()
 
 
 #: the demo's absolute logit bounds (docs/demo-model.md: measured worst FP32 2.7e-4, i.e.
@@ -579,7 +615,7 @@ DEMO_FP32_MAX_ABS = 1e-3
 DEMO_FP16_MAX_ABS = 1.5
 
 
-_Section = typing.TypeVar("_Section", ModelConfig, TaskConfig)
+_Section = typing.TypeVar("_Section", ModelConfig, TaskConfig, Int8Config)
 
 
 def resolve_paths(section: _Section, base: Path) -> _Section:

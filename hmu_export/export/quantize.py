@@ -1,7 +1,11 @@
 """Quantized CPU graphs with ONNX Runtime's own tools: int8 weights and int4 weight-only.
 
-- ``int8``: ``quantize_dynamic`` with per-channel int8 weights (MatMul / Gemm); activations are
-  quantized at run time (``DynamicQuantizeLinear`` + ``MatMulInteger``).
+- ``int8``, ``[int8] mode = "dynamic"``: ``quantize_dynamic`` with per-channel int8 weights
+  (MatMul / Gemm); activations are quantized at run time (``DynamicQuantizeLinear`` +
+  ``MatMulInteger``).
+- ``int8``, ``mode = "static"``: ``quantize_static`` in QDQ format, the same per-channel weights
+  and fixed activation scales calibrated on recorded feeds (export/calibration.py); ORT fuses
+  the QuantizeLinear / DequantizeLinear pairs into int8 kernels when it loads the graph.
 - ``int4``: ``MatMulNBitsQuantizer`` (weight-only, blockwise, ``accuracy_level`` 4 computes the
   activations in int8), the format ONNX Runtime's CPU kernels run fastest at batch 1.
 
@@ -15,10 +19,12 @@ Every graph is written atomically and only once ONNX Runtime loads it.
 from __future__ import annotations
 
 import logging
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Mapping, Sequence
 
+import numpy as np
 import onnx
 
 from ..core.config import Int8Config
@@ -125,20 +131,100 @@ def _check_loads(path: Path, what: str) -> None:
                             f"{str(exc).splitlines()[0]}") from None
 
 
+def _plan(model: onnx.ModelProto, cfg: Int8Config, hmu_scope: str) -> tuple[list[str], list[str]]:
+    """(weight nodes kept FP32, weight nodes to quantize) of ``model`` under the policy."""
+    keep = excluded_nodes(model, cfg, hmu_scope)
+    return keep, [n.name for n in _weight_nodes(model) if n.name not in keep]
+
+
 def quantize_int8(src: Path, dst: Path, cfg: Int8Config, *, hmu_scope: str = "hmu",
                   cpuinfo: str | None = None) -> QuantizeResult:
     """``dst``: ``src`` with int8 per-channel weights (dynamic activations), policy nodes FP32."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     model = load_for_quantization(src, cfg, hmu_scope)
-    keep = excluded_nodes(model, cfg, hmu_scope)
-    todo = [n.name for n in _weight_nodes(model) if n.name not in keep]
+    keep, todo = _plan(model, cfg, hmu_scope)
     with atomic_path(Path(dst)) as tmp, _quiet():
         quantize_dynamic(model, str(tmp), per_channel=True,
                          reduce_range=reduce_range(cfg, cpuinfo), weight_type=QuantType.QInt8,
                          op_types_to_quantize=list(QUANTIZED_OPS), nodes_to_quantize=todo,
                          extra_options={"MatMulConstBOnly": True})
         _check_loads(tmp, "int8")
+    return QuantizeResult(Path(dst), len(todo), keep)
+
+
+#: ``[int8] calibration_method`` -> onnxruntime.quantization.CalibrationMethod member
+CALIBRATION_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile",
+                       "distribution": "Distribution"}
+ACTIVATION_TYPES = {"quint8": "QUInt8", "qint8": "QInt8"}
+
+
+class FeedReader:
+    """onnxruntime's CalibrationDataReader protocol over recorded feeds, each cut to the
+    graph's inputs (a recorded step may carry more). ``set_range`` serves one slice at a time:
+    ORT's histogram calibrators stack every collected array of a tensor into one, which fails
+    on feeds of different shapes, so they are given one feed per collection and merge."""
+
+    def __init__(self, feeds: Sequence[Mapping[str, np.ndarray]], names: Sequence[str]) -> None:
+        self.feeds = list(feeds)
+        self.names = list(names)
+        self._it: Iterator[Mapping[str, np.ndarray]] = iter(self.feeds)
+
+    def __len__(self) -> int:
+        return len(self.feeds)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._it = iter(self.feeds[start_index:end_index])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        feed = next(self._it, None)
+        return None if feed is None else {n: feed[n] for n in self.names}
+
+
+def quantize_int8_static(src: Path, dst: Path, cfg: Int8Config,
+                         feeds: Sequence[Mapping[str, np.ndarray]], *, hmu_scope: str = "hmu",
+                         cpuinfo: str | None = None) -> QuantizeResult:
+    """``dst``: ``src`` in QDQ format with int8 per-channel weights and activation scales
+    calibrated on ``feeds`` (``[int8] calibration_method``), policy nodes FP32. With
+    ``pre_process`` the graph first goes through ORT's quant_pre_process (shape inference and
+    optimization); the policy is then applied to the graph it returns."""
+    from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+
+    if not feeds:
+        raise ArtifactError(f"static int8 of {Path(src).name}: no calibration feeds")
+    with tempfile.TemporaryDirectory(prefix="hmu-int8-") as work, \
+            atomic_path(Path(dst)) as tmp, _quiet():
+        model_in = Path(src)
+        if cfg.pre_process:
+            from onnxruntime.quantization.shape_inference import quant_pre_process
+
+            model_in = Path(work) / "pre.onnx"
+            try:
+                quant_pre_process(str(src), str(model_in), skip_symbolic_shape=False)
+            except Exception as exc:  # shape inference raises whatever it meets
+                raise ArtifactError(f"int8.pre_process: quant_pre_process failed on "
+                                    f"{Path(src).name}: {(str(exc).splitlines() or [''])[0]} "
+                                    "(set pre_process = false)") from None
+        model = load_for_quantization(model_in, cfg, hmu_scope)
+        keep, todo = _plan(model, cfg, hmu_scope)
+        names = [i.name for i in model.graph.input]
+        quantize_static(model, str(tmp), FeedReader(feeds, names),
+                        quant_format=QuantFormat.QDQ, op_types_to_quantize=list(QUANTIZED_OPS),
+                        per_channel=True, reduce_range=reduce_range(cfg, cpuinfo),
+                        activation_type=getattr(QuantType, ACTIVATION_TYPES[cfg.activation_type]),
+                        weight_type=QuantType.QInt8, nodes_to_quantize=todo,
+                        calibrate_method=getattr(CalibrationMethod,
+                                                 CALIBRATION_METHODS[cfg.calibration_method]),
+                        extra_options={"MatMulConstBOnly": True,
+                                       "CalibPercentile": cfg.calibration_percentile,
+                                       # one feed per collection (FeedReader); MinMax reduces
+                                       # each feed on its own, so it takes them all at once
+                                       "CalibStridedMinMax":
+                                           None if cfg.calibration_method == "minmax" else 1,
+                                       "OpTypesToExcludeOutputQuantization":
+                                           [] if cfg.quantize_outputs else list(QUANTIZED_OPS)})
+        _check_loads(tmp, "int8 (static)")
     return QuantizeResult(Path(dst), len(todo), keep)
 
 
@@ -149,8 +235,9 @@ def quantize_int4(src: Path, dst: Path, cfg: Int8Config, *, hmu_scope: str = "hm
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     model = load_for_quantization(src, cfg, hmu_scope)
-    keep = excluded_nodes(model, cfg, hmu_scope)
-    todo = [n.name for n in _weight_nodes(model) if n.op_type == "MatMul" and n.name not in keep]
+    keep, todo = _plan(model, cfg, hmu_scope)
+    matmuls = {n.name for n in model.graph.node if n.op_type == "MatMul"}
+    todo = [name for name in todo if name in matmuls]
     with _quiet():
         q = MatMulNBitsQuantizer(model, bits=4, block_size=cfg.int4_block_size,
                                  is_symmetric=True, accuracy_level=cfg.int4_accuracy_level,

@@ -1,5 +1,9 @@
 """Stage quantize: int8 (and int4 weight-only) CPU graphs of every exported graph.
 
+int8 is dynamic, or static QDQ (``[int8] mode``) calibrated on feeds recorded from greedy
+generation with the FP32 graphs on the calibration file (``[int8] calibration``, else the
+task's dev split), random in-profile feeds without one (the manifest says which).
+
 What the stage records, per graph and variant: how many weight nodes were quantized, which were
 kept FP32 by the policy, the weight bytes, and the top-1 agreement of the primary graph with its
 FP32 graph on the parity grid's opt shape (a sanity figure: quality itself is task accuracy,
@@ -11,10 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ...core.errors import ConfigError
 from ...core.manifest import FAILED, OK, SKIPPED, StageResult
 from ..context import Stage
 
 if TYPE_CHECKING:
+    from ...export.calibration import CalibrationFeeds
     from ..context import BuildContext
 
 
@@ -40,8 +46,8 @@ def _agreement(ctx: "BuildContext", variant: str) -> dict[str, Any]:
 
 
 def quantize_stage(ctx: "BuildContext") -> StageResult:
-    from ...export.quantize import (cpu_has_vnni, quantize_int4, quantize_int8, reduce_range,
-                                    variants, weight_bytes)
+    from ...export.quantize import (cpu_has_vnni, quantize_int4, quantize_int8,
+                                    quantize_int8_static, reduce_range, variants, weight_bytes)
 
     q = ctx.cfg.int8
     if not q.enabled:
@@ -50,12 +56,24 @@ def quantize_stage(ctx: "BuildContext") -> StageResult:
     scope = ctx.source.hmu_scope
     graphs = list(ctx.contracts) or [ctx.source.graph_names()[0]]
     details: dict[str, Any] = {"reduce_range": reduce_range(q), "cpu_vnni": cpu_has_vnni(),
-                               "graphs": {}, "agreement": {}}
+                               "mode": q.mode, "graphs": {}, "agreement": {}}
+    calibration = None
+    if q.mode == "static":
+        calibration = calibration_feeds(ctx, graphs)
+        details["calibration"] = dict(calibration.summary(), method=q.calibration_method,
+                                      activation_type=q.activation_type,
+                                      pre_process=q.pre_process,
+                                      quantize_outputs=q.quantize_outputs)
     for variant in variants(q):
-        quantize = quantize_int8 if variant == "int8" else quantize_int4
         for graph in graphs:
             src, dst = ctx.layout.graph(graph), ctx.layout.graph(graph, variant)
-            res = quantize(src, dst, q, hmu_scope=scope)
+            if variant == "int4":
+                res = quantize_int4(src, dst, q, hmu_scope=scope)
+            elif calibration is not None:
+                res = quantize_int8_static(src, dst, q, calibration.graphs[graph],
+                                           hmu_scope=scope)
+            else:
+                res = quantize_int8(src, dst, q, hmu_scope=scope)
             details["graphs"][dst.name] = {"quantized_nodes": res.quantized,
                                            "kept_fp32": res.kept_fp32,
                                            "weight_bytes": weight_bytes(dst),
@@ -67,6 +85,51 @@ def quantize_stage(ctx: "BuildContext") -> StageResult:
         return StageResult(FAILED, reason="; ".join(over) + " (not shipped: their graphs were "
                            "removed; see int8.max_exact_match_drop)", details=details)
     return StageResult(OK, details=details)
+
+
+def calibration_feeds(ctx: "BuildContext", graphs: list[str]) -> "CalibrationFeeds":
+    """Static int8's calibration feeds for every graph: recorded from greedy generation with
+    the FP32 graphs on ``[int8] calibration`` (else ``[task] dev``) when the build has the
+    generation graphs and a tokenizer; random in-profile feeds otherwise (``source`` says
+    which, ``note`` why)."""
+    from ...core.io_contract import DECODER, ENCODER, FULL, NOISE, SRC_IDS, SRC_MASK, TGT_IDS
+    from ...export.calibration import (CalibrationFeeds, calibration_file, calibration_sources,
+                                       random_feeds, record_feeds)
+    from ..task_inputs import build_tokenizer
+
+    cfg = ctx.cfg
+    key, path = calibration_file(cfg)
+    contracts = {g: ctx.contracts[g] for g in graphs if g in ctx.contracts}
+    feeds, note = CalibrationFeeds(), ""
+    if not path:
+        note = "no calibration data: [int8] calibration and [task] dev are empty"
+    elif not (ENCODER in contracts and DECODER in contracts):
+        note = f"{path} not used: the build has no generation graphs to record feeds with"
+    else:
+        tok = build_tokenizer(ctx, key, path)
+        assert tok is not None
+        sources = calibration_sources(cfg)
+        full = contracts.get(FULL)
+        if full is not None and not set(full.input_names) <= {SRC_IDS, SRC_MASK, TGT_IDS, NOISE}:
+            full, note = None, "the full graph has inputs teacher forcing cannot fill"
+        feeds = record_feeds(ctx.layout.graph(ENCODER), ctx.layout.graph(DECODER), cfg,
+                             tok.encode(sources), full=full, label=path,
+                             input_names={g: c.input_names for g, c in contracts.items()})
+        if not feeds.samples:
+            raise ConfigError(f"{key}: none of the first {len(sources)} sources of {path} fits "
+                              f"the profile's src_len max ({cfg.profile.src_len[2]} tokens)")
+    for graph in graphs:
+        if graph not in feeds.graphs:
+            contract = contracts.get(graph) or ctx.contract
+            assert contract is not None
+            feeds.graphs[graph] = random_feeds(contract, cfg, RANDOM_FEEDS, seed=cfg.parity.seed)
+            feeds.random.append(graph)
+    feeds.note = note
+    return feeds
+
+
+#: random calibration feeds per graph (the fallback)
+RANDOM_FEEDS = 64
 
 
 def _judge_on_task(ctx: "BuildContext", graphs: list[str], details: dict[str, Any]) -> list[str]:
