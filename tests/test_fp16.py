@@ -139,3 +139,71 @@ def test_build_on_cpu_has_recipe_skipped_engine_and_fp16_rows(small_cfg, tmp_pat
     assert labels.get("onnxruntime") == "fp32"
     assert labels.get("onnxruntime-fp16emu") == "fp16" and labels.get("torch-fp16") == "fp16"
     assert "tensorrt" in report["skipped_backends"]
+
+
+def _chain_model() -> onnx.ModelProto:
+    """x -> a/Mul (x 3) -> b/Add (+ w) -> c/Mul (x 1) -> y, with w an initializer (as the
+    exporter writes it: listed in value_info too)."""
+    from onnx import helper, numpy_helper
+    w = np.array([0.5, 1.0001, -2.0003, 7.0007], np.float32)  # not exact in FP16
+    g = helper.make_graph(
+        [helper.make_node("Mul", ["x", "three"], ["h1"], name="a/Mul"),
+         helper.make_node("Add", ["h1", "w"], ["h2"], name="b/Add"),
+         helper.make_node("Mul", ["h2", "one"], ["y"], name="c/Mul")],
+        "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [numpy_helper.from_array(np.array(3.0, np.float32), "three"),
+         numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array(1.0, np.float32), "one")],
+        value_info=[helper.make_tensor_value_info("w", TensorProto.FLOAT, [4])])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+    return ort.InferenceSession(model.SerializeToString(),
+                                providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+def test_adjacent_pins_compute_in_fp32_with_fp32_weights():
+    """Pinned nodes behave as TensorRT layers pinned with --layerPrecisions and
+    --layerOutputTypes fp32: their weights, the FP32 graph input and each other's outputs reach
+    them unrounded. The converter alone rounded all three to FP16 (its output differed from
+    FP32 by ~1e-3 here)."""
+    m = _chain_model()
+    x = np.array([[0.33337, 0.7777, 1.2345, 999.7]], np.float32)  # none exact in FP16
+    exact = _run(m, x)
+    all_pinned = _run(convert_to_fp16(m, ["a/Mul", "b/Add", "c/Mul"]), x)
+    assert all_pinned.dtype == np.float32  # a pinned node writing the graph output
+    np.testing.assert_array_equal(all_pinned, exact)
+    # a, b pinned, c in FP16: exactly one rounding, at c's input (rounding x, w and h1 as well
+    # gave 3004 instead of 3006 in the last column)
+    np.testing.assert_array_equal(_run(convert_to_fp16(m, ["a/Mul", "b/Add"]), x),
+                                  exact.astype(np.float16).astype(np.float32))
+
+
+def test_pinned_weight_is_fp32_where_an_unpinned_reader_gets_fp16():
+    m = _chain_model()
+    fp16 = convert_to_fp16(m, ["b/Add"])
+    add = next(n for n in fp16.graph.node if n.name == "b/Add")
+    inits = {i.name: i for i in fp16.graph.initializer}
+    assert inits[add.input[1]].data_type == TensorProto.FLOAT  # its weight, unrounded
+    from onnx import numpy_helper
+    np.testing.assert_array_equal(numpy_helper.to_array(inits[add.input[1]]),
+                                  numpy_helper.to_array(m.graph.initializer[1]))
+    # no converter Cast is left without a reader
+    read = {i for n in fp16.graph.node for i in n.input} | {o.name for o in fp16.graph.output}
+    assert all(n.output[0] in read for n in fp16.graph.node if n.op_type == "Cast")
+
+
+def test_exported_pins_read_fp32_weights(small_export):
+    """On the exported model (which lists every initializer in value_info) a pinned
+    LayerNormalization reads FP32 scale and bias, not FP16 copies cast back."""
+    model = onnx.load(str(small_export.onnx))
+    pins = pin_names(select_pins(model))
+    fp16 = convert_to_fp16(model, pins)
+    inits = {i.name: i.data_type for i in fp16.graph.initializer}
+    ln = [n for n in fp16.graph.node if n.name in pins and n.op_type == "LayerNormalization"]
+    assert ln
+    for node in ln:
+        weights = [i for i in node.input[1:] if i in inits]
+        assert weights and all(inits[w] == TensorProto.FLOAT for w in weights), node.name

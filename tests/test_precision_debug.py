@@ -130,3 +130,28 @@ def test_cli_shapes_outside_the_profile_are_one_error_line(small_export, capsys,
                  shape]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "outside" in err[0], err
+
+
+def test_cli_judges_by_the_builds_fp16_budget(small_export, tmp_path, monkeypatch):
+    """A trained model's config widens the FP16 absolute bound with its logit range (the demo:
+    1.5); the command used the policy's 0.5 instead and sent the bisection after an error the
+    parity stage accepts."""
+    import dataclasses
+    import json
+
+    from hmu_export.commands.cli import main
+    from hmu_export.core import build_folder
+
+    real = build_folder.open_build
+
+    def widened(root, verify=True):
+        b = real(root, verify)
+        return dataclasses.replace(b, cfg=dataclasses.replace(
+            b.cfg, parity=dataclasses.replace(b.cfg.parity, fp16_max_abs=1.25)))
+
+    monkeypatch.setattr(build_folder, "open_build", widened)
+    out = tmp_path / "dp.json"
+    assert main(["debug-precision", "--artifacts", str(small_export.root), "--shapes", "1x4x3",
+                 "--json", str(out)]) == 0
+    tol = json.loads(out.read_text())["tolerance"]
+    assert tol["max_abs"] == 1.25 and tol["max_rel_range"] == 0.03
