@@ -20,15 +20,9 @@ import numpy as np
 import onnx
 
 from ..core.errors import ParityFailure
+from ..core.pins import NON_COMPUTE_OPS  # shape / index / mask ops: never candidates
 from ..export.fp16 import convert_to_fp16
 from ..core.tolerance import Tolerance
-
-# Ops that only compute shapes, indices or masks. Data-movement ops (Reshape, Transpose...) stay
-# candidates: their outputs are FP16 tensors too, so two FP32 nodes joined by a Transpose are
-# still rounded between them unless the Transpose is FP32 as well.
-NON_COMPUTE_OPS = frozenset({
-    "Shape", "Size", "Constant", "ConstantOfShape", "Range", "Equal", "Not", "And", "Or",
-    "Less", "Greater", "Trilu"})
 
 Feeds = Mapping[str, np.ndarray]
 
