@@ -76,7 +76,7 @@ def _pinned_weights_in_fp32(src: onnx.ModelProto, fp16: onnx.ModelProto,
     The exporter lists every initializer in ``value_info``, so the converter rounds a pinned
     node's weights to FP16 like any other and casts them back (a Cast-to-FLOAT of an FP16
     initializer before the node): the node then computes in FP32 on FP16-rounded weights, and
-    a weight beyond 65504 stays clamped (docs/fp16.md, "pinned weights"). Here such an input
+    a weight beyond 65504 stays clamped (docs/fp16.md, "Two emulation bugs"). Here such an input
     is rewired to an FP32 copy of the original initializer; Casts and FP16 initializers left
     without readers are removed."""
     originals = {i.name: i for i in src.graph.initializer
@@ -89,13 +89,15 @@ def _pinned_weights_in_fp32(src: onnx.ModelProto, fp16: onnx.ModelProto,
             continue
         for k, name in enumerate(node.input):
             cast = producer.get(name)
-            if (cast is None or cast.op_type != "Cast" or cast.input[0] not in inits
-                    or cast.input[0] not in originals):
+            if cast is None or _cast_to(cast) != onnx.TensorProto.FLOAT:
                 continue
-            weight = f"{cast.input[0]}__fp32"
+            source = cast.input[0]
+            if source not in inits or source not in originals:
+                continue
+            weight = f"{source}__fp32"
             if weight not in added:
                 kept = onnx.TensorProto()
-                kept.CopyFrom(originals[cast.input[0]])
+                kept.CopyFrom(originals[source])
                 kept.name = weight
                 fp16.graph.initializer.append(kept)
                 added.add(weight)
