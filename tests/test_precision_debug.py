@@ -155,3 +155,24 @@ def test_cli_judges_by_the_builds_fp16_budget(small_export, tmp_path, monkeypatc
                  "--json", str(out)]) == 0
     tol = json.loads(out.read_text())["tolerance"]
     assert tol["max_abs"] == 1.25 and tol["max_rel_range"] == 0.03
+
+
+def test_input_rounding_floor_is_the_error_of_fp16_inputs_alone(tmp_path):
+    """An embedding table and a float input that FP16 cannot hold: the floor is exactly the
+    error their rounding causes in FP32 arithmetic (computed here by hand), whatever is pinned."""
+    from hmu_export.verify.precision_debug import Fp16Evaluator, input_rounding_floor
+
+    table = np.array([[1.0001, 2.0], [3.0, 4.0]], np.float32)  # 1.0001 -> 1.0 in FP16
+    g = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["e"], name="embed/Gather"),
+         helper.make_node("Add", ["e", "x"], ["logits"], name="add/Add")],
+        "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1]),
+              helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 2])],
+        [numpy_helper.from_array(table, "table")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    x = np.array([[0.0, 1000.3]], np.float32)  # 1000.3 -> 1000.5 in FP16
+    feeds = [{"ids": np.array([0], np.int64), "x": x}]
+    floor = input_rounding_floor(Fp16Evaluator(model, feeds, "logits", TOL))
+    want = max(abs(1.0001 - 1.0), abs(1000.3 - 1000.5))
+    assert floor.max_abs == pytest.approx(want, rel=1e-3)

@@ -73,6 +73,10 @@ def run(args: argparse.Namespace) -> int:
     ui.out.print(f"with {len(res.pins)} more FP32 node(s): max abs {f.max_abs:.4g}, rel "
                  f"{f.rel_range:.3g}, top-1 {f.top1:.4f}; {res.evaluations} evaluations over "
                  f"{res.candidates} candidates")
+    if res.floor is not None:
+        ui.out.print(f"floor (FP32 arithmetic, only inputs and embedding tables rounded to "
+                     f"FP16): max abs {res.floor.max_abs:.4g}, rel {res.floor.rel_range:.3g}: "
+                     "no pin goes below it")
     if res.pins:
         ui.out.print("add to --layerPrecisions and --layerOutputTypes in build_engine.sh: "
                      + ",".join(f"{n}:fp32" for n in res.pins))
