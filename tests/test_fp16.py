@@ -263,3 +263,26 @@ def test_encoder_pins_bring_the_2x_activation_model_inside_the_fp16_budget():
     kept = [v for (b, _), v in rel.items() if b == pinned.label]
     assert max(unpinned) > 0.9 * budget  # the row at the budget's edge, as on the GPU
     assert max(kept) < budget and sum(kept) < 0.8 * sum(unpinned)
+
+
+def test_build_with_a_scope_pin_pins_it_in_every_graph_that_holds_it(small_cfg, tmp_path):
+    """``[engine] fp32_pins = ["encoder/"]`` through a whole tiny build: the full and encoder
+    FP16 graphs and the engine recipe pin the encoder's nodes; the decoder step graph, which
+    holds none of them, builds too (its own pins only)."""
+    import json
+
+    from hmu_export.build.pipeline import run_build
+    from hmu_export.core.config import ConfigError, EngineConfig
+
+    with pytest.raises(ConfigError, match="fp32_pins"):
+        EngineConfig(fp32_pins=(" encoder/",)).validate(small_cfg.profile)
+    cfg = dataclasses.replace(small_cfg, engine=dataclasses.replace(small_cfg.engine,
+                                                                    fp32_pins=("encoder/",)))
+    out = run_build(cfg, tmp_path / "b", only=["checkpoint", "export", "fp16", "engine"])
+    assert out.ok, out.failure
+    details = json.loads((out.out_dir / "manifest.json").read_text())["stages"]["fp16"]["details"]
+    assert any(n.startswith("encoder/layers/0/") for n in details["fp32_nodes"])
+    assert any(n.startswith("encoder/") for n in details["encoder"]["fp32_nodes"])
+    assert not any(n.startswith("encoder/") for n in details["decoder"]["fp32_nodes"])
+    recipe = (out.out_dir / "build_engine.sh").read_text()
+    assert "encoder/layers/0/self_attn/Softmax:fp32" in recipe
