@@ -8,8 +8,10 @@
 # Small wheels the machine lacks (polygraphy, onnxconverter-common, tritonclient,
 # python-rapidjson, all for CPython 3.12) travel in the git-ignored .whl/ folder and are
 # installed to /tmp/site (HMU_SKIP_WHEELS=1 skips that, e.g. for a dry run on another Python).
-# Sections: GPU-marked tests, a build of the default model, the parity grid with torch-cuda
-# FP32 / FP16, a GPU latency bench (hmu_export/devtools/gpu_check.py). Hard limit: 470 s.
+# Sections: GPU-marked tests, a build of the default model, the parity grid (trained default
+# and seeded init_scale 1 / 2 models) with torch-cuda FP32, FP16 and FP16 with the pin policy's
+# modules in FP32 (--fp32-pins, default encoder/: docs/fp16.md, issue 17 item 6), a GPU latency
+# bench (hmu_export/devtools/gpu_check.py). Hard limit: 470 s.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 

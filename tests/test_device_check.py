@@ -102,8 +102,12 @@ def test_dry_run_on_the_cpu_writes_one_json(tiny_config, tmp_path, capsys):
     assert data["sections"]["pytest"] == {"skipped": "not asked for"}
     assert data["sections"]["build"] == {"skipped": "not asked for"}
     parity = data["sections"]["parity"]
-    (model,) = parity["models"]
-    assert set(model["backends"]) == {"torch-cpu-dryrun", "torch-cpu-dryrun-fp16"}
+    (model,) = parity["models"]  # no checkpoint in the tiny config: the seeded model only
+    assert model["model"] == "seeded" and parity["fp32_pins"] == ["encoder/"]
+    assert set(model["backends"]) == {"torch-cpu-dryrun", "torch-cpu-dryrun-fp16",
+                                      "torch-cpu-dryrun-fp16-pinned"}
+    assert "encoder" in model["fp32_modules"] and "hmu.vae" in model["fp32_modules"]
+    assert model["backends"]["torch-cpu-dryrun-fp16-pinned"]["passed"]
     fp16 = model["backends"]["torch-cpu-dryrun-fp16"]
     assert fp16["passed"] and fp16["precision"] == "fp16" and fp16["tolerance"]["max_abs"] == 0.5
     assert model["backends"]["torch-cpu-dryrun"]["worst_max_abs"] <= 1e-4
@@ -111,7 +115,38 @@ def test_dry_run_on_the_cpu_writes_one_json(tiny_config, tmp_path, capsys):
     assert [(r["precision"], r["shape"]) for r in rows] == [
         ("fp32", "1x8x4"), ("fp32", "4x16x8"), ("fp16", "1x8x4"), ("fp16", "4x16x8")]
     assert all(r["device_ms"]["p50"] > 0 and r["e2e_ms"]["p50"] > 0 for r in rows)
-    assert "PASSED" in printed and "torch-cpu-dryrun-fp16" in printed
+    assert "PASSED" in printed and "torch-cpu-dryrun-fp16-pinned" in printed
+
+
+def test_parity_models_seed_the_init_scales_and_keep_the_trained_one():
+    """With the trained default, --init-scales changed nothing (the checkpoint overrode the
+    seeded weights): both rows measured the trained model."""
+    from hmu_export.core.config import demo_config
+
+    cfg = demo_config()
+    models = gpu_check.parity_models(cfg, [1.0, 2.0])
+    assert [(k, m.checkpoint, m.init_scale) for k, m in models] == [
+        ("trained", cfg.model.checkpoint, 1.0), ("seeded", "", 1.0), ("seeded", "", 2.0)]
+
+
+def test_pinned_modules_run_in_fp32_inside_a_half_model(small_model):
+    """The pinned row's modules compute in FP32 (their weights are float32 and the FP16 model's
+    output moves), the rest stays half; an unknown pin is one error."""
+    import copy
+
+    from hmu_export.core.errors import ConfigError
+    from hmu_export.devtools import torch_pins
+
+    half = copy.deepcopy(small_model).half()
+    names = torch_pins.outermost(torch_pins.policy_modules(half)
+                                 + torch_pins.request_modules(half, ["encoder/"]))
+    assert torch_pins.request_modules(half, ["hmu/vae/Exp"]) == ["hmu.vae"]
+    applied = torch_pins.keep_fp32(half, names)
+    assert "encoder" in applied and not any(a.startswith("encoder.") for a in applied)
+    assert half.encoder.layers[0].linear1.weight.dtype == torch.float32
+    assert half.decoder.layers[0].linear1.weight.dtype == torch.float16
+    with pytest.raises(ConfigError, match="names no module"):
+        torch_pins.request_modules(half, ["nowhere/"])
 
 
 def test_a_failing_section_is_recorded_and_the_rest_still_runs(tiny_config, tmp_path,

@@ -130,3 +130,49 @@ def test_cli_shapes_outside_the_profile_are_one_error_line(small_export, capsys,
                  shape]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "outside" in err[0], err
+
+
+def test_cli_judges_by_the_builds_fp16_budget(small_export, tmp_path, monkeypatch):
+    """A trained model's config widens the FP16 absolute bound with its logit range (the demo:
+    1.5); the command used the policy's 0.5 instead and sent the bisection after an error the
+    parity stage accepts."""
+    import dataclasses
+    import json
+
+    from hmu_export.commands.cli import main
+    from hmu_export.core import build_folder
+
+    real = build_folder.open_build
+
+    def widened(root, verify=True):
+        b = real(root, verify)
+        return dataclasses.replace(b, cfg=dataclasses.replace(
+            b.cfg, parity=dataclasses.replace(b.cfg.parity, fp16_max_abs=1.25)))
+
+    monkeypatch.setattr(build_folder, "open_build", widened)
+    out = tmp_path / "dp.json"
+    assert main(["debug-precision", "--artifacts", str(small_export.root), "--shapes", "1x4x3",
+                 "--json", str(out)]) == 0
+    tol = json.loads(out.read_text())["tolerance"]
+    assert tol["max_abs"] == 1.25 and tol["max_rel_range"] == 0.03
+
+
+def test_input_rounding_floor_is_the_error_of_fp16_inputs_alone(tmp_path):
+    """An embedding table and a float input that FP16 cannot hold: the floor is exactly the
+    error their rounding causes in FP32 arithmetic (computed here by hand), whatever is pinned."""
+    from hmu_export.verify.precision_debug import Fp16Evaluator, input_rounding_floor
+
+    table = np.array([[1.0001, 2.0], [3.0, 4.0]], np.float32)  # 1.0001 -> 1.0 in FP16
+    g = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["e"], name="embed/Gather"),
+         helper.make_node("Add", ["e", "x"], ["logits"], name="add/Add")],
+        "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1]),
+              helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 2])],
+        [numpy_helper.from_array(table, "table")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    x = np.array([[0.0, 1000.3]], np.float32)  # 1000.3 -> 1000.5 in FP16
+    feeds = [{"ids": np.array([0], np.int64), "x": x}]
+    floor = input_rounding_floor(Fp16Evaluator(model, feeds, "logits", TOL))
+    want = max(abs(1.0001 - 1.0), abs(1000.3 - 1000.5))
+    assert floor.max_abs == pytest.approx(want, rel=1e-3)

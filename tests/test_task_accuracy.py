@@ -59,10 +59,12 @@ def task_build(tmp_path_factory):
     task = root / "task.jsonl"
     task.write_text("".join(json.dumps({"source": s, "target": t}, ensure_ascii=False) + "\n"
                             for s, t in pairs), encoding="utf-8")
-    # A small profile keeps the build quick. Its numeric grid has an FP16 row outside the FP16
-    # budget on the trained model (8x10x9 of random token ids: rel 0.058 > 0.03, an open
-    # finding in docs/demo-model.md), so FP16 is off here; the default build's FP16 task row
-    # is checked in tests/test_cli.py.
+    # A small profile keeps the build quick. Its numeric grid has FP16 rows outside the FP16
+    # relative budget on the trained model (random token ids; onnxruntime-fp16emu 8x10x9 rel
+    # 0.034, torch-fp16 16x10x16 rel 0.067). Not an overflow and not fixed by any pin that is
+    # not fitted to this one seed: near-tie attention positions where even FP32 backends differ
+    # most (docs/fp16.md, issue 17 item 6 (b)). So FP16 stays off here; the default build's
+    # FP16 rows (64 shapes, worst rel 0.019) and FP16 task row are checked in tests/test_cli.py.
     base = demo_config()
     cfg = replace(base, parity=replace(base.parity, fp16=False),
                   profile=ProfileConfig(batch=(1, 8, 16), src_len=(1, 10, 16),

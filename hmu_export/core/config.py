@@ -318,6 +318,9 @@ class EngineConfig:
     # Extra optimization profiles; each lies inside [profile]. The [profile] one is always first.
     extra_profiles: tuple[ProfileConfig, ...] = ()
     pin_softmax: bool = False
+    #: more nodes kept FP32 in FP16 builds: node names, or "scope/" for every compute node under
+    #: a module path (e.g. "encoder/": docs/fp16.md measured it on the 2x-activation model)
+    fp32_pins: tuple[str, ...] = ()
     version_compatible: bool = False
     hardware_compatibility: str = "none"  # none | ampere_plus | same_compute_capability
     require: bool = False  # a missing TensorRT/GPU fails the build instead of skipping
@@ -328,6 +331,9 @@ class EngineConfig:
         if not 0 <= self.builder_optimization_level <= 5:
             raise ConfigError("engine.builder_optimization_level must be 0..5, got "
                               f"{self.builder_optimization_level}")
+        if any(not p.strip() or p.strip() != p for p in self.fp32_pins):
+            raise ConfigError(f"engine.fp32_pins: node names or 'scope/' prefixes without "
+                              f"surrounding spaces, got {list(self.fp32_pins)}")
         if self.hardware_compatibility not in ("none", "ampere_plus", "same_compute_capability"):
             raise ConfigError("engine.hardware_compatibility must be none, ampere_plus or "
                               f"same_compute_capability, got {self.hardware_compatibility!r}")

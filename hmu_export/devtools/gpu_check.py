@@ -6,11 +6,13 @@ so the checks are the ones PyTorch on the GPU can make:
 - ``pytest``: the GPU-marked tests (``pytest -m gpu``);
 - ``build``: ``python -m hmu_export build`` of the embedded default model (its parity stage adds
   ``torch-cuda-fp16`` by itself when CUDA is there), with each stage's status;
-- ``parity``: the parity grid of the default model, at init_scale 1 and 2, with ``torch-cuda``
-  (FP32, judged by the FP32 policy) and ``torch-cuda-fp16`` (real FP16 arithmetic on the GPU,
-  judged by the FP16 budget of hmu_export/core/tolerance.py, docs/fp16.md), against PyTorch FP32 on
-  the CPU. Real FP16 arithmetic is what CPU emulation cannot show: an activation overflowing
-  between two ops;
+- ``parity``: the parity grid of the trained default model (when the config names a
+  checkpoint) and of seeded models at init_scale 1 and 2, with ``torch-cuda`` (FP32, judged by
+  the FP32 policy), ``torch-cuda-fp16`` (real FP16 arithmetic on the GPU, every op in half) and
+  ``torch-cuda-fp16-pinned`` (the same with the FP32 pin policy's modules, plus ``--fp32-pins``,
+  kept FP32: devtools/torch_pins.py), judged by the FP16 budget of hmu_export/core/tolerance.py
+  (docs/fp16.md), against PyTorch FP32 on the CPU. Real FP16 arithmetic is what CPU emulation
+  cannot show: an activation overflowing between two ops;
 - ``bench``: forward latency of PyTorch FP32 / FP16 on the GPU at a few shapes (CUDA events,
   inputs already on the device) and end to end (numpy in, numpy out).
 
@@ -40,6 +42,9 @@ SCHEMA = 1
 JSON_NAME = "device_check.json"
 DEFAULT_BUDGET_S = 420.0  # the whole run; device_check.sh allows 480 s
 SECTIONS = ("pytest", "build", "parity", "bench")
+# The pinned FP16 row's extra pins: the scope that halved the 2x-activation model's worst
+# emulated FP16 error (docs/fp16.md, issue 17 item 6); the CUDA confirmation is this row.
+DEFAULT_FP32_PINS = ("encoder/",)
 ROOT = Path(__file__).resolve().parents[2]
 
 Shape = tuple[int, int, int]
@@ -67,6 +72,13 @@ def _scales(text: str) -> list[float]:
     return vals
 
 
+def _pins(text: str) -> list[str]:
+    pins = [p.strip() for p in text.split(",") if p.strip()]
+    if not all("/" in p for p in pins):
+        raise argparse.ArgumentTypeError(f"FP32 pins are node names or 'scope/', got '{text}'")
+    return pins
+
+
 def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'")
@@ -82,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="build config TOML (default: the embedded default model)")
     p.add_argument("--init-scales", type=_scales, default=[1.0, 2.0],
                    help="parity models' init_scale values (default 1,2)")
+    p.add_argument("--fp32-pins", type=_pins, default=list(DEFAULT_FP32_PINS),
+                   help="node names / 'scope/' kept FP32 in the pinned FP16 row, beside the "
+                        "policy's and the config's engine.fp32_pins (default: encoder/; "
+                        "docs/fp16.md)")
     p.add_argument("--grid", choices=("full", "quick"), default="full",
                    help="full: the profile's parity grid; quick: its corner shapes")
     p.add_argument("--bench-shapes", type=_shapes, default=None,
@@ -170,23 +186,43 @@ def environment(device: str) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- backends
-def torch_device_backends(model: Any, cfg: Any, contract: Any, device: str) -> list[Any]:
-    """The parity backends PyTorch gives on ``device``: FP32 and real FP16 arithmetic.
+def torch_device_backends(model: Any, cfg: Any, contract: Any, device: str,
+                          fp32_modules: Sequence[str] | None = None) -> list[Any]:
+    """The parity backends PyTorch gives on ``device``: FP32 and real FP16 arithmetic, and
+    with ``fp32_modules`` FP16 with those modules kept FP32 (the pin policy's stand-in).
 
-    ``torch-cuda`` / ``torch-cuda-fp16`` on a GPU (``torch-cpu-dryrun`` / ``-fp16`` on the
-    CPU). Refuses with BackendUnavailable when the device is CUDA and there is none.
+    ``torch-cuda`` / ``torch-cuda-fp16`` / ``-fp16-pinned`` on a GPU (``torch-cpu-dryrun``...
+    on the CPU). Refuses with BackendUnavailable when the device is CUDA and there is none.
     """
     from ..backends.registry import Backend
     from ..runners import TorchRunner
+    from .torch_pins import keep_fp32
 
     require_device(device)
     base = "torch-cuda" if device.startswith("cuda") else "torch-cpu-dryrun"
 
-    def make(precision: str, label: str) -> Callable[[], Any]:
-        return lambda: TorchRunner(model, contract, [cfg.profile], precision=precision,
-                                   device=device, label=label)
-    return [Backend(base, "fp32", make("fp32", base)),
-            Backend(f"{base}-fp16", "fp16", make("fp16", f"{base}-fp16"))]
+    def make(precision: str, label: str, pins: Sequence[str] = ()) -> Callable[[], Any]:
+        def runner() -> Any:
+            r = TorchRunner(model, contract, [cfg.profile], precision=precision,
+                            device=device, label=label)
+            keep_fp32(r.model, pins)  # r.model is the runner's private copy
+            return r
+        return runner
+    out = [Backend(base, "fp32", make("fp32", base)),
+           Backend(f"{base}-fp16", "fp16", make("fp16", f"{base}-fp16"))]
+    if fp32_modules is not None:
+        out.append(Backend(f"{base}-fp16-pinned", "fp16",
+                           make("fp16", f"{base}-fp16-pinned", fp32_modules)))
+    return out
+
+
+def parity_models(cfg: Any, scales: Sequence[float]) -> list[tuple[str, Any]]:
+    """(label, model config): the config's trained checkpoint when it names one, then a
+    seeded model per init_scale. (init_scale only shapes a seeded initialization: with a
+    checkpoint it changed nothing, and both "init_scale" rows measured the trained model.)"""
+    out = [("trained", cfg.model)] if cfg.model.checkpoint else []
+    return out + [("seeded", replace(cfg.model, checkpoint="", init_scale=float(s)))
+                  for s in scales]
 
 
 def _corner_grid(cfg: Any) -> list[Shape]:
@@ -205,24 +241,30 @@ def default_bench_shapes(cfg: Any) -> list[Shape]:
 
 # ----------------------------------------------------------------------------- sections
 def parity_section(cfg: Any, device: str, scales: Sequence[float], grid: str,
-                   log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Per init_scale and backend: worst figures over the grid, pass/fail, first failures."""
+                   log: Callable[[str], None] = print,
+                   fp32_pins: Sequence[str] = DEFAULT_FP32_PINS) -> dict[str, Any]:
+    """Per model and backend: worst figures over the grid, pass/fail, first failures."""
     from ..core.io_contract import full_contract
     from ..model import build_model
     from ..core.grid import derive_grid
     from ..verify.parity import run_parity
+    from .torch_pins import outermost, policy_modules, request_modules
 
-    out: dict[str, Any] = {"grid": grid, "models": []}
-    for scale in scales:
-        mcfg = replace(cfg.model, init_scale=float(scale))
+    out: dict[str, Any] = {"grid": grid, "fp32_pins": list(fp32_pins), "models": []}
+    for kind, mcfg in parity_models(cfg, scales):
         scfg = replace(cfg, model=mcfg)
         model = build_model(mcfg)
         contract = full_contract(mcfg)
         shapes = derive_grid(scfg.profile) if grid == "full" else _corner_grid(scfg)
-        entry: dict[str, Any] = {"init_scale": scale, "shapes": len(shapes), "backends": {}}
-        for backend in torch_device_backends(model, scfg, contract, device):
+        modules = outermost(policy_modules(model) + request_modules(
+            model, [*cfg.engine.fp32_pins, *fp32_pins]))
+        entry: dict[str, Any] = {"model": kind, "init_scale": mcfg.init_scale,
+                                 "shapes": len(shapes), "fp32_modules": modules,
+                                 "backends": {}}
+        for backend in torch_device_backends(model, scfg, contract, device, modules):
             t0 = time.perf_counter()
-            log(f"parity: init_scale {scale:g}, {backend.label}, {len(shapes)} shapes")
+            log(f"parity: {kind} init_scale {mcfg.init_scale:g}, {backend.label}, "
+                f"{len(shapes)} shapes")
             try:
                 report = run_parity(model, scfg, [backend], contract, shapes=shapes)
             except HMUExportError as exc:  # e.g. NonFiniteOutput: FP16 overflowed on the GPU
@@ -239,6 +281,7 @@ def parity_section(cfg: Any, device: str, scales: Sequence[float], grid: str,
 def summarize_parity(report: Any, precision: str, seconds: float) -> dict[str, Any]:
     rows = [r for r in report.results if r.output == getattr(report, "output", "logits")]
     worst = max(rows, key=lambda r: r.max_abs) if rows else None
+    worst_rel = max(rows, key=lambda r: r.max_rel_range) if rows else None
     tops = [r.top1_agreement for r in rows if r.top1_agreement is not None]
     return {
         "precision": precision, "passed": bool(report.passed),
@@ -246,7 +289,8 @@ def summarize_parity(report: Any, precision: str, seconds: float) -> dict[str, A
         "rows_passed": sum(r.passed for r in rows), "rows": len(rows),
         "worst_max_abs": _sig(worst.max_abs) if worst else None,
         "worst_shape": "x".join(map(str, worst.shape)) if worst else None,
-        "max_rel_range": _sig(max(r.max_rel_range for r in rows)) if rows else None,
+        "max_rel_range": _sig(worst_rel.max_rel_range) if worst_rel else None,
+        "worst_rel_shape": "x".join(map(str, worst_rel.shape)) if worst_rel else None,
         "min_cosine": _sig(min(r.cosine for r in rows), 9) if rows else None,
         "min_top1": _sig(min(tops), 4) if tops else None,
         "checks": {c.name: c.passed for c in report.checks},
@@ -404,7 +448,7 @@ def _run_checks(args: argparse.Namespace, log: Callable[[str], None]) -> dict[st
         ("pytest", args.pytest, 20, 0.35, lambda t: pytest_section(t)),
         ("build", args.build, 40, 0.45, lambda t: _build(t, args.config)),
         ("parity", True, 10, 1.0, lambda t: parity_section(cfg, args.device, args.init_scales,
-                                                           args.grid, log)),
+                                                           args.grid, log, args.fp32_pins)),
         ("bench", True, 5, 1.0, lambda t: bench_section(
             cfg, args.device, args.bench_shapes or default_bench_shapes(cfg), args.warmup,
             args.iters, log)),
@@ -449,9 +493,10 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
         if name == "parity" and "models" in sec:
             for m in sec["models"]:
                 for label, b in m["backends"].items():
-                    lines.append(f"  init_scale {m['init_scale']:g} {label:22s} "
-                                 f"{'ok' if b.get('passed') else 'FAIL'}  max abs "
-                                 f"{b.get('worst_max_abs')}  top1 {b.get('min_top1')}"
+                    lines.append(f"  {m.get('model', '')} init_scale {m['init_scale']:g} "
+                                 f"{label:29s} {'ok' if b.get('passed') else 'FAIL'}  max abs "
+                                 f"{b.get('worst_max_abs')}  rel {b.get('max_rel_range')}  "
+                                 f"top1 {b.get('min_top1')}"
                                  + (f"  {b['error']}" if "error" in b else ""))
         if name == "bench" and "rows" in sec:
             for r in sec["rows"]:

@@ -20,15 +20,9 @@ import numpy as np
 import onnx
 
 from ..core.errors import ParityFailure
+from ..core.pins import NON_COMPUTE_OPS  # shape / index / mask ops: never candidates
 from ..export.fp16 import convert_to_fp16
 from ..core.tolerance import Tolerance
-
-# Ops that only compute shapes, indices or masks. Data-movement ops (Reshape, Transpose...) stay
-# candidates: their outputs are FP16 tensors too, so two FP32 nodes joined by a Transpose are
-# still rounded between them unless the Transpose is FP32 as well.
-NON_COMPUTE_OPS = frozenset({
-    "Shape", "Size", "Constant", "ConstantOfShape", "Range", "Equal", "Not", "And", "Or",
-    "Less", "Greater", "Trilu"})
 
 Feeds = Mapping[str, np.ndarray]
 
@@ -57,11 +51,13 @@ class BisectResult:
     baseline: Check  # FP16 with only base_pins
     final: Check  # FP16 with base_pins + pins
     log: list[tuple[int, bool]] = field(default_factory=list)  # (pinned count, passed)
+    floor: Check | None = None  # FP32 arithmetic on FP16-rounded inputs (input_rounding_floor)
 
     def to_dict(self) -> dict[str, object]:
         return {"pins": self.pins, "base_pins": self.base_pins, "candidates": self.candidates,
                 "evaluations": self.evaluations, "baseline": self.baseline.to_dict(),
-                "final": self.final.to_dict()}
+                "final": self.final.to_dict(),
+                "input_rounding_floor": self.floor.to_dict() if self.floor else None}
 
 
 def compare(ref: np.ndarray, got: np.ndarray, tol: Tolerance) -> Check:
@@ -180,11 +176,48 @@ def bisect_fp32_set(check: Callable[[Sequence[str]], Check], candidates: Sequenc
                         evaluations, baseline, final, log)
 
 
+def input_rounding_floor(evaluator: Fp16Evaluator) -> Check:
+    """The error left when *nothing* computes in FP16 but the inputs are FP16 values: float
+    graph inputs and embedding tables (a Gather's float initializer) rounded, FP32 arithmetic.
+    No pin can go below it; a row where it is a large share of the budget is ill-conditioned
+    there (docs/fp16.md, issue 17 item 6: up to a third of the relative budget on some rows of
+    the trained model's grid)."""
+    from onnx import numpy_helper
+
+    model = onnx.ModelProto()
+    model.CopyFrom(evaluator.model)
+    tables = {n.input[0] for n in model.graph.node if n.op_type == "Gather"}
+    for init in model.graph.initializer:
+        if init.name in tables and init.data_type == onnx.TensorProto.FLOAT:
+            init.CopyFrom(numpy_helper.from_array(_fp16_round(numpy_helper.to_array(init)),
+                                                  init.name))
+    worst: Check | None = None
+    for ref, feeds in zip(evaluator.references, evaluator.feeds):
+        rounded = {k: _fp16_round(v) if v.dtype == np.float32 else v for k, v in feeds.items()}
+        chk = compare(ref, evaluator._run(model, rounded), evaluator.tol)
+        if worst is None or chk.rel_range > worst.rel_range:
+            worst = chk
+    assert worst is not None, "no feeds"
+    return worst
+
+
+def _fp16_round(x: np.ndarray) -> np.ndarray:
+    return np.asarray(x).astype(np.float16).astype(np.float32)
+
+
 def debug_precision(onnx_path: Path, feeds: Sequence[Feeds], output: str, tol: Tolerance, *,
                     base_pins: Sequence[str] = (), include: Sequence[str] = (),
                     progress: Callable[[str], None] | None = None) -> BisectResult:
-    """Bisect the graph at ``onnx_path`` against its own FP32 outputs on ``feeds``."""
+    """Bisect the graph at ``onnx_path`` against its own FP32 outputs on ``feeds``; the result
+    also carries the input-rounding floor."""
     model = onnx.load(str(onnx_path))
     evaluator = Fp16Evaluator(model, feeds, output, tol)
+    floor = input_rounding_floor(evaluator)
     cands = candidate_nodes(model, include, exclude=base_pins)
-    return bisect_fp32_set(evaluator, cands, base_pins, progress)
+    try:
+        result = bisect_fp32_set(evaluator, cands, base_pins, progress)
+    except ParityFailure as exc:
+        raise ParityFailure(f"{exc}; rounding only the inputs to FP16 already gives max abs "
+                            f"{floor.max_abs:.3g}, rel {floor.rel_range:.3g}") from None
+    result.floor = floor
+    return result

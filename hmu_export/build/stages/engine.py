@@ -27,7 +27,8 @@ def engine_stage(ctx: "BuildContext") -> StageResult:
     split = [(g, ctx.contracts[g] if g in getattr(ctx, "contracts", {}) else
               load_contract_of(layout.graph(g)),
               [p.name for p in select_pins(onnx.load(str(layout.graph(g)),
-                                                     load_external_data=False), cfg.engine)])
+                                                     load_external_data=False), cfg.engine,
+                                                 split=True)])
              for g in layout.split_graphs()]
     recipe = render_recipe(cfg, contract, names, layout, onnx_sha)
     if split:

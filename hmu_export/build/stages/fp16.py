@@ -29,7 +29,7 @@ def fp16_stage(ctx: "BuildContext") -> StageResult:
     for graph in ctx.layout.split_graphs():
         # Each graph keeps its own pins: the HMU (and so every pin) lives in the encoder graph.
         split = onnx.load(str(ctx.layout.graph(graph)))
-        split_pins = pin_names(select_pins(split, ctx.cfg.engine))
+        split_pins = pin_names(select_pins(split, ctx.cfg.engine, split=True))
         save_fp16_model(convert_to_fp16(split, split_pins), ctx.layout.graph(graph, "fp16"))
         details[graph] = {"path": ctx.layout.graph(graph, "fp16").name, "fp32_nodes": split_pins}
     details["seconds"] = round(time.perf_counter() - t0, 3)
