@@ -204,6 +204,11 @@ def test_top_candidates_equals_a_stable_full_sort():
         cand[rng.random((rows, n)) < 0.25] = -np.inf
         want = np.argsort(-cand, axis=-1, kind="stable")[:, :m]
         np.testing.assert_array_equal(top_candidates(cand, m), want)
+    for _ in range(5):  # rows large enough for the torch.topk path, ties at the cut
+        cand = rng.integers(-40, 40, size=(3, 70_000)).astype(float)
+        cand[rng.random(cand.shape) < 0.3] = -np.inf
+        want = np.argsort(-cand, axis=-1, kind="stable")[:, :8]
+        np.testing.assert_array_equal(top_candidates(cand, 8), want)
 
 
 def test_bench_generate_refuses_shapes_outside_the_profile(unseen_build, capsys):

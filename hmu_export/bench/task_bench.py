@@ -100,7 +100,7 @@ def run_task_bench(root: Path, *, task: Path | None = None,
     threads = threads or generation_threads()
     import torch
     torch.set_num_threads(threads)
-    max_new = int(cfg.generation.max_new_tokens)
+    max_new = cfg.generation.new_tokens(cfg.profile)  # 0 in the config: the default
     report = TaskBenchReport(
         model={"name": cfg.model.name, "source": cfg.model.source},
         machine=machine_info(threads),

@@ -393,16 +393,25 @@ class Generator:
 def top_candidates(cand: np.ndarray, m: int) -> np.ndarray:
     """The first ``m`` columns of a stable descending sort of each row of ``cand``, without
     sorting whole rows (k x vocab candidates: a full sort dominates a large-vocabulary step).
-    Every value tied with the m-th largest is kept before the stable sort, so ties break by
+    Each row's m-th largest value is found first (torch.topk on large rows, numpy's partition
+    on small ones); every value tied with it is kept before the stable sort, so ties break by
     index exactly as in the full sort."""
     m = min(m, cand.shape[1])
     if m == cand.shape[1]:
         return np.argsort(-cand, axis=-1, kind="stable")
-    part = np.argpartition(-cand, m - 1, axis=-1)[:, :m]
+    if cand.size >= 1 << 16:
+        import torch
+
+        kth = torch.topk(torch.from_numpy(cand), m, dim=1, sorted=False).values.min(
+            dim=1).values.numpy()
+    else:
+        kth = -np.partition(-cand, m - 1, axis=-1)[:, m - 1]
+    rows, cols = np.nonzero(cand >= kth[:, None])
+    bounds = np.searchsorted(rows, np.arange(cand.shape[0] + 1))
     out = np.empty((cand.shape[0], m), dtype=np.int64)
-    for j, row in enumerate(cand):
-        sel = np.flatnonzero(row >= row[part[j]].min())
-        out[j] = sel[np.argsort(-row[sel], kind="stable")][:m]
+    for j in range(cand.shape[0]):
+        sel = cols[bounds[j]:bounds[j + 1]]
+        out[j] = sel[np.argsort(-cand[j, sel], kind="stable")][:m]
     return out
 
 
