@@ -171,7 +171,7 @@ def test_report_failures_hold_fp32_to_the_reference_exactly():
     ('{"source": "1"}', "expected"),
     ('{"source": "1", "target": "uno", "extra": 1}', "unknown key"),
     ('{"source": " ", "target": "uno"}', "source is empty"),
-    ('[' * 100000 + ']' * 100000, "line longer than"),
+    ('[' * 100000 + ']' * 100000, "the line is longer than 65,536 bytes"),
 ])
 def test_a_bad_task_line_is_one_error_naming_file_and_line(tmp_path, line, words):
     p = tmp_path / "t.jsonl"

@@ -409,3 +409,29 @@ def pending_file_set(path: Path) -> Path | None:
         if str(path) in finals:
             return journal
     return None
+
+
+def text_lines(path: Path, what: str, max_line_bytes: int, hint: str = ""
+               ) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a text file, each line read with a bound and decoded as UTF-8;
+    every problem is one InputError naming file and line (``hint`` ends the too-long one). The
+    file is opened with ``open_input`` (a FIFO without a writer reads as empty)."""
+    f = open_input(path, what)
+    with f:
+        n = 0
+        while True:
+            n += 1
+            try:
+                raw = f.readline(max_line_bytes + 2)
+            except OSError as exc:
+                raise InputError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+            if not raw:
+                return
+            body = raw[:-1] if raw.endswith(b"\n") else raw
+            if len(body) > max_line_bytes:
+                raise InputError(f"{path}:{n}: the line is longer than {max_line_bytes:,} "
+                                 f"bytes, the limit of one {what} line{hint}")
+            try:
+                yield n, body.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InputError(f"{path}:{n}: not UTF-8 text (byte {exc.start})") from None

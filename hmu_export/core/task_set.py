@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from .errors import InputError
+from .fileio import text_lines
 
 Pair = tuple[str, str]
 
@@ -23,35 +24,22 @@ def read_pairs(path: str | Path, limit: int = 0) -> list[Pair]:
     path = Path(path)
     out: list[Pair] = []
     try:
-        if not path.is_file():
-            raise InputError(f"task set not found: {path}" if not path.exists()
-                             else f"task set {path} is not a regular file")
-        if path.stat().st_size > MAX_FILE_BYTES:
+        if path.is_file() and path.stat().st_size > MAX_FILE_BYTES:
             raise InputError(f"task set {path} is over {MAX_FILE_BYTES >> 20} MiB")
-        with path.open("rb") as fh:
-            n = 0
-            while not limit or len(out) < limit:
-                raw = fh.readline(MAX_LINE_BYTES + 1)
-                if not raw:
-                    break
-                n += 1
-                if len(raw) > MAX_LINE_BYTES:
-                    raise InputError(f"{path}:{n}: line longer than {MAX_LINE_BYTES} bytes")
-                pair = _parse(raw, path, n)
-                if pair is not None:
-                    out.append(pair)
     except OSError as exc:
         raise InputError(f"cannot read task set {path}: {exc.strerror or exc}") from None
+    for n, line in text_lines(path, "task set", MAX_LINE_BYTES):
+        if limit and len(out) >= limit:
+            break
+        pair = _parse(line, path, n)
+        if pair is not None:
+            out.append(pair)
     if not out:
         raise InputError(f"task set {path} holds no examples")
     return out
 
 
-def _parse(raw: bytes, path: Path, n: int) -> Pair | None:
-    try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise InputError(f"{path}:{n}: not UTF-8 text") from None
+def _parse(line: str, path: Path, n: int) -> Pair | None:
     if not line.strip():
         return None
     try:

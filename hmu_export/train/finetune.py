@@ -30,7 +30,7 @@ import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -38,7 +38,8 @@ from torch.nn import functional as F
 
 from ..core.config import BuildConfig
 from ..core.errors import ArtifactError, ConfigError, InputError, TrainingError
-from ..core.fileio import JOURNAL_SUFFIX, FileSet, exclusive_lock, open_input, recover_file_set
+from ..core.fileio import (JOURNAL_SUFFIX, FileSet, exclusive_lock, recover_file_set,
+                            text_lines)
 from ..core.io_contract import FULL
 from ..model.hmu import HMU
 
@@ -101,29 +102,10 @@ def _tokenizer(cfg: BuildConfig) -> Any | None:
 MAX_LINE_BYTES = 1 << 20
 
 
-def _data_lines(path: Path):  # type: ignore[no-untyped-def]
-    """(line number, text) of a data file, each line read with a bound (MAX_LINE_BYTES) and
-    decoded as UTF-8; every problem is one InputError. A regular file, a character device or a
-    FIFO (a pipe) is read; a FIFO without a writer is read as empty, not waited on."""
-    f = open_input(path, "data file")
-    with f:
-        n = 0
-        while True:
-            n += 1
-            try:
-                raw = f.readline(MAX_LINE_BYTES + 2)
-            except OSError as exc:
-                raise InputError(f"cannot read data file {path}: {exc.strerror or exc}") from None
-            if not raw:
-                return
-            body = raw[:-1] if raw.endswith(b"\n") else raw
-            if len(body) > MAX_LINE_BYTES:
-                raise InputError(f"{path}:{n}: the line is longer than {MAX_LINE_BYTES:,} bytes, "
-                                 "the limit of one data line (is it a JSON-lines file?)")
-            try:
-                yield n, body.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise InputError(f"{path}:{n}: not UTF-8 text (byte {exc.start})") from None
+def _data_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a data file, each line read with a bound (MAX_LINE_BYTES, read at
+    call time) and decoded as UTF-8; a FIFO without a writer is read as empty."""
+    return text_lines(path, "data file", MAX_LINE_BYTES, " (is it a JSON-lines file?)")
 
 
 def read_examples(path: Path, vocab_size: int, max_len: int, tokenizer: Any | None = None
