@@ -1,4 +1,5 @@
-// hmu_generate --encoder FILE --decoder FILE --inputs DIR --outputs DIR [--backend ort|trt]
+// hmu_generate (--encoder FILE --decoder FILE | --build DIR [--precision fp32|int8|int4])
+//              --inputs DIR --outputs DIR [--backend ort|trt]
 //              [--max-new-tokens N] [--eos-id N] [--bos-id N] [--threads N]
 //
 // Greedy generation over a build's split graphs: DIR/src_ids.npy, DIR/src_mask.npy and
@@ -8,6 +9,9 @@
 // (int64 [batch]) and prints one JSON line. Every failure prints one line on stderr and exits 2.
 // The graphs are checked against the sha256 their build's manifest.json lists first
 // (--no-verify skips it); NaN or infinite logits fail the run, naming the row and the step.
+// --build picks a build folder's graphs of one precision (the quantize stage's int8 / int4 files
+// run in the same ONNX Runtime loop: they are ordinary ONNX graphs), so a user never spells the
+// file names, and a build without them is refused in one line that says why (its manifest).
 #include <sys/stat.h>
 
 #include <algorithm>
@@ -26,11 +30,16 @@ namespace {
 constexpr int kUserError = 2;
 
 const char* const kUsage =
-    "usage: hmu_generate --encoder FILE --decoder FILE --inputs DIR --outputs DIR\n"
+    "usage: hmu_generate (--encoder FILE --decoder FILE | --build DIR [--precision P])\n"
+    "                    --inputs DIR --outputs DIR\n"
     "                    [--backend ort|trt] [--max-new-tokens N] [--eos-id N] [--bos-id N]\n"
     "                    [--threads N] [--greedy] [--no-verify]\n"
     "  --encoder / --decoder  encoder.onnx + decoder.onnx (ort) or their TensorRT plans (trt)\n"
-    "                         from one hmu_export build\n"
+    "                         from one hmu_export build (any precision: encoder.int8.onnx ...)\n"
+    "  --build     a build folder: runs its encoder / decoder graphs of --precision (ort)\n"
+    "  --precision fp32 (encoder.onnx + decoder.onnx, the default), int8 (*.int8.onnx: int8\n"
+    "              weights, dynamic int8 activations) or int4 (*.int4.onnx: int4 weight-only,\n"
+    "              MatMulNBits), as the build's quantize stage wrote them; needs --build\n"
     "  --inputs    folder with src_ids.npy, src_mask.npy (int64 [batch, src_len]) and noise.npy\n"
     "              (float32 [batch, src_len, latent]; absent = zeros, the mean path)\n"
     "  --outputs   folder that receives tokens.npy and lengths.npy (created if missing)\n"
@@ -44,7 +53,7 @@ const char* const kUsage =
     "  words, min / forced tokens, suppressed tokens) always apply, as in Python.\n";
 
 struct Args {
-  std::string encoder, decoder, inputs, outputs, backend;
+  std::string encoder, decoder, inputs, outputs, backend, build, precision;
   hmu::GenerateOptions gen;
   int threads = 0;
   bool verify = true;
@@ -58,6 +67,10 @@ bool is_file(const std::string& p) {
   struct stat st{};
   return stat(p.c_str(), &st) == 0 && S_ISREG(st.st_mode);
 }
+std::string name_of(const std::string& path) {
+  const size_t slash = path.find_last_of('/');
+  return slash == std::string::npos ? path : path.substr(slash + 1);
+}
 bool ends_with(const std::string& s, const std::string& tail) {
   return s.size() >= tail.size() && s.compare(s.size() - tail.size(), tail.size(), tail) == 0;
 }
@@ -70,6 +83,51 @@ int64_t parse_int(const std::string& flag, const std::string& text, int64_t lo) 
     throw hmu::Error(flag + " must be an integer >= " + std::to_string(lo) + ", got '" + text +
                      "'");
   return n;
+}
+
+// The precisions --build knows, as the build names their files (core/layout.py:
+// <stem>[.<variant>].onnx).
+const char* const kPrecisions[][2] = {{"fp32", ""}, {"int8", ".int8"}, {"int4", ".int4"}};
+
+// --build DIR [--precision P] -> --encoder / --decoder; one line on a contradiction, or on a
+// build that lacks the precision's graphs (with its quantize stage's status from the manifest).
+void pick_build_graphs(Args& a) {
+  if (a.build.empty()) {
+    if (!a.precision.empty())
+      throw hmu::Error("--precision needs --build DIR (with --encoder / --decoder the files "
+                       "you name are the precision)");
+    return;
+  }
+  if (!a.encoder.empty() || !a.decoder.empty())
+    throw hmu::Error("give --build DIR or --encoder / --decoder, not both");
+  if (!a.backend.empty() && a.backend != "ort")
+    throw hmu::Error("--build runs the build's ONNX graphs (--backend ort); for TensorRT give "
+                     "--encoder / --decoder plans");
+  if (a.precision.empty()) a.precision = "fp32";
+  const char* suffix = nullptr;
+  for (const auto& p : kPrecisions)
+    if (a.precision == p[0]) suffix = p[1];
+  if (!suffix)
+    throw hmu::Error("--precision must be fp32, int8 or int4, got '" + a.precision + "'");
+  if (!is_dir(a.build)) throw hmu::Error("build folder not found: " + a.build);
+  const std::string enc = a.build + "/encoder" + suffix + ".onnx";
+  const std::string dec = a.build + "/decoder" + suffix + ".onnx";
+  if (!is_file(enc) || !is_file(dec)) {
+    std::string why;
+    if (a.precision == "fp32") {
+      why = "not a build of a generation model (generation.split_graphs = false?)";
+    } else {
+      const std::string stage = hmu::manifest_stage_note(a.build, "quantize");
+      why = stage.empty() ? "the build has no quantize stage (built without it, or before it "
+                            "existed): rebuild with [int8] enabled = true"
+            : stage.rfind("ok", 0) == 0 ? "its quantize stage wrote no " + a.precision +
+                                              " graphs (int8.int4 = false?)"
+                                        : "its quantize stage " + stage;
+    }
+    throw hmu::Error(a.build + " has no " + name_of(enc) + " / " + name_of(dec) + ": " + why);
+  }
+  a.encoder = enc;
+  a.decoder = dec;
 }
 
 Args parse_args(int argc, char** argv) {
@@ -93,6 +151,8 @@ Args parse_args(int argc, char** argv) {
                         : flag == "--inputs"  ? &a.inputs
                         : flag == "--outputs" ? &a.outputs
                         : flag == "--backend" ? &a.backend
+                        : flag == "--build"   ? &a.build
+                        : flag == "--precision" ? &a.precision
                                               : nullptr;
     std::string number;
     const bool numeric = flag == "--max-new-tokens" || flag == "--eos-id" ||
@@ -110,6 +170,7 @@ Args parse_args(int argc, char** argv) {
       a.threads = static_cast<int>(n);
     }
   }
+  pick_build_graphs(a);
   if (a.encoder.empty()) throw hmu::Error("missing --encoder (see --help)");
   if (a.decoder.empty()) throw hmu::Error("missing --decoder (see --help)");
   if (a.inputs.empty()) throw hmu::Error("missing --inputs (see --help)");
@@ -119,6 +180,15 @@ Args parse_args(int argc, char** argv) {
   if (a.backend != "ort" && a.backend != "trt")
     throw hmu::Error("--backend must be ort or trt, got '" + a.backend + "'");
   return a;
+}
+
+// --precision, else what the decoder's file name says (the build's <stem>.<variant>.<ext>).
+std::string precision_of(const Args& a) {
+  if (!a.precision.empty()) return a.precision;
+  const std::string name = name_of(a.decoder);
+  for (const char* v : {"int8", "int4", "fp16", "opt"})
+    if (name.find(std::string(".") + v + ".") != std::string::npos) return v;
+  return "fp32";
 }
 
 int run(const Args& a) {
@@ -181,10 +251,10 @@ int run(const Args& a) {
   hmu::write_npy(a.outputs + "/tokens.npy", tokens);
   hmu::write_npy(a.outputs + "/lengths.npy", lengths);
   std::printf(
-      "{\"backend\": \"%s\", \"batch\": %lld, \"steps\": %lld, \"new_tokens\": %lld, "
+      "{\"backend\": \"%s\", \"precision\": \"%s\", \"batch\": %lld, \"steps\": %lld, \"new_tokens\": %lld, "
       "\"seconds\": %.6f, \"ttft_ms\": %.3f, \"tokens_per_s\": %.2f, \"cache\": {\"layers\": "
       "%lld, \"heads\": %lld, \"head_dim\": %lld}}\n",
-      runner->name().c_str(), static_cast<long long>(batch), static_cast<long long>(res.steps),
+      runner->name().c_str(), precision_of(a).c_str(), static_cast<long long>(batch), static_cast<long long>(res.steps),
       static_cast<long long>(total), res.seconds, res.first_token_seconds * 1e3,
       res.seconds > 0 ? total / res.seconds : 0.0, static_cast<long long>(info.cache.layers),
       static_cast<long long>(info.cache.heads), static_cast<long long>(info.cache.head_dim));

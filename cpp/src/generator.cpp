@@ -1,5 +1,6 @@
 // The runner-independent half of hmu_generate: build config defaults, option checks and the
-// greedy loop (per-row EOS; finished rows keep being fed EOS so the batch keeps its shape).
+// greedy loop (per-row EOS; finished rows leave the batch, as in Python, where the runner can
+// select rows; elsewhere they keep being fed EOS so the batch keeps its shape).
 #include "hmu/generator.hpp"
 
 #include <algorithm>
@@ -7,6 +8,7 @@
 #include <chrono>
 #include <cmath>
 #include <limits>
+#include <numeric>
 
 #include "hmu/error.hpp"
 #include "hmu/json.hpp"
@@ -216,6 +218,9 @@ GenerateResult generate_greedy(StepRunner& runner, const Feeds& encoder_feeds,
   result.sequences.assign(static_cast<size_t>(batch), {});
   std::vector<int64_t> tokens(static_cast<size_t>(batch), opts.bos_id);
   std::vector<char> finished(static_cast<size_t>(batch), 0);
+  std::vector<int64_t> live(static_cast<size_t>(batch));  // original row of each batch row
+  std::iota(live.begin(), live.end(), int64_t{0});
+  std::vector<int64_t> keep;
   const TokenRules& rules = info.rules;
   std::vector<double> scores;
   std::vector<int64_t> prefix;
@@ -229,12 +234,14 @@ GenerateResult generate_greedy(StepRunner& runner, const Feeds& encoder_feeds,
           std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     ++result.steps;
     bool all_done = true;
-    for (int64_t r = 0; r < batch; ++r) {
+    keep.clear();
+    for (size_t i = 0; i < live.size(); ++i) {
+      const int64_t r = live[i];
       if (finished[r]) {
-        tokens[r] = opts.eos_id;  // keeps the batch shape; never reported
+        tokens[i] = opts.eos_id;  // a runner that cannot select: keeps the batch shape
         continue;
       }
-      const float* row = logits + r * vocab;
+      const float* row = logits + static_cast<int64_t>(i) * vocab;
       for (int64_t v = 0; v < vocab; ++v)
         if (!std::isfinite(row[v]))
           throw Error("row " + std::to_string(r) + ": the model's logits hold NaN or infinity "
@@ -253,11 +260,20 @@ GenerateResult generate_greedy(StepRunner& runner, const Feeds& encoder_feeds,
           if (row[v] > row[best]) best = v;
       }
       result.sequences[r].push_back(best);
-      tokens[r] = best;
+      tokens[i] = best;
       if (best == opts.eos_id) finished[r] = 1;
+      else keep.push_back(static_cast<int64_t>(i));
       all_done = all_done && finished[r];
     }
     if (all_done) break;
+    if (t + 1 < opts.max_new_tokens && keep.size() < live.size() && runner.select(keep)) {
+      for (size_t k = 0; k < keep.size(); ++k) {
+        live[k] = live[static_cast<size_t>(keep[k])];
+        tokens[k] = tokens[static_cast<size_t>(keep[k])];
+      }
+      live.resize(keep.size());
+      tokens.resize(keep.size());
+    }
   }
   result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return result;

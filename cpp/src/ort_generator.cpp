@@ -6,9 +6,11 @@
 // mask are bound once per request. The only host traffic per step is the [batch, 1] token
 // tensor and the per-row state (positions [batch, 1], past_mask [batch, past_len]: every row
 // of this loop is at the same step, so positions = past_len and the mask is all ones) in, and
-// the logits the greedy loop reads in place.
+// the logits the greedy loop reads in place. Finished rows leave the batch (select): the
+// cross K/V, the source mask and the cache are copied down to the rows still generating.
 #include <onnxruntime_cxx_api.h>
 
+#include <cstring>
 #include <map>
 
 #include "hmu/error.hpp"
@@ -133,6 +135,24 @@ class OrtStepRunner final : public StepRunner {
     return logits_.GetTensorData<float>();
   }
 
+  bool select(const std::vector<int64_t>& rows) override {
+    for (Ort::Value& v : cross_) v = take_rows(v, rows);
+    for (Ort::Value& v : past_) v = take_rows(v, rows);
+    const int64_t width = mask_.shape.at(1);
+    Array mask{mask_.dtype, {static_cast<int64_t>(rows.size()), width}, {}};
+    const size_t row_bytes = static_cast<size_t>(width) * mask_.itemsize();
+    mask.data.resize(rows.size() * row_bytes);
+    for (size_t k = 0; k < rows.size(); ++k)
+      std::memcpy(mask.data.data() + k * row_bytes,
+                  mask_.data.data() + static_cast<size_t>(rows[k]) * row_bytes, row_bytes);
+    mask_ = std::move(mask);
+    batch_ = static_cast<int64_t>(rows.size());
+    for (size_t i = 0; i < cross_names_.size(); ++i)
+      binding_->BindInput(cross_names_[i].c_str(), cross_[i]);
+    binding_->BindInput("src_mask", tensor(mask_));
+    return true;
+  }
+
  private:
   Ort::Env env_;
   Ort::MemoryInfo cpu_;
@@ -187,6 +207,23 @@ class OrtStepRunner final : public StepRunner {
                                     arr.shape.data(), arr.shape.size(),
                                     arr.dtype == "int64" ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64
                                                          : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+  }
+
+  // Rows `rows` of a float32 [batch, ...] tensor, in a new tensor of ORT's allocator.
+  static Ort::Value take_rows(const Ort::Value& v, const std::vector<int64_t>& rows) {
+    std::vector<int64_t> shape = v.GetTensorTypeAndShapeInfo().GetShape();
+    const int64_t batch = shape.at(0);
+    const size_t per_row = static_cast<size_t>(
+        batch ? static_cast<int64_t>(v.GetTensorTypeAndShapeInfo().GetElementCount()) / batch : 0);
+    shape[0] = static_cast<int64_t>(rows.size());
+    Ort::AllocatorWithDefaultOptions alloc;
+    Ort::Value out = Ort::Value::CreateTensor<float>(alloc, shape.data(), shape.size());
+    const float* src = v.GetTensorData<float>();
+    float* dst = out.GetTensorMutableData<float>();
+    for (size_t k = 0; k < rows.size(); ++k)
+      std::memcpy(dst + k * per_row, src + static_cast<size_t>(rows[k]) * per_row,
+                  per_row * sizeof(float));
+    return out;
   }
 
   static void run(Ort::Session& s, Ort::IoBinding& b, const char* what) {

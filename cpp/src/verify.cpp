@@ -123,12 +123,16 @@ struct Listed {
   int64_t bytes = -1;
 };
 
-std::map<std::string, Listed> read_listing(const std::string& manifest) {
+Json read_manifest(const std::string& manifest) {
   std::ifstream in(manifest, std::ios::binary);
   if (!in) throw Error("cannot read " + manifest);
   std::stringstream text;
   text << in.rdbuf();
-  const Json json = Json::parse(text.str(), manifest);
+  return Json::parse(text.str(), manifest);
+}
+
+std::map<std::string, Listed> read_listing(const std::string& manifest) {
+  const Json json = read_manifest(manifest);
   const Json* artifacts = json.find("artifacts");
   if (!artifacts || !artifacts->is_array())
     throw Error(manifest + " has no artifacts list: not a build's manifest");
@@ -202,6 +206,20 @@ void verify_against_manifest(const std::vector<std::string>& files,
       check_one(data, manifest, listing);
     }
   }
+}
+
+std::string manifest_stage_note(const std::string& folder, const std::string& stage) {
+  const std::string manifest = folder + "/manifest.json";
+  if (!is_file(manifest)) return "";
+  const Json json = read_manifest(manifest);
+  const Json* stages = json.find("stages");
+  const Json* row = stages ? stages->find(stage) : nullptr;
+  if (!row) return "";
+  const Json* status = row->find("status");
+  const Json* reason = row->find("reason");
+  std::string note = status && status->is_string() ? status->string : "?";
+  if (reason && reason->is_string() && !reason->string.empty()) note += ": " + reason->string;
+  return note;
 }
 
 }  // namespace hmu

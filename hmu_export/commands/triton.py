@@ -23,6 +23,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="dynamic batching queue delay (default: the build config's)")
     p.add_argument("--instances", type=int, metavar="N",
                    help="instances per model (default: the build config's)")
+    p.add_argument("--generation-precisions", metavar="LIST",
+                   help="generation models to write, e.g. fp32,int8,int4 or auto (default: the "
+                        "build config's [triton] generation_precisions; auto = fp32 plus every "
+                        "quantized variant the build shipped)")
     p.add_argument("--smoke", action="store_true",
                    help="then start the bundled tritonserver, load the python model and check "
                         "its answers over HTTP and gRPC against ONNX Runtime")
@@ -44,15 +48,27 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--instances must be in [1, {MAX_INSTANCES}] and "
                           "--max-queue-delay-us >= 0")
     opts = None
+    precisions = None
+    if args.generation_precisions is not None:
+        precisions = tuple(v.strip() for v in args.generation_precisions.split(",") if v.strip())
     if (artifacts / "model.onnx").is_file():
         cfg = open_build(artifacts).cfg
+        if precisions is not None:  # checked as the config key is, naming the flag
+            import dataclasses
+
+            try:
+                dataclasses.replace(cfg.triton, generation_precisions=precisions).validate(
+                    cfg.int8)
+            except ConfigError as exc:
+                raise ConfigError(str(exc).replace("triton.generation_precisions",
+                                                   "--generation-precisions")) from None
         opts = TritonOptions(
             max_queue_delay_us=(cfg.triton.max_queue_delay_us if args.max_queue_delay_us is None
                                 else args.max_queue_delay_us),
             instance_count=cfg.triton.instance_count if args.instances is None
             else args.instances,
             onnx_tensorrt_accelerator=args.onnx_tensorrt)
-    res = repository_from_artifacts(artifacts, args.out, opts)
+    res = repository_from_artifacts(artifacts, args.out, opts, precisions=precisions)
     rows = [(kind, name, "yes" if kind != "tensorrt" or res.plan_included else
              "config only (no plan built here)") for kind, name in res.models.items()]
     ui.out.print(ui.table(f"Triton repository {res.root}", ["backend", "model", "ready to load"],
@@ -61,7 +77,11 @@ def run(args: argparse.Namespace) -> int:
     if inside and (artifacts / "manifest.json").is_file():
         update_manifest(artifacts, "triton", StageResult(OK, details={
             "models": res.models, "plan_included": res.plan_included,
-            "validated": "schema+semantic"}), written=[res.root])
+            "generation_precisions": res.generation_precisions,
+            "validated": "schema+semantic", **({"notes": res.notes} if res.notes else {})}),
+            written=[res.root])
+    for note in res.notes:
+        ui.err.print(f"note: {note}")
     if args.smoke:
         if "python" not in res.models:  # the bundled tritonserver serves python models only
             from ..core.errors import BackendUnavailable

@@ -352,18 +352,51 @@ class EngineConfig:
 MAX_INSTANCES = 256
 
 
+#: precisions a Triton generation model can run: "fp32" the exported encoder / decoder graphs,
+#: the others the quantize stage's ``*.int8.onnx`` / ``*.int4.onnx``
+GENERATION_PRECISIONS = ("fp32", "int8", "int4")
+AUTO = "auto"
+
+
 @dataclass(frozen=True)
 class TritonConfig:
     enabled: bool = True
     max_queue_delay_us: int = 100
     instance_count: int = 1
+    #: generation models to serve, one pair per precision: ["auto"] = fp32 plus every quantized
+    #: variant the build shipped (a variant the quantize stage removed over its quality budget
+    #: gets none); or a list of fp32 / int8 / int4 (one named but not shipped is skipped, and
+    #: the skip recorded in the triton stage's notes)
+    generation_precisions: tuple[str, ...] = (AUTO,)
 
-    def validate(self) -> None:
+    def validate(self, int8: "Int8Config | None" = None) -> None:
         if self.max_queue_delay_us < 0:
             raise ConfigError("triton.max_queue_delay_us must be >= 0")
         if not 1 <= self.instance_count <= MAX_INSTANCES:
             raise ConfigError(f"triton.instance_count must be in [1, {MAX_INSTANCES}], got "
                               f"{self.instance_count}")
+        self._validate_precisions(int8 or Int8Config())
+
+    def _validate_precisions(self, int8: "Int8Config") -> None:
+        p, key = self.generation_precisions, "triton.generation_precisions"
+        if p == (AUTO,):
+            return
+        known = ", ".join(GENERATION_PRECISIONS)
+        if not p:
+            raise ConfigError(f"{key} is empty: list some of {known}, or [\"{AUTO}\"]")
+        for v in p:
+            if v not in GENERATION_PRECISIONS:
+                extra = f" (\"{AUTO}\" stands alone)" if v == AUTO else ""
+                raise ConfigError(f"{key}: unknown precision {v!r}{extra}; known: {known}, or "
+                                  f"[\"{AUTO}\"]")
+        dup = sorted({v for v in p if p.count(v) > 1})
+        if dup:
+            raise ConfigError(f"{key} names {dup[0]!r} twice")
+        if ("int8" in p or "int4" in p) and not int8.enabled:
+            raise ConfigError(f"{key} names {'int8' if 'int8' in p else 'int4'}, but "
+                              "int8.enabled = false writes no quantized graphs")
+        if "int4" in p and not int8.int4:
+            raise ConfigError(f"{key} names int4, but int8.int4 = false writes no int4 graphs")
 
 
 @dataclass(frozen=True)
@@ -477,7 +510,7 @@ class BuildConfig:
         self.export.validate()
         self.parity.validate()
         self.engine.validate(self.profile)
-        self.triton.validate()
+        self.triton.validate(self.int8)
         self.generation.validate(self.model, self.profile)
         self.int8.validate()
         self.task.validate()

@@ -919,6 +919,10 @@ class TritonPythonModel:
                 self.tokenizer_error = f"the model's tokenizer did not load: {first}"
         self.streaming = bool(config.get("model_transaction_policy", {}).get("decoupled"))
         backend = params.get("step_backend", "onnxruntime")
+        precision = params.get("precision", "fp32")
+        if backend == "bls" and precision != "fp32":  # the BLS targets run the fp32 graphs
+            raise ValueError(f"an {precision} generation model runs its own graphs "
+                             "(step_backend onnxruntime); step_backend bls would run fp32")
         if backend == "bls":
             self.steps = bls_steps(params, self.spec)
         elif backend == "onnxruntime":

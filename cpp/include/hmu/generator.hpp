@@ -86,6 +86,15 @@ class StepRunner {
   // One decoder step, one token per row: returns the logits of the new position,
   // [batch, vocab] row-major float32, owned by the runner and valid until the next call.
   virtual const float* step(const std::vector<int64_t>& tokens) = 0;
+  // Keeps batch rows `rows` (ascending indices into the current batch) for the next steps, as
+  // Python's Stepper.select: finished rows leave the batch. False when the runner cannot; the
+  // loop then keeps every row, feeding finished ones EOS. Row-independent graphs give the same
+  // tokens either way; int8 graphs quantize activations per tensor, over the whole batch, so
+  // there only the same batch schedule as Python's gives Python's tokens.
+  virtual bool select(const std::vector<int64_t>& rows) {
+    (void)rows;
+    return false;
+  }
 };
 
 struct GenerateOptions {

@@ -18,4 +18,8 @@ std::string sha256_file(const std::string& path);
 void verify_against_manifest(const std::vector<std::string>& files,
                              const std::string& no_verify_flag);
 
+// "<status>: <reason>" of stage `stage` in folder/manifest.json ("" when the folder has no
+// manifest or the manifest no such stage): why a build lacks a stage's files, for messages.
+std::string manifest_stage_note(const std::string& folder, const std::string& stage);
+
 }  // namespace hmu

@@ -24,6 +24,7 @@ def triton_stage(ctx: "BuildContext") -> StageResult:
     contract = ctx.contract or full_contract(ctx.cfg.model, ctx.cfg.export.diagnostics)
     res = write_repository(ctx.layout, ctx.cfg, contract)
     details = {"models": res.models, "plan_included": res.plan_included,
+               "generation_precisions": res.generation_precisions,
                "validated": "schema+semantic"}
     if res.notes:
         details["notes"] = res.notes

@@ -81,6 +81,7 @@ class RepositoryResult:
     models: dict[str, str]  # kind -> model name
     plan_included: bool
     notes: list[str]
+    generation_precisions: list[str] = field(default_factory=list)  # generation models served
 
 
 # ----------------------------------------------------------------------------- config building

@@ -7,6 +7,9 @@
                              + 1/tokenizer/ (both) when the build carries a tokenizer
     <name>_encoder/          config.pbtxt  1/model.onnx   (onnxruntime_onnx: BLS target, GPU hosts)
     <name>_decoder/          config.pbtxt  1/model.onnx   (onnxruntime_onnx: BLS target, GPU hosts)
+    <name>_generate_int8/    the same as <name>_generate over 1/encoder.int8.onnx + decoder.int8.onnx
+    <name>_generate_stream_int8/  (and _int4: one pair per precision of [triton]
+                             generation_precisions that the build shipped; ONNX Runtime in-process)
 
 ``model.py`` is hmu_export/shipped/generate_model.py (and ``token_rules.py`` /
 ``request_options.py`` the package's own, loaded by it: the same token rules and request schema
@@ -25,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from ...core.layout import BuildLayout
-from ...core.config import BuildConfig
+from ...core.config import AUTO, GENERATION_PRECISIONS, BuildConfig
 from ...core.errors import ArtifactError
 from ...core.graph_kinds import GRAPH_FILES
 from ...core.io_contract import (BATCH, DECODER, ENCODER, NEW_LEN, NOISE, SRC_LEN,
@@ -89,14 +92,44 @@ HEADERS = {
 }
 
 
-def generation_names(cfg: BuildConfig) -> dict[str, str]:
+FP32 = GENERATION_PRECISIONS[0]
+
+
+def generation_names(cfg: BuildConfig, precision: str = FP32) -> dict[str, str]:
+    """Model names by kind; a quantized precision's generation models end in ``_<precision>``
+    (``hmu-default_generate_int8``; the BLS targets exist for fp32 only)."""
     base = "".join(c if c.isalnum() or c in "-_" else "_" for c in cfg.model.name)
-    return {kind: base + suffix for kind, suffix in GEN_SUFFIX.items()}
+    tail = "" if precision == FP32 else "_" + precision
+    return {kind: base + suffix + tail for kind, suffix in GEN_SUFFIX.items()}
 
 
-def _graph_files(layout: BuildLayout) -> tuple[Path, Path] | None:
-    enc, dec = layout.root / GRAPH_FILES[ENCODER], layout.root / GRAPH_FILES[DECODER]
+def _graph_files(layout: BuildLayout, precision: str = FP32) -> tuple[Path, Path] | None:
+    variant = "" if precision == FP32 else precision
+    enc, dec = layout.graph(ENCODER, variant), layout.graph(DECODER, variant)
     return (enc, dec) if enc.is_file() and dec.is_file() else None
+
+
+def generation_precisions(layout: BuildLayout, cfg: BuildConfig
+                          ) -> tuple[list[str], dict[str, str]]:
+    """(precisions whose generation models the repository gets, {precision named in [triton]
+    generation_precisions but not servable: why}). ``auto`` serves fp32 and every quantized
+    variant whose graphs the build holds: one the quantize stage removed (over its quality
+    budget) or never wrote gets no model, and no note (the quantize stage records why)."""
+    asked = cfg.triton.generation_precisions
+    auto = tuple(asked) == (AUTO,)
+    served, skipped = [], {}
+    for precision in GENERATION_PRECISIONS if auto else asked:
+        if _graph_files(layout, precision) is not None:
+            served.append(precision)
+        elif not auto:
+            variant = "" if precision == FP32 else "." + precision
+            skipped[precision] = (
+                f"no {precision} generation models: the build has no encoder{variant}.onnx / "
+                f"decoder{variant}.onnx" + ("" if precision == FP32 else
+                                            " (its quantize stage removed them over the quality "
+                                            "budget, or did not write them: see "
+                                            "stages.quantize)"))
+    return served, skipped
 
 
 class NotServable(ArtifactError):
@@ -146,8 +179,8 @@ def cache_geometry(enc: Path, dec: Path) -> dict[str, int]:
 
 def generate_config(name: str, cfg: BuildConfig, geo: dict[str, int], opts: "TritonOptions",
                     names: dict[str, str], *, streaming: bool, step_backend: str = "onnxruntime",
-                    tokenizer: bool = False, batching: str = "inflight"
-                    ) -> "model_config_pb2.ModelConfig":
+                    tokenizer: bool = False, batching: str = "inflight",
+                    precision: str = FP32) -> "model_config_pb2.ModelConfig":
     from tritonclient.grpc import model_config_pb2 as mc
 
     from .config import base_config, preferred_batch_sizes
@@ -165,8 +198,9 @@ def generate_config(name: str, cfg: BuildConfig, geo: dict[str, int], opts: "Tri
         conf.model_transaction_policy.decoupled = True
     p, gen = cfg.profile, cfg.generation
     params = {
-        "step_backend": step_backend, "encoder_file": "encoder.onnx",
-        "decoder_file": "decoder.onnx", "encoder_model": names[ENCODER_KIND],
+        "step_backend": step_backend, "precision": precision,
+        "encoder_file": _version_file(ENCODER, precision),
+        "decoder_file": _version_file(DECODER, precision), "encoder_model": names[ENCODER_KIND],
         "decoder_model": names[DECODER_KIND], "intra_op_threads": opts.python_intra_op_threads,
         "vocab_size": cfg.model.vocab_size, "latent_dim": geo["latent_dim"],
         "pad_id": cfg.model.pad_id, "bos_id": gen.bos_id, "eos_id": gen.eos_id,
@@ -180,6 +214,13 @@ def generate_config(name: str, cfg: BuildConfig, geo: dict[str, int], opts: "Tri
     for key, value in params.items():
         conf.parameters[key].string_value = str(value)
     return conf
+
+
+def _version_file(graph: str, precision: str) -> str:
+    """A generation graph's file name in the version folder: the build's own name
+    (``encoder.int8.onnx``), so the served file is recognisably the build's."""
+    stem = GRAPH_FILES[graph][:-len(".onnx")]
+    return f"{stem}.onnx" if precision == FP32 else f"{stem}.{precision}.onnx"
 
 
 def decoding_parameter(cfg: BuildConfig) -> str:
@@ -241,6 +282,16 @@ def check_generate_config(conf: "model_config_pb2.ModelConfig", cfg: BuildConfig
     if params.get("step_backend") not in STEP_BACKENDS:
         fail(f"parameter step_backend must be one of {STEP_BACKENDS}, got "
              f"{params.get('step_backend')!r}")
+    precision = params.get("precision", FP32)
+    if precision not in GENERATION_PRECISIONS:
+        fail(f"parameter precision must be one of {GENERATION_PRECISIONS}, got {precision!r}")
+    if precision != FP32 and params["step_backend"] != "onnxruntime":
+        fail(f"an {precision} model runs its graphs in-process (step_backend onnxruntime): the "
+             "BLS targets are the fp32 graphs")
+    for key, graph in (("encoder_file", ENCODER), ("decoder_file", DECODER)):
+        if params.get(key, _version_file(graph, FP32)) != _version_file(graph, precision):
+            fail(f"parameter {key} {params.get(key)!r} is not the {precision} graph "
+                 f"{_version_file(graph, precision)!r}")
     from ...shipped.generate_model import SPEC_KEYS
 
     missing = [k for k in SPEC_KEYS if not params.get(k, "").lstrip("-").isdigit()]
@@ -275,55 +326,97 @@ def tokenizer_files(layout: BuildLayout) -> list[Path]:
 def generation_models(layout: BuildLayout, cfg: BuildConfig, opts: "TritonOptions", *,
                       step_backend: str = "onnxruntime", batching: str = "inflight"
                       ) -> list["TritonModel"]:
-    """The four models, or none when the build has no generation graphs (or is a classifier)."""
-    from ...core.graph_meta import load_graph_contract
-    from .config import TritonConfigError, TritonModel, onnx_graph_io, engine_profiles, \
-        validate_config
+    """The fp32 generation models and their two BLS targets, the generation models of each
+    quantized precision served ([triton] generation_precisions), or none when the build has no
+    generation graphs (or is a classifier)."""
+    from .config import TritonConfigError
 
     if step_backend not in STEP_BACKENDS:
         raise TritonConfigError(f"step backend must be one of {STEP_BACKENDS}, got "
                                 f"{step_backend!r}")
     if batching not in BATCHING_MODES:
         raise TritonConfigError(f"batching must be one of {BATCHING_MODES}, got {batching!r}")
-    graphs = _graph_files(layout)
-    if graphs is None or cfg.model.is_classifier:
+    if cfg.model.is_classifier:
         return []
+    precisions, _ = generation_precisions(layout, cfg)
+    models: list["TritonModel"] = []
+    for precision in precisions:
+        graphs = _graph_files(layout, precision)
+        assert graphs is not None
+        try:
+            geo = cache_geometry(*graphs)
+        except NotServable:  # e.g. a source whose split graphs differ: the others still serve
+            continue
+        models += _generate_models(layout, cfg, opts, geo, graphs, precision,
+                                   step_backend=step_backend if precision == FP32
+                                   else "onnxruntime", batching=batching)
+        if precision == FP32:
+            models += _bls_targets(cfg, opts, graphs, step_backend)
+    return models
+
+
+def _with_external(files: dict[str, Path], graph: Path, rel: str) -> dict[str, Path]:
+    """``files`` plus the graph's external weights (``<graph>.data``), which travel with it."""
+    external = graph.with_name(graph.name + ".data")
+    if external.is_file():
+        files[rel + ".data"] = external
+    return files
+
+
+def _generate_models(layout: BuildLayout, cfg: BuildConfig, opts: "TritonOptions",
+                     geo: dict[str, int], graphs: tuple[Path, Path], precision: str, *,
+                     step_backend: str, batching: str) -> list["TritonModel"]:
+    """The plain and the streaming generation model of one precision."""
+    from .config import TritonModel
+
     enc, dec = graphs
-    try:
-        geo = cache_geometry(enc, dec)
-    except NotServable:  # e.g. a source whose split graphs differ: the other models still serve
-        return []
-    names = generation_names(cfg)
+    names, kind_tail = generation_names(cfg, precision), ("" if precision == FP32
+                                                          else "_" + precision)
     files: dict[str, Path] = {"1/model.py": GENERATE_MODEL_SOURCE,
                               "1/token_rules.py": TOKEN_RULES_SOURCE,
-                              "1/request_options.py": REQUEST_OPTIONS_SOURCE, "1/encoder.onnx": enc,
-                              "1/decoder.onnx": dec}
+                              "1/request_options.py": REQUEST_OPTIONS_SOURCE}
+    for graph, path in ((ENCODER, enc), (DECODER, dec)):
+        rel = "1/" + _version_file(graph, precision)
+        files[rel] = path
+        _with_external(files, path, rel)
     tokenizer = tokenizer_files(layout)
     files.update({f"1/{TOKENIZER_DIR}/{f.name}": f for f in tokenizer})
-    for graph in (enc, dec):  # weights saved as external data travel with the graph
-        external = graph.with_name(graph.name + ".data")
-        if external.is_file():
-            files["1/" + external.name] = external
     models = []
     for kind, streaming in ((GENERATE, False), (GENERATE_STREAM, True)):
-        conf = generate_config(names[kind], cfg, geo, opts, names, streaming=streaming,
-                               step_backend=step_backend, tokenizer=bool(tokenizer),
-                               batching=batching)
+        conf = generate_config(names[kind], cfg, geo, opts, generation_names(cfg),
+                               streaming=streaming, step_backend=step_backend,
+                               tokenizer=bool(tokenizer), batching=batching, precision=precision)
         check: Callable = (lambda c, s=streaming: check_generate_config(c, cfg, s))
-        models.append(TritonModel(kind, names[kind], conf, dict(files), header=HEADERS[kind],
-                                  check=check))
-    for kind, path in ((ENCODER_KIND, enc), (DECODER_KIND, dec)):
+        header = HEADERS[kind] + ("" if precision == FP32 else
+                                  f"\nPrecision {precision}: {PRECISION_NOTES[precision]}")
+        models.append(TritonModel(kind + kind_tail, names[kind], conf, dict(files),
+                                  header=header, check=check))
+    return models
+
+
+#: what a quantized generation model runs (its config.pbtxt header says it)
+PRECISION_NOTES = {"int8": "the quantize stage's encoder.int8.onnx / decoder.int8.onnx (int8\n"
+                           "weights, dynamic int8 activations; ONNX Runtime CPU).",
+                   "int4": "the quantize stage's encoder.int4.onnx / decoder.int4.onnx (int4\n"
+                           "weight-only MatMulNBits; ONNX Runtime CPU)."}
+
+
+def _bls_targets(cfg: BuildConfig, opts: "TritonOptions", graphs: tuple[Path, Path],
+                 step_backend: str) -> list["TritonModel"]:
+    """The encoder / decoder onnxruntime_onnx models the fp32 generation models call via BLS."""
+    from ...core.graph_meta import load_graph_contract
+    from .config import TritonModel, engine_profiles, onnx_graph_io, validate_config
+
+    names, models = generation_names(cfg), []
+    for kind, path in zip((ENCODER_KIND, DECODER_KIND), graphs):
         _, _, contract = load_graph_contract(path)
         conf = graph_config(names[kind], cfg, contract, opts)
         graph_io = onnx_graph_io(path)
         check = (lambda c, ct=contract, gio=graph_io:
                  validate_config(c, ct, engine_profiles(cfg), graph_io=gio))
-        mfiles = {"1/model.onnx": path}
-        external = path.with_name(path.name + ".data")
-        if external.is_file():
-            mfiles["1/" + external.name] = external
-        models.append(TritonModel(kind, names[kind], conf, mfiles, header=HEADERS[kind],
-                                  check=check,
+        models.append(TritonModel(kind, names[kind], conf,
+                                  _with_external({"1/model.onnx": path}, path, "1/model.onnx"),
+                                  header=HEADERS[kind], check=check,
                                   note="" if step_backend == "bls" else
                                   "BLS target: loads where the onnxruntime backend exists"))
     return models

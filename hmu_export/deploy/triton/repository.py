@@ -177,17 +177,30 @@ def write_repository(layout: BuildLayout, cfg: BuildConfig, contract: GraphContr
     notes = [m.note for m in models if m.note]
     if python_model_refusal(contract):
         notes.append("no python model: " + python_model_refusal(contract))
+    from .generation import generation_precisions
+
+    notes += generation_precisions(layout, cfg)[1].values()  # named in [triton], not shipped
+    served = [m.config.parameters["precision"].string_value for m in models
+              if "precision" in m.config.parameters]
     return RepositoryResult(out_dir, {m.kind: m.name for m in models},
-                            "1/model.plan" in models[0].files, notes)
+                            "1/model.plan" in models[0].files, notes, list(dict.fromkeys(served)))
 
 
 def repository_from_artifacts(artifacts: Path, out_dir: Path | None = None,
-                              opts: TritonOptions | None = None) -> RepositoryResult:
-    """The command's entry: config and contract are read from the graph's own metadata."""
+                              opts: TritonOptions | None = None,
+                              precisions: tuple[str, ...] | None = None) -> RepositoryResult:
+    """The command's entry: config and contract are read from the graph's own metadata;
+    ``precisions`` replaces its [triton] generation_precisions (validated as the key is)."""
+    import dataclasses
+
     from ...core.build_folder import open_build
 
     build = open_build(artifacts)
     layout, cfg, contract = build.layout, build.cfg, build.contract
+    if precisions is not None:
+        triton = dataclasses.replace(cfg.triton, generation_precisions=tuple(precisions))
+        triton.validate(cfg.int8)
+        cfg = dataclasses.replace(cfg, triton=triton)
     if opts is None:
         opts = TritonOptions(max_queue_delay_us=cfg.triton.max_queue_delay_us,
                              instance_count=cfg.triton.instance_count)
