@@ -178,7 +178,7 @@ def test_random_fallback_feeds_lie_inside_the_profile():
 
 
 @pytest.mark.parametrize("key,value,match", [
-    ("mode", "qdq", "int8.mode must be dynamic or static, got 'qdq'"),
+    ("mode", "qdq", "int8.mode must be auto, dynamic or static, got 'qdq'"),
     ("calibration_method", "kl", "int8.calibration_method must be minmax, entropy, percentile "
                                  "or distribution, got 'kl'"),
     ("activation_type", "int8", "int8.activation_type must be quint8 or qint8"),
@@ -288,3 +288,38 @@ def test_calibration_data_is_the_named_file_else_the_dev_split_never_the_test_se
     toml.parent.mkdir()
     toml.write_text('[task]\npath = "t.jsonl"\ndev = "../d.jsonl"\n')
     assert calibration_file(load_config(toml)) == ("task.dev", str(tmp_path / "d.jsonl"))
+
+
+def test_static_int8_tokens_do_not_depend_on_the_batch(sbuild):
+    """Fixed activation scales: a row's greedy tokens are the same alone and inside any batch
+    (dynamic int8 quantizes each activation tensor over the whole batch, so its rows can
+    change with their neighbours: docs/int8.md). The reason `auto` prefers static."""
+    from hmu_export.generate.generator import Generator
+
+    gen = Generator.from_build(sbuild, "onnxruntime-int8")
+    vocab = config_from_dict(STATIC).model.vocab_size
+    rng = np.random.default_rng(4)
+    for _ in range(10):
+        rows = [rng.integers(3, vocab, size=int(rng.integers(2, 9))).tolist() for _ in range(3)]
+        together = gen.generate(rows, strategy="greedy", max_new_tokens=6,
+                                ignore_eos=True).sequences
+        for row, seq in zip(rows, together):
+            alone = gen.generate([row], strategy="greedy", max_new_tokens=6,
+                                 ignore_eos=True).sequences[0]
+            assert alone == seq, (row, alone, seq)
+
+
+def test_auto_mode_is_static_with_calibration_data_and_dynamic_without(tmp_path):
+    """The default `auto`: a build without calibration data quantizes dynamically and says why
+    in its manifest."""
+    assert Int8Config().mode == "auto"
+    out = tmp_path / "b"
+    cfg = config_from_dict({**SMALL, "int8": {"int4": False}}).validate()
+    outcome = pipeline.run_build(cfg, out, only=["checkpoint", "export", "quantize"])
+    assert outcome.ok, outcome.failure
+    q = json.loads((outcome.out_dir / "manifest.json").read_text())["stages"]["quantize"]
+    assert q["details"]["mode"] == "dynamic" and "no calibration data" in \
+        q["details"]["mode_reason"]
+    ops = Counter(n.op_type
+                  for n in onnx.load(str(outcome.out_dir / "decoder.int8.onnx")).graph.node)
+    assert ops["DynamicQuantizeLinear"] > 0 and ops["QuantizeLinear"] == 0, ops

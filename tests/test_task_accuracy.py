@@ -69,12 +69,22 @@ def task_build(tmp_path_factory):
     cfg = replace(base, parity=replace(base.parity, fp16=False),
                   profile=ProfileConfig(batch=(1, 8, 16), src_len=(1, 10, 16),
                                         tgt_len=(1, 16, 32)),
-                  task=TaskConfig(path=str(task), noise_scales=(0.0, 2.0), noise_draws=3,
+                  task=TaskConfig(path=str(task), dev=str(demo.DEV_SET),
+                                  noise_scales=(0.0, 2.0), noise_draws=3,
                                   noise_limit=16)).validate()
     outcome = run_build(cfg, root / "out", only=["checkpoint", "export", "optimize", "fp16",
                                                  "quantize", "parity"])
     assert outcome.ok, outcome.failure
     return outcome.out_dir, pairs
+
+
+def test_the_demo_int8_is_static_calibrated_on_the_dev_split(task_build):
+    """`[int8] mode = "auto"` with the demo's `[task] dev`: static QDQ int8, calibrated on the
+    dev split (never the judged test set)."""
+    out, _ = task_build
+    q = json.loads((out / "manifest.json").read_text())["stages"]["quantize"]["details"]
+    assert q["mode"] == "static" and "task.dev" in q["mode_reason"]
+    assert q["calibration"]["source"] == str(demo.DEV_SET) and not q["calibration"]["random_feeds"]
 
 
 def test_every_fp32_backend_solves_what_the_oracle_solves(task_build):

@@ -44,7 +44,7 @@ def check_calibration(cfg: BuildConfig) -> None:
     error naming file and line (the part of it a build reads: calibration_samples lines)."""
     from ..export.calibration import calibration_file, calibration_sources
 
-    if cfg.int8.enabled and cfg.int8.mode == "static" and calibration_file(cfg)[1]:
+    if cfg.int8.enabled and cfg.int8.mode in ("static", "auto") and calibration_file(cfg)[1]:
         calibration_sources(cfg)
 
 

@@ -257,9 +257,11 @@ class Int8Config:
     #: quality budget: exact-match drop (points) vs FP32 on the task set; over it the stage
     #: fails and the quantized graphs are not shipped
     max_exact_match_drop: float = 0.5
-    #: how *.int8.onnx quantizes activations: "dynamic" (at run time, per call) or "static"
-    #: (QDQ: fixed scales calibrated on real inputs, docs/int8.md)
-    mode: str = "dynamic"
+    #: how *.int8.onnx quantizes activations: "dynamic" (at run time, per call: a row's tokens
+    #: then depend on the other rows of its batch), "static" (QDQ: fixed scales calibrated on
+    #: real inputs: batch-invariant) or "auto" (static where the build has calibration data,
+    #: ``calibration`` or ``[task] dev``, else dynamic; docs/int8.md)
+    mode: str = "auto"
     #: static: JSONL of task-set lines whose sources calibrate (relative to the TOML); empty =
     #: ``[task] dev``, else random in-profile feeds. Never the judged set by default.
     calibration: str = ""
@@ -274,7 +276,7 @@ class Int8Config:
     quantize_outputs: bool = False
 
     PATH_FIELDS: typing.ClassVar[tuple[str, ...]] = ("calibration",)
-    MODES: typing.ClassVar[tuple[str, ...]] = ("dynamic", "static")
+    MODES: typing.ClassVar[tuple[str, ...]] = ("auto", "dynamic", "static")
     CALIBRATION_METHODS: typing.ClassVar[tuple[str, ...]] = ("minmax", "entropy", "percentile",
                                                              "distribution")
     ACTIVATION_TYPES: typing.ClassVar[tuple[str, ...]] = ("quint8", "qint8")

@@ -55,10 +55,11 @@ def quantize_stage(ctx: "BuildContext") -> StageResult:
     assert ctx.source is not None
     scope = ctx.source.hmu_scope
     graphs = list(ctx.contracts) or [ctx.source.graph_names()[0]]
+    mode, why = int8_mode(ctx, graphs)
     details: dict[str, Any] = {"reduce_range": reduce_range(q), "cpu_vnni": cpu_has_vnni(),
-                               "mode": q.mode, "graphs": {}, "agreement": {}}
+                               "mode": mode, "mode_reason": why, "graphs": {}, "agreement": {}}
     calibration = None
-    if q.mode == "static":
+    if mode == "static":
         calibration = calibration_feeds(ctx, graphs)
         details["calibration"] = dict(calibration.summary(), method=q.calibration_method,
                                       activation_type=q.activation_type,
@@ -85,6 +86,27 @@ def quantize_stage(ctx: "BuildContext") -> StageResult:
         return StageResult(FAILED, reason="; ".join(over) + " (not shipped: their graphs were "
                            "removed; see int8.max_exact_match_drop)", details=details)
     return StageResult(OK, details=details)
+
+
+def int8_mode(ctx: "BuildContext", graphs: list[str]) -> tuple[str, str]:
+    """(the int8 mode this build uses, why). ``auto`` is static when real calibration feeds
+    can be recorded (calibration data, a tokenizer's generation graphs), dynamic otherwise:
+    static QDQ scales are fixed, so a row's tokens do not depend on the rest of its batch
+    (dynamic int8 quantizes each activation tensor over the whole batch; docs/int8.md), at the
+    same measured quality and speed on the trained models."""
+    from ...core.io_contract import DECODER, ENCODER
+    from ...export.calibration import calibration_file
+
+    mode = ctx.cfg.int8.mode
+    if mode != "auto":
+        return mode, "[int8] mode"
+    key, path = calibration_file(ctx.cfg)
+    if not path:
+        return "dynamic", ("auto: no calibration data ([int8] calibration and [task] dev are "
+                           "empty); tokens depend on the batch's other rows")
+    if not (ENCODER in graphs and DECODER in graphs):
+        return "dynamic", f"auto: {key} set, but the build has no generation graphs to record with"
+    return "static", f"auto: calibrated on {key} (batch-invariant tokens)"
 
 
 def calibration_feeds(ctx: "BuildContext", graphs: list[str]) -> "CalibrationFeeds":
