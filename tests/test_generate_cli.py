@@ -191,10 +191,15 @@ def test_bench_generate_with_beams(unseen_build, tmp_path, capsys):
     assert len(err) == 1 and "2 rows x 3 beams" in err[0], err
 
 
-def test_top_candidates_equals_a_stable_full_sort():
-    """Beam search's partial sort: the same columns, in the same order, as the stable full
-    sort it replaced, ties and -inf included."""
-    from hmu_export.generate.generator import top_candidates
+@pytest.mark.parametrize("where", ["generator", "shipped"])
+def test_top_candidates_equals_a_stable_full_sort(where):
+    """Beam search's partial sort (the Generator's, with torch.topk on large rows, and the
+    Triton model's numpy one): the same columns, in the same order, as the stable full sort it
+    replaced, ties and -inf included."""
+    if where == "generator":
+        from hmu_export.generate.generator import top_candidates
+    else:
+        from hmu_export.shipped.generate_model import top_candidates
 
     rng = np.random.default_rng(3)
     for _ in range(200):

@@ -271,6 +271,26 @@ def test_info_reports_unlisted_files(build_copy, capsys):
     assert "model.onnx (not listed)" in err and "extra.bin (not listed)" in err
 
 
+def test_a_served_folders_bytecode_cache_is_refused_with_the_way_out(build_copy, capsys):
+    """A tritonserver run on the build's own triton/ folder leaves __pycache__ there: still
+    refused (a .pyc runs instead of its source), with how to avoid it; our launcher writes none."""
+    from hmu_export.deploy.triton.server import server_env
+
+    model = build_copy / "triton" / "m_generate" / "1"
+    (model / "__pycache__").mkdir(parents=True)
+    (model / "__pycache__" / "model.cpython-311.pyc").write_bytes(b"\x00" * 16)
+    line = _one_error(["info", "--artifacts", build_copy], capsys)
+    assert "triton/m_generate/1/__pycache__/model.cpython-311.pyc (not listed)" in line
+    assert "PYTHONDONTWRITEBYTECODE=1" in line
+    assert _env_of(server_env)["PYTHONDONTWRITEBYTECODE"] == "1"
+
+
+def _env_of(server_env):  # type: ignore[no-untyped-def]
+    class Dist:  # the one field server_env reads
+        libs = Path("/nonexistent/libs")
+    return server_env(Dist())
+
+
 @pytest.mark.parametrize("edit, needle", [
     (lambda d: d.update(artifacts=5), "'artifacts' must be a list"),
     (lambda d: d["artifacts"][0].pop("bytes"), "has no 'bytes'"),

@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 
 from . import ui
-from ..core.manifest import failed_build, read_manifest, verify_artifacts
+from ..core.manifest import bytecode_hint, failed_build, read_manifest, verify_artifacts
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,8 +24,8 @@ def run(args: argparse.Namespace) -> int:
                            for a in data["artifacts"]]))
     bad = verify_artifacts(args.artifacts, data)
     if bad:
-        ui.err.print(f"error: {len(bad)} artifact(s) changed since the build: {', '.join(bad)}",
-                     markup=False, highlight=False)
+        ui.err.print(f"error: {len(bad)} artifact(s) changed since the build: {', '.join(bad)}"
+                     f"{bytecode_hint(bad)}", markup=False, highlight=False)
         return 1
     why = failed_build(data)
     if why:  # shown for inspection, and said: no other command reads it

@@ -182,6 +182,17 @@ def verify_artifacts(root: Path, manifest: dict[str, Any]) -> list[str]:
     return bad
 
 
+def bytecode_hint(bad: list[str]) -> str:
+    """How to avoid the one unlisted file a user makes without meaning to: the __pycache__ a
+    tritonserver writes into the build's own triton/ folder (still refused: a .pyc runs in
+    place of its source)."""
+    if not any("__pycache__/" in b for b in bad):
+        return ""
+    return ("; __pycache__ is Python's bytecode cache, written when a tritonserver served this "
+            "folder: delete it, and serve with PYTHONDONTWRITEBYTECODE=1 (`python -m "
+            "hmu_export triton` sets it) or from a copy")
+
+
 def verify_build(root: Path) -> dict[str, Any]:
     """The manifest, once every file matches it; else an ArtifactError naming the files."""
     data = read_manifest(root)
@@ -189,7 +200,7 @@ def verify_build(root: Path) -> dict[str, Any]:
     if bad:
         shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
         raise ArtifactError(f"{len(bad)} artifact(s) in {root} changed since the build "
-                            f"(manifest.json disagrees): {shown}")
+                            f"(manifest.json disagrees): {shown}{bytecode_hint(bad)}")
     return data
 
 

@@ -26,6 +26,7 @@ import numpy as np
 from ..core.config import BuildConfig
 from ..core.errors import GenerationError, InputError
 from ..shipped import request_options
+from ..shipped.generate_model import top_candidates as shipped_top_candidates
 from ..shipped.token_rules import TokenRules
 from .stepper import CachedStepper, StepBackend, Stepper
 
@@ -109,8 +110,7 @@ def check_logits(logits: np.ndarray, rows: Sequence[int], step: int, noise_scale
                           f"{step + 1} ({why})")
 
 
-#: from this many candidates on, torch.topk finds a beam step's best (numpy's partition of a
-#: 32 x 4-beam x 58k-vocabulary step took ~90 ms, topk ~5 ms)
+#: from this many candidates on, torch.topk finds a beam step's best
 TORCH_FROM = 1 << 16
 
 
@@ -398,34 +398,17 @@ class Generator:
 
 
 def top_candidates(cand: np.ndarray, m: int) -> np.ndarray:
-    """The first ``m`` columns of a stable descending sort of each row of ``cand``, without
-    sorting whole rows (k x vocab candidates: a full sort dominates a large-vocabulary step).
-    Ties break by index exactly as in the full sort: a row whose (m+1)-th largest value equals
-    its m-th (a tie across the cut) is settled by sorting every value tied with it."""
-    n = cand.shape[1]
-    m = min(m, n)
-    if m == n:
-        return np.argsort(-cand, axis=-1, kind="stable")
-    if cand.size >= TORCH_FROM:
-        import torch
+    """The Triton model's beam selection (shipped/generate_model.py, the same order as a stable
+    full sort), with torch.topk finding each large row's best (numpy's partition of a 32 x
+    4-beam x 58k-vocabulary step took ~90 ms, topk ~5 ms)."""
+    return shipped_top_candidates(cand, m, _torch_largest if cand.size >= TORCH_FROM else None)
 
-        vals, idx = torch.topk(torch.from_numpy(cand), min(m + 1, n), dim=1)
-        vals, idx = vals.numpy(), idx.numpy()
-    else:
-        idx = np.argpartition(-cand, min(m, n - 1), axis=-1)[:, :min(m + 1, n)]
-        vals = np.take_along_axis(cand, idx, axis=-1)
-        order = np.argsort(-vals, axis=-1, kind="stable")
-        vals, idx = np.take_along_axis(vals, order, -1), np.take_along_axis(idx, order, -1)
-    out = np.empty((cand.shape[0], m), dtype=np.int64)
-    for j in range(cand.shape[0]):
-        kth = vals[j, m - 1]
-        if vals.shape[1] > m and vals[j, m] == kth:  # a tie across the cut: every tied index
-            sel = np.flatnonzero(cand[j] >= kth)
-        else:
-            sel = idx[j, :m]
-        keys = cand[j, sel]
-        out[j] = sel[np.lexsort((sel, -keys))][:m]
-    return out
+
+def _torch_largest(cand: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    import torch
+
+    vals, idx = torch.topk(torch.from_numpy(cand), n, dim=1)
+    return vals.numpy(), idx.numpy()
 
 
 class _Clock:

@@ -234,6 +234,37 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
+def top_candidates(cand: np.ndarray, m: int,
+                   largest: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+                   | None = None) -> np.ndarray:
+    """The first ``m`` columns of a stable descending sort of each row of ``cand`` (beam
+    search's k x vocab candidates), without sorting whole rows: a full sort of 4 x 58k
+    candidates per row was most of a large-vocabulary step. ``largest(cand, n)`` gives each
+    row's n largest (values, indices) in descending order (default numpy's partition; the
+    Generator passes torch.topk). Ties break by index exactly as in the full sort: a row whose
+    (m+1)-th largest equals its m-th (a tie across the cut) sorts every value tied with it."""
+    n = cand.shape[1]
+    m = min(m, n)
+    if m == n:
+        return np.argsort(-cand, axis=-1, kind="stable")
+    vals, idx = (largest or _largest)(cand, min(m + 1, n))
+    out = np.empty((cand.shape[0], m), dtype=np.int64)
+    for j in range(cand.shape[0]):
+        kth = vals[j, m - 1]
+        sel = np.flatnonzero(cand[j] >= kth) if vals.shape[1] > m and vals[j, m] == kth \
+            else idx[j, :m]
+        out[j] = sel[np.lexsort((sel, -cand[j, sel]))][:m]
+    return out
+
+
+def _largest(cand: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    idx = np.argpartition(-cand, n - 1, axis=-1)[:, :n] if n < cand.shape[1] else \
+        np.tile(np.arange(cand.shape[1]), (cand.shape[0], 1))
+    vals = np.take_along_axis(cand, idx, axis=-1)
+    order = np.argsort(-vals, axis=-1, kind="stable")
+    return np.take_along_axis(vals, order, -1), np.take_along_axis(idx, order, -1)
+
+
 def sample_tokens(logits: np.ndarray, rng: np.random.Generator, *, temperature: float = 1.0,
                   top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
     x = logits.astype(np.float64) / temperature
@@ -514,7 +545,7 @@ def generate_beam(steps: Steps, jobs: Sequence[Job], spec: Mapping[str, int],
                                eos_ids=[eos])
         vocab = logp.shape[-1]
         cand = (scores.reshape(-1, 1) + logp).reshape(len(live), k * vocab)
-        top = np.argsort(-cand, axis=-1, kind="stable")[:, :2 * k]
+        top = top_candidates(cand, 2 * k)
         last = t == max_new - 1
         rows_next, src_next, tok_next, score_next = [], [], [], []
         for j, row in enumerate(live):
@@ -771,7 +802,7 @@ class RunningBatch:
                                     max_new=max_new, eos_ids=[eos])
         vocab = logp.shape[-1]
         cand = (slot.scores.reshape(-1, 1) + logp).reshape(k * vocab)
-        top = np.argsort(-cand, kind="stable")[:2 * k]
+        top = top_candidates(cand.reshape(1, -1), 2 * k)[0]
         last = t == max_new - 1
         beams: list[tuple[int, int, float]] = []
         for c in top.tolist():

@@ -88,6 +88,9 @@ def server_env(dist: PyTritonDist) -> dict[str, str]:
     ld = [str(dist.libs), libdir, env.get("LD_LIBRARY_PATH", "")]
     env["LD_LIBRARY_PATH"] = ":".join(p for p in ld if p)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    # the python backend would write __pycache__ into the repository, i.e. into a build's
+    # triton/ folder, which its manifest then rightly refuses as unlisted files
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
     return env
 
 
