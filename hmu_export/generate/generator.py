@@ -117,9 +117,10 @@ TORCH_FROM = 1 << 16
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     """In float64, as beam scores accumulate over many steps (torch's is no faster here: the
     float64 copy is most of the cost)."""
-    x = logits.astype(np.float64)
-    x = x - x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+    x = logits.astype(np.float64)  # a copy: the in-place steps below leave logits alone
+    x -= x.max(axis=-1, keepdims=True)
+    x -= np.log(np.exp(x).sum(axis=-1, keepdims=True))
+    return x
 
 
 def sample_tokens(logits: np.ndarray, rng: np.random.Generator, *, temperature: float = 1.0,

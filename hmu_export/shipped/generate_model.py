@@ -229,9 +229,10 @@ def check_max_new_tokens(arr: np.ndarray | None) -> int | None:
 # These three are hmu_export.generate.generator's own (log_softmax, sample_tokens, _Hypotheses); the
 # served tests compare tokens with the Generator, so a change there shows up here.
 def log_softmax(logits: np.ndarray) -> np.ndarray:
-    x = logits.astype(np.float64)
-    x = x - x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+    x = logits.astype(np.float64)  # a copy: the in-place steps below leave logits alone
+    x -= x.max(axis=-1, keepdims=True)
+    x -= np.log(np.exp(x).sum(axis=-1, keepdims=True))
+    return x
 
 
 def top_candidates(cand: np.ndarray, m: int,
