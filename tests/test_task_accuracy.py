@@ -253,3 +253,10 @@ def test_bench_task_counts_what_the_oracle_solves(task_build, tmp_path, capsys):
                  "--backends", "onnxruntime"]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nope.jsonl" in err[0], err
+    bad = tmp_path / "bad.jsonl"  # a target the tokenizer cannot encode: file and example
+    bad.write_text('{"source": "1", "target": "uno"}\n{"source": "2", "target": "zwei"}\n',
+                   encoding="utf-8")
+    assert main(["bench", "--artifacts", str(out), "--task", str(bad), "--backends",
+                 "onnxruntime"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bad.jsonl: example 2" in err[0] and "zwei" in err[0], err

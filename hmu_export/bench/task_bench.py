@@ -70,7 +70,6 @@ def run_task_bench(root: Path, *, task: Path | None = None,
     """``task``: a JSONL task set (default: the build's ``[task] path``); ``peers``: None = all
     of them on an hf build, none otherwise."""
     from ..core.build_folder import open_build
-    from ..core.task_set import read_pairs
     from ..generate.generator import Generator
     from ..model.tokenizer import TOKENIZER_DIR, Tokenizer, load_hf_tokenizer, tokenizer_files
     from ..runners.onnxruntime_runner import generation_threads
@@ -90,7 +89,11 @@ def run_task_bench(root: Path, *, task: Path | None = None,
                          f"{cfg.profile.batch[2]})")
     peers = resolve_peers(peers, cfg.model.source)
     tok = Tokenizer(load_hf_tokenizer(build.layout.root / TOKENIZER_DIR))
-    pairs = read_pairs(path, limit)
+    from dataclasses import replace
+
+    from ..verify.task_accuracy import load_task
+    # every target checked against the tokenizer (one that it cannot encode could never match)
+    pairs = load_task(replace(cfg, task=replace(cfg.task, path=str(path), limit=limit)), tok)
     sources = tok.encode([s for s, _ in pairs])
     targets = [t.strip() for _, t in pairs]
     longest = max(len(s) for s in sources)
