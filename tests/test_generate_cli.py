@@ -271,3 +271,30 @@ def test_graphs_exported_in_worker_processes_equal_an_in_process_export(unseen_b
     res = export_graph(sources.load(cfg.model), "decoder", cfg, tmp_path / "decoder.onnx",
                        checkpoint_sha256=manifest["checkpoint_sha256"])
     assert res.sha256 == manifest["graphs"]["decoder"]["sha256"]
+
+
+def test_a_select_inside_source_groups_copies_no_source_state(unseen_build):
+    """Beams reordered inside their source's group keep the source-only state (mask, cross
+    K/V) as it is, uncopied; the step then computes what a fresh start on those rows does."""
+    from hmu_export.generate.generator import Generator
+    from hmu_export.generate.stepper import CachedStepper
+
+    gen = Generator.from_build(unseen_build, "onnxruntime")
+    st = gen.stepper
+    assert isinstance(st, CachedStepper)
+    ids = np.array([[5, 6, 7, 8], [9, 10, 11, 0]], dtype=np.int64)
+    mask = np.array([[1, 1, 1, 1], [1, 1, 1, 0]], dtype=np.int64)
+    noise = np.zeros((2, 4, st.latent_dim), dtype=np.float32)
+    st.start(ids, mask, noise)
+    st.select(np.array([0, 0, 1, 1]))  # beams: rows change source -> copied
+    cross = {k: v for k, v in st._state.items() if k.startswith("cross")}
+    st.select(np.array([1, 0, 3, 2]))  # reordered inside the groups -> kept
+    assert all(st._state[k] is v for k, v in cross.items())
+    got = st.step(np.array([[1], [1], [1], [1]], dtype=np.int64))
+    fresh = Generator.from_build(unseen_build, "onnxruntime").stepper
+    rows = [0, 0, 1, 1]
+    fresh.start(ids[rows], mask[rows], noise[rows])
+    want = fresh.step(np.array([[1], [1], [1], [1]], dtype=np.int64))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    st.select(np.array([2, 3]))  # a group leaves -> taken again
+    assert all(st._state[k].shape[0] == 2 for k in cross)

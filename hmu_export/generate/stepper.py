@@ -88,6 +88,10 @@ class CachedStepper(Stepper):
         self._past_names = [f(i) for i in range(n) for f in (past_key, past_value)]
         self._present_names = [f(i) for i in range(n) for f in (present_key, present_value)]
         self._state: dict[str, np.ndarray] = {}
+        #: the source row each batch row decodes: state that depends on the source alone (its
+        #: mask, the cross K/V) is the same for rows of one source, so a select that keeps
+        #: every row on its source (beams reordered inside their group) copies none of it
+        self._source_of_row = np.zeros(0, dtype=np.int64)
 
     def start(self, src_ids: np.ndarray, src_mask: np.ndarray, noise: np.ndarray) -> None:
         out = self.backend.encode({SRC_IDS: src_ids, SRC_MASK: src_mask, NOISE: noise})
@@ -97,6 +101,7 @@ class CachedStepper(Stepper):
                        PAST_MASK: np.zeros((src_ids.shape[0], 0), dtype=np.int64)}
         self._state.update({name: out[name] for name in self._cross_names})
         self._state.update({name: empty for name in self._past_names})
+        self._source_of_row = np.arange(src_ids.shape[0], dtype=np.int64)
 
     def step(self, new_ids: np.ndarray) -> np.ndarray:
         feeds = dict(self._state)
@@ -109,7 +114,12 @@ class CachedStepper(Stepper):
         return out[LOGITS][:, -1, :]
 
     def select(self, rows: np.ndarray) -> None:
-        self._state = {k: np.take(v, rows, axis=0) for k, v in self._state.items()}
+        sources = self._source_of_row[rows]
+        same = np.array_equal(sources, self._source_of_row)
+        fixed = (SRC_MASK, *self._cross_names) if same else ()
+        self._state = {k: v if k in fixed else np.take(v, rows, axis=0)
+                       for k, v in self._state.items()}
+        self._source_of_row = sources
 
 
 def cache_spec_from_dims(dec: Mapping[str, tuple], enc: Mapping[str, tuple]) -> CacheSpec:
