@@ -358,7 +358,8 @@ class Generator:
                 logp = rules.apply(logp, [[opts.bos_id] + h for h in history],
                                    max_new=max_new, eos_ids=[opts.eos_id])
             vocab = logp.shape[-1]
-            cand = (scores.reshape(-1, 1) + logp).reshape(len(live), k * vocab)
+            logp += scores.reshape(-1, 1)  # in place (this step's own array): same sums
+            cand = logp.reshape(len(live), k * vocab)
             top = top_candidates(cand, 2 * k)
             last = t == max_new - 1
             rows_next, src_next, tok_next, score_next = [], [], [], []
