@@ -29,7 +29,7 @@ import numpy as np
 from ..backends.registry import BENCH, Backend, discover_backends
 from ..core.config import BuildConfig
 from ..core.errors import ConfigError
-from ..core.fileio import atomic_path, write_json, write_text
+from ..core.fileio import write_json, write_png, write_text
 from .flops import matmul_flop_counter, model_flops
 from ..core.io_contract import BATCH, SRC_LEN
 from ..core.grid import AXIS_LABEL, GRID_AXES, in_profile, contract_feeds, profile_ranges
@@ -320,10 +320,7 @@ def plot(report: BenchReport, path: Path) -> Path:
         ax.legend(fontsize=7)
     fig.suptitle(f"{report.model.get('name', '')}: latency vs sequence length")
     fig.tight_layout()
-    with atomic_path(Path(path)) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return write_png(fig, path)
 
 
 def write_outputs(report: BenchReport, out_dir: Path, json_path: Path | None = None

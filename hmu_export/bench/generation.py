@@ -199,7 +199,7 @@ def plot(report: GenerationBenchReport, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..core.fileio import atomic_path
+    from ..core.fileio import write_png
 
     batches = report.settings["batches"]
     fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 3.6), squeeze=False)
@@ -214,10 +214,7 @@ def plot(report: GenerationBenchReport, path: Path) -> Path:
     fig.suptitle(f"{report.model['name']}: generation, {report.settings['src_len']} source / "
                  f"{report.settings['new_tokens']} new tokens")
     fig.tight_layout()
-    with atomic_path(Path(path)) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return write_png(fig, path)
 
 
 def write_outputs(report: GenerationBenchReport, out_dir: Path, json_path: Path | None = None

@@ -193,9 +193,9 @@ class TransformersPeer(Peer):
 class OptimumPeer(Peer):
     name = "optimum"
 
-    def __init__(self, folder: Path, ids: Ids, threads: int, int8: bool = False) -> None:
-        """``int8``: Optimum's own dynamic int8 (ORTQuantizer, per-channel weights, its AVX2 or
-        AVX512-VNNI preset as this CPU has VNNI) of every file of its export."""
+    def __init__(self, folder: Path, ids: Ids, threads: int, model: Any = None) -> None:
+        """Optimum's own export of the base model in ``folder`` (its default files and
+        decoder), or an ORTModelForSeq2SeqLM already made (``model``: the int8 variant)."""
         try:
             from optimum.onnxruntime import ORTModelForSeq2SeqLM
         except ImportError as exc:
@@ -203,18 +203,22 @@ class OptimumPeer(Peer):
                                   "transformers < 4.58: see docs/huggingface.md") from None
         from ..runners.onnxruntime_runner import session_options
 
-        try:  # Optimum's own export of the base model (its default files and decoder)
-            model = ORTModelForSeq2SeqLM.from_pretrained(
-                str(folder), export=True, provider="CPUExecutionProvider",
-                session_options=session_options(threads), local_files_only=True)
-        except Exception as exc:  # Optimum raises many types
-            raise PeerUnavailable(f"Optimum could not export the base model: "
-                                  f"{_first_line(exc)}") from None
-        if int8:
-            self.name = "optimum-int8"
-            model = _optimum_int8(model, folder.parent / "optimum-int8", threads)
+        if model is None:
+            try:
+                model = ORTModelForSeq2SeqLM.from_pretrained(
+                    str(folder), export=True, provider="CPUExecutionProvider",
+                    session_options=session_options(threads), local_files_only=True)
+            except Exception as exc:  # Optimum raises many types
+                raise PeerUnavailable(f"Optimum could not export the base model: "
+                                      f"{_first_line(exc)}") from None
         self.model, self.ids = model, ids
 
+    def int8(self, out: Path, threads: int) -> "OptimumPeer":
+        """Optimum's own dynamic int8 (ORTQuantizer, per-channel weights, its AVX2 or
+        AVX512-VNNI preset as this CPU has VNNI) of every file of this peer's export."""
+        peer = OptimumPeer(out, self.ids, threads, _optimum_int8(self.model, out, threads))
+        peer.name = "optimum-int8"
+        return peer
 
     def generate(self, ids: np.ndarray, mask: np.ndarray, new_tokens: int,
                  beams: int = 1, until_eos: bool = False) -> PeerRun:
@@ -422,10 +426,11 @@ def load_peers(source: Any, cfg: Any, names: Sequence[str], work: Path, threads:
                     peers.append(TransformersPeer(folder, ids))
                     peers[-1].name = "transformers-hmu-off"
             elif name == "optimum":
-                peers.append(OptimumPeer(folder, ids, threads))
+                optimum = OptimumPeer(folder, ids, threads)
+                peers.append(optimum)
                 if variants:
                     try:
-                        peers.append(OptimumPeer(folder, ids, threads, int8=True))
+                        peers.append(optimum.int8(work / "optimum-int8", threads))
                     except PeerUnavailable as exc:
                         skipped.append({"backend": "optimum-int8", "reason": str(exc)})
             else:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -73,6 +73,7 @@ def run_task_bench(root: Path, *, task: Path | None = None,
     from ..generate.generator import Generator
     from ..model.tokenizer import TOKENIZER_DIR, Tokenizer, load_hf_tokenizer, tokenizer_files
     from ..runners.onnxruntime_runner import generation_threads
+    from ..verify.task_accuracy import load_task
     from .machine import machine_info
     from .peers import resolve_peers, versions
 
@@ -89,9 +90,6 @@ def run_task_bench(root: Path, *, task: Path | None = None,
                          f"{cfg.profile.batch[2]})")
     peers = resolve_peers(peers, cfg.model.source)
     tok = Tokenizer(load_hf_tokenizer(build.layout.root / TOKENIZER_DIR))
-    from dataclasses import replace
-
-    from ..verify.task_accuracy import load_task
     # every target checked against the tokenizer (one that it cannot encode could never match)
     pairs = load_task(replace(cfg, task=replace(cfg.task, path=str(path), limit=limit)), tok)
     sources = tok.encode([s for s, _ in pairs])

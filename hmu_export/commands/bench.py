@@ -181,6 +181,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def peer_names(args: argparse.Namespace) -> list[str] | None:
+    """--peers / --no-peers: the peers named, [] for none, None for the default."""
+    if args.no_peers and args.peers:
+        raise ConfigError("--peers and --no-peers contradict each other")
+    if args.no_peers:
+        return []
+    return None if args.peers is None else [x.strip() for x in args.peers.split(",")
+                                            if x.strip()]
+
+
 def run_generate(args: argparse.Namespace, backends: list[str] | None) -> int:
     from ..bench.generation import (DEFAULT_GENERATION_BACKENDS, fmt, ratios,
                                     run_generation_bench, write_outputs as write_generation)
@@ -197,10 +207,7 @@ def run_generate(args: argparse.Namespace, backends: list[str] | None) -> int:
     if args.runs > 10_000:
         raise ConfigError(f"--runs must be at most 10,000, got {args.runs}")
     runs = 2 if args.quick else args.runs
-    if args.no_peers and args.peers:
-        raise ConfigError("--peers and --no-peers contradict each other")
-    peers = [] if args.no_peers else None if args.peers is None else \
-        [x.strip() for x in args.peers.split(",") if x.strip()]
+    peers = peer_names(args)
     with ui.progress() as bar:
         task = bar.add_task("bench --generate", total=None)
         report = run_generation_bench(
@@ -248,10 +255,7 @@ def run_task(args: argparse.Namespace, backends: list[str] | None) -> int:
                           ) from None
     if args.task_limit < 0:
         raise ConfigError(f"--task-limit must be >= 0, got {args.task_limit}")
-    if args.no_peers and args.peers:
-        raise ConfigError("--peers and --no-peers contradict each other")
-    peers = [] if args.no_peers else None if args.peers is None else \
-        [x.strip() for x in args.peers.split(",") if x.strip()]
+    peers = peer_names(args)
     with ui.progress() as bar:
         task = bar.add_task("bench --task", total=None)
         report = run_task_bench(

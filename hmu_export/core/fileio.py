@@ -149,6 +149,17 @@ def write_text(target: Path, text: str) -> Path:
     return target
 
 
+def write_png(fig: Any, target: Path) -> Path:
+    """A matplotlib figure saved whole (temporary file, then rename) and closed: every report
+    plot is written this way."""
+    import matplotlib.pyplot as plt
+
+    with atomic_path(Path(target)) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return Path(target)
+
+
 def write_json(target: Path, data: Any) -> Path:
     return write_text(target, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
@@ -435,3 +446,19 @@ def text_lines(path: Path, what: str, max_line_bytes: int, hint: str = ""
                 yield n, body.decode("utf-8")
             except UnicodeDecodeError as exc:
                 raise InputError(f"{path}:{n}: not UTF-8 text (byte {exc.start})") from None
+
+
+def json_lines(path: Path, what: str, max_line_bytes: int, hint: str = ""
+               ) -> Iterator[tuple[str, Any]]:
+    """(where, value) of every non-blank line of a JSON-lines file read by ``text_lines``;
+    ``where`` is ``path:line`` for the caller's own one-line errors about the value."""
+    for n, line in text_lines(path, what, max_line_bytes, hint):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            yield where, json.loads(line)
+        except RecursionError:
+            raise InputError(f"{where}: JSON nested too deeply") from None
+        except ValueError as exc:
+            raise InputError(f"{where}: not valid JSON ({getattr(exc, 'msg', exc)})") from None

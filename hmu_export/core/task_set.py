@@ -7,11 +7,10 @@ error naming it, never an unbounded read), and every problem is one line naming 
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .errors import InputError
-from .fileio import text_lines
+from .fileio import json_lines
 
 Pair = tuple[str, str]
 
@@ -28,41 +27,31 @@ def read_pairs(path: str | Path, limit: int = 0) -> list[Pair]:
             raise InputError(f"task set {path} is over {MAX_FILE_BYTES >> 20} MiB")
     except OSError as exc:
         raise InputError(f"cannot read task set {path}: {exc.strerror or exc}") from None
-    for n, line in text_lines(path, "task set", MAX_LINE_BYTES):
+    for where, obj in json_lines(path, "task set", MAX_LINE_BYTES):
         if limit and len(out) >= limit:
             break
-        pair = _parse(line, path, n)
-        if pair is not None:
-            out.append(pair)
+        out.append(_pair(obj, where))
     if not out:
         raise InputError(f"task set {path} holds no examples")
     return out
 
 
-def _parse(line: str, path: Path, n: int) -> Pair | None:
-    if not line.strip():
-        return None
-    try:
-        obj = json.loads(line)
-    except RecursionError:
-        raise InputError(f"{path}:{n}: JSON nested too deeply") from None
-    except ValueError as exc:
-        raise InputError(f"{path}:{n}: not valid JSON ({getattr(exc, 'msg', exc)})") from None
+def _pair(obj: object, where: str) -> Pair:
     if not (isinstance(obj, dict) and isinstance(obj.get("source"), str)
             and isinstance(obj.get("target"), str)):
-        raise InputError(f'{path}:{n}: expected {{"source": "...", "target": "..."}} with '
+        raise InputError(f'{where}: expected {{"source": "...", "target": "..."}} with '
                          "text values")
     extra = sorted(set(obj) - {"source", "target"})
     if extra:
-        raise InputError(f"{path}:{n}: unknown key(s) {', '.join(map(repr, extra))} (a line "
+        raise InputError(f"{where}: unknown key(s) {', '.join(map(repr, extra))} (a line "
                          'holds "source" and "target")')
     for key in ("source", "target"):
         text = obj[key]
         try:
             text.encode("utf-8")
         except UnicodeEncodeError:
-            raise InputError(f"{path}:{n}: {key} holds a lone surrogate (not Unicode text)"
+            raise InputError(f"{where}: {key} holds a lone surrogate (not Unicode text)"
                              ) from None
         if not text.strip():
-            raise InputError(f"{path}:{n}: {key} is empty")
+            raise InputError(f"{where}: {key} is empty")
     return obj["source"], obj["target"]

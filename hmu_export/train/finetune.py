@@ -30,7 +30,7 @@ import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -38,8 +38,8 @@ from torch.nn import functional as F
 
 from ..core.config import BuildConfig
 from ..core.errors import ArtifactError, ConfigError, InputError, TrainingError
-from ..core.fileio import (JOURNAL_SUFFIX, FileSet, exclusive_lock, recover_file_set,
-                            text_lines)
+from ..core.fileio import (JOURNAL_SUFFIX, FileSet, exclusive_lock, json_lines,
+                            recover_file_set)
 from ..core.io_contract import FULL
 from ..model.hmu import HMU
 
@@ -102,12 +102,6 @@ def _tokenizer(cfg: BuildConfig) -> Any | None:
 MAX_LINE_BYTES = 1 << 20
 
 
-def _data_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(line number, text) of a data file, each line read with a bound (MAX_LINE_BYTES, read at
-    call time) and decoded as UTF-8; a FIFO without a writer is read as empty."""
-    return text_lines(path, "data file", MAX_LINE_BYTES, " (is it a JSON-lines file?)")
-
-
 def read_examples(path: Path, vocab_size: int, max_len: int, tokenizer: Any | None = None
                   ) -> list[tuple[list[int], list[int]]]:
     """(src, tgt) id lists from a JSON-lines file ``{"src": ..., "tgt": ...}``; every problem
@@ -117,16 +111,8 @@ def read_examples(path: Path, vocab_size: int, max_len: int, tokenizer: Any | No
 
     path = Path(path)
     out: list[tuple[list[int], list[int]]] = []
-    for n, line in _data_lines(path):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            obj = json.loads(line)
-        except RecursionError:
-            raise InputError(f"{where}: the JSON nests too deeply") from None
-        except ValueError as exc:
-            raise InputError(f"{where}: not valid JSON ({getattr(exc, 'msg', exc)})") from None
+    for where, obj in json_lines(path, "data file", MAX_LINE_BYTES,
+                                 " (is it a JSON-lines file?)"):
         if not isinstance(obj, dict) or "src" not in obj or "tgt" not in obj:
             raise InputError(f'{where}: expected an object {{"src": ..., "tgt": ...}}')
         unknown = sorted(set(obj) - {"src", "tgt"})

@@ -25,7 +25,7 @@ import torch
 from ..core.layout import BuildLayout
 from ..core.config import BuildConfig
 from ..core.errors import InputError
-from ..core.fileio import atomic_path, write_json, write_text
+from ..core.fileio import write_json, write_png, write_text
 from ..core.io_contract import (BATCH, CLASS_LOGITS, LOGITS, NOISE, SRC_IDS, SRC_LEN, SRC_MASK,
                           TGT_IDS, GraphContract)
 from ..model import HMUTransformer
@@ -437,10 +437,7 @@ def heatmap(report: ParityReport, path: Path) -> Path:
                  f"{'PASSED' if report.passed else 'FAILED'}", fontsize=9)
     if im is not None:
         fig.colorbar(im, ax=list(axes[0]), shrink=0.8)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return path
+    return write_png(fig, path)
 
 
 def write_reports(report: ParityReport, folder: Path, json_path: Path | None = None

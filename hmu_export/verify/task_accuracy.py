@@ -272,7 +272,7 @@ def plot(report: TaskReport, path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..core.fileio import atomic_path
+    from ..core.fileio import write_png
 
     scales = [n.scale for n in report.noise]
     fig, ax = plt.subplots(figsize=(6, 3.6))
@@ -286,10 +286,7 @@ def plot(report: TaskReport, path: Path) -> Path | None:
     ax2.set_ylim(bottom=0.9)
     ax.set_title(f"Controlled variation ({report.noise_backend}, {report.noise[0].total} inputs)")
     fig.tight_layout()
-    with atomic_path(Path(path)) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return write_png(fig, path)
 
 
 def write_task_reports(report: TaskReport, folder: Path) -> list[Path]:
